@@ -1,0 +1,479 @@
+//! The coordinator engine: the driver around the pure state machine in [`crate::state`].
+//!
+//! Every request reads the transaction, applies an event with [`state::apply`], stores the result with
+//! compare-and-set (retrying on a concurrent change) and then performs the effects: phase-two rounds,
+//! waking waiters, flagging. Phase two itself is in [`crate::phase_two`], the scheduler that resumes
+//! unfinished work, retries and expires deadlines is in [`crate::recovery`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::model::{BranchId, Decision, Gid, Transaction, TxState};
+use crate::retry::RetryPolicy;
+use crate::state::{self, Context, Effect, Event, Transition};
+use crate::store::{Cas, ListQuery, Page, Store};
+use crate::transport::Transport;
+
+/// How many times a request re-reads and re-applies after losing a compare-and-set race.
+const MAX_CAS_ROUNDS: usize = 32;
+
+/// Settings of a [`Coordinator`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This process's name in leases. Must differ between processes sharing a store.
+    pub owner: String,
+    /// How phase two retries, and when it flags.
+    pub retry: RetryPolicy,
+    /// How long a claim on phase-two work lasts if this process dies silently.
+    pub lease: Duration,
+    /// How often the scheduler looks for due work (retries, deadlines, abandoned leases).
+    pub poll_interval: Duration,
+    /// Most transactions the scheduler claims at once.
+    pub claim_batch: usize,
+    /// Longest timeout [`Coordinator::begin`] accepts.
+    pub max_timeout: Duration,
+    /// Most branches one transaction may have.
+    pub max_branches: usize,
+    /// Largest branch payload, in bytes.
+    pub max_payload: usize,
+    /// Longest branch target, in bytes.
+    pub max_target: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            owner: format!("tcc-{}", uuid::Uuid::now_v7().simple()),
+            retry: RetryPolicy::default(),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            claim_batch: 256,
+            max_timeout: Duration::from_secs(24 * 3600),
+            max_branches: 128,
+            max_payload: 1 << 20,
+            max_target: 2048,
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<()> {
+        self.retry.validate()?;
+        if self.owner.is_empty() {
+            return Err(Error::InvalidInput("owner must not be empty".into()));
+        }
+        if self.lease <= self.retry.call_timeout {
+            return Err(Error::InvalidInput("lease must be longer than the per-call timeout".into()));
+        }
+        if self.poll_interval.is_zero() || self.claim_batch == 0 {
+            return Err(Error::InvalidInput("poll_interval and claim_batch must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the engine's counters since it opened (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Transactions begun.
+    pub begun: u64,
+    /// Transactions that ended confirmed.
+    pub confirmed: u64,
+    /// Transactions that ended cancelled.
+    pub cancelled: u64,
+    /// Transactions flagged for an operator.
+    pub flagged: u64,
+    /// Calls made to participants in phase two.
+    pub phase_two_calls: u64,
+    /// Of those, calls that failed.
+    pub phase_two_failures: u64,
+    /// Phase-two rounds that were retries (second round or later).
+    pub retries: u64,
+    /// Transactions past their deadline cancelled by the sweep.
+    pub expired: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) begun: AtomicU64,
+    pub(crate) confirmed: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) flagged: AtomicU64,
+    pub(crate) phase_two_calls: AtomicU64,
+    pub(crate) phase_two_failures: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) expired: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: Config,
+    pub(crate) counters: Counters,
+    /// Transactions this process is running a phase-two round for, so it never runs two at once.
+    pub(crate) driving: Mutex<std::collections::HashSet<Gid>>,
+    waiters: Mutex<HashMap<Gid, Vec<oneshot::Sender<()>>>>,
+    tasks: Mutex<JoinSet<()>>,
+    pub(crate) wake: Notify,
+    pub(crate) stop: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coordinator").field("owner", &self.config.owner).field("store", &self.store).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing in these maps can be left half-updated by a panic; carry on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The transaction coordinator: records global decisions durably and drives every branch to them.
+///
+/// It runs embedded in a service or behind `tcc-http`'s server; either way this is the engine.
+/// Opening it resumes every unfinished transaction found in the store.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use tcc_core::transport::{BranchCall, CallError, Transport};
+/// use tcc_core::{Config, Coordinator, SledStore, SystemClock, TxState};
+///
+/// #[derive(Debug)]
+/// struct Ok_;
+/// #[async_trait]
+/// impl Transport for Ok_ {
+///     async fn call(&self, _: BranchCall<'_>) -> Result<(), CallError> { Ok(()) }
+/// }
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = Arc::new(SledStore::open(dir.path()).unwrap());
+/// let tc = Coordinator::open(store, Arc::new(Ok_), Arc::new(SystemClock), Config::default()).await.unwrap();
+/// let tx = tc.begin(None, Duration::from_secs(30)).await.unwrap();
+/// tc.register(&tx.gid, "flight".parse().unwrap(), "mem://flight".into(), b"seat 1A".to_vec()).await.unwrap();
+/// // ... the initiator calls the flight service's try here ...
+/// tc.confirm(&tx.gid).await.unwrap();
+/// let done = tc.wait(&tx.gid, Duration::from_secs(5)).await.unwrap();
+/// assert_eq!(done.state, TxState::Confirmed);
+/// tc.shutdown().await;
+/// # });
+/// ```
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.inner.stop.send(true);
+        lock(&self.inner.tasks).abort_all();
+    }
+}
+
+impl Coordinator {
+    /// Opens the engine on `store` and starts the scheduler, which resumes every unfinished transaction
+    /// (recovery), retries failed phase-two rounds and cancels transactions past their deadline.
+    /// Must be called inside a tokio runtime.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+        clock: Arc<dyn Clock>,
+        config: Config,
+    ) -> Result<Coordinator> {
+        config.validate()?;
+        let now = clock.now();
+        let reclaimed = store.reclaim_abandoned(now).await?;
+        if reclaimed > 0 {
+            tracing::info!(reclaimed, "resuming transactions left unfinished by an earlier run");
+        }
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            store,
+            transport,
+            clock,
+            config,
+            counters: Counters::default(),
+            driving: Mutex::new(Default::default()),
+            waiters: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            wake: Notify::new(),
+            stop,
+        });
+        let sched = inner.clone();
+        inner.spawn(async move { sched.run_scheduler().await });
+        Ok(Coordinator { inner })
+    }
+
+    /// Begins a transaction that must be decided within `timeout`. `gid` lets a client choose the id
+    /// (the DTM protocol does); `None` generates a time-ordered one.
+    pub async fn begin(&self, gid: Option<Gid>, timeout: Duration) -> Result<Transaction> {
+        let c = &self.inner.config;
+        if timeout.is_zero() || timeout > c.max_timeout {
+            return Err(Error::InvalidInput(format!(
+                "timeout must be between 1 ms and {} s",
+                c.max_timeout.as_secs()
+            )));
+        }
+        let now = self.inner.clock.now();
+        let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
+        tx.version = 1;
+        self.inner.store.insert(&tx).await?;
+        self.inner.counters.begun.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(tx = %tx.gid, deadline = %tx.deadline, "begun");
+        Ok(tx)
+    }
+
+    /// Registers a branch. Call it before the branch's try runs, so that a cancel reaches the
+    /// participant even if the try's answer is lost. Registering the same branch again with the same
+    /// details is a no-op.
+    pub async fn register(
+        &self,
+        gid: &Gid,
+        id: BranchId,
+        target: String,
+        payload: Vec<u8>,
+    ) -> Result<Transaction> {
+        let c = &self.inner.config;
+        if payload.len() > c.max_payload {
+            return Err(Error::InvalidInput(format!("payload is over {} bytes", c.max_payload)));
+        }
+        if target.is_empty() || target.len() > c.max_target {
+            return Err(Error::InvalidInput(format!("target must be 1 to {} bytes", c.max_target)));
+        }
+        if let Some(tx) = self.inner.store.get(gid).await?
+            && tx.branch(&id).is_none()
+            && tx.branches.len() >= c.max_branches
+        {
+            return Err(Error::InvalidInput(format!("a transaction has at most {} branches", c.max_branches)));
+        }
+        let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
+        Ok(tx)
+    }
+
+    /// Decides to confirm every branch. Returns once the decision is durable; phase two then runs in
+    /// the background (see [`wait`](Self::wait)). Refused after the deadline, after a cancel, and for
+    /// a transaction that is not trying any more, except that asking again is answered as before.
+    pub async fn confirm(&self, gid: &Gid) -> Result<Transaction> {
+        self.inner.decide(gid, &Event::Confirm).await
+    }
+
+    /// Decides to cancel every branch. Returns once the decision is durable. Refused once confirm was
+    /// decided.
+    pub async fn cancel(&self, gid: &Gid) -> Result<Transaction> {
+        self.inner.decide(gid, &Event::Cancel).await
+    }
+
+    /// The transaction as stored.
+    pub async fn get(&self, gid: &Gid) -> Result<Transaction> {
+        self.inner.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))
+    }
+
+    /// Lists transactions, optionally in one state, a page at a time.
+    pub async fn list(&self, query: &ListQuery) -> Result<Page> {
+        self.inner.store.list(query).await
+    }
+
+    /// How many transactions are in `state` (for example how many wait for an operator).
+    pub async fn count(&self, state: TxState) -> Result<u64> {
+        self.inner.store.count(state).await
+    }
+
+    /// Operator action: run phase two again now with a fresh retry budget, for a flagged transaction
+    /// (or one waiting for its next retry).
+    pub async fn retry(&self, gid: &Gid) -> Result<Transaction> {
+        self.inner.decide(gid, &Event::OperatorRetry).await
+    }
+
+    /// Operator action: declare a flagged transaction finished with `outcome`, after resolving its
+    /// remaining branches by hand. Only the transaction's own decision can be forced.
+    pub async fn force(&self, gid: &Gid, outcome: Decision) -> Result<Transaction> {
+        self.inner.decide(gid, &Event::OperatorForce(outcome)).await
+    }
+
+    /// Waits until the transaction is final or flagged, or `timeout` passes (then returns it as it is).
+    pub async fn wait(&self, gid: &Gid, timeout: Duration) -> Result<Transaction> {
+        let inner = &self.inner;
+        let until = inner.clock.now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            lock(&inner.waiters).entry(gid.clone()).or_default().push(tx);
+            let current = self.get(gid).await?;
+            let now = inner.clock.now();
+            if current.state.is_final() || current.state == TxState::Flagged || now >= until {
+                drop(rx);
+                inner.forget_waiters(gid);
+                return Ok(current);
+            }
+            // Another process may finish it; look again now and then even without a wake-up.
+            let nap = until.since(now).min(inner.config.poll_interval * 10);
+            tokio::select! {
+                _ = rx => {}
+                _ = inner.clock.sleep(nap) => {}
+            }
+        }
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            begun: get(&c.begun),
+            confirmed: get(&c.confirmed),
+            cancelled: get(&c.cancelled),
+            flagged: get(&c.flagged),
+            phase_two_calls: get(&c.phase_two_calls),
+            phase_two_failures: get(&c.phase_two_failures),
+            retries: get(&c.retries),
+            expired: get(&c.expired),
+        }
+    }
+
+    /// The store the engine writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The settings the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Stops the scheduler and waits for phase-two rounds in flight to finish. Work not finished
+    /// resumes when a coordinator next opens the store.
+    pub async fn shutdown(self) {
+        let _ = self.inner.stop.send(true);
+        self.inner.wake.notify_waiters();
+        let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops at once, as a crash would: rounds in flight are abandoned mid-way. Their transactions
+    /// resume on the next open. For tests and for a process that must go down now.
+    pub async fn abort(self) {
+        let _ = self.inner.stop.send(true);
+        let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Inner {
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = lock(&self.tasks);
+        // Reap finished tasks so the set does not grow with every transaction.
+        while tasks.try_join_next().is_some() {}
+        if !*self.stop.borrow() {
+            tasks.spawn(fut);
+        }
+    }
+
+    pub(crate) fn context(&self) -> (crate::model::Timestamp, crate::model::Timestamp) {
+        let now = self.clock.now();
+        (now, now + self.config.lease)
+    }
+
+    /// Reads, applies `event`, stores with compare-and-set, re-applying on a lost race.
+    /// Returns the transaction as stored and the effects still to perform.
+    pub(crate) async fn update(&self, gid: &Gid, event: &Event) -> Result<(Transaction, Vec<Effect>)> {
+        for _ in 0..MAX_CAS_ROUNDS {
+            let current = self.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))?;
+            let (now, lease_until) = self.context();
+            let ctx = Context { now, owner: &self.config.owner, lease_until };
+            match state::apply(&current, event, &ctx)? {
+                Transition::Unchanged => {
+                    // What we answer from may not be flushed yet (another writer's change); make sure
+                    // it is before acknowledging it.
+                    self.store.sync().await?;
+                    return Ok((current, Vec::new()));
+                }
+                Transition::Changed(mut next, effects) => {
+                    next.version = current.version + 1;
+                    match self.store.compare_and_set(current.version, &next).await? {
+                        Cas::Stored => return Ok((next, effects)),
+                        Cas::Conflict(_) => continue,
+                    }
+                }
+            }
+        }
+        Err(Error::Conflict(gid.clone()))
+    }
+
+    async fn decide(self: &Arc<Self>, gid: &Gid, event: &Event) -> Result<Transaction> {
+        let (tx, effects) = self.update(gid, event).await?;
+        self.perform(&tx, effects);
+        Ok(tx)
+    }
+
+    /// Carries out the effects of a stored transition.
+    pub(crate) fn perform(self: &Arc<Self>, tx: &Transaction, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::DrivePhaseTwo => {
+                    let me = self.clone();
+                    let tx = tx.clone();
+                    self.spawn(async move { me.drive(tx).await });
+                }
+                Effect::Finished(state) => {
+                    let counter = match state {
+                        TxState::Confirmed => &self.counters.confirmed,
+                        _ => &self.counters.cancelled,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(tx = %tx.gid, state = %state, "finished");
+                    self.notify(&tx.gid);
+                }
+                Effect::Flagged(error) => {
+                    self.counters.flagged.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        tx = %tx.gid,
+                        decision = ?tx.decision,
+                        attempts = tx.attempts,
+                        error = %error,
+                        "phase two gave up; the transaction is flagged for an operator"
+                    );
+                    self.notify(&tx.gid);
+                }
+            }
+        }
+    }
+
+    /// Drops waiters that stopped waiting, so the map does not keep them.
+    fn forget_waiters(&self, gid: &Gid) {
+        let mut waiters = lock(&self.waiters);
+        if let Some(list) = waiters.get_mut(gid) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                waiters.remove(gid);
+            }
+        }
+    }
+
+    fn notify(&self, gid: &Gid) {
+        if let Some(waiters) = lock(&self.waiters).remove(gid) {
+            for w in waiters {
+                let _ = w.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! # tcc-core
+//!
+//! The transport-independent heart of the tcc Try-Confirm-Cancel framework:
+//!
+//! - [`model`]: global transaction ids, branches, states and deadlines;
+//! - [`state`]: every transition of a transaction, as one pure function of (state, event);
+//! - [`Store`] with [`SledStore`], the embedded durable log with group commit;
+//! - [`Coordinator`]: the engine that records decisions and drives every branch to them;
+//! - [`Transport`]: the seam through which the engine calls participants (HTTP lives in `tcc-http`);
+//! - [`barrier`]: the participant-side barrier against duplicate calls, empty cancels and suspended tries;
+//! - [`Clock`]: injectable time, so tests never sleep for real.
+#![warn(missing_docs)]
+
+pub mod barrier;
+pub mod clock;
+pub mod error;
+pub mod model;
+pub mod state;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use model::{Branch, BranchId, BranchState, Decision, Gid, Timestamp, Transaction, TxState};
+pub mod coordinator;
+mod phase_two;
+mod recovery;
+pub mod retry;
+pub mod transport;
+
+pub use coordinator::{Config, Coordinator, Stats};
+pub use retry::RetryPolicy;
+pub use store::{SledStore, Store};

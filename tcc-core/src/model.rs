@@ -1,0 +1,365 @@
+//! The data model: global transaction ids, branches, states and deadlines.
+//!
+//! Everything here is plain data. The rules that move a transaction from one state to another live in
+//! [`crate::state`], in one place.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Longest id (global or branch) accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Milliseconds since the Unix epoch, the unit of every stored instant.
+///
+/// Wall-clock milliseconds (not a monotonic instant) because deadlines travel to participants on other
+/// machines and survive restarts.
+///
+/// ```
+/// use std::time::Duration;
+/// use tcc_core::Timestamp;
+/// let t = Timestamp(1_000);
+/// assert_eq!(t + Duration::from_secs(2), Timestamp(3_000));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The instant `d` after `self`, saturating at the end of time.
+    pub fn saturating_add(self, d: Duration) -> Timestamp {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    /// How long from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        self.saturating_add(d)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+fn validate_id(kind: &'static str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > MAX_ID_LEN {
+        return Err(Error::InvalidInput(format!("{kind} must be 1 to {MAX_ID_LEN} bytes long")));
+    }
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+        return Err(Error::InvalidInput(format!(
+            "{kind} may only contain ASCII letters, digits, '-', '_', '.' and ':'"
+        )));
+    }
+    Ok(())
+}
+
+/// A global transaction id.
+///
+/// Generated ids are UUIDv7 strings, so they sort by creation time (newest last) and listing in id
+/// order is listing in time order. Ids chosen by a client (the DTM protocol lets clients pick them) are
+/// accepted too when they are 1 to 128 bytes of `[A-Za-z0-9._:-]`.
+///
+/// ```
+/// use tcc_core::Gid;
+/// let a = Gid::generate();
+/// let b = Gid::generate();
+/// assert!(a < b);
+/// assert!("not ok!".parse::<Gid>().is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Gid(String);
+
+impl Gid {
+    /// A new time-ordered id (UUIDv7).
+    pub fn generate() -> Gid {
+        Gid(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Gid {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Gid, Error> {
+        validate_id("transaction id", s)?;
+        Ok(Gid(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Gid {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Gid, Error> {
+        validate_id("transaction id", &s)?;
+        Ok(Gid(s))
+    }
+}
+
+impl From<Gid> for String {
+    fn from(g: Gid) -> String {
+        g.0
+    }
+}
+
+impl fmt::Display for Gid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A branch id, unique within its transaction (for example `"flight"` or DTM's `"01"`).
+///
+/// ```
+/// use tcc_core::BranchId;
+/// let b: BranchId = "hotel".parse().unwrap();
+/// assert_eq!(b.as_str(), "hotel");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BranchId(String);
+
+impl BranchId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for BranchId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<BranchId, Error> {
+        validate_id("branch id", s)?;
+        Ok(BranchId(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for BranchId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<BranchId, Error> {
+        validate_id("branch id", &s)?;
+        Ok(BranchId(s))
+    }
+}
+
+impl From<BranchId> for String {
+    fn from(b: BranchId) -> String {
+        b.0
+    }
+}
+
+impl fmt::Display for BranchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The global decision of a transaction once it leaves [`TxState::Trying`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Decision {
+    /// Every branch is confirmed.
+    Confirm,
+    /// Every branch is cancelled.
+    Cancel,
+}
+
+impl Decision {
+    /// The state a transaction is in while this decision is carried out.
+    pub fn working_state(self) -> TxState {
+        match self {
+            Decision::Confirm => TxState::Confirming,
+            Decision::Cancel => TxState::Cancelling,
+        }
+    }
+
+    /// The state a transaction ends in once this decision is carried out.
+    pub fn final_state(self) -> TxState {
+        match self {
+            Decision::Confirm => TxState::Confirmed,
+            Decision::Cancel => TxState::Cancelled,
+        }
+    }
+
+    /// The state a branch ends in once this decision is carried out.
+    pub fn branch_state(self) -> BranchState {
+        match self {
+            Decision::Confirm => BranchState::Confirmed,
+            Decision::Cancel => BranchState::Cancelled,
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Decision::Confirm => "confirm",
+            Decision::Cancel => "cancel",
+        })
+    }
+}
+
+/// The state of a global transaction.
+///
+/// ```text
+///  Trying ──confirm (before deadline)──▶ Confirming ──all branches confirmed──▶ Confirmed
+///    │                                      │  ▲
+///    │ cancel, or deadline reached          │  │ operator retry
+///    ▼                                      ▼  │
+///  Cancelling ──all branches cancelled──▶ Cancelled      Flagged (retry policy exhausted)
+/// ```
+/// `Flagged` keeps the [`Decision`]; an operator retries it or forces it to that decision's end state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TxState {
+    /// Begun; branches register and run their try. No decision yet.
+    Trying,
+    /// Decided to confirm; phase two is confirming the branches.
+    Confirming,
+    /// Every branch is confirmed. Final.
+    Confirmed,
+    /// Decided to cancel; phase two is cancelling the branches.
+    Cancelling,
+    /// Every branch is cancelled. Final.
+    Cancelled,
+    /// Phase two exhausted its retry policy; waits for an operator. The decision still stands.
+    Flagged,
+}
+
+impl TxState {
+    /// All states, in a stable order.
+    pub const ALL: [TxState; 6] = [
+        TxState::Trying,
+        TxState::Confirming,
+        TxState::Confirmed,
+        TxState::Cancelling,
+        TxState::Cancelled,
+        TxState::Flagged,
+    ];
+
+    /// Confirmed or cancelled: nothing more will happen to the transaction.
+    pub fn is_final(self) -> bool {
+        matches!(self, TxState::Confirmed | TxState::Cancelled)
+    }
+
+    /// The state's lower-case name, as used in APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxState::Trying => "trying",
+            TxState::Confirming => "confirming",
+            TxState::Confirmed => "confirmed",
+            TxState::Cancelling => "cancelling",
+            TxState::Cancelled => "cancelled",
+            TxState::Flagged => "flagged",
+        }
+    }
+
+    /// A one-byte code for store indexes; stable across versions.
+    pub fn code(self) -> u8 {
+        match self {
+            TxState::Trying => 1,
+            TxState::Confirming => 2,
+            TxState::Confirmed => 3,
+            TxState::Cancelling => 4,
+            TxState::Cancelled => 5,
+            TxState::Flagged => 6,
+        }
+    }
+}
+
+impl FromStr for TxState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<TxState, Error> {
+        TxState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| Error::InvalidInput(format!("unknown transaction state {s:?}")))
+    }
+}
+
+impl fmt::Display for TxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of one branch as the coordinator knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BranchState {
+    /// Registered; its try may have run. Phase two has not finished it.
+    Registered,
+    /// The participant acknowledged confirm.
+    Confirmed,
+    /// The participant acknowledged cancel.
+    Cancelled,
+}
+
+/// One participant's part of a global transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// Unique within the transaction.
+    pub id: BranchId,
+    /// Where the participant is, for the transport to interpret (for HTTP, the base URL).
+    pub target: String,
+    /// Opaque bytes handed back to the participant with confirm and cancel (the try's request).
+    pub payload: Vec<u8>,
+    /// What phase two has done to this branch so far.
+    pub state: BranchState,
+    /// The last error phase two saw calling this branch.
+    pub last_error: Option<String>,
+}
+
+/// Everything the coordinator knows about a global transaction; the unit the [`crate::Store`] keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// The global id.
+    pub gid: Gid,
+    /// Where the transaction is in its life.
+    pub state: TxState,
+    /// Set when the transaction leaves `Trying`; never changes after that.
+    pub decision: Option<Decision>,
+    /// When it began.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// Past this instant the transaction can only be cancelled; participants get it with every try.
+    pub deadline: Timestamp,
+    /// Branches in registration order.
+    pub branches: Vec<Branch>,
+    /// Phase-two rounds that ended with at least one branch failing, since the last operator retry.
+    pub attempts: u32,
+    /// The last phase-two error, kept for the operator.
+    pub last_error: Option<String>,
+    /// When some coordinator must look at this transaction next (the deadline while trying, the next
+    /// retry or lease expiry during phase two). `None` once final or flagged: nothing is scheduled.
+    pub due_at: Option<Timestamp>,
+    /// The coordinator process currently working on phase two, if any.
+    pub lease_owner: Option<String>,
+    /// Bumped by every stored change; the store's compare-and-set compares it.
+    pub version: u64,
+}
+
+impl Transaction {
+    /// The branch with id `id`.
+    pub fn branch(&self, id: &BranchId) -> Option<&Branch> {
+        self.branches.iter().find(|b| &b.id == id)
+    }
+
+    /// Branches that phase two has not finished yet.
+    pub fn pending_branches(&self) -> impl Iterator<Item = &Branch> {
+        self.branches.iter().filter(|b| b.state == BranchState::Registered)
+    }
+}

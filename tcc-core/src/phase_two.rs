@@ -1,0 +1,122 @@
+//! Phase two: one round of confirm or cancel calls to every pending branch of a transaction, at once.
+//!
+//! A round calls all pending branches concurrently, each bounded by the per-call timeout, and stores
+//! its results in one write: branches acknowledged, errors seen, and either the final state, the time
+//! of the next round (exponential backoff with jitter) or, when the policy is spent, the flag. Later
+//! rounds are started by the scheduler in [`crate::recovery`] when they fall due, so a retry after a
+//! crash and a retry after a failure are the same code path.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rand::Rng;
+
+use crate::coordinator::Inner;
+use crate::model::{Branch, Transaction, TxState};
+use crate::state::Event;
+use crate::transport::{BranchCall, CallError};
+
+impl Inner {
+    /// Runs one phase-two round for `tx` (which this process has leased) and stores the outcome.
+    pub(crate) async fn drive(self: Arc<Self>, tx: Transaction) {
+        let Some(decision) = tx.decision else { return };
+        if !matches!(tx.state, TxState::Confirming | TxState::Cancelling) {
+            return;
+        }
+        let Some(_guard) = Driving::enter(&self, &tx) else {
+            return; // a round for it is already running here
+        };
+        if tx.attempts > 0 {
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let pending: Vec<Branch> = tx.pending_branches().cloned().collect();
+        let me = &self;
+        let calls = pending.iter().map(|branch| {
+            let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
+            let timeout = self.config.retry.call_timeout;
+            async move {
+                let result = tokio::select! {
+                    r = me.transport.call(call) => r,
+                    _ = me.clock.sleep(timeout) => {
+                        Err(CallError::Transient(format!("no answer within {} ms", timeout.as_millis())))
+                    }
+                };
+                (branch.id.clone(), result)
+            }
+        });
+        let results = join_all(calls).await;
+
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let mut permanent = false;
+        for (id, r) in results {
+            self.counters.phase_two_calls.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(()) => done.push(id),
+                Err(e) => {
+                    self.counters.phase_two_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(tx = %tx.gid, branch = %id, decision = %decision, error = %e, "branch call failed");
+                    permanent |= matches!(e, CallError::Permanent(_));
+                    failed.push((id, e.to_string()));
+                }
+            }
+        }
+        let retry_at = if permanent || failed.is_empty() {
+            None
+        } else {
+            let random: f64 = rand::rng().random();
+            self.config.retry.next_retry(tx.attempts + 1, self.clock.now(), random)
+        };
+        let event = Event::RoundFinished { done, failed, retry_at };
+        match self.update(&tx.gid, &event).await {
+            Ok((stored, effects)) => {
+                drop(_guard);
+                self.perform(&stored, effects);
+            }
+            Err(e) => {
+                // The lease runs out and the scheduler runs the round again.
+                tracing::error!(tx = %tx.gid, error = %e, "could not store a phase-two round");
+            }
+        }
+    }
+
+}
+
+/// Marks a transaction as having a round running in this process, until dropped (also on abort).
+struct Driving<'a> {
+    inner: &'a Inner,
+    gid: crate::model::Gid,
+}
+
+impl<'a> Driving<'a> {
+    fn enter(inner: &'a Inner, tx: &Transaction) -> Option<Driving<'a>> {
+        let mut set = inner.driving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.insert(tx.gid.clone()).then(|| Driving { inner, gid: tx.gid.clone() })
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.inner.driving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.gid);
+    }
+}
+
+/// Runs futures concurrently on the current task and collects their outputs in order.
+async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}

@@ -1,0 +1,105 @@
+//! The coordinator's durable log: the [`Store`] trait and its embedded sled implementation.
+//!
+//! ## Why the trait looks like this
+//! The engine must run unchanged on one process with an embedded sled directory and on several
+//! processes sharing one PostgreSQL database. So:
+//!
+//! - **Whole-record compare-and-set.** A transaction is one record with a `version`. Every change is
+//!   [`Store::compare_and_set`] against the version the writer read: two coordinators can race, only one
+//!   wins, and the loser re-reads and re-applies its event through the pure state machine. No store
+//!   ever needs to understand a transition. (In SQL: `UPDATE ... WHERE gid = $1 AND version = $2`.)
+//! - **A due index instead of scans.** Each unfinished transaction carries `due_at`: its deadline while
+//!   trying, its next retry or the expiry of a phase-two lease afterwards. Final and flagged ones carry
+//!   none. Recovery, retries and the deadline sweep all read "what is due by now" from that index and
+//!   never touch finished history, however large it grows.
+//! - **Claims with leases.** [`Store::claim_due`] atomically takes due work for one process until
+//!   `lease_until`; if the process dies, the work falls due again when the lease ends and another
+//!   process claims it (`SELECT ... FOR UPDATE SKIP LOCKED` in SQL). A store used by one process only
+//!   (sled holds an exclusive lock on its directory) hands back leases left by a dead predecessor at
+//!   once in [`Store::reclaim_abandoned`].
+//! - **Durable acknowledgements with group commit.** `insert` and `compare_and_set` return only after
+//!   the change is flushed; concurrent writers share one flush (see [`group_commit`]).
+//! - **Async and object-safe**, so the engine holds an `Arc<dyn Store>` chosen at run time.
+
+pub mod codec;
+pub mod group_commit;
+pub mod sled;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::model::{Gid, Timestamp, Transaction, TxState};
+
+pub use self::sled::SledStore;
+
+/// Most transactions one [`Store::list`] call returns.
+pub const MAX_PAGE: usize = 1_000;
+
+/// The result of a [`Store::compare_and_set`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cas {
+    /// The new record is stored (and durable).
+    Stored,
+    /// The stored version was not the expected one; here is what is stored now (`None`: nothing).
+    Conflict(Option<Transaction>),
+}
+
+/// What to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only transactions in this state.
+    pub state: Option<TxState>,
+    /// Start after this id (the previous page's [`Page::next`]).
+    pub after: Option<Gid>,
+    /// At most this many (capped at [`MAX_PAGE`]; 0 means the cap).
+    pub limit: usize,
+}
+
+/// One page of a listing, in id order (which is creation order for generated ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The transactions.
+    pub items: Vec<Transaction>,
+    /// Pass as [`ListQuery::after`] to get the next page; `None` on the last page.
+    pub next: Option<Gid>,
+}
+
+/// The coordinator's durable log of transactions. See the [module docs](self) for why it looks so.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new transaction (its `version` as given). Durable when it returns.
+    /// Fails with [`Error::AlreadyExists`](crate::Error::AlreadyExists) if the id is taken.
+    async fn insert(&self, tx: &Transaction) -> Result<()>;
+
+    /// The stored transaction with this id.
+    async fn get(&self, gid: &Gid) -> Result<Option<Transaction>>;
+
+    /// Replaces the transaction with `tx` if the stored version is `expected_version`, keeping the
+    /// due and state indexes in step. Durable when it returns [`Cas::Stored`].
+    async fn compare_and_set(&self, expected_version: u64, tx: &Transaction) -> Result<Cas>;
+
+    /// Lists transactions, optionally in one state, one page at a time.
+    async fn list(&self, query: &ListQuery) -> Result<Page>;
+
+    /// Claims up to `limit` transactions whose `due_at <= now` for `owner`: sets their lease owner,
+    /// moves `due_at` to `lease_until` and bumps their version, atomically per transaction, and returns
+    /// them as stored. A claim need not be durable: losing one only makes the work due again.
+    async fn claim_due(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Transaction>>;
+
+    /// Called once when a coordinator opens the store. A store that only one process can open makes
+    /// every lease left by an earlier process due at `now` and returns how many; a shared store
+    /// returns 0 and lets leases expire, since their owners may be alive.
+    async fn reclaim_abandoned(&self, now: Timestamp) -> Result<usize>;
+
+    /// How many transactions are in `state` (for metrics and the operator).
+    async fn count(&self, state: TxState) -> Result<u64>;
+
+    /// Waits until every change made so far is durable.
+    async fn sync(&self) -> Result<()>;
+}

@@ -1,0 +1,376 @@
+//! The coordinator engine against in-memory participants, a manual clock and a real sled directory.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fault, Rig};
+use tcc_core::store::ListQuery;
+use tcc_core::{BranchState, Decision, Error, Gid, TxState};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn all_branches(tx: &tcc_core::Transaction, s: BranchState) -> bool {
+    tx.branches.iter().all(|b| b.state == s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_confirms_every_branch_once() {
+    let rig = Rig::new().await;
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    let decided = rig.tc().confirm(&gid).await.unwrap();
+    assert_eq!(decided.decision, Some(Decision::Confirm));
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Confirmed);
+    assert!(all_branches(&tx, BranchState::Confirmed));
+    for b in ["flight", "hotel"] {
+        assert_eq!(rig.mem.effects(&gid, b).confirms, 1);
+        assert_eq!(rig.mem.effects(&gid, b).cancels, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_cancels_every_branch() {
+    let rig = Rig::new().await;
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().cancel(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+    assert!(all_branches(&tx, BranchState::Cancelled));
+    assert_eq!(rig.mem.effects(&gid, "hotel").cancels, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_confirm_is_answered_without_a_second_decision() {
+    let rig = Rig::new().await;
+    let gid = rig.begin_with(&["a"], MIN).await;
+    let first = rig.tc().confirm(&gid).await.unwrap();
+    let again = rig.tc().confirm(&gid).await.unwrap();
+    assert_eq!(again.decision, first.decision);
+    rig.settle(&gid).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    assert_eq!(rig.mem.effects(&gid, "a").confirms, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_still_trying_at_its_deadline_is_cancelled() {
+    let rig = Rig::new().await;
+    let gid = rig.begin_with(&["flight", "hotel"], Duration::from_secs(10)).await;
+    // Nobody decides; the initiator has gone away.
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+    assert!(rig.clock_now() >= tx.deadline);
+    assert_eq!(rig.mem.effects(&gid, "flight").cancels, 1);
+    assert_eq!(rig.tc().stats().expired, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_after_the_deadline_is_refused_and_changes_nothing() {
+    let rig = Rig::new().await;
+    let gid = rig.begin_with(&["a"], Duration::from_secs(10)).await;
+    // Stop the sweep from getting there first: keep the scheduler busy-free by jumping without yielding.
+    rig.clock.advance(Duration::from_secs(11));
+    let err = rig.tc().confirm(&gid).await.unwrap_err();
+    assert!(matches!(err, Error::DeadlinePassed { .. }), "{err}");
+    // Whatever the sweep did meanwhile, nothing was ever confirmed.
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+    assert_eq!(rig.mem.effects(&gid, "a").confirms, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_confirm_failures_are_retried_until_the_participant_is_back() {
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://hotel", Fault::FailTimes(3));
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Confirmed);
+    assert_eq!(rig.mem.calls_to(&gid, "hotel"), 4);
+    // The flight was confirmed in the first round and not called again.
+    assert_eq!(rig.mem.calls_to(&gid, "flight"), 1);
+    let stats = rig.tc().stats();
+    assert_eq!((stats.retries, stats.phase_two_failures), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_exponentially() {
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://a", Fault::Down);
+    let gid = rig.begin_with(&["a"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    let mut dues = Vec::new();
+    let g = gid.clone();
+    rig.run_until(Duration::from_millis(10), 5_000, async |tc| {
+        let t = tc.get(&g).await.unwrap();
+        if let (Some(due), true) = (t.due_at, t.lease_owner.is_none()) {
+            if dues.last().map(|(a, _)| *a) != Some(t.attempts) {
+                dues.push((t.attempts, due.since(t.updated_at)));
+            }
+        }
+        t.state == TxState::Flagged
+    })
+    .await;
+    // Policy: 100 ms doubling, 20% jitter, 4 attempts => three scheduled retries before the flag.
+    let delays: Vec<u128> = dues.iter().map(|(_, d)| d.as_millis()).collect();
+    assert_eq!(delays.len(), 3, "{dues:?}");
+    for (i, d) in delays.iter().enumerate() {
+        let full = 100u128 << i;
+        assert!(*d <= full && *d >= full * 8 / 10, "retry {i}: {d} ms, expected ~{full}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_retry_policy_flags_the_transaction_with_its_last_error() {
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://hotel", Fault::Down);
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Flagged);
+    assert_eq!(tx.decision, Some(Decision::Confirm));
+    assert_eq!(tx.attempts, 4);
+    assert!(tx.last_error.as_deref().unwrap().contains("connection refused"), "{:?}", tx.last_error);
+    assert_eq!(tx.due_at, None, "a flagged transaction is not retried in silence");
+    assert_eq!(rig.tc().count(TxState::Flagged).await.unwrap(), 1);
+    assert_eq!(rig.tc().stats().flagged, 1);
+    let flagged = rig.tc().list(&ListQuery { state: Some(TxState::Flagged), ..Default::default() }).await.unwrap();
+    assert_eq!(flagged.items.len(), 1);
+
+    // Nothing more happens on its own.
+    let calls = rig.mem.calls_to(&gid, "hotel");
+    rig.clock.advance(Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rig.mem.calls_to(&gid, "hotel"), calls);
+
+    // The operator fixes the hotel and retries.
+    rig.mem.set_fault("mem://hotel", Fault::Healthy);
+    rig.tc().retry(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Confirmed);
+    assert_eq!(rig.mem.effects(&gid, "hotel").confirms, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_flags_at_once_and_the_operator_can_force_the_decision() {
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://hotel", Fault::Permanent);
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!((tx.state, tx.attempts), (TxState::Flagged, 1));
+    assert_eq!(rig.mem.calls_to(&gid, "hotel"), 1);
+
+    let err = rig.tc().force(&gid, Decision::Cancel).await.unwrap_err();
+    assert!(matches!(err, Error::IllegalTransition { .. }), "{err}");
+    assert_eq!(rig.tc().get(&gid).await.unwrap(), tx, "a refused force changes nothing");
+
+    let forced = rig.tc().force(&gid, Decision::Confirm).await.unwrap();
+    assert_eq!(forced.state, TxState::Confirmed);
+    assert!(all_branches(&forced, BranchState::Confirmed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_never_answers_times_out_per_call() {
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://slow", Fault::Hang);
+    let gid = rig.begin_with(&["fast", "slow"], MIN).await;
+    rig.tc().cancel(&gid).await.unwrap();
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Flagged);
+    assert!(tx.last_error.as_deref().unwrap().contains("no answer within 1000 ms"));
+    assert_eq!(tx.branch(&"fast".parse().unwrap()).unwrap().state, BranchState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_of_one_transaction_are_called_concurrently() {
+    // Both participants hang: if calls were made one after another, only one would ever be called.
+    let rig = Rig::new().await;
+    rig.mem.set_fault("mem://a", Fault::Hang);
+    rig.mem.set_fault("mem://b", Fault::Hang);
+    let gid = rig.begin_with(&["a", "b"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    for _ in 0..500 {
+        if rig.mem.calls().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(rig.mem.calls().len(), 2, "both calls are in flight at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let rig = Rig::new().await;
+    let tc = rig.tc();
+    let unknown = Gid::generate();
+    for err in [
+        tc.confirm(&unknown).await.unwrap_err(),
+        tc.cancel(&unknown).await.unwrap_err(),
+        tc.get(&unknown).await.unwrap_err(),
+        tc.retry(&unknown).await.unwrap_err(),
+        tc.register(&unknown, "a".parse().unwrap(), "mem://a".into(), vec![]).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    }
+    assert!(matches!(tc.begin(None, Duration::ZERO).await, Err(Error::InvalidInput(_))));
+    assert!(matches!(tc.begin(None, Duration::from_secs(10 * 86_400)).await, Err(Error::InvalidInput(_))));
+
+    let gid = rig.begin_with(&["a"], MIN).await;
+    assert!(matches!(tc.begin(Some(gid.clone()), MIN).await, Err(Error::AlreadyExists(_))));
+    let before = tc.get(&gid).await.unwrap();
+    let big = vec![0u8; tc.config().max_payload + 1];
+    assert!(matches!(tc.register(&gid, "b".parse().unwrap(), "mem://b".into(), big).await, Err(Error::InvalidInput(_))));
+    assert!(matches!(tc.register(&gid, "b".parse().unwrap(), String::new(), vec![]).await, Err(Error::InvalidInput(_))));
+    let clash = tc.register(&gid, "a".parse().unwrap(), "mem://other".into(), vec![]).await;
+    assert!(matches!(clash, Err(Error::InvalidInput(_))));
+    assert!(matches!(tc.force(&gid, Decision::Confirm).await, Err(Error::IllegalTransition { .. })));
+    assert_eq!(tc.get(&gid).await.unwrap(), before);
+
+    tc.cancel(&gid).await.unwrap();
+    let decided = tc.get(&gid).await.unwrap();
+    assert!(matches!(tc.confirm(&gid).await, Err(Error::IllegalTransition { .. })));
+    let late = tc.register(&gid, "c".parse().unwrap(), "mem://c".into(), vec![]).await;
+    assert!(matches!(late, Err(Error::IllegalTransition { .. })));
+    let now = tc.get(&gid).await.unwrap();
+    assert_eq!((now.decision, now.branches.len()), (decided.decision, 1));
+    assert_eq!(rig.settle(&gid).await.state, TxState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_by_state_and_pages() {
+    let rig = Rig::new().await;
+    let mut confirmed = Vec::new();
+    for i in 0..7 {
+        let gid = rig.begin_with(&["a"], MIN).await;
+        if i % 2 == 0 {
+            rig.tc().confirm(&gid).await.unwrap();
+            rig.settle(&gid).await;
+            confirmed.push(gid);
+        }
+    }
+    let mut seen = Vec::new();
+    let mut q = ListQuery { state: Some(TxState::Confirmed), after: None, limit: 3 };
+    loop {
+        let page = rig.tc().list(&q).await.unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.iter().map(|t| t.gid.clone()));
+        match page.next {
+            Some(n) => q.after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, confirmed, "every confirmed transaction once, in creation order");
+    let trying = rig.tc().list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
+    assert_eq!(trying.items.len(), 3);
+    let all = rig.tc().list(&ListQuery::default()).await.unwrap();
+    assert_eq!((all.items.len(), all.next), (7, None));
+}
+
+// ---- crash recovery: the engine dies at each step and a new one on the same directory finishes ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_begin_then_the_deadline_cancels_after_restart() {
+    let mut rig = Rig::new().await;
+    let gid = rig.tc().begin(None, Duration::from_secs(5)).await.unwrap().gid;
+    rig.restart().await;
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_register_then_the_registered_branches_are_cancelled() {
+    let mut rig = Rig::new().await;
+    let gid = rig.begin_with(&["flight", "hotel"], Duration::from_secs(5)).await;
+    rig.restart().await;
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+    assert_eq!(rig.mem.effects(&gid, "flight").cancels, 1);
+    assert_eq!(rig.mem.effects(&gid, "hotel").cancels, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_confirm_with_one_branch_done_finishes_after_restart() {
+    let mut rig = Rig::new().await;
+    rig.mem.set_fault("mem://hotel", Fault::Down);
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    let g = gid.clone();
+    assert!(rig.run_until(Duration::from_millis(1), 1_000, async |tc| tc.get(&g).await.unwrap().attempts >= 1).await);
+    let mid = rig.tc().get(&gid).await.unwrap();
+    assert_eq!(mid.state, TxState::Confirming);
+    assert_eq!(mid.branch(&"flight".parse().unwrap()).unwrap().state, BranchState::Confirmed);
+
+    rig.crash().await;
+    rig.mem.set_fault("mem://hotel", Fault::Healthy);
+    rig.open().await;
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Confirmed);
+    assert_eq!(rig.mem.calls_to(&gid, "flight"), 1, "the confirmed branch is not called again");
+    assert_eq!(rig.mem.effects(&gid, "hotel").confirms, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_while_calls_are_in_flight_repeats_them_after_restart() {
+    let mut rig = Rig::new().await;
+    rig.mem.set_fault("mem://hotel", Fault::Hang);
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    for _ in 0..500 {
+        if rig.mem.calls().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    rig.crash().await;
+    let mid = rig.tc.as_ref().map(|_| ()).is_none();
+    assert!(mid);
+    rig.mem.set_fault("mem://hotel", Fault::Healthy);
+    rig.open().await;
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Confirmed);
+    // The flight was confirmed before the crash but its answer was never stored: it is called again,
+    // and the barrier (here: the in-memory participant) keeps the effect single.
+    assert_eq!(rig.mem.calls_to(&gid, "flight"), 2);
+    assert_eq!(rig.mem.effects(&gid, "flight").confirms, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_cancel_finishes_after_restart() {
+    let mut rig = Rig::new().await;
+    rig.mem.set_fault("mem://flight", Fault::Down);
+    let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
+    rig.tc().cancel(&gid).await.unwrap();
+    let g = gid.clone();
+    assert!(rig.run_until(Duration::from_millis(1), 1_000, async |tc| tc.get(&g).await.unwrap().attempts >= 1).await);
+    rig.crash().await;
+    rig.mem.set_fault("mem://flight", Fault::Healthy);
+    rig.open().await;
+    let tx = rig.settle(&gid).await;
+    assert_eq!(tx.state, TxState::Cancelled);
+    assert!(all_branches(&tx, BranchState::Cancelled));
+    assert_eq!(rig.mem.effects(&gid, "flight").confirms, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_transaction_stays_flagged_across_restarts() {
+    let mut rig = Rig::new().await;
+    rig.mem.set_fault("mem://a", Fault::Permanent);
+    let gid = rig.begin_with(&["a"], MIN).await;
+    rig.tc().confirm(&gid).await.unwrap();
+    assert_eq!(rig.settle(&gid).await.state, TxState::Flagged);
+    rig.restart().await;
+    rig.clock.advance(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let tx = rig.tc().get(&gid).await.unwrap();
+    assert_eq!(tx.state, TxState::Flagged);
+    assert_eq!(rig.mem.calls_to(&gid, "a"), 1);
+}
+
+impl Rig {
+    fn clock_now(&self) -> tcc_core::Timestamp {
+        use tcc_core::Clock;
+        self.clock.now()
+    }
+}
