@@ -36,6 +36,7 @@ struct State {
     faults: HashMap<String, Fault>,
     effects: HashMap<(Gid, BranchId), Effects>,
     calls: Vec<(Gid, BranchId, Decision)>,
+    violations: Vec<String>,
 }
 
 /// Participants living in memory, reached by target string. Confirm and cancel are idempotent per
@@ -53,6 +54,15 @@ impl Mem {
     pub fn effects(&self, gid: &Gid, branch: &str) -> Effects {
         let key = (gid.clone(), branch.parse().unwrap());
         self.state.lock().unwrap().effects.get(&key).copied().unwrap_or_default()
+    }
+
+    /// Branches that were told both confirm and cancel (must stay empty).
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().unwrap().violations.clone()
+    }
+
+    pub fn heal_all(&self) {
+        self.state.lock().unwrap().faults.clear();
     }
 
     pub fn calls(&self) -> Vec<(Gid, BranchId, Decision)> {
@@ -91,16 +101,20 @@ impl Transport for Mem {
                 let mut st = self.state.lock().unwrap();
                 let e = st.effects.entry((call.gid.clone(), call.branch.id.clone())).or_default();
                 // The barrier's promise: the business method runs once, and never both.
-                match call.decision {
+                let mixed = match call.decision {
                     Decision::Confirm if e.confirms == 0 => {
-                        assert_eq!(e.cancels, 0, "confirm after cancel on {}", call.gid);
                         e.confirms = 1;
+                        e.cancels > 0
                     }
                     Decision::Cancel if e.cancels == 0 => {
-                        assert_eq!(e.confirms, 0, "cancel after confirm on {}", call.gid);
                         e.cancels = 1;
+                        e.confirms > 0
                     }
-                    _ => {}
+                    _ => false,
+                };
+                if mixed {
+                    let v = format!("{} branch {} got both confirm and cancel", call.gid, call.branch.id);
+                    st.violations.push(v);
                 }
                 Ok(())
             }
