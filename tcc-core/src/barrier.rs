@@ -37,8 +37,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
-    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
-    TransactionalTree,
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError, TransactionalTree,
 };
 use sled::{Transactional, Tree};
 use tracing::{error, info, warn};
@@ -143,8 +142,7 @@ impl BarrierRecord {
 
     /// The stored form: [`FORMAT_VERSION`] then postcard.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        postcard::to_extend(self, vec![FORMAT_VERSION])
-            .map_err(|e| CodecError::Encode(e.to_string()))
+        postcard::to_extend(self, vec![FORMAT_VERSION]).map_err(|e| CodecError::Encode(e.to_string()))
     }
 
     /// Reads the stored form back. Damaged bytes give an error, never a panic.
@@ -774,7 +772,9 @@ impl SledBarrier {
         match applied {
             Applied::Ran(_) => Ok(CancelOutcome::Cancelled),
             Applied::Recorded => Ok(CancelOutcome::Empty),
-            Applied::Duplicate(rec) if rec.state == BarrierState::Expired => Ok(CancelOutcome::AlreadyExpired),
+            Applied::Duplicate(rec) if rec.state == BarrierState::Expired => {
+                Ok(CancelOutcome::AlreadyExpired)
+            }
             Applied::Duplicate(_) => Ok(CancelOutcome::Duplicate),
             Applied::Refused(r) => Err(r.into()),
             Applied::Nothing => unreachable!("decide never answers a cancel so"),
@@ -877,8 +877,10 @@ impl SledBarrier {
     pub fn get(&self, gid: &Gid, branch: &BranchId) -> Result<Option<BarrierRecord>, BarrierError> {
         match self.barrier.get(barrier_key(gid, branch))? {
             None => Ok(None),
-            Some(bytes) => BarrierRecord::decode(&bytes).map(Some).map_err(|source| {
-                BarrierError::Corrupt { gid: gid.clone(), branch: branch.clone(), source }
+            Some(bytes) => BarrierRecord::decode(&bytes).map(Some).map_err(|source| BarrierError::Corrupt {
+                gid: gid.clone(),
+                branch: branch.clone(),
+                source,
             }),
         }
     }
@@ -1066,30 +1068,83 @@ mod tests {
         let expire = Op::Expire { grace: GRACE };
         // (op, now, [none, Tried, Confirmed, Cancelled, CancelledEmpty, Expired])
         let table: [(Op<'_>, Timestamp, [&str; 6]); 8] = [
-            (try_op, before, [
-                "run->tried", "duplicate", "duplicate", "refuse:suspended", "refuse:suspended", "refuse:expired",
-            ]),
-            (try_op, after_deadline, [
-                "refuse:deadline_passed", "duplicate", "duplicate", "refuse:suspended", "refuse:suspended",
-                "refuse:expired",
-            ]),
-            (Op::Confirm, before, [
-                "refuse:not_tried", "run->confirmed", "duplicate", "refuse:already_cancelled",
-                "refuse:already_cancelled", "refuse:expired",
-            ]),
-            (Op::Confirm, due, [
-                "refuse:not_tried", "run->confirmed", "duplicate", "refuse:already_cancelled",
-                "refuse:already_cancelled", "refuse:expired",
-            ]),
-            (Op::Cancel, before, [
-                "record->cancelled_empty", "run->cancelled", "refuse:already_confirmed", "duplicate", "duplicate",
-                "duplicate",
-            ]),
-            (Op::Cancel, due, [
-                "record->cancelled_empty", "run->cancelled", "refuse:already_confirmed", "duplicate", "duplicate",
-                "duplicate",
-            ]),
-            (expire, Timestamp(due.0 - 1), ["nothing", "nothing", "nothing", "nothing", "nothing", "nothing"]),
+            (
+                try_op,
+                before,
+                [
+                    "run->tried",
+                    "duplicate",
+                    "duplicate",
+                    "refuse:suspended",
+                    "refuse:suspended",
+                    "refuse:expired",
+                ],
+            ),
+            (
+                try_op,
+                after_deadline,
+                [
+                    "refuse:deadline_passed",
+                    "duplicate",
+                    "duplicate",
+                    "refuse:suspended",
+                    "refuse:suspended",
+                    "refuse:expired",
+                ],
+            ),
+            (
+                Op::Confirm,
+                before,
+                [
+                    "refuse:not_tried",
+                    "run->confirmed",
+                    "duplicate",
+                    "refuse:already_cancelled",
+                    "refuse:already_cancelled",
+                    "refuse:expired",
+                ],
+            ),
+            (
+                Op::Confirm,
+                due,
+                [
+                    "refuse:not_tried",
+                    "run->confirmed",
+                    "duplicate",
+                    "refuse:already_cancelled",
+                    "refuse:already_cancelled",
+                    "refuse:expired",
+                ],
+            ),
+            (
+                Op::Cancel,
+                before,
+                [
+                    "record->cancelled_empty",
+                    "run->cancelled",
+                    "refuse:already_confirmed",
+                    "duplicate",
+                    "duplicate",
+                    "duplicate",
+                ],
+            ),
+            (
+                Op::Cancel,
+                due,
+                [
+                    "record->cancelled_empty",
+                    "run->cancelled",
+                    "refuse:already_confirmed",
+                    "duplicate",
+                    "duplicate",
+                    "duplicate",
+                ],
+            ),
+            (
+                expire,
+                Timestamp(due.0 - 1),
+                ["nothing", "nothing", "nothing", "nothing", "nothing", "nothing"],
+            ),
             (expire, due, ["nothing", "run->expired", "nothing", "nothing", "nothing", "nothing"]),
         ];
         let states = [Tried, Confirmed, Cancelled, CancelledEmpty, Expired];
@@ -1105,7 +1160,8 @@ mod tests {
 
     #[test]
     fn fresh_try_records_deadline_request_and_time() {
-        let Step::Run(rec) = decide(Op::Try { deadline: DEADLINE, request: b"seat" }, None, Timestamp(7)) else {
+        let Step::Run(rec) = decide(Op::Try { deadline: DEADLINE, request: b"seat" }, None, Timestamp(7))
+        else {
             panic!("a fresh try runs");
         };
         assert_eq!(rec.state, BarrierState::Tried);

@@ -2,8 +2,8 @@
 //!
 //! Every request reads the transaction, applies an event with [`state::apply`], stores the result with
 //! compare-and-set (retrying on a concurrent change) and then performs the effects: phase-two rounds,
-//! waking waiters, flagging. Phase two itself is in [`crate::phase_two`], the scheduler that resumes
-//! unfinished work, retries and expires deadlines is in [`crate::recovery`].
+//! waking waiters, flagging. Phase two itself is in the `phase_two` module, the scheduler that resumes
+//! unfinished work, retries and expires deadlines is in the `recovery` module.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -261,7 +261,10 @@ impl Coordinator {
             && tx.branch(&id).is_none()
             && tx.branches.len() >= c.max_branches
         {
-            return Err(Error::InvalidInput(format!("a transaction has at most {} branches", c.max_branches)));
+            return Err(Error::InvalidInput(format!(
+                "a transaction has at most {} branches",
+                c.max_branches
+            )));
         }
         let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
         Ok(tx)

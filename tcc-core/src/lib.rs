@@ -6,7 +6,7 @@
 //! - [`state`]: every transition of a transaction, as one pure function of (state, event);
 //! - [`Store`] with [`SledStore`], the embedded durable log with group commit;
 //! - [`Coordinator`]: the engine that records decisions and drives every branch to them;
-//! - [`Transport`]: the seam through which the engine calls participants (HTTP lives in `tcc-http`);
+//! - [`Transport`](transport::Transport): the seam through which the engine calls participants (HTTP lives in `tcc-http`);
 //! - [`barrier`]: the participant-side barrier against duplicate calls, empty cancels and suspended tries;
 //! - [`Clock`]: injectable time, so tests never sleep for real.
 #![warn(missing_docs)]
@@ -27,6 +27,12 @@ mod recovery;
 pub mod retry;
 pub mod transport;
 
+pub use barrier::{BarrierError, SledBarrier};
 pub use coordinator::{Config, Coordinator, Stats};
 pub use retry::RetryPolicy;
 pub use store::{SledStore, Store};
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

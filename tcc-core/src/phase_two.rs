@@ -3,7 +3,7 @@
 //! A round calls all pending branches concurrently, each bounded by the per-call timeout, and stores
 //! its results in one write: branches acknowledged, errors seen, and either the final state, the time
 //! of the next round (exponential backoff with jitter) or, when the policy is spent, the flag. Later
-//! rounds are started by the scheduler in [`crate::recovery`] when they fall due, so a retry after a
+//! rounds are started by the scheduler (the `recovery` module) when they fall due, so a retry after a
 //! crash and a retry after a failure are the same code path.
 
 use std::sync::Arc;
@@ -79,7 +79,6 @@ impl Inner {
             }
         }
     }
-
 }
 
 /// Marks a transaction as having a round running in this process, until dropped (also on abort).

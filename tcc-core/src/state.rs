@@ -168,7 +168,9 @@ pub fn apply(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Trans
         (TxState::Flagged, Event::Confirm) if tx.decision == Some(Decision::Confirm) => {
             Ok(Transition::Unchanged)
         }
-        (TxState::Flagged, Event::Cancel | Event::DeadlineReached) if tx.decision == Some(Decision::Cancel) => {
+        (TxState::Flagged, Event::Cancel | Event::DeadlineReached)
+            if tx.decision == Some(Decision::Cancel) =>
+        {
             Ok(Transition::Unchanged)
         }
         (TxState::Confirming | TxState::Cancelling, Event::RoundFinished { done, failed, retry_at }) => {

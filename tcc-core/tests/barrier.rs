@@ -10,8 +10,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sled::transaction::{ConflictableTransactionResult, TransactionalTree, abort};
 use tcc_core::barrier::{
-    BARRIER_TREE, BarrierError, BarrierState, BusinessTx, CancelOutcome, ConfirmOutcome, Durability, EXPIRY_TREE,
-    Refusal, SledBarrier, TryOutcome,
+    BARRIER_TREE, BarrierError, BarrierState, BusinessTx, CancelOutcome, ConfirmOutcome, Durability,
+    EXPIRY_TREE, Refusal, SledBarrier, TryOutcome,
 };
 use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
 
@@ -38,7 +38,8 @@ impl Fixture {
     fn on(db: sled::Db) -> Fixture {
         let biz = db.open_tree("seats").expect("business tree");
         let clock = ManualClock::new(START);
-        let barrier = SledBarrier::open(&db, vec![biz.clone()], Arc::new(clock.clone()), GRACE).expect("barrier");
+        let barrier =
+            SledBarrier::open(&db, vec![biz.clone()], Arc::new(clock.clone()), GRACE).expect("barrier");
         Fixture { db, biz, clock, barrier }
     }
 
@@ -272,7 +273,10 @@ fn aborted_try_can_be_tried_again() -> TestResult {
     let fx = Fixture::new();
     let (gid, b) = (Gid::generate(), branch("flight"));
     let flaky = |_: &BusinessTx<'_>| -> Biz<Vec<u8>> { abort("database busy".to_string()) };
-    assert!(matches!(fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", flaky), Err(BarrierError::Business(_))));
+    assert!(matches!(
+        fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", flaky),
+        Err(BarrierError::Business(_))
+    ));
     assert!(fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?.is_fresh());
     assert_eq!(fx.runs("try"), 1);
     Ok(())
@@ -332,7 +336,8 @@ fn business_methods_get_the_stored_try_request() -> TestResult {
     fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?;
     let seen = std::sync::Mutex::new(Vec::new());
     fx.barrier.confirm(&gid, &b, |tx| {
-        seen.lock().map_err(|e| sled::transaction::ConflictableTransactionError::Abort(e.to_string()))?
+        seen.lock()
+            .map_err(|e| sled::transaction::ConflictableTransactionError::Abort(e.to_string()))?
             .push((tx.gid().clone(), tx.branch().clone(), tx.request().to_vec()));
         Ok(())
     })?;
@@ -441,7 +446,13 @@ fn expiry_releases_more_reservations_than_one_sweep_batch() -> TestResult {
     let n = 600;
     for i in 0..n {
         // Spread deadlines so the index holds many distinct instants.
-        fx.barrier.try_op(&gid, &branch(&format!("b{i}")), fx.deadline() + Duration::from_millis(i), b"x", hold)?;
+        fx.barrier.try_op(
+            &gid,
+            &branch(&format!("b{i}")),
+            fx.deadline() + Duration::from_millis(i),
+            b"x",
+            hold,
+        )?;
     }
     fx.clock.advance(TTL + GRACE + Duration::from_millis(n));
     assert_eq!(fx.barrier.expire_due(release)?, n as usize);
@@ -535,7 +546,10 @@ fn reopening_the_db_keeps_barrier_records() -> TestResult {
     assert_eq!(fx.state(&gid, &held), Some(BarrierState::Tried));
     assert_eq!(fx.barrier.confirm(&gid, &confirmed, sell)?, ConfirmOutcome::Duplicate);
     assert_eq!(refusal(fx.barrier.try_op(&gid, &empty, deadline, b"x", hold)), Refusal::Suspended);
-    assert_eq!(fx.barrier.try_op(&gid, &held, deadline, b"x", hold)?, TryOutcome::Duplicate(b"held x".to_vec()));
+    assert_eq!(
+        fx.barrier.try_op(&gid, &held, deadline, b"x", hold)?,
+        TryOutcome::Duplicate(b"held x".to_vec())
+    );
     assert_eq!((fx.runs("try"), fx.runs("confirm")), (2, 1));
     // The expiry index survived too.
     assert_eq!(fx.barrier.held(), 1);
@@ -551,7 +565,8 @@ fn damaged_barrier_bytes_are_errors_not_panics() -> TestResult {
     fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?;
     let records = fx.db.open_tree(BARRIER_TREE)?;
     let (key, good) = records.iter().next().ok_or("one record")??;
-    let damaged: [&[u8]; 5] = [b"", b"\x09unknown version", b"\x01", &good[..good.len() - 1], b"\x01\xff\xff\xff\xff"];
+    let damaged: [&[u8]; 5] =
+        [b"", b"\x09unknown version", b"\x01", &good[..good.len() - 1], b"\x01\xff\xff\xff\xff"];
     for bytes in damaged {
         records.insert(&key, bytes)?;
         let corrupt = |e: &BarrierError<String>| matches!(e, BarrierError::Corrupt { .. });

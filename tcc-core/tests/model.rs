@@ -21,10 +21,16 @@ const PARTICIPANTS: [&str; 3] = ["flight", "hotel", "car"];
 #[derive(Clone, Debug)]
 enum Op {
     /// Begin with a timeout (seconds) and register the first `branches` participants.
-    Begin { timeout_s: u64, branches: usize },
+    Begin {
+        timeout_s: u64,
+        branches: usize,
+    },
     Confirm(usize),
     Cancel(usize),
-    Fault { participant: usize, fault: u8 },
+    Fault {
+        participant: usize,
+        fault: u8,
+    },
     Advance(u64),
     Crash,
 }
@@ -87,7 +93,10 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let (gid, exp) = &mut model[i % n];
                 match rig.tc().cancel(gid).await {
                     Ok(_) => {
-                        prop_assert!(exp.decision != Some(Decision::Confirm), "cancel accepted after confirm");
+                        prop_assert!(
+                            exp.decision != Some(Decision::Confirm),
+                            "cancel accepted after confirm"
+                        );
                         exp.decision = Some(Decision::Cancel);
                     }
                     Err(Error::IllegalTransition { .. }) => {
@@ -144,7 +153,9 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         };
         prop_assert!(tx.branches.iter().all(|b| b.state == want), "{gid}: mixed branch states");
         match exp.decision {
-            Some(Decision::Confirm) => prop_assert_eq!(tx.state, TxState::Confirmed, "{} was acknowledged as confirmed", gid),
+            Some(Decision::Confirm) => {
+                prop_assert_eq!(tx.state, TxState::Confirmed, "{} was acknowledged as confirmed", gid)
+            }
             // Never decided and past the deadline by now: the sweep cancelled it.
             Some(Decision::Cancel) | None => prop_assert_eq!(tx.state, TxState::Cancelled, "{}", gid),
         }

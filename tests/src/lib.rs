@@ -7,12 +7,14 @@ use async_trait::async_trait;
 use tcc_core::transport::{BranchCall, CallError, Transport};
 use tcc_core::{BranchId, Decision, Gid};
 
+type Seen = Arc<Mutex<HashMap<(Gid, BranchId), Vec<Decision>>>>;
+
 /// Participants kept in memory: they answer (or, when `hang` is set, never answer) and count what
 /// they were told per branch.
 #[derive(Clone, Debug, Default)]
 pub struct MemParticipants {
     hang: bool,
-    seen: Arc<Mutex<HashMap<(Gid, BranchId), Vec<Decision>>>>,
+    seen: Seen,
 }
 
 impl MemParticipants {

@@ -46,7 +46,9 @@ async fn child_coordinator(dir: &str) {
     let store = Arc::new(SledStore::open(dir).unwrap());
     let config = Config { owner: "child".into(), ..Config::default() };
     let tc = Arc::new(
-        Coordinator::open(store, Arc::new(MemParticipants::hanging()), Arc::new(SystemClock), config).await.unwrap(),
+        Coordinator::open(store, Arc::new(MemParticipants::hanging()), Arc::new(SystemClock), config)
+            .await
+            .unwrap(),
     );
     let mut tasks = Vec::new();
     for i in 0..32 {
@@ -102,7 +104,9 @@ fn run_child_and_kill(mode: &str, dir: &std::path::Path, enough: usize) -> Vec<S
     let reader = BufReader::new(child.stdout.take().unwrap());
     for line in reader.lines() {
         let Ok(line) = line else { break };
-        if line.starts_with("acked ") || line.starts_with("registered ") || line.starts_with("confirmed ")
+        if line.starts_with("acked ")
+            || line.starts_with("registered ")
+            || line.starts_with("confirmed ")
             || line.starts_with("cancelled ")
         {
             lines.push(line);
@@ -149,7 +153,9 @@ async fn every_acknowledged_decision_survives_kill_9_and_is_carried_out_after_re
     let store = Arc::new(open_after_kill(dir.path()).await);
     let participants = MemParticipants::healthy();
     let config = Config { owner: "parent".into(), ..Config::default() };
-    let tc = Coordinator::open(store, Arc::new(participants.clone()), Arc::new(SystemClock), config).await.unwrap();
+    let tc = Coordinator::open(store, Arc::new(participants.clone()), Arc::new(SystemClock), config)
+        .await
+        .unwrap();
     let mut checked = 0;
     for line in &acked {
         let gid = gid_of(line);
@@ -166,7 +172,11 @@ async fn every_acknowledged_decision_survives_kill_9_and_is_carried_out_after_re
         assert_eq!(done.state, want, "{gid}");
         for b in &done.branches {
             let told = participants.seen(&gid, &b.id);
-            let expected = if want == TxState::Confirmed { tcc_core::Decision::Confirm } else { tcc_core::Decision::Cancel };
+            let expected = if want == TxState::Confirmed {
+                tcc_core::Decision::Confirm
+            } else {
+                tcc_core::Decision::Cancel
+            };
             assert!(!told.is_empty() && told.iter().all(|d| *d == expected), "{gid} {}: {told:?}", b.id);
         }
         checked += 1;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tcc_core::transport::{BranchCall, CallError, Transport};
-use tcc_core::{BranchId, Config, Coordinator, Decision, Gid, ManualClock, RetryPolicy, SledStore, Timestamp};
+use tcc_core::{
+    BranchId, Config, Coordinator, Decision, Gid, ManualClock, RetryPolicy, SledStore, Timestamp,
+};
 
 /// How a participant (addressed by its target) misbehaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,9 +166,14 @@ impl Rig {
     pub async fn open(&mut self) {
         assert!(self.tc.is_none());
         let store = open_store(self.dir.path()).await;
-        let tc = Coordinator::open(Arc::new(store), Arc::new(self.mem.clone()), Arc::new(self.clock.clone()), config())
-            .await
-            .unwrap();
+        let tc = Coordinator::open(
+            Arc::new(store),
+            Arc::new(self.mem.clone()),
+            Arc::new(self.clock.clone()),
+            config(),
+        )
+        .await
+        .unwrap();
         self.tc = Some(tc);
     }
 
@@ -190,7 +197,10 @@ impl Rig {
     pub async fn begin_with(&self, names: &[&str], timeout: Duration) -> Gid {
         let tx = self.tc().begin(None, timeout).await.unwrap();
         for n in names {
-            self.tc().register(&tx.gid, n.parse().unwrap(), format!("mem://{n}"), n.as_bytes().to_vec()).await.unwrap();
+            self.tc()
+                .register(&tx.gid, n.parse().unwrap(), format!("mem://{n}"), n.as_bytes().to_vec())
+                .await
+                .unwrap();
         }
         tx.gid
     }
