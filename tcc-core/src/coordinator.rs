@@ -402,7 +402,12 @@ impl Inner {
         for _ in 0..MAX_CAS_ROUNDS {
             let current = self.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))?;
             let (now, lease_until) = self.context();
-            let ctx = Context { now, owner: &self.config.owner, lease_until };
+            let ctx = Context {
+                now,
+                owner: &self.config.owner,
+                lease_until,
+                max_branches: self.config.max_branches,
+            };
             match state::apply(&current, event, &ctx)? {
                 Transition::Unchanged => {
                     // What we answer from may not be flushed yet (another writer's change); make sure

@@ -66,6 +66,46 @@ fn validate_id(kind: &'static str, s: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Text, parsing, serde and display for a validated id newtype over `String`.
+macro_rules! id_type {
+    ($name:ident, $kind:literal) => {
+        impl $name {
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<$name, Error> {
+                validate_id($kind, s)?;
+                Ok($name(s.to_owned()))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<$name, Error> {
+                validate_id($kind, &s)?;
+                Ok($name(s))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
 /// A global transaction id.
 ///
 /// Generated ids are UUIDv7 strings, so they sort by creation time (newest last) and listing in id
@@ -88,40 +128,9 @@ impl Gid {
     pub fn generate() -> Gid {
         Gid(uuid::Uuid::now_v7().to_string())
     }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl FromStr for Gid {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Gid, Error> {
-        validate_id("transaction id", s)?;
-        Ok(Gid(s.to_owned()))
-    }
-}
-
-impl TryFrom<String> for Gid {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Gid, Error> {
-        validate_id("transaction id", &s)?;
-        Ok(Gid(s))
-    }
-}
-
-impl From<Gid> for String {
-    fn from(g: Gid) -> String {
-        g.0
-    }
-}
-
-impl fmt::Display for Gid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+id_type!(Gid, "transaction id");
 
 /// A branch id, unique within its transaction (for example `"flight"` or DTM's `"01"`).
 ///
@@ -134,40 +143,7 @@ impl fmt::Display for Gid {
 #[serde(try_from = "String", into = "String")]
 pub struct BranchId(String);
 
-impl BranchId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for BranchId {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<BranchId, Error> {
-        validate_id("branch id", s)?;
-        Ok(BranchId(s.to_owned()))
-    }
-}
-
-impl TryFrom<String> for BranchId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<BranchId, Error> {
-        validate_id("branch id", &s)?;
-        Ok(BranchId(s))
-    }
-}
-
-impl From<BranchId> for String {
-    fn from(b: BranchId) -> String {
-        b.0
-    }
-}
-
-impl fmt::Display for BranchId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+id_type!(BranchId, "branch id");
 
 /// The global decision of a transaction once it leaves [`TxState::Trying`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -91,6 +91,8 @@ pub struct Context<'a> {
     pub owner: &'a str,
     /// Until when that lease holds if the process dies silently.
     pub lease_until: Timestamp,
+    /// Most branches a transaction may have; registering one more is refused.
+    pub max_branches: usize,
 }
 
 /// The result of applying an event.
@@ -111,7 +113,7 @@ pub enum Transition {
 ///
 /// let now = Timestamp(1_000);
 /// let tx = tcc_core::state::begin(Gid::generate(), now, now + Duration::from_secs(10));
-/// let ctx = Context { now, owner: "me", lease_until: now + Duration::from_secs(5) };
+/// let ctx = Context { now, owner: "me", lease_until: now + Duration::from_secs(5), max_branches: 8 };
 /// match apply(&tx, &Event::Confirm, &ctx).unwrap() {
 ///     Transition::Changed(next, _) => assert_eq!(next.state, TxState::Confirmed), // no branches
 ///     Transition::Unchanged => unreachable!(),
@@ -135,6 +137,12 @@ pub fn apply(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Trans
                         tx.gid
                     )))
                 };
+            }
+            if tx.branches.len() >= ctx.max_branches {
+                return Err(Error::InvalidInput(format!(
+                    "a transaction has at most {} branches",
+                    ctx.max_branches
+                )));
             }
             let mut next = tx.clone();
             next.branches.push(Branch {
@@ -302,7 +310,7 @@ mod tests {
     const DEADLINE: Timestamp = Timestamp(20_000);
 
     fn ctx(now: Timestamp) -> Context<'static> {
-        Context { now, owner: "node-a", lease_until: now + Duration::from_secs(5) }
+        Context { now, owner: "node-a", lease_until: now + Duration::from_secs(5), max_branches: 3 }
     }
 
     fn bid(s: &str) -> BranchId {
@@ -364,6 +372,16 @@ mod tests {
         assert_eq!(apply(&tx, &register("a"), &ctx(NOW)).unwrap(), Transition::Unchanged);
         let other = Event::Register { id: bid("a"), target: "mem://elsewhere".into(), payload: vec![] };
         assert!(matches!(apply(&tx, &other, &ctx(NOW)), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn registering_past_the_branch_limit_is_refused() {
+        let mut tx = tx_in(TxState::Trying);
+        tx = changed(apply(&tx, &register("c"), &ctx(NOW)).unwrap()).0;
+        let err = apply(&tx, &register("d"), &ctx(NOW)).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+        // Repeating a registration already there is still answered.
+        assert_eq!(apply(&tx, &register("c"), &ctx(NOW)).unwrap(), Transition::Unchanged);
     }
 
     #[test]

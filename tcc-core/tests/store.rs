@@ -179,3 +179,27 @@ async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers(
     }
     // The multi-process variant, with SIGKILL instead of a clean drop, is tests/tests/kill9.rs.
 }
+
+#[tokio::test]
+async fn index_entries_left_by_an_interrupted_change_are_ignored_and_cleaned() {
+    // A crash between writing a change's new index entries and swapping the record leaves entries
+    // the record does not use. They must never make a transaction due or listed in the wrong state.
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let tx = new_tx(10_000);
+    s.insert(&tx).await.unwrap();
+    let mut stale_due = 500u64.to_be_bytes().to_vec();
+    stale_due.extend_from_slice(tx.gid.as_str().as_bytes());
+    s.db().open_tree("tcc_due").unwrap().insert(&stale_due, &[][..]).unwrap();
+    let mut stale_state = vec![TxState::Flagged.code()];
+    stale_state.extend_from_slice(tx.gid.as_str().as_bytes());
+    s.db().open_tree("tcc_state").unwrap().insert(&stale_state, &[][..]).unwrap();
+
+    assert!(s.claim_due("a", Timestamp(600), Timestamp(900), 10).await.unwrap().is_empty());
+    assert!(!s.db().open_tree("tcc_due").unwrap().contains_key(&stale_due).unwrap(), "stale entry dropped");
+    assert_eq!(s.count(TxState::Flagged).await.unwrap(), 0);
+    let flagged = s.list(&ListQuery { state: Some(TxState::Flagged), ..Default::default() }).await.unwrap();
+    assert!(flagged.items.is_empty());
+    // The real entry still works.
+    assert_eq!(s.claim_due("a", Timestamp(10_000), Timestamp(20_000), 10).await.unwrap().len(), 1);
+}
