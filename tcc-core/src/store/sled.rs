@@ -311,23 +311,26 @@ impl Store for SledStore {
         let mut leased = Vec::new();
         for kv in self.due.iter() {
             let (k, _) = kv?;
-            let gid = gid_from(k.get(8..).unwrap_or_default())?;
-            if let Some(tx) = self.get(&gid).await?
-                && tx.lease_owner.is_some()
-            {
-                leased.push(tx);
-            }
+            leased.push(gid_from(k.get(8..).unwrap_or_default())?);
         }
         let mut n = 0;
-        for old in leased {
+        for gid in leased {
+            let _g = self.stripe(&gid);
+            let Some((old, bytes)) = self.read(&gid)? else { continue };
+            if old.lease_owner.is_none() {
+                continue;
+            }
             let mut new = old.clone();
             new.lease_owner = None;
             new.due_at = Some(now);
             new.version = old.version + 1;
-            if self.compare_and_set(old.version, &new).await? == Cas::Stored {
+            if self.swap(Some(&old), Some(&bytes), &new)?.is_ok() {
                 n += 1;
             }
         }
+        // One flush for all of them: after a crash with many transactions in flight, recovery must
+        // not wait for a flush per transaction.
+        self.commit.durable().await?;
         Ok(n)
     }
 
