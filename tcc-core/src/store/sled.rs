@@ -139,8 +139,8 @@ impl SledStore {
             Ok(()) => {
                 if let Some(old) = old {
                     let (old_due, old_state) = index_keys(old);
-                    if old_due.is_some() && old_due != new_due {
-                        self.due.remove(old_due.unwrap_or_default())?;
+                    if let Some(k) = old_due.filter(|k| Some(k) != new_due.as_ref()) {
+                        self.due.remove(k)?;
                     }
                     if old_state != new_state {
                         self.states.remove(old_state)?;
@@ -151,8 +151,8 @@ impl SledStore {
             Err(CompareAndSwapError { current, .. }) => {
                 let current = current.map(|b| decode_for(&new.gid, &b)).transpose()?;
                 let (cur_due, cur_state) = current.as_ref().map(index_keys).unwrap_or((None, Vec::new()));
-                if new_due.is_some() && new_due != cur_due {
-                    self.due.remove(new_due.unwrap_or_default())?;
+                if let Some(k) = new_due.filter(|k| Some(k) != cur_due.as_ref()) {
+                    self.due.remove(k)?;
                 }
                 if new_state != cur_state {
                     self.states.remove(new_state)?;
