@@ -242,7 +242,7 @@ impl Coordinator {
 
     /// Registers a branch. Call it before the branch's try runs, so that a cancel reaches the
     /// participant even if the try's answer is lost. Registering the same branch again with the same
-    /// details is a no-op.
+    /// details is a no-op; a branch beyond [`Config::max_branches`] is refused by the state machine.
     pub async fn register(
         &self,
         gid: &Gid,
@@ -256,15 +256,6 @@ impl Coordinator {
         }
         if target.is_empty() || target.len() > c.max_target {
             return Err(Error::InvalidInput(format!("target must be 1 to {} bytes", c.max_target)));
-        }
-        if let Some(tx) = self.inner.store.get(gid).await?
-            && tx.branch(&id).is_none()
-            && tx.branches.len() >= c.max_branches
-        {
-            return Err(Error::InvalidInput(format!(
-                "a transaction has at most {} branches",
-                c.max_branches
-            )));
         }
         let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
         Ok(tx)
