@@ -1067,84 +1067,32 @@ mod tests {
         let try_op = Op::Try { deadline: DEADLINE, request: b"req" };
         let expire = Op::Expire { grace: GRACE };
         // (op, now, [none, Tried, Confirmed, Cancelled, CancelledEmpty, Expired])
+        #[rustfmt::skip]
         let table: [(Op<'_>, Timestamp, [&str; 6]); 8] = [
-            (
-                try_op,
-                before,
-                [
-                    "run->tried",
-                    "duplicate",
-                    "duplicate",
-                    "refuse:suspended",
-                    "refuse:suspended",
-                    "refuse:expired",
-                ],
-            ),
-            (
-                try_op,
-                after_deadline,
-                [
-                    "refuse:deadline_passed",
-                    "duplicate",
-                    "duplicate",
-                    "refuse:suspended",
-                    "refuse:suspended",
-                    "refuse:expired",
-                ],
-            ),
-            (
-                Op::Confirm,
-                before,
-                [
-                    "refuse:not_tried",
-                    "run->confirmed",
-                    "duplicate",
-                    "refuse:already_cancelled",
-                    "refuse:already_cancelled",
-                    "refuse:expired",
-                ],
-            ),
-            (
-                Op::Confirm,
-                due,
-                [
-                    "refuse:not_tried",
-                    "run->confirmed",
-                    "duplicate",
-                    "refuse:already_cancelled",
-                    "refuse:already_cancelled",
-                    "refuse:expired",
-                ],
-            ),
-            (
-                Op::Cancel,
-                before,
-                [
-                    "record->cancelled_empty",
-                    "run->cancelled",
-                    "refuse:already_confirmed",
-                    "duplicate",
-                    "duplicate",
-                    "duplicate",
-                ],
-            ),
-            (
-                Op::Cancel,
-                due,
-                [
-                    "record->cancelled_empty",
-                    "run->cancelled",
-                    "refuse:already_confirmed",
-                    "duplicate",
-                    "duplicate",
-                    "duplicate",
-                ],
-            ),
-            (
-                expire,
-                Timestamp(due.0 - 1),
-                ["nothing", "nothing", "nothing", "nothing", "nothing", "nothing"],
-            ),
+            (try_op, before, [
+                "run->tried", "duplicate", "duplicate", "refuse:suspended", "refuse:suspended", "refuse:expired",
+            ]),
+            (try_op, after_deadline, [
+                "refuse:deadline_passed", "duplicate", "duplicate", "refuse:suspended", "refuse:suspended",
+                "refuse:expired",
+            ]),
+            (Op::Confirm, before, [
+                "refuse:not_tried", "run->confirmed", "duplicate", "refuse:already_cancelled",
+                "refuse:already_cancelled", "refuse:expired",
+            ]),
+            (Op::Confirm, due, [
+                "refuse:not_tried", "run->confirmed", "duplicate", "refuse:already_cancelled",
+                "refuse:already_cancelled", "refuse:expired",
+            ]),
+            (Op::Cancel, before, [
+                "record->cancelled_empty", "run->cancelled", "refuse:already_confirmed", "duplicate", "duplicate",
+                "duplicate",
+            ]),
+            (Op::Cancel, due, [
+                "record->cancelled_empty", "run->cancelled", "refuse:already_confirmed", "duplicate", "duplicate",
+                "duplicate",
+            ]),
+            (expire, Timestamp(due.0 - 1), ["nothing", "nothing", "nothing", "nothing", "nothing", "nothing"]),
             (expire, due, ["nothing", "run->expired", "nothing", "nothing", "nothing", "nothing"]),
         ];
         let states = [Tried, Confirmed, Cancelled, CancelledEmpty, Expired];
