@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::model::{BranchId, Decision, Gid, Transaction, TxState};
+use crate::model::{BranchId, Decision, Gid, Transaction, TxOptions, TxState};
 use crate::retry::RetryPolicy;
 use crate::state::{self, Context, Effect, Event, Transition};
 use crate::store::{Cas, ListQuery, Page, Store};
@@ -224,7 +224,29 @@ impl Coordinator {
     /// Begins a transaction that must be decided within `timeout`. `gid` lets a client choose the id
     /// (the DTM protocol does); `None` generates a time-ordered one.
     pub async fn begin(&self, gid: Option<Gid>, timeout: Duration) -> Result<Transaction> {
+        self.begin_with(gid, timeout, TxOptions::default()).await
+    }
+
+    /// [`begin`](Self::begin) with per-transaction overrides of the retry policy. A transaction id
+    /// that exists already is refused with [`Error::AlreadyExists`].
+    pub async fn begin_with(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+    ) -> Result<Transaction> {
         let c = &self.inner.config;
+        let limit = c.max_timeout.as_millis();
+        for (name, value) in
+            [("retry_interval", options.retry_interval_ms), ("call_timeout", options.call_timeout_ms)]
+        {
+            if value.is_some_and(|ms| ms == 0 || u128::from(ms) > limit) {
+                return Err(Error::InvalidInput(format!(
+                    "{name} must be between 1 ms and {} s",
+                    c.max_timeout.as_secs()
+                )));
+            }
+        }
         if timeout.is_zero() || timeout > c.max_timeout {
             return Err(Error::InvalidInput(format!(
                 "timeout must be between 1 ms and {} s",
@@ -234,6 +256,7 @@ impl Coordinator {
         let now = self.inner.clock.now();
         let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
         tx.version = 1;
+        tx.options = options;
         self.inner.store.insert(&tx).await?;
         self.inner.counters.begun.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(tx = %tx.gid, deadline = %tx.deadline, "begun");

@@ -20,7 +20,7 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
-pub use model::{Branch, BranchId, BranchState, Decision, Gid, Timestamp, Transaction, TxState};
+pub use model::{Branch, BranchId, BranchState, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
 pub mod coordinator;
 mod phase_two;
 mod recovery;

@@ -324,8 +324,20 @@ pub struct Transaction {
     pub due_at: Option<Timestamp>,
     /// The coordinator process currently working on phase two, if any.
     pub lease_owner: Option<String>,
+    /// Per-transaction overrides of the coordinator's retry policy, given at begin.
+    pub options: TxOptions,
     /// Bumped by every stored change; the store's compare-and-set compares it.
     pub version: u64,
+}
+
+/// Per-transaction settings a client may choose at begin (the DTM protocol's `TransOptions`).
+/// Unset fields use the coordinator's [`RetryPolicy`](crate::RetryPolicy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxOptions {
+    /// Delay before the first phase-two retry, in milliseconds (doubling from there, as usual).
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one phase-two call to a participant may take, in milliseconds.
+    pub call_timeout_ms: Option<u64>,
 }
 
 impl Transaction {

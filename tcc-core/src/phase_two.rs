@@ -29,11 +29,12 @@ impl Inner {
         if tx.attempts > 0 {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
         }
+        let policy = self.config.retry.for_transaction(&tx.options);
         let pending: Vec<Branch> = tx.pending_branches().cloned().collect();
         let me = &self;
         let calls = pending.iter().map(|branch| {
             let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
-            let timeout = self.config.retry.call_timeout;
+            let timeout = policy.call_timeout;
             async move {
                 let result = tokio::select! {
                     r = me.transport.call(call) => r,
@@ -65,7 +66,7 @@ impl Inner {
             None
         } else {
             let random: f64 = rand::rng().random();
-            self.config.retry.next_retry(tx.attempts + 1, self.clock.now(), random)
+            policy.next_retry(tx.attempts + 1, self.clock.now(), random)
         };
         let event = Event::RoundFinished { done, failed, retry_at };
         match self.update(&tx.gid, &event).await {

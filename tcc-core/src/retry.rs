@@ -63,6 +63,29 @@ impl RetryPolicy {
         (attempts < self.max_attempts).then(|| now + self.backoff(attempts, random))
     }
 
+    /// This policy with a transaction's own overrides applied. A retry interval longer than
+    /// `max_backoff` raises the cap to it; zero values are ignored.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tcc_core::{RetryPolicy, TxOptions};
+    /// let p = RetryPolicy::default().for_transaction(&TxOptions { retry_interval_ms: Some(120_000), call_timeout_ms: Some(250) });
+    /// assert_eq!(p.initial_backoff, Duration::from_secs(120));
+    /// assert_eq!(p.max_backoff, Duration::from_secs(120));
+    /// assert_eq!(p.call_timeout, Duration::from_millis(250));
+    /// ```
+    pub fn for_transaction(&self, options: &crate::model::TxOptions) -> RetryPolicy {
+        let mut p = self.clone();
+        if let Some(ms) = options.retry_interval_ms.filter(|&ms| ms > 0) {
+            p.initial_backoff = Duration::from_millis(ms);
+            p.max_backoff = p.max_backoff.max(p.initial_backoff);
+        }
+        if let Some(ms) = options.call_timeout_ms.filter(|&ms| ms > 0) {
+            p.call_timeout = Duration::from_millis(ms);
+        }
+        p
+    }
+
     /// Checks that the policy makes sense.
     pub fn validate(&self) -> Result<(), crate::Error> {
         let bad = |m: &str| Err(crate::Error::InvalidInput(format!("retry policy: {m}")));

@@ -232,6 +232,7 @@ pub fn begin(gid: crate::model::Gid, now: Timestamp, deadline: Timestamp) -> Tra
         last_error: None,
         due_at: Some(deadline),
         lease_owner: None,
+        options: Default::default(),
         version: 0,
     }
 }

@@ -1,7 +1,28 @@
 //! # tcc-http
 //!
-//! Will hold the HTTP side of tcc: the axum coordinator API (native and DTM-compatible), the
-//! participant routes serving try/confirm/cancel through the `tcc-core` barrier, the reqwest
-//! [`Transport`](tcc_core::transport::Transport) the engine calls participants with, and the
-//! `tcc-coordinator` binary. It arrives with the HTTP issue; `tcc-core` already defines every seam it
-//! plugs into.
+//! The HTTP side of tcc:
+//!
+//! - [`server`]: the coordinator as an axum service — the native JSON API, the DTM-compatible API
+//!   under `/api/dtmsvr` ([`dtm`]), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`;
+//! - [`participant`]: the axum routes a participant serves its try/confirm/cancel endpoints with,
+//!   through the `tcc-core` barrier;
+//! - [`transport`]: the reqwest [`Transport`](tcc_core::transport::Transport) the engine calls
+//!   participants with;
+//! - [`client`]: what an initiator uses to begin, register and try branches, confirm and cancel, the
+//!   same whether the coordinator is embedded in its process or a `tcc-coordinator` server;
+//! - [`protocol`]: the wire protocol (paths, headers, status codes, the error body);
+//! - [`target`]: branch targets and the participant allow-list.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod dtm;
+pub mod error;
+pub mod metrics;
+pub mod participant;
+pub mod protocol;
+pub mod server;
+pub mod target;
+pub mod transport;
+
+pub use error::ApiError;
+pub use protocol::ErrorBody;

@@ -1,0 +1,1 @@
+//! The initiator client (being written).

@@ -1,0 +1,1 @@
+//! The participant runtime (being written).

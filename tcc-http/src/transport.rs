@@ -1,0 +1,1 @@
+//! The reqwest transport (being written).
