@@ -376,6 +376,14 @@ impl Coordinator {
     /// Stops the scheduler and waits for phase-two rounds in flight to finish. Work not finished
     /// resumes when a coordinator next opens the store.
     pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// [`shutdown`](Self::shutdown) through a shared reference, for an engine held in an `Arc`: stops
+    /// the scheduler, refuses new phase-two work and waits for rounds in flight. Requests still
+    /// answer, but decisions taken after this are carried out only when a coordinator next opens the
+    /// store.
+    pub async fn stop(&self) {
         let _ = self.inner.stop.send(true);
         self.inner.wake.notify_waiters();
         let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));

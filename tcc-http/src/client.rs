@@ -1,1 +1,449 @@
-//! The initiator client (being written).
+//! What an initiator uses: begin a transaction, register and try its branches, then confirm or cancel.
+//!
+//! The same [`TccClient`] API works against a standalone `tcc-coordinator` ([`TccClient::remote`]) and
+//! against an engine embedded in the initiator's own process ([`TccClient::embedded`]), where begin,
+//! register, confirm and cancel are direct calls with no coordinator hop.
+//!
+//! A branch is always registered *before* its try is sent, so that if the try's answer is lost the
+//! coordinator still knows to cancel it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tcc_http::client::ClientError> {
+//! use std::time::Duration;
+//! use tcc_http::client::TccClient;
+//!
+//! let tcc = TccClient::remote("http://127.0.0.1:36789", None)?;
+//! let booked = tcc
+//!     .run(Duration::from_secs(30), |tx| async move {
+//!         let seat = tx.try_branch("flight", "http://127.0.0.1:8081/tcc/hold_seat", br#"{"flight":"TC42"}"#.to_vec()).await?;
+//!         let room = tx.try_branch("hotel", "http://127.0.0.1:8082/tcc/hold_room", br#"{"hotel":"Ritz"}"#.to_vec()).await?;
+//!         Ok((seat, room))
+//!     })
+//!     .await?;
+//! // Both tries succeeded and the confirm decision is on disk; phase two confirms both.
+//! # let _ = booked;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use tcc_core::{BranchId, Coordinator, Gid, Timestamp, TxOptions};
+use url::Url;
+
+use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, ErrorBody, GID_HEADER};
+use crate::server::Token;
+use crate::server::native::{BeginRequest, RegisterRequest, TransactionView};
+use crate::target::{AllowList, Target};
+use crate::transport::{ClientConfig, build_client, error_text};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A participant refused a try (business refusal, deadline passed, or a try arriving after its
+    /// cancel). The transaction should be cancelled; [`TccClient::run`] does so.
+    #[error("participant refused the try of branch {branch}: {code}: {message}")]
+    Refused {
+        /// The branch.
+        branch: String,
+        /// The participant's code.
+        code: String,
+        /// The participant's message.
+        message: String,
+    },
+    /// A participant failed a try for another reason (5xx, timeout, garbage). Whether the try ran
+    /// is unknown; the branch is registered, so cancelling the transaction releases it if it did.
+    #[error("try of branch {branch} failed: {message}")]
+    TryFailed {
+        /// The branch.
+        branch: String,
+        /// What happened.
+        message: String,
+    },
+    /// The coordinator refused or failed a request.
+    #[error("coordinator answered {status}: {code}: {message}")]
+    Coordinator {
+        /// The HTTP status (for the embedded engine, the status the server would have answered).
+        status: u16,
+        /// The stable code.
+        code: String,
+        /// The message.
+        message: String,
+    },
+    /// The coordinator could not be reached, or answered something unreadable.
+    #[error("coordinator unreachable: {0}")]
+    Unreachable(String),
+    /// Bad input on the caller's side (an invalid URL, id or option).
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// The stable code of a coordinator or participant refusal.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } | ClientError::Coordinator { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl From<tcc_core::Error> for ClientError {
+    fn from(e: tcc_core::Error) -> ClientError {
+        crate::error::ApiError::from(e).into()
+    }
+}
+
+impl From<crate::error::ApiError> for ClientError {
+    fn from(e: crate::error::ApiError) -> ClientError {
+        ClientError::Coordinator { status: e.status.as_u16(), code: e.code.to_owned(), message: e.message }
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    Embedded { coordinator: Arc<Coordinator>, allow: AllowList },
+    Remote { base: Url, token: Option<Token> },
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend: Backend,
+    http: reqwest::Client,
+}
+
+/// The initiator's handle on a coordinator, embedded or remote. Cheap to clone; share one.
+#[derive(Clone, Debug)]
+pub struct TccClient {
+    inner: Arc<Inner>,
+}
+
+/// Options of a new transaction.
+#[derive(Clone, Debug, Default)]
+pub struct BeginOptions {
+    /// The id; generated when `None`.
+    pub gid: Option<Gid>,
+    /// Per-transaction retry overrides.
+    pub options: TxOptions,
+}
+
+impl TccClient {
+    /// A client of the standalone coordinator at `base_url`, with the default HTTP settings.
+    pub fn remote(base_url: &str, token: Option<Token>) -> Result<TccClient, ClientError> {
+        let http = build_client(&ClientConfig::default()).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        TccClient::remote_with(base_url, token, http)
+    }
+
+    /// A client of the standalone coordinator at `base_url`, using `http` (share one pooled client
+    /// per process; see [`build_client`]).
+    pub fn remote_with(
+        base_url: &str,
+        token: Option<Token>,
+        http: reqwest::Client,
+    ) -> Result<TccClient, ClientError> {
+        let base = Url::parse(base_url).map_err(|e| ClientError::Invalid(format!("coordinator URL: {e}")))?;
+        Ok(TccClient { inner: Arc::new(Inner { backend: Backend::Remote { base, token }, http }) })
+    }
+
+    /// A client of an engine running in this process. `allow` limits the participant URLs branches
+    /// may be registered with, as the server's allow-list does; `http` calls participants' tries
+    /// (share it with the engine's [`HttpTransport`](crate::transport::HttpTransport)).
+    pub fn embedded(coordinator: Arc<Coordinator>, allow: AllowList, http: reqwest::Client) -> TccClient {
+        TccClient { inner: Arc::new(Inner { backend: Backend::Embedded { coordinator, allow }, http }) }
+    }
+
+    /// Opens an embedded engine on the sled directory `dir`, calling participants over HTTP, and a
+    /// client of it. The engine resumes unfinished transactions found there.
+    pub async fn open_embedded(
+        dir: impl AsRef<std::path::Path>,
+        core: tcc_core::Config,
+        allow: AllowList,
+    ) -> Result<TccClient, ClientError> {
+        let http = build_client(&ClientConfig::default()).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let store = Arc::new(tcc_core::SledStore::open(dir.as_ref())?);
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let transport = crate::transport::HttpTransport::new(http.clone(), allow.clone(), metrics);
+        let coordinator =
+            Coordinator::open(store, Arc::new(transport), Arc::new(tcc_core::SystemClock), core).await?;
+        Ok(TccClient::embedded(Arc::new(coordinator), allow, http))
+    }
+
+    /// The embedded engine, if this client has one.
+    pub fn coordinator(&self) -> Option<&Arc<Coordinator>> {
+        match &self.inner.backend {
+            Backend::Embedded { coordinator, .. } => Some(coordinator),
+            Backend::Remote { .. } => None,
+        }
+    }
+
+    /// Begins a transaction that must be decided within `timeout`.
+    pub async fn begin(&self, timeout: Duration) -> Result<GlobalTx, ClientError> {
+        self.begin_with(timeout, BeginOptions::default()).await
+    }
+
+    /// Begins a transaction with options.
+    pub async fn begin_with(
+        &self,
+        timeout: Duration,
+        options: BeginOptions,
+    ) -> Result<GlobalTx, ClientError> {
+        let view = match &self.inner.backend {
+            Backend::Embedded { coordinator, .. } => {
+                TransactionView::from(&coordinator.begin_with(options.gid, timeout, options.options).await?)
+            }
+            Backend::Remote { .. } => {
+                let req = BeginRequest {
+                    gid: options.gid.map(|g| g.to_string()),
+                    timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+                    retry_interval_ms: options.options.retry_interval_ms,
+                    call_timeout_ms: options.options.call_timeout_ms,
+                };
+                self.post("v1/transactions", &req).await?
+            }
+        };
+        let gid: Gid = view
+            .gid
+            .parse()
+            .map_err(|e| ClientError::Unreachable(format!("bad id from coordinator: {e}")))?;
+        Ok(GlobalTx { client: self.clone(), gid, deadline: Timestamp(view.deadline_ms) })
+    }
+
+    /// The transaction `gid` as the coordinator knows it.
+    pub async fn get(&self, gid: &Gid) -> Result<TransactionView, ClientError> {
+        match &self.inner.backend {
+            Backend::Embedded { coordinator, .. } => Ok((&coordinator.get(gid).await?).into()),
+            Backend::Remote { .. } => {
+                self.request(reqwest::Method::GET, &format!("v1/transactions/{gid}"), None).await
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for `gid` to finish (or be flagged) and returns it as it then is.
+    pub async fn wait(&self, gid: &Gid, timeout: Duration) -> Result<TransactionView, ClientError> {
+        match &self.inner.backend {
+            Backend::Embedded { coordinator, .. } => Ok((&coordinator.wait(gid, timeout).await?).into()),
+            Backend::Remote { .. } => {
+                // Confirm and cancel answer as before when repeated, so waiting is a repeated decision
+                // with wait_ms; a plain GET loop avoids deciding anything.
+                let until = tokio::time::Instant::now() + timeout;
+                loop {
+                    let tx = self.get(gid).await?;
+                    let done = matches!(
+                        tx.state,
+                        crate::server::native::StateView::Confirmed
+                            | crate::server::native::StateView::Cancelled
+                            | crate::server::native::StateView::Flagged
+                    );
+                    if done || tokio::time::Instant::now() >= until {
+                        return Ok(tx);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `body` in a new transaction: confirms if it returns `Ok`, cancels if it returns `Err`
+    /// (returning that error). The confirm is durable when this returns; phase two runs after.
+    pub async fn run<F, Fut, T>(&self, timeout: Duration, body: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(GlobalTx) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let tx = self.begin(timeout).await?;
+        match body(tx.clone()).await {
+            Ok(v) => {
+                if let Err(e) = tx.confirm().await {
+                    // Past the deadline, say: confirm is refused, so release what is held.
+                    let _ = tx.cancel().await;
+                    return Err(e);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                if let Err(cancel) = tx.cancel().await {
+                    // The coordinator's deadline sweep cancels it anyway.
+                    tracing::warn!(tx = %tx.gid, error = %cancel, "cancel after a failed body failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<(Url, Option<&Token>), ClientError> {
+        match &self.inner.backend {
+            Backend::Remote { base, token } => {
+                let u = base.join(path).map_err(|e| ClientError::Invalid(e.to_string()))?;
+                Ok((u, token.as_ref()))
+            }
+            Backend::Embedded { .. } => Err(ClientError::Invalid("not a remote client".into())),
+        }
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn request<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (url, token) = self.url(path)?;
+        let mut req = self.inner.http.request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose());
+        }
+        if let Some(body) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        let res = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(crate::transport::transport_error(&e).to_string()))?;
+        let status = res.status();
+        if status.is_success() {
+            let bytes = res.bytes().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ClientError::Unreachable(format!("unreadable answer from the coordinator: {e}"))
+            });
+        }
+        let text = error_text(res).await;
+        let body: ErrorBody = serde_json::from_str(&text)
+            .unwrap_or_else(|_| ErrorBody { code: "unknown".into(), message: text });
+        Err(ClientError::Coordinator { status: status.as_u16(), code: body.code, message: body.message })
+    }
+}
+
+/// One global transaction, begun by [`TccClient::begin`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct GlobalTx {
+    client: TccClient,
+    gid: Gid,
+    deadline: Timestamp,
+}
+
+impl GlobalTx {
+    /// The transaction id.
+    pub fn gid(&self) -> &Gid {
+        &self.gid
+    }
+
+    /// The deadline sent with every try.
+    pub fn deadline(&self) -> Timestamp {
+        self.deadline
+    }
+
+    /// Registers branch `branch` for the participant operation at `target` (its base URL), then
+    /// calls its try with `request`, returning the participant's result bytes. `request` is also
+    /// what the participant gets back with confirm and cancel.
+    pub async fn try_branch(
+        &self,
+        branch: &str,
+        target: &str,
+        request: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
+        let id: BranchId =
+            branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
+        let target_url = self.register(&id, target, &request).await?;
+        let url = crate::transport::phase_url(&target_url, protocol::TRY_PATH);
+        let res = self
+            .client
+            .inner
+            .http
+            .post(url)
+            .header(GID_HEADER, self.gid.as_str())
+            .header(BRANCH_HEADER, id.as_str())
+            .header(DEADLINE_HEADER, self.deadline.0.to_string())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(request)
+            .send()
+            .await
+            .map_err(|e| ClientError::TryFailed {
+                branch: branch.to_owned(),
+                message: crate::transport::transport_error(&e).to_string(),
+            })?;
+        let status = res.status();
+        if status.is_success() {
+            return res
+                .bytes()
+                .await
+                .map_err(|e| ClientError::TryFailed { branch: branch.to_owned(), message: e.to_string() });
+        }
+        let text = error_text(res).await;
+        let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
+        match (status, body) {
+            (StatusCode::CONFLICT | StatusCode::GONE, Some(b)) => {
+                Err(ClientError::Refused { branch: branch.to_owned(), code: b.code, message: b.message })
+            }
+            (_, body) => Err(ClientError::TryFailed {
+                branch: branch.to_owned(),
+                message: format!("participant answered {status}: {}", body.map_or(text, |b| b.message)),
+            }),
+        }
+    }
+
+    async fn register(&self, id: &BranchId, target: &str, payload: &[u8]) -> Result<Url, ClientError> {
+        let payload_text = std::str::from_utf8(payload);
+        match &self.client.inner.backend {
+            Backend::Embedded { coordinator, allow } => {
+                let url = allow.check(target).map_err(crate::error::ApiError::participant_not_allowed)?;
+                coordinator
+                    .register(&self.gid, id.clone(), Target::Native(url.clone()).encode(), payload.to_vec())
+                    .await?;
+                Ok(url)
+            }
+            Backend::Remote { .. } => {
+                let payload = payload_text
+                    .map_err(|_| {
+                        ClientError::Invalid("a remote coordinator takes UTF-8 payloads only".into())
+                    })?
+                    .to_owned();
+                let url =
+                    Url::parse(target).map_err(|e| ClientError::Invalid(format!("participant URL: {e}")))?;
+                let req = RegisterRequest { branch: id.to_string(), target: target.to_owned(), payload };
+                let _: TransactionView =
+                    self.client.post(&format!("v1/transactions/{}/branches", self.gid), &req).await?;
+                Ok(url)
+            }
+        }
+    }
+
+    /// Decides to confirm. Returns once the decision is durable.
+    pub async fn confirm(&self) -> Result<TransactionView, ClientError> {
+        self.decide("confirm").await
+    }
+
+    /// Decides to cancel. Returns once the decision is durable.
+    pub async fn cancel(&self) -> Result<TransactionView, ClientError> {
+        self.decide("cancel").await
+    }
+
+    async fn decide(&self, what: &str) -> Result<TransactionView, ClientError> {
+        match &self.client.inner.backend {
+            Backend::Embedded { coordinator, .. } => {
+                let tx = if what == "confirm" {
+                    coordinator.confirm(&self.gid).await?
+                } else {
+                    coordinator.cancel(&self.gid).await?
+                };
+                Ok((&tx).into())
+            }
+            Backend::Remote { .. } => {
+                self.client
+                    .request(reqwest::Method::POST, &format!("v1/transactions/{}/{what}", self.gid), None)
+                    .await
+            }
+        }
+    }
+}

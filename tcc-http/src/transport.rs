@@ -1,1 +1,218 @@
-//! The reqwest transport (being written).
+//! The reqwest [`Transport`]: how the coordinator calls participants in phase two.
+//!
+//! One shared, pooled [`reqwest::Client`] with a connect timeout, a request timeout and redirects
+//! off. Every target is checked against the [`AllowList`] before it is called, even though
+//! registration checked it already: the allow-list may have been narrowed since.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tcc_core::Decision;
+use tcc_core::transport::{BranchCall, CallError, Transport};
+
+use crate::metrics::Metrics;
+use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
+use crate::target::{AllowList, Target};
+
+/// Longest part of a participant's error answer kept for the operator.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// Settings of the HTTP client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Longest a TCP (and TLS) connect may take.
+    pub connect_timeout: Duration,
+    /// Longest a whole request may take.
+    pub request_timeout: Duration,
+    /// Idle pooled connections kept per host.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+/// Builds the one pooled client a process shares: timeouts set, redirects never followed, no proxy
+/// from the environment (a proxy would see every branch payload).
+pub fn build_client(config: &ClientConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+}
+
+/// The coordinator's transport over HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpTransport {
+    client: reqwest::Client,
+    allow: AllowList,
+    metrics: Arc<Metrics>,
+}
+
+impl HttpTransport {
+    /// A transport using `client` (see [`build_client`]), calling only what `allow` allows and
+    /// recording call latencies into `metrics`.
+    pub fn new(client: reqwest::Client, allow: AllowList, metrics: Arc<Metrics>) -> HttpTransport {
+        HttpTransport { client, allow, metrics }
+    }
+
+    async fn call_native(&self, url: &url::Url, call: &BranchCall<'_>) -> Result<(), CallError> {
+        let phase = match call.decision {
+            Decision::Confirm => protocol::CONFIRM_PATH,
+            Decision::Cancel => protocol::CANCEL_PATH,
+        };
+        let url = phase_url(url, phase);
+        let res = self
+            .client
+            .post(url)
+            .header(GID_HEADER, call.gid.as_str())
+            .header(BRANCH_HEADER, call.branch.id.as_str())
+            .header(DEADLINE_HEADER, call.deadline.0.to_string())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(call.branch.payload.clone())
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let status = res.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = error_text(res).await;
+        Err(classify(status, text))
+    }
+}
+
+/// `{base}/{phase}`, keeping the base's query.
+pub(crate) fn phase_url(base: &url::Url, phase: &str) -> url::Url {
+    let mut u = base.clone();
+    let path = format!("{}/{phase}", u.path().trim_end_matches('/'));
+    u.set_path(&path);
+    u
+}
+
+/// A reqwest failure as a call error: all of these (timeouts, refused connections, resets) are
+/// worth retrying.
+pub(crate) fn transport_error(e: &reqwest::Error) -> CallError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    CallError::Transient(format!("{what}: {}", without_url(e)))
+}
+
+/// reqwest errors print the URL, which may carry query parameters; keep the message short.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    last.unwrap_or_else(|| e.to_string())
+}
+
+/// At most [`MAX_ERROR_TEXT`] bytes of an error answer, as text.
+pub(crate) async fn error_text(mut res: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < MAX_ERROR_TEXT {
+        match res.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    buf.truncate(MAX_ERROR_TEXT);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// What a non-2xx answer means for the retry policy (see [`crate::protocol`]).
+pub(crate) fn classify(status: reqwest::StatusCode, text: String) -> CallError {
+    let message = format!("participant answered {status}: {text}");
+    if status.is_redirection() {
+        return CallError::Permanent(format!(
+            "participant answered {status} (a redirect); tcc never follows redirects"
+        ));
+    }
+    let transient =
+        status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429) || status.is_informational();
+    if transient { CallError::Transient(message) } else { CallError::Permanent(message) }
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError> {
+        let started = Instant::now();
+        let target = Target::parse(&call.branch.target).map_err(CallError::Permanent)?;
+        let result = match &target {
+            Target::Native(url) => match self.allow.check_url(url) {
+                Ok(()) => self.call_native(url, &call).await,
+                Err(e) => Err(CallError::Permanent(e)),
+            },
+            Target::Dtm { confirm, cancel } => {
+                let url = match call.decision {
+                    Decision::Confirm => confirm,
+                    Decision::Cancel => cancel,
+                };
+                match self.allow.check_url(url) {
+                    Ok(()) => crate::dtm::call_branch(&self.client, url, &call).await,
+                    Err(e) => Err(CallError::Permanent(e)),
+                }
+            }
+        };
+        let op = match call.decision {
+            Decision::Confirm => "confirm",
+            Decision::Cancel => "cancel",
+        };
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(CallError::Transient(_)) => "transient",
+            Err(CallError::Permanent(_)) => "permanent",
+        };
+        self.metrics.observe_call(op, outcome, started.elapsed());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        use reqwest::StatusCode as S;
+        let t = |s: S| matches!(classify(s, String::new()), CallError::Transient(_));
+        for s in [
+            S::INTERNAL_SERVER_ERROR,
+            S::BAD_GATEWAY,
+            S::SERVICE_UNAVAILABLE,
+            S::TOO_MANY_REQUESTS,
+            S::REQUEST_TIMEOUT,
+        ] {
+            assert!(t(s), "{s}");
+        }
+        for s in [S::CONFLICT, S::GONE, S::BAD_REQUEST, S::NOT_FOUND, S::FOUND, S::TEMPORARY_REDIRECT] {
+            assert!(!t(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn phase_urls_append_a_segment() {
+        let u = |s: &str| url::Url::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(phase_url(&u("http://h/tcc/op"), "confirm").as_str(), "http://h/tcc/op/confirm");
+        assert_eq!(phase_url(&u("http://h/tcc/op/"), "cancel").as_str(), "http://h/tcc/op/cancel");
+        assert_eq!(phase_url(&u("http://h/op?x=1"), "try").as_str(), "http://h/op/try?x=1");
+    }
+}

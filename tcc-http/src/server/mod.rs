@@ -149,3 +149,90 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
+
+/// Everything needed to start a standalone coordinator.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// Where to listen, for example `127.0.0.1:36789` (port 0 picks a free one).
+    pub listen: String,
+    /// The sled store's directory.
+    pub data_dir: std::path::PathBuf,
+    /// The engine's settings.
+    pub core: tcc_core::Config,
+    /// The HTTP service's settings.
+    pub server: ServerConfig,
+    /// The settings of the client the engine calls participants with.
+    pub client: crate::transport::ClientConfig,
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened, or the engine refused its settings.
+    #[error("opening the coordinator: {0}")]
+    Engine(#[from] tcc_core::Error),
+    /// The listening address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A coordinator serving HTTP, started by [`start`].
+#[derive(Debug)]
+pub struct Running {
+    /// The address it listens on.
+    pub addr: std::net::SocketAddr,
+    /// The shared state (engine, settings, metrics).
+    pub state: Arc<AppState>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// `http://ADDR`, the base URL clients use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: stops accepting, finishes requests in flight, then stops the engine, letting
+    /// phase-two rounds in flight finish. Unfinished work resumes on the next start.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        let served = self.task.await.map_err(std::io::Error::other)?;
+        self.state.coordinator.stop().await;
+        served
+    }
+}
+
+/// Opens the sled store in `launch.data_dir`, starts the engine (which resumes unfinished
+/// transactions) and serves [`router`] on `launch.listen`.
+pub async fn start(launch: Launch) -> Result<Running, StartError> {
+    let Launch { listen, data_dir, core, server, client } = launch;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: listen.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+    let store = Arc::new(tcc_core::SledStore::open(&data_dir)?);
+    let metrics = Arc::new(Metrics::default());
+    let transport = crate::transport::HttpTransport::new(
+        crate::transport::build_client(&client)?,
+        server.allow.clone(),
+        metrics.clone(),
+    );
+    let coordinator =
+        Coordinator::open(store, Arc::new(transport), Arc::new(tcc_core::SystemClock), core).await?;
+    let state = Arc::new(AppState { coordinator: Arc::new(coordinator), config: server, metrics });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state.clone());
+    let task = tokio::spawn(serve(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running { addr, state, stop, task })
+}

@@ -1,11 +1,455 @@
-//! The native API (being written).
+//! The native JSON API under `/v1`.
+//!
+//! | call | request | answer |
+//! |------|---------|--------|
+//! | begin | `POST /v1/transactions` | 201, the transaction |
+//! | list | `GET /v1/transactions?state=&after=&limit=` | a page |
+//! | get one | `GET /v1/transactions/{gid}` | the transaction |
+//! | register a branch | `POST /v1/transactions/{gid}/branches` | the transaction |
+//! | confirm | `POST /v1/transactions/{gid}/confirm?wait_ms=` | the transaction |
+//! | cancel | `POST /v1/transactions/{gid}/cancel?wait_ms=` | the transaction |
+//! | operator retry | `POST /v1/transactions/{gid}/retry` | the transaction |
+//! | operator force | `POST /v1/transactions/{gid}/force` | the transaction |
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tcc_core::store::{ListQuery, MAX_PAGE};
+use tcc_core::{Branch, BranchId, BranchState, Decision, Gid, Transaction, TxOptions, TxState};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
+use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::protocol::ErrorBody;
+use crate::target::Target;
+
+/// Longest a confirm or cancel may wait for phase two to finish before answering.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
+        .route("/v1/transactions", post(begin).get(list))
+        .route("/v1/transactions/{gid}", get(get_one))
+        .route("/v1/transactions/{gid}/branches", post(register))
+        .route("/v1/transactions/{gid}/confirm", post(confirm))
+        .route("/v1/transactions/{gid}/cancel", post(cancel))
+        .route("/v1/transactions/{gid}/retry", post(retry))
+        .route("/v1/transactions/{gid}/force", post(force))
+}
+
+/// Begin a transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BeginRequest {
+    /// The id to use; a time-ordered one is generated when absent. Letters, digits and `._:-`, 1 to
+    /// 128 characters.
+    #[serde(default)]
+    pub gid: Option<String>,
+    /// Milliseconds until the deadline: a transaction not decided by then is cancelled. The server's
+    /// default when absent.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Delay before the first phase-two retry of this transaction, in milliseconds.
+    #[serde(default)]
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one phase-two call of this transaction may take, in milliseconds.
+    #[serde(default)]
+    pub call_timeout_ms: Option<u64>,
+}
+
+/// Register a branch before calling its try.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The branch id, unique within the transaction.
+    pub branch: String,
+    /// The base URL of the participant's operation: the coordinator posts to `{target}/confirm` and
+    /// `{target}/cancel`. Must be allowed by the coordinator's participant allow-list.
+    pub target: String,
+    /// The bytes handed to the participant with confirm and cancel (usually the try's request), as
+    /// UTF-8 text.
+    #[serde(default)]
+    pub payload: String,
+}
+
+/// Force the outcome of a flagged transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForceRequest {
+    /// Must be the transaction's own decision.
+    pub outcome: DecisionView,
+}
+
+/// Optionally wait for phase two to finish before answering.
+#[derive(Clone, Copy, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Wait up to this many milliseconds (at most 60,000) for the transaction to finish or be
+    /// flagged; the answer is then the transaction as it is. Not waiting when absent.
+    pub wait_ms: Option<u64>,
+}
+
+/// Filters and paging of a listing.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only transactions in this state.
+    pub state: Option<StateView>,
+    /// Start after this id: the `next` of the previous page.
+    pub after: Option<String>,
+    /// At most this many (1 to 1000; 100 when absent).
+    pub limit: Option<usize>,
+}
+
+/// A transaction's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StateView {
+    /// Branches may be registered and tried; not decided yet.
+    Trying,
+    /// Decided to confirm; phase two is running.
+    Confirming,
+    /// Every branch confirmed.
+    Confirmed,
+    /// Decided to cancel; phase two is running.
+    Cancelling,
+    /// Every branch cancelled.
+    Cancelled,
+    /// Phase two gave up; waiting for an operator.
+    Flagged,
+}
+
+impl From<TxState> for StateView {
+    fn from(s: TxState) -> StateView {
+        match s {
+            TxState::Trying => StateView::Trying,
+            TxState::Confirming => StateView::Confirming,
+            TxState::Confirmed => StateView::Confirmed,
+            TxState::Cancelling => StateView::Cancelling,
+            TxState::Cancelled => StateView::Cancelled,
+            TxState::Flagged => StateView::Flagged,
+        }
+    }
+}
+
+impl From<StateView> for TxState {
+    fn from(s: StateView) -> TxState {
+        match s {
+            StateView::Trying => TxState::Trying,
+            StateView::Confirming => TxState::Confirming,
+            StateView::Confirmed => TxState::Confirmed,
+            StateView::Cancelling => TxState::Cancelling,
+            StateView::Cancelled => TxState::Cancelled,
+            StateView::Flagged => TxState::Flagged,
+        }
+    }
+}
+
+/// A global decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionView {
+    /// Confirm every branch.
+    Confirm,
+    /// Cancel every branch.
+    Cancel,
+}
+
+impl From<Decision> for DecisionView {
+    fn from(d: Decision) -> DecisionView {
+        match d {
+            Decision::Confirm => DecisionView::Confirm,
+            Decision::Cancel => DecisionView::Cancel,
+        }
+    }
+}
+
+impl From<DecisionView> for Decision {
+    fn from(d: DecisionView) -> Decision {
+        match d {
+            DecisionView::Confirm => Decision::Confirm,
+            DecisionView::Cancel => Decision::Cancel,
+        }
+    }
+}
+
+/// A branch's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchStateView {
+    /// Registered; phase two has not finished it.
+    Registered,
+    /// The participant acknowledged confirm.
+    Confirmed,
+    /// The participant acknowledged cancel.
+    Cancelled,
+}
+
+/// One branch of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BranchView {
+    /// The branch id.
+    pub branch: String,
+    /// Where the participant is.
+    pub target: String,
+    /// The registered payload (as text; invalid UTF-8 is replaced).
+    pub payload: String,
+    /// What phase two has done to it.
+    pub state: BranchStateView,
+    /// The last error calling it.
+    pub last_error: Option<String>,
+}
+
+/// A global transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TransactionView {
+    /// The id.
+    pub gid: String,
+    /// Where it is in its life.
+    pub state: StateView,
+    /// The decision, once taken.
+    pub decision: Option<DecisionView>,
+    /// When it began (unix ms).
+    pub created_at_ms: u64,
+    /// When it last changed (unix ms).
+    pub updated_at_ms: u64,
+    /// Its deadline (unix ms): past it, it can only be cancelled.
+    pub deadline_ms: u64,
+    /// Failed phase-two rounds since the last operator retry.
+    pub attempts: u32,
+    /// The last phase-two error.
+    pub last_error: Option<String>,
+    /// Branches in registration order.
+    pub branches: Vec<BranchView>,
+}
+
+impl From<&Branch> for BranchView {
+    fn from(b: &Branch) -> BranchView {
+        BranchView {
+            branch: b.id.to_string(),
+            target: b.target.clone(),
+            payload: String::from_utf8_lossy(&b.payload).into_owned(),
+            state: match b.state {
+                BranchState::Registered => BranchStateView::Registered,
+                BranchState::Confirmed => BranchStateView::Confirmed,
+                BranchState::Cancelled => BranchStateView::Cancelled,
+            },
+            last_error: b.last_error.clone(),
+        }
+    }
+}
+
+impl From<&Transaction> for TransactionView {
+    fn from(tx: &Transaction) -> TransactionView {
+        TransactionView {
+            gid: tx.gid.to_string(),
+            state: tx.state.into(),
+            decision: tx.decision.map(Into::into),
+            created_at_ms: tx.created_at.0,
+            updated_at_ms: tx.updated_at.0,
+            deadline_ms: tx.deadline.0,
+            attempts: tx.attempts,
+            last_error: tx.last_error.clone(),
+            branches: tx.branches.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// A page of transactions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ListView {
+    /// The transactions, in id order.
+    pub items: Vec<TransactionView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+pub(crate) fn parse_gid(s: &str) -> Result<Gid, ApiError> {
+    s.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))
+}
+
+fn view(tx: &Transaction) -> ApiJson<TransactionView> {
+    ApiJson(tx.into())
+}
+
+/// Begins a transaction.
+#[utoipa::path(post, path = "/v1/transactions", tag = "transactions", request_body = BeginRequest,
+    responses(
+        (status = 201, description = "Begun; the fact is on disk", body = TransactionView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "The id exists already", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Timeout or option out of range", body = ErrorBody),
+    ))]
+pub(crate) async fn begin(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<BeginRequest>,
+) -> Result<(StatusCode, ApiJson<TransactionView>), ApiError> {
+    let gid = req.gid.as_deref().map(parse_gid).transpose()?;
+    let timeout = req.timeout_ms.map_or(state.config.default_timeout, Duration::from_millis);
+    let options =
+        TxOptions { retry_interval_ms: req.retry_interval_ms, call_timeout_ms: req.call_timeout_ms };
+    let tx = state.coordinator.begin_with(gid, timeout, options).await?;
+    Ok((StatusCode::CREATED, view(&tx)))
+}
+
+/// Registers a branch. Registering the same branch again with the same details is answered as before.
+#[utoipa::path(post, path = "/v1/transactions/{gid}/branches", tag = "transactions", request_body = RegisterRequest,
+    params(("gid" = String, Path, description = "Transaction id")),
+    responses(
+        (status = 200, description = "Registered; the fact is on disk", body = TransactionView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+        (status = 409, description = "The transaction is decided already", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Participant URL not allowed, deadline passed, or limits exceeded", body = ErrorBody),
+    ))]
+pub(crate) async fn register(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let gid = parse_gid(&gid)?;
+    let branch: BranchId =
+        req.branch.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))?;
+    let target =
+        Target::Native(state.config.allow.check(&req.target).map_err(ApiError::participant_not_allowed)?);
+    let tx = state.coordinator.register(&gid, branch, target.encode(), req.payload.into_bytes()).await?;
+    Ok(view(&tx))
+}
+
+async fn decided(
+    state: &AppState,
+    tx: Transaction,
+    wait: WaitQuery,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    match wait.wait_ms {
+        Some(ms) if ms > 0 && !tx.state.is_final() => {
+            let waited = state.coordinator.wait(&tx.gid, Duration::from_millis(ms).min(MAX_WAIT)).await?;
+            Ok(view(&waited))
+        }
+        _ => Ok(view(&tx)),
+    }
+}
+
+/// Decides to confirm every branch. Refused after the deadline and after a cancel.
+#[utoipa::path(post, path = "/v1/transactions/{gid}/confirm", tag = "transactions",
+    params(("gid" = String, Path, description = "Transaction id"), WaitQuery),
+    responses(
+        (status = 200, description = "Decided; the decision is on disk", body = TransactionView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+        (status = 409, description = "Cancelled already", body = ErrorBody),
+        (status = 422, description = "The deadline passed: only cancel is possible", body = ErrorBody),
+    ))]
+pub(crate) async fn confirm(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+    ApiQuery(wait): ApiQuery<WaitQuery>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let tx = state.coordinator.confirm(&parse_gid(&gid)?).await?;
+    decided(&state, tx, wait).await
+}
+
+/// Decides to cancel every branch. Refused once confirm was decided.
+#[utoipa::path(post, path = "/v1/transactions/{gid}/cancel", tag = "transactions",
+    params(("gid" = String, Path, description = "Transaction id"), WaitQuery),
+    responses(
+        (status = 200, description = "Decided; the decision is on disk", body = TransactionView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+        (status = 409, description = "Confirmed already", body = ErrorBody),
+    ))]
+pub(crate) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+    ApiQuery(wait): ApiQuery<WaitQuery>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let tx = state.coordinator.cancel(&parse_gid(&gid)?).await?;
+    decided(&state, tx, wait).await
+}
+
+/// One transaction.
+#[utoipa::path(get, path = "/v1/transactions/{gid}", tag = "transactions",
+    params(("gid" = String, Path, description = "Transaction id")),
+    responses(
+        (status = 200, description = "The transaction", body = TransactionView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+    ))]
+pub(crate) async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let tx = state.coordinator.get(&parse_gid(&gid)?).await?;
+    Ok(view(&tx))
+}
+
+/// Transactions, optionally in one state, a page at a time, in id order.
+#[utoipa::path(get, path = "/v1/transactions", tag = "transactions", params(ListParams),
+    responses(
+        (status = 200, description = "A page", body = ListView),
+        (status = 400, description = "Malformed parameters", body = ErrorBody),
+    ))]
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<ApiJson<ListView>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::malformed(format!("limit must be between 1 and {MAX_PAGE}")));
+    }
+    let after = params.after.as_deref().map(parse_gid).transpose()?;
+    let page =
+        state.coordinator.list(&ListQuery { state: params.state.map(Into::into), after, limit }).await?;
+    Ok(ApiJson(ListView {
+        items: page.items.iter().map(Into::into).collect(),
+        next: page.next.map(|g| g.to_string()),
+    }))
+}
+
+/// Operator action: runs phase two of a flagged transaction again now, with a fresh retry budget.
+#[utoipa::path(post, path = "/v1/transactions/{gid}/retry", tag = "operator",
+    params(("gid" = String, Path, description = "Transaction id")),
+    responses(
+        (status = 200, description = "Phase two restarted", body = TransactionView),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+        (status = 409, description = "Not flagged or waiting for a retry", body = ErrorBody),
+    ))]
+pub(crate) async fn retry(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let tx = state.coordinator.retry(&parse_gid(&gid)?).await?;
+    Ok(view(&tx))
+}
+
+/// Operator action: declares a flagged transaction finished with its own decision, after its
+/// remaining branches were resolved by hand.
+#[utoipa::path(post, path = "/v1/transactions/{gid}/force", tag = "operator", request_body = ForceRequest,
+    params(("gid" = String, Path, description = "Transaction id")),
+    responses(
+        (status = 200, description = "Finished", body = TransactionView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown transaction", body = ErrorBody),
+        (status = 409, description = "Not flagged, or not its decision", body = ErrorBody),
+    ))]
+pub(crate) async fn force(
+    State(state): State<Arc<AppState>>,
+    Path(gid): Path<String>,
+    ApiJson(req): ApiJson<ForceRequest>,
+) -> Result<ApiJson<TransactionView>, ApiError> {
+    let tx = state.coordinator.force(&parse_gid(&gid)?, req.outcome.into()).await?;
+    Ok(view(&tx))
 }

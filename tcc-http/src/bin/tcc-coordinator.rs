@@ -1,0 +1,241 @@
+//! `tcc-coordinator`: the standalone coordinator server. `tcc-coordinator --help` lists every flag and
+//! the `TCC_*` environment variable it can also be read from.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tcc_core::RetryPolicy;
+use tcc_http::server::{Launch, ServerConfig, Token};
+use tcc_http::target::AllowList;
+use tcc_http::transport::ClientConfig;
+
+/// The tcc Try-Confirm-Cancel transaction coordinator.
+///
+/// Serves the native JSON API (/v1, described at /openapi.json), the DTM-compatible API
+/// (/api/dtmsvr), /healthz, /readyz and /metrics. Durations take a unit: 500ms, 30s, 5m, 1h.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:36789")]
+    listen: String,
+    /// Directory of the sled store (created if missing).
+    #[arg(long, env = "TCC_DATA_DIR", default_value = "./tcc-data")]
+    data_dir: PathBuf,
+    /// Require `Authorization: Bearer TOKEN` on every mutating call. Never logged.
+    #[arg(long, env = "TCC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// URL prefix of participants this coordinator may call (repeatable; comma-separated in the
+    /// environment). With none, only loopback participants are allowed.
+    #[arg(long = "allow-participant", env = "TCC_ALLOW_PARTICIPANT", value_delimiter = ',')]
+    allow_participant: Vec<String>,
+    /// Timeout of a transaction begun without one.
+    #[arg(long, env = "TCC_DEFAULT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    default_timeout: Duration,
+    /// Longest transaction timeout a client may ask for.
+    #[arg(long, env = "TCC_MAX_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    max_timeout: Duration,
+    /// Delay before the first phase-two retry.
+    #[arg(long, env = "TCC_RETRY_INITIAL", default_value = "500ms", value_parser = parse_duration)]
+    retry_initial: Duration,
+    /// Growth of the delay per retry.
+    #[arg(long, env = "TCC_RETRY_MULTIPLIER", default_value_t = 2.0)]
+    retry_multiplier: f64,
+    /// Largest delay between two phase-two rounds.
+    #[arg(long, env = "TCC_RETRY_MAX_BACKOFF", default_value = "60s", value_parser = parse_duration)]
+    retry_max_backoff: Duration,
+    /// Share (0 to 1) of each delay that is randomised away.
+    #[arg(long, env = "TCC_RETRY_JITTER", default_value_t = 0.2)]
+    retry_jitter: f64,
+    /// Failed phase-two rounds after which a transaction is flagged for an operator.
+    #[arg(long, env = "TCC_RETRY_MAX_ATTEMPTS", default_value_t = 12)]
+    retry_max_attempts: u32,
+    /// Longest one phase-two call to a participant may take.
+    #[arg(long, env = "TCC_CALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    call_timeout: Duration,
+    /// Longest a connection to a participant may take to open.
+    #[arg(long, env = "TCC_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// How long this process's claim on phase-two work lasts if it dies.
+    #[arg(long, env = "TCC_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// This process's name in leases (must differ between processes sharing a store).
+    #[arg(long, env = "TCC_OWNER")]
+    owner: Option<String>,
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    ms.map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+fn launch(args: Args) -> Result<Launch, String> {
+    let token = args.token.map(Token::new).transpose()?;
+    let allow = AllowList::new(&args.allow_participant)?;
+    let mut core = tcc_core::Config {
+        retry: RetryPolicy {
+            initial_backoff: args.retry_initial,
+            multiplier: args.retry_multiplier,
+            max_backoff: args.retry_max_backoff,
+            jitter: args.retry_jitter,
+            max_attempts: args.retry_max_attempts,
+            call_timeout: args.call_timeout,
+        },
+        lease: args.lease,
+        max_timeout: args.max_timeout,
+        ..tcc_core::Config::default()
+    };
+    if let Some(owner) = args.owner {
+        core.owner = owner;
+    }
+    if args.default_timeout.is_zero() || args.default_timeout > args.max_timeout {
+        return Err("--default-timeout must be positive and not above --max-timeout".into());
+    }
+    Ok(Launch {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        core,
+        server: ServerConfig { token, allow, default_timeout: args.default_timeout },
+        client: ClientConfig {
+            connect_timeout: args.connect_timeout,
+            request_timeout: args.call_timeout,
+            ..ClientConfig::default()
+        },
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let launch = match launch(Args::parse()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let allow = launch.server.allow.clone();
+    let token = launch.server.token.is_some();
+    let data_dir = launch.data_dir.display().to_string();
+    let running = match tcc_http::server::start(launch).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if allow.is_loopback_only() {
+        tracing::warn!(
+            "no --allow-participant prefix configured: only loopback participant URLs are allowed"
+        );
+    } else {
+        let prefixes: Vec<&str> = allow.prefixes().iter().map(|u| u.as_str()).collect();
+        tracing::info!(?prefixes, "participant URLs allowed under these prefixes");
+    }
+    if !token {
+        tracing::warn!(
+            "no --token configured: anyone who can reach this port can begin and decide transactions"
+        );
+    }
+    tracing::info!(
+        addr = %running.addr,
+        data_dir,
+        auth = if token { "bearer token" } else { "none" },
+        startup_ms = started.elapsed().as_millis() as u64,
+        "tcc-coordinator listening"
+    );
+    shutdown_signal().await;
+    match running.stop().await {
+        Ok(()) => {
+            tracing::info!("stopped; unfinished transactions resume on the next start");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("error while stopping: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "ms", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        for arg in cmd.get_arguments().filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "version"))
+        {
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert!(env.starts_with("TCC_"), "--{:?} has no TCC_ variable", arg.get_long());
+        }
+        cmd.debug_assert();
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_starting() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tcc-coordinator"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map_err(|e| e.to_string()).and_then(launch)
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--token", ""]).is_err());
+        assert!(parse(&["--allow-participant", "ftp://x/"]).is_err());
+        assert!(parse(&["--default-timeout", "48h"]).is_err());
+        assert!(parse(&["--call-timeout", "soon"]).is_err());
+    }
+}
