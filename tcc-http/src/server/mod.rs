@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::protocol::MAX_BODY;
 use crate::target::AllowList;
 
-pub(crate) mod native;
+pub mod native;
 mod ops;
 
 /// A secret bearer token. Its `Debug` never shows it, so it cannot reach a log by accident.

@@ -287,7 +287,7 @@ fn view(tx: &Transaction) -> ApiJson<TransactionView> {
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 422, description = "Timeout or option out of range", body = ErrorBody),
     ))]
-pub(crate) async fn begin(
+pub async fn begin(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<BeginRequest>,
 ) -> Result<(StatusCode, ApiJson<TransactionView>), ApiError> {
@@ -311,7 +311,7 @@ pub(crate) async fn begin(
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 422, description = "Participant URL not allowed, deadline passed, or limits exceeded", body = ErrorBody),
     ))]
-pub(crate) async fn register(
+pub async fn register(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
     ApiJson(req): ApiJson<RegisterRequest>,
@@ -350,7 +350,7 @@ async fn decided(
         (status = 409, description = "Cancelled already", body = ErrorBody),
         (status = 422, description = "The deadline passed: only cancel is possible", body = ErrorBody),
     ))]
-pub(crate) async fn confirm(
+pub async fn confirm(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
     ApiQuery(wait): ApiQuery<WaitQuery>,
@@ -369,7 +369,7 @@ pub(crate) async fn confirm(
         (status = 404, description = "Unknown transaction", body = ErrorBody),
         (status = 409, description = "Confirmed already", body = ErrorBody),
     ))]
-pub(crate) async fn cancel(
+pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
     ApiQuery(wait): ApiQuery<WaitQuery>,
@@ -386,7 +386,7 @@ pub(crate) async fn cancel(
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "Unknown transaction", body = ErrorBody),
     ))]
-pub(crate) async fn get_one(
+pub async fn get_one(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
@@ -400,7 +400,7 @@ pub(crate) async fn get_one(
         (status = 200, description = "A page", body = ListView),
         (status = 400, description = "Malformed parameters", body = ErrorBody),
     ))]
-pub(crate) async fn list(
+pub async fn list(
     State(state): State<Arc<AppState>>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<ApiJson<ListView>, ApiError> {
@@ -426,7 +426,7 @@ pub(crate) async fn list(
         (status = 404, description = "Unknown transaction", body = ErrorBody),
         (status = 409, description = "Not flagged or waiting for a retry", body = ErrorBody),
     ))]
-pub(crate) async fn retry(
+pub async fn retry(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
@@ -445,7 +445,7 @@ pub(crate) async fn retry(
         (status = 404, description = "Unknown transaction", body = ErrorBody),
         (status = 409, description = "Not flagged, or not its decision", body = ErrorBody),
     ))]
-pub(crate) async fn force(
+pub async fn force(
     State(state): State<Arc<AppState>>,
     Path(gid): Path<String>,
     ApiJson(req): ApiJson<ForceRequest>,

@@ -1,0 +1,183 @@
+//! End to end over real loopback sockets, with the coordinator embedded in the initiator and as a
+//! standalone server: every scenario runs in both modes.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{BOTH, Mode, Participant, Tcc, Where, eventually};
+use tcc_http::client::ClientError;
+use tcc_http::server::native::StateView;
+
+const LONG: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_confirms_every_branch_once() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let (flight, hotel) =
+            (Participant::start(Mode::Healthy).await, Participant::start(Mode::Healthy).await);
+        let (ft, ht) = (flight.target("seat"), hotel.target("room"));
+        let mut gid = None;
+        let results = tcc
+            .client
+            .run(LONG, |tx| {
+                gid = Some(tx.gid().to_string());
+                async move {
+                    let a = tx.try_branch("flight", &ft, b"{\"seat\":\"1A\"}".to_vec()).await?;
+                    let b = tx.try_branch("hotel", &ht, b"{\"room\":7}".to_vec()).await?;
+                    Ok((a, b))
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(&results.0[..], b"try ok", "{mode:?}");
+        let gid = gid.unwrap();
+        let done = tcc.client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Confirmed, "{mode:?}");
+        assert_eq!(flight.phases(&gid), ["try", "confirm"], "{mode:?}");
+        assert_eq!(hotel.phases(&gid), ["try", "confirm"], "{mode:?}");
+        // The deadline travelled with the try and with phase two.
+        let deadline = done.deadline_ms.to_string();
+        assert!(flight.calls().iter().all(|c| c.3 == deadline && c.1 == "flight"), "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_try_cancels_every_registered_branch() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flight = Participant::start(Mode::Healthy).await;
+        let hotel = Participant::start(Mode::RefuseTry).await;
+        let (ft, ht) = (flight.target("seat"), hotel.target("room"));
+        let mut gid = None;
+        let err = tcc
+            .client
+            .run(LONG, |tx| {
+                gid = Some(tx.gid().to_string());
+                async move {
+                    tx.try_branch("flight", &ft, b"1A".to_vec()).await?;
+                    tx.try_branch("hotel", &ht, b"7".to_vec()).await?;
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { code, message, .. } if code == "refused" && message == "sold out")
+        );
+        let gid = gid.unwrap();
+        let done = tcc.client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Cancelled, "{mode:?}");
+        assert_eq!(flight.phases(&gid), ["try", "cancel"], "{mode:?}");
+        // The refused branch was registered before its try, so it is cancelled too (an empty cancel
+        // for the participant's barrier).
+        assert_eq!(hotel.phases(&gid), ["try", "cancel"], "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_down_during_confirm_is_retried_until_it_is_back() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flight = Participant::start(Mode::Healthy).await;
+        let mut hotel = Participant::start(Mode::Healthy).await;
+        let tx = tcc.client.begin(LONG).await.unwrap();
+        tx.try_branch("flight", &flight.target("seat"), b"1A".to_vec()).await.unwrap();
+        tx.try_branch("hotel", &hotel.target("room"), b"7".to_vec()).await.unwrap();
+        hotel.down().await;
+        tx.confirm().await.unwrap();
+        let gid = tx.gid().clone();
+        let client = tcc.client.clone();
+        eventually("a failed confirm round", LONG, async || {
+            let t = client.get(&gid).await.unwrap();
+            t.attempts >= 2 && t.state == StateView::Confirming
+        })
+        .await;
+        assert_eq!(flight.phases(gid.as_str()), ["try", "confirm"], "{mode:?}");
+        hotel.up().await;
+        let done = tcc.client.wait(&gid, LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Confirmed, "{mode:?}");
+        assert_eq!(hotel.phases(gid.as_str()), ["try", "confirm"], "{mode:?}");
+        // The flight was confirmed once: retries only call branches not yet acknowledged.
+        assert_eq!(flight.phases(gid.as_str()), ["try", "confirm"], "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_confirm_is_flagged_not_retried_forever_and_an_operator_can_retry() {
+    for mode in BOTH {
+        let mut core = support::fast_core();
+        core.retry.max_attempts = 3;
+        let tcc = Tcc::start_with(mode, core, Default::default()).await;
+        let hotel = Participant::start(Mode::Healthy).await;
+        let tx = tcc.client.begin(LONG).await.unwrap();
+        tx.try_branch("hotel", &hotel.target("room"), b"7".to_vec()).await.unwrap();
+        hotel.set_mode(Mode::FailPhaseTwo);
+        tx.confirm().await.unwrap();
+        let flagged = tcc.client.wait(tx.gid(), LONG).await.unwrap();
+        assert_eq!(flagged.state, StateView::Flagged, "{mode:?}");
+        assert_eq!(flagged.attempts, 3);
+        assert!(flagged.last_error.as_deref().unwrap_or_default().contains("503"), "{flagged:?}");
+        if let Where::Standalone = mode {
+            // The operator retries through the API once the participant is fixed.
+            hotel.set_mode(Mode::Healthy);
+            let http = reqwest::Client::new();
+            let url = format!("{}/v1/transactions/{}/retry", tcc.url(), tx.gid());
+            assert_eq!(http.post(url).send().await.unwrap().status(), 200);
+            let done = tcc.client.wait(tx.gid(), LONG).await.unwrap();
+            assert_eq!(done.state, StateView::Confirmed);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_while_trying_cancels() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flight = Participant::start(Mode::Healthy).await;
+        let tx = tcc.client.begin(Duration::from_millis(300)).await.unwrap();
+        tx.try_branch("flight", &flight.target("seat"), b"1A".to_vec()).await.unwrap();
+        // The initiator goes quiet; the coordinator's deadline sweep cancels.
+        let done = tcc.client.wait(tx.gid(), LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Cancelled, "{mode:?}");
+        assert_eq!(flight.phases(tx.gid().as_str()), ["try", "cancel"], "{mode:?}");
+        // Past the deadline, confirm is refused with 422 and a stable code.
+        let err = tx.confirm().await.unwrap_err();
+        assert_eq!(err.code(), Some("illegal_transition"), "{mode:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_participant_is_never_followed_and_the_transaction_is_flagged() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let hotel = Participant::start(Mode::Healthy).await;
+        let tx = tcc.client.begin(LONG).await.unwrap();
+        tx.try_branch("hotel", &hotel.target("room"), b"7".to_vec()).await.unwrap();
+        hotel.set_mode(Mode::Redirect);
+        tx.confirm().await.unwrap();
+        let done = tcc.client.wait(tx.gid(), LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Flagged, "{mode:?}");
+        assert!(done.last_error.unwrap_or_default().contains("redirect"));
+        assert_eq!(hotel.phases(tx.gid().as_str()), ["try", "confirm"], "called once, not retried");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disallowed_participant_urls_are_refused_at_registration_and_never_called() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let tx = tcc.client.begin(LONG).await.unwrap();
+        for url in
+            ["http://169.254.169.254/latest/meta-data", "http://example.com/tcc/x", "file:///etc/passwd"]
+        {
+            let err = tx.try_branch("evil", url, b"x".to_vec()).await.unwrap_err();
+            assert_eq!(err.code(), Some("participant_not_allowed"), "{mode:?} {url}: {err}");
+        }
+        let now = tcc.client.get(tx.gid()).await.unwrap();
+        assert!(now.branches.is_empty(), "{mode:?}: nothing stored");
+        assert_eq!(now.state, StateView::Trying);
+    }
+}

@@ -1,0 +1,209 @@
+//! Shared helpers of the end-to-end tests: a scriptable participant on a loopback port, coordinators
+//! in both modes, and bounded waiting.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tcc_core::{Config, RetryPolicy};
+use tcc_http::client::TccClient;
+use tcc_http::server::{self, Launch, Running, ServerConfig};
+use tcc_http::target::AllowList;
+
+/// How a [`Participant`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// 200 to everything.
+    Healthy,
+    /// 409 to tries (a business refusal); 200 to confirm and cancel.
+    RefuseTry,
+    /// 200 to tries, 503 to confirm and cancel.
+    FailPhaseTwo,
+    /// 200 to tries, a 307 redirect to confirm and cancel.
+    Redirect,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub mode: Mutex<Mode>,
+    /// (gid, branch, phase, deadline header) of every call, in order.
+    pub calls: Mutex<Vec<(String, String, String, String)>>,
+}
+
+/// A participant whose answers a test scripts, recording every call.
+#[derive(Debug)]
+pub struct Participant {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    Path((op, phase)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let _ = op;
+    shared.calls.lock().unwrap().push((h("tcc-gid"), h("tcc-branch"), phase.clone(), h("tcc-deadline")));
+    let mode = *shared.mode.lock().unwrap();
+    match (mode, phase.as_str()) {
+        (Mode::RefuseTry, "try") => {
+            (StatusCode::CONFLICT, axum::Json(serde_json::json!({"code": "refused", "message": "sold out"})))
+                .into_response()
+        }
+        (Mode::FailPhaseTwo, "confirm" | "cancel") => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        (Mode::Redirect, "confirm" | "cancel") => {
+            (StatusCode::TEMPORARY_REDIRECT, [("location", "http://127.0.0.1:9/elsewhere")]).into_response()
+        }
+        _ => (StatusCode::OK, format!("{phase} ok")).into_response(),
+    }
+}
+
+impl Participant {
+    pub async fn start(mode: Mode) -> Participant {
+        Participant::start_on(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Shared { mode: Mutex::new(mode), calls: Mutex::default() }),
+        )
+        .await
+    }
+
+    async fn start_on(addr: SocketAddr, shared: Arc<Shared>) -> Participant {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/tcc/{op}/{phase}", post(handle)).with_state(shared.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Participant { addr, shared, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The target URL of operation `op`.
+    pub fn target(&self, op: &str) -> String {
+        format!("http://{}/tcc/{op}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// The phases called for `gid`, in order.
+    pub fn phases(&self, gid: &str) -> Vec<String> {
+        self.shared.calls.lock().unwrap().iter().filter(|c| c.0 == gid).map(|c| c.2.clone()).collect()
+    }
+
+    pub fn calls(&self) -> Vec<(String, String, String, String)> {
+        self.shared.calls.lock().unwrap().clone()
+    }
+
+    /// Stops listening (connections closed): the participant is down.
+    pub async fn down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn up(&mut self) {
+        let again = Participant::start_on(self.addr, self.shared.clone()).await;
+        *self = again;
+    }
+}
+
+/// Engine settings that retry quickly, so tests do not wait for the default half-second backoff.
+pub fn fast_core() -> Config {
+    Config {
+        retry: RetryPolicy {
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            call_timeout: Duration::from_secs(2),
+            ..RetryPolicy::default()
+        },
+        poll_interval: Duration::from_millis(10),
+        lease: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// Where the coordinator runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    Embedded,
+    Standalone,
+}
+
+pub const BOTH: [Where; 2] = [Where::Embedded, Where::Standalone];
+
+/// A coordinator in one of the two modes and a client of it.
+#[derive(Debug)]
+pub struct Tcc {
+    pub client: TccClient,
+    pub server: Option<Running>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tcc {
+    pub async fn start(mode: Where) -> Tcc {
+        Tcc::start_with(mode, fast_core(), ServerConfig::default()).await
+    }
+
+    pub async fn start_with(mode: Where, core: Config, server: ServerConfig) -> Tcc {
+        let dir = tempfile::tempdir().unwrap();
+        match mode {
+            Where::Embedded => {
+                let client = TccClient::open_embedded(dir.path(), core, server.allow.clone()).await.unwrap();
+                Tcc { client, server: None, dir }
+            }
+            Where::Standalone => {
+                let token = server.token.clone();
+                let running = server::start(Launch {
+                    listen: "127.0.0.1:0".into(),
+                    data_dir: dir.path().join("store"),
+                    core,
+                    server,
+                    client: Default::default(),
+                })
+                .await
+                .unwrap();
+                let client = TccClient::remote(&running.url(), token).unwrap();
+                Tcc { client, server: Some(running), dir }
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.as_ref().map(|s| s.url()).unwrap_or_default()
+    }
+}
+
+pub fn loopback_only() -> AllowList {
+    AllowList::new(&[]).unwrap()
+}
+
+/// Polls `check` every 10 ms until it holds, for at most `limit` (then panics with `what`).
+pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("gave up waiting: {what}");
+}
