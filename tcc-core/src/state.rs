@@ -97,6 +97,7 @@ pub struct Context<'a> {
 
 /// The result of applying an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // built and consumed once per request; boxing buys nothing
 pub enum Transition {
     /// The event changes nothing (a duplicate of something already done); nothing to store.
     Unchanged,

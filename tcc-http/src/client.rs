@@ -180,6 +180,14 @@ impl TccClient {
         }
     }
 
+    /// Stops an embedded engine: its scheduler stops and phase-two rounds in flight finish; work not
+    /// finished resumes when the directory is next opened. Does nothing for a remote client.
+    pub async fn shutdown(&self) {
+        if let Backend::Embedded { coordinator, .. } = &self.inner.backend {
+            coordinator.stop().await;
+        }
+    }
+
     /// Begins a transaction that must be decided within `timeout`.
     pub async fn begin(&self, timeout: Duration) -> Result<GlobalTx, ClientError> {
         self.begin_with(timeout, BeginOptions::default()).await
