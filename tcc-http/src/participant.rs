@@ -1,1 +1,846 @@
-//! The participant runtime (being written).
+//! The participant runtime: an axum router serving a participant's TCC operations through the
+//! `tcc-core` barrier.
+//!
+//! A participant registers one or more [`Operation`]s by name on a [`Participant`] and serves
+//! [`Participant::router`], usually nested under a prefix. For an operation `hold_seat` nested under
+//! `/tcc/flights`, the branch target is `http://host/tcc/flights/hold_seat` and the three phases are
+//! `POST …/hold_seat/try`, `…/confirm` and `…/cancel` (see [`crate::protocol`]).
+//!
+//! Every call goes through the participant's [`SledBarrier`], so the three TCC anomalies are the
+//! framework's problem: a duplicate confirm or cancel runs nothing, a cancel for a try that never ran
+//! is recorded without running the business cancel, and a try arriving after that is refused. The
+//! barrier record commits in the same sled transaction as the operation's business writes.
+//!
+//! # Answers
+//!
+//! | situation                                                    | status | code |
+//! |--------------------------------------------------------------|--------|------|
+//! | try ran, or is a duplicate (body: the try's result bytes)     | 200    | |
+//! | confirm ran, or is a duplicate                                | 200    | |
+//! | cancel ran, was empty, is a duplicate, or the reservation had already expired | 200 | |
+//! | the operation's business method aborted (a refusal)           | 409    | `refused` |
+//! | try at or after its deadline                                  | 409    | `deadline_passed` |
+//! | try after the branch was cancelled (suspension)               | 409    | `suspended` |
+//! | confirm with no try before it                                 | 409    | `not_tried` |
+//! | confirm after cancel                                          | 409    | `already_cancelled` |
+//! | cancel after confirm                                          | 409    | `already_confirmed` |
+//! | the branch was tried through another operation               | 409    | `operation_mismatch` |
+//! | confirm or try after the participant released the reservation itself | 410 | `expired` |
+//! | missing, repeated or malformed `tcc-*` header, or a request [`Operation::check`] rejects | 400 | `malformed` |
+//! | unknown operation / phase                                     | 404    | `unknown_operation` / `unknown_phase` |
+//! | a method other than `POST`                                    | 405    | `method_not_allowed` |
+//! | body over [`MAX_BODY`]                                        | 413    | `too_large` |
+//! | damaged barrier record (needs an operator)                    | 500    | `corrupt` |
+//! | the business method panicked                                  | 500    | `internal` |
+//! | sled failed                                                   | 503 (I/O) or 500 | `storage` |
+//! | the change could not be flushed to disk                       | 503    | `not_flushed` |
+//!
+//! Every answer but 200 carries an [`ErrorBody`](crate::ErrorBody). A 200 also carries the
+//! [`OUTCOME_HEADER`] saying what happened (`fresh`, `duplicate`, `confirmed`, `cancelled`, `empty`,
+//! `expired`), for logs and tests; the coordinator does not need it.
+//!
+//! # Durability
+//!
+//! No answer is sent before the change it reports is on disk. [`Participant::new`] switches the
+//! barrier to [`Durability::Deferred`] and runs a group-commit flusher thread: each call commits in
+//! memory on the blocking pool, then waits (asynchronously, holding no thread) for the next flush,
+//! which covers every call that committed before it. Refusals and duplicates wait too, since what
+//! they answer may rest on another call's change that is not flushed yet.
+//! [`Participant::with_barrier_durability`] keeps the barrier's own setting instead.
+//!
+//! # Expiry
+//!
+//! A try carries the transaction's deadline. A reservation neither confirmed nor cancelled by
+//! deadline plus the barrier's grace period is released by the participant itself, running the
+//! business cancel of the operation that made it ([`Participant::spawn_expiry`],
+//! [`Participant::expire_due`]). All operations of a participant share one barrier (one record per
+//! (transaction, branch), one expiry index), so the runtime stores the operation's name with the
+//! try's request in the barrier record (see [`decode_stored_request`]); the sweep reads it back and
+//! calls that operation's cancel.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use sled::transaction::{ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree};
+use tcc_core::barrier::{
+    BarrierError, BusinessTx, CancelOutcome, ConfirmOutcome, Durability, ExpiryTask, Refusal, SledBarrier,
+    TryOutcome,
+};
+use tcc_core::store::group_commit::GroupCommit;
+use tcc_core::{BranchId, Gid, Timestamp};
+use tracing::{debug, error};
+
+use crate::error::ApiError;
+use crate::protocol::{
+    BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY, REFUSED, TRY_PATH,
+};
+
+/// Response header of a 200 saying what the call did: `fresh` or `duplicate` (try), `confirmed` or
+/// `duplicate` (confirm), `cancelled`, `empty`, `duplicate` or `expired` (cancel).
+pub const OUTCOME_HEADER: &str = "tcc-outcome";
+
+/// Longest operation name accepted, in bytes.
+pub const MAX_OPERATION_NAME: usize = 64;
+
+/// First byte of a request stored by the runtime (see [`decode_stored_request`]).
+const STORED_REQUEST_TAG: u8 = 1;
+
+/// One TCC operation of a participant: its business try, confirm and cancel over the participant's
+/// sled trees.
+///
+/// Each method runs inside the barrier's sled transaction, which also writes the barrier record, so
+/// the business writes and the record commit together or not at all. Write only through the
+/// [`Call`]'s transactional trees; sled may run a method more than once (on a transaction conflict),
+/// and runs transactions one at a time, so keep the methods short and free of other I/O. The runtime
+/// calls them on Tokio's blocking pool.
+///
+/// Returning `Err(ConflictableTransactionError::Abort(e))` (see [`sled::transaction::abort`]) rolls
+/// back the business writes and answers 409 with code `refused` and `e` as the message; nothing is
+/// recorded, so a later cancel is an empty cancel. Confirm and cancel should never abort: the
+/// coordinator treats a refused confirm or cancel as permanent and flags the transaction.
+pub trait Operation: Send + Sync + 'static {
+    /// The business refusal, reported to the caller through its `Display`.
+    type Error: fmt::Display;
+
+    /// Checks a try's request before anything runs or is stored; an error answers 400 (`malformed`).
+    /// The default accepts every request. Confirm and cancel are not checked: they get the try's
+    /// stored request.
+    fn check(&self, request: &[u8]) -> Result<(), String> {
+        let _ = request;
+        Ok(())
+    }
+
+    /// Phase one: checks and reserves, returning the result bytes (the try's answer body). Runs at
+    /// most once per (transaction, branch); a duplicate try gets the stored result.
+    fn try_(&self, call: &Call<'_>) -> ConflictableTransactionResult<Vec<u8>, Self::Error>;
+
+    /// Phase two: turns the reservation into the real effect. Runs at most once, and only after a try.
+    fn confirm(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), Self::Error>;
+
+    /// Phase two: releases the reservation. Runs at most once, only after a try; also run by the
+    /// participant's own expiry at deadline + grace.
+    fn cancel(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), Self::Error>;
+}
+
+/// What an [`Operation`]'s method sees: the call's identity, the try's request, and the
+/// participant's business trees inside the barrier's transaction.
+pub struct Call<'a> {
+    tx: &'a BusinessTx<'a>,
+    operation: &'a str,
+    request: &'a [u8],
+}
+
+impl fmt::Debug for Call<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("gid", self.tx.gid())
+            .field("branch", self.tx.branch())
+            .field("operation", &self.operation)
+            .field("request_len", &self.request.len())
+            .finish()
+    }
+}
+
+impl<'a> Call<'a> {
+    /// The global transaction id.
+    pub fn gid(&self) -> &'a Gid {
+        self.tx.gid()
+    }
+
+    /// The branch id.
+    pub fn branch(&self) -> &'a BranchId {
+        self.tx.branch()
+    }
+
+    /// The name of the operation being called.
+    pub fn operation(&self) -> &'a str {
+        self.operation
+    }
+
+    /// The try's request body (for confirm, cancel and expiry: the one stored by the try).
+    pub fn request(&self) -> &'a [u8] {
+        self.request
+    }
+
+    /// The business trees, in the order given to [`SledBarrier::open`].
+    pub fn trees(&self) -> &'a [TransactionalTree] {
+        self.tx.trees()
+    }
+
+    /// Business tree `i`, in the order given to [`SledBarrier::open`].
+    ///
+    /// # Panics
+    /// If `i` is not below the number of business trees (a bug in the participant, not bad input).
+    pub fn tree(&self, i: usize) -> &'a TransactionalTree {
+        self.tx.tree(i)
+    }
+
+    /// The barrier's view of the call, whose [`request`](BusinessTx::request) is the stored form
+    /// (operation name included, see [`decode_stored_request`]).
+    pub fn business_tx(&self) -> &'a BusinessTx<'a> {
+        self.tx
+    }
+
+    /// The call for `tx`, whose stored request must name `expected` (when given).
+    fn open(tx: &'a BusinessTx<'a>, expected: Option<&str>) -> Result<Call<'a>, CallAbort> {
+        let (operation, request) = decode_stored_request(tx.request()).ok_or_else(|| {
+            CallAbort::Mismatch(
+                "the branch's barrier record was not written by the participant runtime".into(),
+            )
+        })?;
+        if let Some(expected) = expected.filter(|e| *e != operation) {
+            return Err(CallAbort::Mismatch(format!(
+                "the branch was tried through operation {operation:?}, not {expected:?}"
+            )));
+        }
+        Ok(Call { tx, operation, request })
+    }
+
+    /// The call for `tx` through operation `name`, or the transaction's abort.
+    fn open_as(
+        tx: &'a BusinessTx<'a>,
+        name: &str,
+    ) -> Result<Call<'a>, ConflictableTransactionError<CallAbort>> {
+        Call::open(tx, Some(name)).map_err(ConflictableTransactionError::Abort)
+    }
+}
+
+/// Splits a request stored in a [`BarrierRecord`](tcc_core::barrier::BarrierRecord) by the runtime
+/// into the operation's name and the try's request body; `None` if it was not stored by the runtime.
+///
+/// The stored form is one tag byte (`1`), one length byte, the operation name, then the body.
+///
+/// ```
+/// use tcc_http::participant::decode_stored_request;
+/// assert_eq!(decode_stored_request(b"\x01\x04seat12A"), Some(("seat", &b"12A"[..])));
+/// assert_eq!(decode_stored_request(b"12A"), None);
+/// ```
+pub fn decode_stored_request(stored: &[u8]) -> Option<(&str, &[u8])> {
+    let (&tag, rest) = stored.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    if tag != STORED_REQUEST_TAG || rest.len() < usize::from(len) {
+        return None;
+    }
+    let (name, body) = rest.split_at(usize::from(len));
+    let name = std::str::from_utf8(name).ok().filter(|n| valid_name(n))?;
+    Some((name, body))
+}
+
+fn encode_stored_request(operation: &str, body: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(2 + operation.len() + body.len());
+    stored.push(STORED_REQUEST_TAG);
+    // Names are validated to at most MAX_OPERATION_NAME (< 256) bytes.
+    stored.push(u8::try_from(operation.len()).unwrap_or(u8::MAX));
+    stored.extend_from_slice(operation.as_bytes());
+    stored.extend_from_slice(body);
+    stored
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_OPERATION_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Why a business transaction aborted.
+#[derive(Debug)]
+enum CallAbort {
+    /// The operation's method aborted with this message.
+    Business(String),
+    /// The branch's record belongs to another operation (or was not written by the runtime).
+    Mismatch(String),
+}
+
+impl fmt::Display for CallAbort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallAbort::Business(m) | CallAbort::Mismatch(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The business error of an operation as the runtime carries it.
+fn lift<T, E: fmt::Display>(
+    r: ConflictableTransactionResult<T, E>,
+) -> ConflictableTransactionResult<T, CallAbort> {
+    r.map_err(|e| match e {
+        ConflictableTransactionError::Abort(e) => {
+            ConflictableTransactionError::Abort(CallAbort::Business(e.to_string()))
+        }
+        ConflictableTransactionError::Conflict => ConflictableTransactionError::Conflict,
+        ConflictableTransactionError::Storage(e) => ConflictableTransactionError::Storage(e),
+    })
+}
+
+/// [`Operation`] with its error type erased, so operations of different types share one map.
+trait ErasedOperation: Send + Sync + 'static {
+    fn check(&self, request: &[u8]) -> Result<(), String>;
+    fn try_(&self, call: &Call<'_>) -> ConflictableTransactionResult<Vec<u8>, CallAbort>;
+    fn confirm(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), CallAbort>;
+    fn cancel(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), CallAbort>;
+}
+
+impl<O: Operation> ErasedOperation for O {
+    fn check(&self, request: &[u8]) -> Result<(), String> {
+        Operation::check(self, request)
+    }
+    fn try_(&self, call: &Call<'_>) -> ConflictableTransactionResult<Vec<u8>, CallAbort> {
+        lift(Operation::try_(self, call))
+    }
+    fn confirm(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), CallAbort> {
+        lift(Operation::confirm(self, call))
+    }
+    fn cancel(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), CallAbort> {
+        lift(Operation::cancel(self, call))
+    }
+}
+
+/// An [`Operation`] made of three closures ([`Participant::operation_fn`]).
+struct FnOperation<T, C, X, E> {
+    try_: T,
+    confirm: C,
+    cancel: X,
+    error: PhantomData<fn() -> E>,
+}
+
+impl<T, C, X, E> Operation for FnOperation<T, C, X, E>
+where
+    T: Fn(&Call<'_>) -> ConflictableTransactionResult<Vec<u8>, E> + Send + Sync + 'static,
+    C: Fn(&Call<'_>) -> ConflictableTransactionResult<(), E> + Send + Sync + 'static,
+    X: Fn(&Call<'_>) -> ConflictableTransactionResult<(), E> + Send + Sync + 'static,
+    E: fmt::Display + 'static,
+{
+    type Error = E;
+    fn try_(&self, call: &Call<'_>) -> ConflictableTransactionResult<Vec<u8>, E> {
+        (self.try_)(call)
+    }
+    fn confirm(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), E> {
+        (self.confirm)(call)
+    }
+    fn cancel(&self, call: &Call<'_>) -> ConflictableTransactionResult<(), E> {
+        (self.cancel)(call)
+    }
+}
+
+type Operations = HashMap<String, Arc<dyn ErasedOperation>>;
+
+/// Something the participant runtime could not do outside of a call: start, sweep, flush.
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    /// The group-commit flusher thread could not be started.
+    #[error("cannot start the participant's flusher: {0}")]
+    Start(#[source] tcc_core::Error),
+    /// The barrier failed (for a sweep, a storage failure; damaged records and failing business
+    /// cancels are logged and skipped instead).
+    #[error(transparent)]
+    Barrier(#[from] BarrierError<String>),
+    /// Changes were committed but could not be flushed to disk.
+    #[error("barrier changes not flushed to disk: {0}")]
+    NotFlushed(#[source] tcc_core::Error),
+    /// A business cancel panicked during a sweep.
+    #[error("the expiry sweep panicked: {0}")]
+    Panicked(String),
+}
+
+/// A participant: named TCC [`Operation`]s served over HTTP through one [`SledBarrier`].
+///
+/// Build it with [`new`](Participant::new), add operations with [`operation`](Participant::operation)
+/// or [`operation_fn`](Participant::operation_fn), then serve [`router`](Participant::router) and
+/// start [`spawn_expiry`](Participant::spawn_expiry). The handle is cheap to clone; clones share the
+/// barrier and the flusher.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use sled::transaction::abort;
+/// use tcc_core::barrier::SledBarrier;
+/// use tcc_core::{Clock, SystemClock};
+/// use tcc_http::participant::Participant;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let db = sled::Config::new().temporary(true).open()?;
+/// let seats = db.open_tree("seats")?;
+/// let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+/// let grace = Duration::from_secs(60);
+/// let barrier = SledBarrier::open(&db, vec![seats.clone()], clock.clone(), grace)?;
+///
+/// // The request is a seat number: try holds it, confirm sells it, cancel frees it.
+/// let participant = Participant::new(barrier)?.operation_fn(
+///     "hold_seat",
+///     |call| {
+///         if call.tree(0).get(call.request())?.is_some() {
+///             return abort(format!("seat {} is taken", String::from_utf8_lossy(call.request())));
+///         }
+///         call.tree(0).insert(call.request(), "held")?;
+///         Ok(b"held".to_vec())
+///     },
+///     |call| {
+///         call.tree(0).insert(call.request(), "sold")?;
+///         Ok(())
+///     },
+///     |call| {
+///         call.tree(0).remove(call.request())?;
+///         Ok(())
+///     },
+/// );
+/// // Releases what nobody confirmed or cancelled by deadline + grace; stops when dropped.
+/// let _expiry = participant.spawn_expiry(Duration::from_secs(5));
+///
+/// // The target of this operation is http://{addr}/tcc/flights/hold_seat.
+/// let app = axum::Router::new().nest("/tcc/flights", participant.router());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr()?;
+/// tokio::spawn(async move { axum::serve(listener, app).await });
+///
+/// // What the initiator and the coordinator send (tcc-http's client and transport do this).
+/// let http = reqwest::Client::builder().no_proxy().build()?;
+/// let target = format!("http://{addr}/tcc/flights/hold_seat");
+/// let deadline = clock.now() + Duration::from_secs(30);
+/// let call = |phase: &str| {
+///     http.post(format!("{target}/{phase}"))
+///         .header("tcc-gid", "tx-1")
+///         .header("tcc-branch", "flight")
+///         .header("tcc-deadline", deadline.0.to_string())
+/// };
+/// let held = call("try").body("12A").send().await?;
+/// assert_eq!(held.status(), 200);
+/// assert_eq!(held.bytes().await?, "held");
+/// assert_eq!(call("confirm").body("12A").send().await?.status(), 200);
+/// assert_eq!(seats.get("12A")?.as_deref(), Some(&b"sold"[..]));
+/// // A repeated confirm runs nothing and succeeds.
+/// assert_eq!(call("confirm").send().await?.status(), 200);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Participant {
+    barrier: SledBarrier,
+    ops: Arc<Operations>,
+    group_commit: Option<GroupCommit>,
+}
+
+impl fmt::Debug for Participant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&str> = self.operations().collect();
+        names.sort_unstable();
+        f.debug_struct("Participant")
+            .field("operations", &names)
+            .field("barrier", &self.barrier)
+            .field("group_commit", &self.group_commit.is_some())
+            .finish()
+    }
+}
+
+impl Participant {
+    /// A participant with no operations yet, over `barrier`, with group commit: the barrier is
+    /// switched to [`Durability::Deferred`] and a flusher thread makes each call's change durable
+    /// before it is answered, one flush shared by every call waiting at that moment.
+    ///
+    /// The barrier belongs to the participant from now on: its records must all be written by the
+    /// runtime, which the expiry sweep relies on to find each reservation's operation.
+    pub fn new(barrier: SledBarrier) -> Result<Participant, ParticipantError> {
+        let barrier = barrier.with_durability(Durability::Deferred);
+        let flushed = barrier.clone();
+        let group_commit =
+            GroupCommit::start("tcc-participant", move || flushed.flush().map_err(|e| e.to_string()))
+                .map_err(ParticipantError::Start)?;
+        Ok(Participant { barrier, ops: Arc::default(), group_commit: Some(group_commit) })
+    }
+
+    /// A participant over `barrier` keeping the barrier's own [`Durability`]: with the default
+    /// [`Durability::FlushEachOp`], one fsync per call on the blocking pool; with
+    /// [`Durability::Hook`], a flusher shared with other writers to the same database. Do not use it
+    /// with [`Durability::Deferred`]: calls would be answered before they are on disk.
+    pub fn with_barrier_durability(barrier: SledBarrier) -> Participant {
+        Participant { barrier, ops: Arc::default(), group_commit: None }
+    }
+
+    /// Adds `op` under `name`, served at `POST /{name}/try`, `/{name}/confirm` and `/{name}/cancel`.
+    ///
+    /// Register every operation before calling [`router`](Participant::router) and
+    /// [`spawn_expiry`](Participant::spawn_expiry), which take the operations registered so far.
+    ///
+    /// # Panics
+    /// If `name` is not 1 to [`MAX_OPERATION_NAME`] bytes of ASCII letters, digits, `_` and `-`, or
+    /// is already registered (both programming errors, as with axum's routes).
+    pub fn operation(mut self, name: &str, op: impl Operation) -> Participant {
+        assert!(
+            valid_name(name),
+            "operation name {name:?} must be 1 to {MAX_OPERATION_NAME} bytes of ASCII letters, digits, '_' and '-'"
+        );
+        let ops = Arc::make_mut(&mut self.ops);
+        assert!(!ops.contains_key(name), "operation {name:?} is registered twice");
+        ops.insert(name.to_owned(), Arc::new(op));
+        self
+    }
+
+    /// Adds an operation made of three closures: try (returning the result bytes), confirm and
+    /// cancel. See [`operation`](Participant::operation) and [`Operation`].
+    ///
+    /// # Panics
+    /// As [`operation`](Participant::operation).
+    pub fn operation_fn<T, C, X, E>(self, name: &str, try_: T, confirm: C, cancel: X) -> Participant
+    where
+        T: Fn(&Call<'_>) -> ConflictableTransactionResult<Vec<u8>, E> + Send + Sync + 'static,
+        C: Fn(&Call<'_>) -> ConflictableTransactionResult<(), E> + Send + Sync + 'static,
+        X: Fn(&Call<'_>) -> ConflictableTransactionResult<(), E> + Send + Sync + 'static,
+        E: fmt::Display + 'static,
+    {
+        self.operation(name, FnOperation { try_, confirm, cancel, error: PhantomData })
+    }
+
+    /// The names of the registered operations, in no particular order.
+    pub fn operations(&self) -> impl Iterator<Item = &str> {
+        self.ops.keys().map(String::as_str)
+    }
+
+    /// The barrier, for inspection ([`SledBarrier::get`], [`SledBarrier::held`]).
+    pub fn barrier(&self) -> &SledBarrier {
+        &self.barrier
+    }
+
+    /// The routes `POST /{operation}/try|confirm|cancel` of every registered operation, with the
+    /// [`MAX_BODY`] body limit. Nest it under a prefix (`Router::nest("/tcc/flights", ...)`): it
+    /// answers every two-segment path, with 404 for unknown operations.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/{operation}/{phase}", post(handle).fallback(method_not_allowed))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(Arc::new(self.clone()))
+    }
+
+    /// Releases now every reservation held past deadline + grace, running the cancel of the
+    /// operation that made it; returns how many were released. A business cancel that fails, an
+    /// operation that is not registered any more, or a damaged record is logged and left for the
+    /// next sweep.
+    pub async fn expire_due(&self) -> Result<usize, ParticipantError> {
+        let barrier = self.barrier.clone();
+        let ops = Arc::clone(&self.ops);
+        let released = tokio::task::spawn_blocking(move || barrier.expire_due(|tx| expire_one(&ops, tx)))
+            .await
+            .map_err(|e| ParticipantError::Panicked(e.to_string()))??;
+        if released > 0 {
+            self.durable().await.map_err(ParticipantError::NotFlushed)?;
+        }
+        Ok(released)
+    }
+
+    /// Spawns the expiry loop: [`expire_due`](Participant::expire_due) now and then every `every`
+    /// on the barrier's clock, so a reservation is released at most `every` after deadline + grace.
+    /// Failures are logged and the loop goes on; it stops when the returned task is dropped.
+    ///
+    /// Releases are flushed by the next call's group commit or sled's own periodic flush; a release
+    /// lost in a crash is simply made again by the next sweep (nothing was answered based on it).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn_expiry(&self, every: Duration) -> ExpiryTask {
+        let ops = Arc::clone(&self.ops);
+        self.barrier.spawn_expiry(every, move |tx| expire_one(&ops, tx))
+    }
+
+    /// Waits until every change committed so far is on disk (with group commit; otherwise the
+    /// barrier flushed already).
+    async fn durable(&self) -> Result<(), tcc_core::Error> {
+        match &self.group_commit {
+            Some(gc) => gc.durable().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The expiry sweep's business cancel: the cancel of the operation named in the stored request.
+fn expire_one(ops: &Operations, tx: &BusinessTx<'_>) -> ConflictableTransactionResult<(), String> {
+    let abort = |m: String| Err(ConflictableTransactionError::Abort(m));
+    let call = match Call::open(tx, None) {
+        Ok(call) => call,
+        Err(e) => return abort(e.to_string()),
+    };
+    let Some(op) = ops.get(call.operation) else {
+        return abort(format!("no operation {:?} is registered on this participant", call.operation));
+    };
+    op.cancel(&call).map_err(|e| match e {
+        ConflictableTransactionError::Abort(e) => ConflictableTransactionError::Abort(e.to_string()),
+        ConflictableTransactionError::Conflict => ConflictableTransactionError::Conflict,
+        ConflictableTransactionError::Storage(e) => ConflictableTransactionError::Storage(e),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Try,
+    Confirm,
+    Cancel,
+}
+
+/// The identity headers of a call.
+struct Ids {
+    gid: Gid,
+    branch: BranchId,
+    deadline: Option<Timestamp>,
+}
+
+/// The one value of header `name`, if present.
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::malformed(format!("header {name} is given more than once")));
+    }
+    value.to_str().map(Some).map_err(|_| ApiError::malformed(format!("header {name} is not visible ASCII")))
+}
+
+fn required<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, ApiError> {
+    header(headers, name)?.ok_or_else(|| ApiError::malformed(format!("header {name} is missing")))
+}
+
+impl Ids {
+    /// Reads the headers; the deadline is required for a try and checked when present otherwise.
+    fn parse(headers: &HeaderMap, phase: Phase) -> Result<Ids, ApiError> {
+        let invalid = |name: &str, e: tcc_core::Error| ApiError::malformed(format!("header {name}: {e}"));
+        let gid = required(headers, GID_HEADER)?.parse().map_err(|e| invalid(GID_HEADER, e))?;
+        let branch = required(headers, BRANCH_HEADER)?.parse().map_err(|e| invalid(BRANCH_HEADER, e))?;
+        let deadline = match (header(headers, DEADLINE_HEADER)?, phase) {
+            (None, Phase::Try) => {
+                return Err(ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")));
+            }
+            (None, _) => None,
+            (Some(text), _) => Some(parse_deadline(text)?),
+        };
+        Ok(Ids { gid, branch, deadline })
+    }
+}
+
+fn parse_deadline(text: &str) -> Result<Timestamp, ApiError> {
+    let bad =
+        || ApiError::malformed(format!("header {DEADLINE_HEADER} must be milliseconds since the unix epoch"));
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    text.parse().map(Timestamp).map_err(|_| bad())
+}
+
+/// What a call asks of the barrier.
+enum Job {
+    Try { deadline: Timestamp, stored: Vec<u8> },
+    Confirm,
+    Cancel,
+}
+
+/// What a call did, to answer 200 with.
+enum Done {
+    Try(TryOutcome),
+    Confirm(ConfirmOutcome),
+    Cancel(CancelOutcome),
+}
+
+impl Done {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Done::Try(TryOutcome::Fresh(_)) => "fresh",
+            Done::Try(TryOutcome::Duplicate(_))
+            | Done::Confirm(ConfirmOutcome::Duplicate)
+            | Done::Cancel(CancelOutcome::Duplicate) => "duplicate",
+            Done::Confirm(ConfirmOutcome::Confirmed) => "confirmed",
+            Done::Cancel(CancelOutcome::Cancelled) => "cancelled",
+            Done::Cancel(CancelOutcome::Empty) => "empty",
+            Done::Cancel(CancelOutcome::AlreadyExpired) => "expired",
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let outcome = self.outcome();
+        let body = match self {
+            Done::Try(out) => match out {
+                TryOutcome::Fresh(r) | TryOutcome::Duplicate(r) => r,
+            },
+            Done::Confirm(_) | Done::Cancel(_) => Vec::new(),
+        };
+        let mut res =
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+        res.headers_mut().insert(OUTCOME_HEADER, HeaderValue::from_static(outcome));
+        res
+    }
+}
+
+/// Whether answering `r` needs the flush first: everything that read or wrote barrier state.
+fn needs_flush(r: &Result<Done, BarrierError<CallAbort>>) -> bool {
+    matches!(r, Ok(_) | Err(BarrierError::Refused(_) | BarrierError::Business(_)))
+}
+
+fn barrier_error(e: BarrierError<CallAbort>) -> ApiError {
+    match e {
+        BarrierError::Refused(r @ Refusal::Expired) => ApiError::new(GONE, r.code(), r.to_string()),
+        BarrierError::Refused(r) => ApiError::new(REFUSED, r.code(), r.to_string()),
+        BarrierError::Business(CallAbort::Business(m)) => ApiError::new(REFUSED, "refused", m),
+        BarrierError::Business(CallAbort::Mismatch(m)) => ApiError::new(REFUSED, "operation_mismatch", m),
+        e @ BarrierError::Corrupt { .. } => {
+            error!(error = %e, "participant call on a damaged barrier record");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+        }
+        BarrierError::Storage(e) => {
+            error!(error = %e, "participant barrier storage failed");
+            let status = match e {
+                sled::Error::Io(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            ApiError::new(status, "storage", format!("barrier storage: {e}"))
+        }
+        e @ BarrierError::NotFlushed(_) => not_flushed(e.to_string()),
+    }
+}
+
+fn not_flushed(message: String) -> ApiError {
+    error!(error = %message, "participant change not flushed");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_flushed", message)
+}
+
+/// A barrier error from a read, in the call's error type.
+fn widen(e: BarrierError) -> BarrierError<CallAbort> {
+    match e {
+        BarrierError::Refused(r) => BarrierError::Refused(r),
+        BarrierError::Business(never) => match never {},
+        BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
+        BarrierError::Storage(e) => BarrierError::Storage(e),
+        BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
+    }
+}
+
+/// A duplicate try must come through the operation that ran the first one.
+fn same_operation(barrier: &SledBarrier, ids: &Ids, name: &str) -> Result<(), BarrierError<CallAbort>> {
+    let stored = barrier.get(&ids.gid, &ids.branch).map_err(widen)?;
+    match stored.as_ref().and_then(|rec| decode_stored_request(&rec.request)) {
+        Some((op, _)) if op == name => Ok(()),
+        Some((op, _)) => Err(BarrierError::Business(CallAbort::Mismatch(format!(
+            "the branch was tried through operation {op:?}, not {name:?}"
+        )))),
+        None => Err(BarrierError::Business(CallAbort::Mismatch(
+            "the branch's barrier record was not written by the participant runtime".into(),
+        ))),
+    }
+}
+
+async fn handle(
+    State(participant): State<Arc<Participant>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match serve(participant, path, headers, body).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve(
+    participant: Arc<Participant>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path((name, phase)) = path.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let op = participant.ops.get(&name).cloned().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_operation", format!("no operation {name:?} here"))
+    })?;
+    let phase = match phase.as_str() {
+        TRY_PATH => Phase::Try,
+        CONFIRM_PATH => Phase::Confirm,
+        CANCEL_PATH => Phase::Cancel,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_phase",
+                format!("no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH} or {CANCEL_PATH}"),
+            ));
+        }
+    };
+    let ids = Ids::parse(&headers, phase)?;
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is over {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::malformed(r.body_text())
+        }
+    })?;
+    let job = match phase {
+        Phase::Try => {
+            let deadline = ids
+                .deadline
+                .ok_or_else(|| ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")))?;
+            op.check(&body).map_err(|m| ApiError::malformed(format!("invalid request: {m}")))?;
+            Job::Try { deadline, stored: encode_stored_request(&name, &body) }
+        }
+        // Confirm and cancel run on the try's stored request: their body is not used.
+        Phase::Confirm => Job::Confirm,
+        Phase::Cancel => Job::Cancel,
+    };
+
+    let barrier = participant.barrier.clone();
+    let run = move || -> (Ids, Result<Done, BarrierError<CallAbort>>) {
+        let (gid, branch) = (&ids.gid, &ids.branch);
+        let done = match job {
+            Job::Try { deadline, stored } => barrier
+                .try_op(gid, branch, deadline, &stored, |tx| op.try_(&Call::open_as(tx, &name)?))
+                .and_then(|out| match out {
+                    TryOutcome::Duplicate(_) => same_operation(&barrier, &ids, &name).map(|()| out),
+                    TryOutcome::Fresh(_) => Ok(out),
+                })
+                .map(Done::Try),
+            Job::Confirm => {
+                barrier.confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, &name)?)).map(Done::Confirm)
+            }
+            Job::Cancel => {
+                barrier.cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, &name)?)).map(Done::Cancel)
+            }
+        };
+        (ids, done)
+    };
+    let (ids, done) = tokio::task::spawn_blocking(run).await.map_err(|e| {
+        error!(error = %e, "participant call panicked");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the participant failed handling the call",
+        )
+    })?;
+    if needs_flush(&done) {
+        participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
+    }
+    match done {
+        Ok(done) => {
+            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, outcome = done.outcome(), "participant call");
+            Ok(done.into_response())
+        }
+        Err(e) => {
+            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code(), "participant call not done");
+            Err(barrier_error(e))
+        }
+    }
+}
+
+/// 405 for anything but `POST` on a phase route.
+async fn method_not_allowed() -> Response {
+    let mut res = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "participant phases take POST only",
+    )
+    .into_response();
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+    res
+}
