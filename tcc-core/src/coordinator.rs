@@ -247,6 +247,13 @@ impl Coordinator {
                 )));
             }
         }
+        if options.call_timeout_ms.is_some_and(|ms| u128::from(ms) >= c.lease.as_millis()) {
+            // A call outliving the lease would let another process start the same round meanwhile.
+            return Err(Error::InvalidInput(format!(
+                "call_timeout must be below the coordinator's lease of {} ms",
+                c.lease.as_millis()
+            )));
+        }
         if timeout.is_zero() || timeout > c.max_timeout {
             return Err(Error::InvalidInput(format!(
                 "timeout must be between 1 ms and {} s",

@@ -31,8 +31,3 @@ pub use barrier::{BarrierError, SledBarrier};
 pub use coordinator::{Config, Coordinator, Stats};
 pub use retry::RetryPolicy;
 pub use store::{SledStore, Store};
-
-/// The README's examples, compiled and run as doctests so they cannot rot.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

@@ -26,3 +26,8 @@ pub mod transport;
 
 pub use error::ApiError;
 pub use protocol::ErrorBody;
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""DTM TCC scenarios run with the unmodified PyPI client ``dtmcli==1.7.7.0`` against tcc.
+
+Usage: scenarios.py DTM_URL BUSI_URL
+  (or the environment variables TCC_DTM_URL and TCC_BUSI_URL)
+
+DTM_URL is the coordinator's DTM-compatible API, e.g. http://127.0.0.1:36789/api/dtmsvr.
+BUSI_URL is a participant serving, for SVC in ``a`` and ``b``:
+  POST BUSI_URL/SVC/try      (called by dtmcli itself) refusing with 409 when the body has "try_fail": true
+  POST BUSI_URL/SVC/confirm  (called by the coordinator)
+  POST BUSI_URL/SVC/cancel   (called by the coordinator)
+tcc-http/tests/dtm.rs starts such participants and a coordinator, runs this script, and then checks
+what the participants were called with.
+
+Scenarios: success (both branches confirmed), try failure (every registered branch cancelled) and
+query (the shape of GET query). Each prints one JSON line {"scenario": ..., "gid": ...} on stdout;
+any failed check exits non-zero.
+"""
+
+import base64
+import json
+import os
+import sys
+import time
+
+import requests
+from dtmcli import tcc, utils
+
+# Every wait is bounded.
+SETTLE_SECONDS = 30
+HTTP_TIMEOUT = 10
+
+
+def fail(message):
+    print("FAILED: " + message, file=sys.stderr)
+    sys.exit(1)
+
+
+def check(condition, message):
+    if not condition:
+        fail(message)
+
+
+def query(dtm, gid):
+    r = requests.get(dtm + "/query", params={"gid": gid}, timeout=HTTP_TIMEOUT)
+    check(r.status_code == 200, "query answered %d: %s" % (r.status_code, r.text))
+    return r.json()
+
+
+def settle(dtm, gid, want):
+    """Polls query until the transaction's status is `want` (bounded)."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        q = query(dtm, gid)
+        status = (q.get("transaction") or {}).get("status")
+        if status == want:
+            return q
+        if time.monotonic() > deadline:
+            fail("transaction %s is %r after %d s, expected %r: %s" % (gid, status, SETTLE_SECONDS, want, q))
+        time.sleep(0.05)
+
+
+def rows(q):
+    """{(branch_id, op): status} of a query answer."""
+    return {(b["branch_id"], b["op"]): b["status"] for b in q["branches"]}
+
+
+def report(scenario, gid):
+    print(json.dumps({"scenario": scenario, "gid": gid}), flush=True)
+
+
+def success(dtm, busi):
+    gid = utils.gen_gid(dtm)
+    bodies = {"a": {"scenario": "success", "amount": 30}, "b": {"scenario": "success", "amount": 30}}
+
+    def branches(t):
+        for svc in ("a", "b"):
+            r = t.call_branch(bodies[svc], busi + "/%s/try" % svc, busi + "/%s/confirm" % svc, busi + "/%s/cancel" % svc)
+            check(r.status_code == 200, "try of %s answered %d" % (svc, r.status_code))
+
+    ret = tcc.tcc_global_transaction(dtm, gid, branches)
+    check(ret == gid, "tcc_global_transaction returned %r, expected the gid %r" % (ret, gid))
+    q = settle(dtm, gid, "succeed")
+    want = {("01", "cancel"): "prepared", ("01", "confirm"): "succeed",
+            ("02", "cancel"): "prepared", ("02", "confirm"): "succeed"}
+    check(rows(q) == want, "branch statuses %s, expected %s" % (rows(q), want))
+    report("success", gid)
+
+
+def try_failure(dtm, busi):
+    gid = utils.gen_gid(dtm)
+
+    reached = {}
+
+    def branches(t):
+        t.call_branch({"scenario": "try_failure"}, busi + "/a/try", busi + "/a/confirm", busi + "/a/cancel")
+        # b refuses its try: dtmcli raises, and tcc_global_transaction aborts. (Checks cannot fail in
+        # here: tcc_global_transaction catches everything, SystemExit included.)
+        t.call_branch({"scenario": "try_failure", "try_fail": True}, busi + "/b/try", busi + "/b/confirm", busi + "/b/cancel")
+        reached["after_refused_try"] = True
+
+    print("(a traceback of DTMFailureError is expected next: dtmcli prints it before aborting)", file=sys.stderr)
+    ret = tcc.tcc_global_transaction(dtm, gid, branches)
+    check(not reached, "the refused try did not raise")
+    check(ret == "", "tcc_global_transaction returned %r after a refused try, expected ''" % ret)
+    q = settle(dtm, gid, "failed")
+    want = {("01", "cancel"): "succeed", ("01", "confirm"): "prepared",
+            ("02", "cancel"): "succeed", ("02", "confirm"): "prepared"}
+    check(rows(q) == want, "branch statuses %s, expected %s" % (rows(q), want))
+    report("try_failure", gid)
+
+
+def query_shape(dtm, busi):
+    gid = utils.gen_gid(dtm)
+    body = {"scenario": "query", "note": "seat 1A"}
+    seen = {}
+
+    def branches(t):
+        t.call_branch(body, busi + "/a/try", busi + "/a/confirm", busi + "/a/cancel")
+        # Between registration and submit the transaction is prepared.
+        q = query(dtm, gid)
+        seen["prepared"] = q["transaction"]["status"]
+
+    check(tcc.tcc_global_transaction(dtm, gid, branches) == gid, "the query transaction did not succeed")
+    check(seen.get("prepared") == "prepared", "status before submit: %r" % seen.get("prepared"))
+    q = settle(dtm, gid, "succeed")
+    t = q["transaction"]
+    check(t["gid"] == gid and t["trans_type"] == "tcc", "transaction: %s" % t)
+    check([(b["branch_id"], b["op"]) for b in q["branches"]] == [("01", "cancel"), ("01", "confirm")],
+          "branches: %s" % q["branches"])
+    for b in q["branches"]:
+        check(b["gid"] == gid, "branch gid: %s" % b)
+        check(b["url"] == busi + "/a/" + b["op"], "branch url: %s" % b)
+        data = base64.b64decode(b["bin_data"]).decode()
+        check(json.loads(data) == body, "branch data %r, registered %r" % (data, body))
+    # An unknown gid is answered as DTM answers it.
+    missing = query(dtm, "no-such-gid")
+    check(missing["transaction"] is None and missing["branches"] == [], "unknown gid: %s" % missing)
+    check(utils.gen_gid(dtm) != utils.gen_gid(dtm), "newGid repeats itself")
+    report("query", gid)
+
+
+def main():
+    args = sys.argv[1:]
+    dtm = args[0] if len(args) > 0 else os.environ.get("TCC_DTM_URL")
+    busi = args[1] if len(args) > 1 else os.environ.get("TCC_BUSI_URL")
+    if not dtm or not busi:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    dtm, busi = dtm.rstrip("/"), busi.rstrip("/")
+    for scenario in (success, try_failure, query_shape):
+        scenario(dtm, busi)
+    print("all DTM scenarios passed", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
