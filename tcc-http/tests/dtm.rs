@@ -4,6 +4,8 @@
 //! the TransOptions, the token and the participant allow-list.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +17,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use serde_json::{Value, json};
+use support::fast_core;
 use tcc_core::{Config, RetryPolicy};
 use tcc_http::server::{Launch, Running, ServerConfig, Token};
 
@@ -23,21 +26,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The coordinator
-
-/// Engine settings that retry quickly.
-fn fast_core() -> Config {
-    Config {
-        retry: RetryPolicy {
-            initial_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-            call_timeout: Duration::from_secs(2),
-            ..RetryPolicy::default()
-        },
-        poll_interval: Duration::from_millis(10),
-        lease: Duration::from_secs(5),
-        ..Config::default()
-    }
-}
 
 struct Tc {
     running: Running,
