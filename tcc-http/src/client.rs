@@ -54,6 +54,8 @@ pub enum ClientError {
         code: String,
         /// The participant's message.
         message: String,
+        /// The participant's machine-readable details (a typed business error, as JSON).
+        detail: Option<serde_json::Value>,
     },
     /// A participant failed a try for another reason (5xx, timeout, garbage). Whether the try ran
     /// is unknown; the branch is registered, so cancelling the transaction releases it if it did.
@@ -327,8 +329,11 @@ impl TccClient {
             });
         }
         let text = error_text(res).await;
-        let body: ErrorBody = serde_json::from_str(&text)
-            .unwrap_or_else(|_| ErrorBody { code: "unknown".into(), message: text });
+        let body: ErrorBody = serde_json::from_str(&text).unwrap_or_else(|_| ErrorBody {
+            code: "unknown".into(),
+            message: text,
+            detail: None,
+        });
         Err(ClientError::Coordinator { status: status.as_u16(), code: body.code, message: body.message })
     }
 }
@@ -391,9 +396,12 @@ impl GlobalTx {
         let text = error_text(res).await;
         let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
         match (status, body) {
-            (StatusCode::CONFLICT | StatusCode::GONE, Some(b)) => {
-                Err(ClientError::Refused { branch: branch.to_owned(), code: b.code, message: b.message })
-            }
+            (StatusCode::CONFLICT | StatusCode::GONE, Some(b)) => Err(ClientError::Refused {
+                branch: branch.to_owned(),
+                code: b.code,
+                message: b.message,
+                detail: b.detail,
+            }),
             (_, body) => Err(ClientError::TryFailed {
                 branch: branch.to_owned(),
                 message: format!("participant answered {status}: {}", body.map_or(text, |b| b.message)),

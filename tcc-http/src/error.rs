@@ -18,12 +18,20 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for humans.
     pub message: String,
+    /// Machine-readable details (see [`ErrorBody::detail`]).
+    pub detail: Option<serde_json::Value>,
 }
 
 impl ApiError {
     /// An error with this status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), detail: None }
+    }
+
+    /// The same error with machine-readable details.
+    pub fn with_detail(mut self, detail: serde_json::Value) -> ApiError {
+        self.detail = Some(detail);
+        self
     }
 
     /// 400: the request is malformed.
@@ -43,7 +51,7 @@ impl ApiError {
 
     /// The body of this error.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { code: self.code.to_owned(), message: self.message.clone() }
+        ErrorBody { code: self.code.to_owned(), message: self.message.clone(), detail: self.detail.clone() }
     }
 }
 

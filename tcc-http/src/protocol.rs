@@ -61,4 +61,8 @@ pub struct ErrorBody {
     pub code: String,
     /// A human-readable explanation.
     pub message: String,
+    /// Machine-readable details, when there are any: for a participant's business refusal, the
+    /// refusal itself as JSON (the typed error a `#[tcc]` client decodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
