@@ -309,8 +309,21 @@ impl TccClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
+        self.request_with(method, path, body, Duration::ZERO).await
+    }
+
+    async fn request_with<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        extra_time: Duration,
+    ) -> Result<T, ClientError> {
         let (url, token) = self.url(path)?;
         let mut req = self.inner.http.request(method, url);
+        if !extra_time.is_zero() {
+            req = req.timeout(ClientConfig::default().request_timeout + extra_time);
+        }
         if let Some(t) = token {
             req = req.bearer_auth(t.expose());
         }
@@ -409,6 +422,20 @@ impl GlobalTx {
         }
     }
 
+    /// Registers branch `branch` for the participant operation at `target` without calling its try,
+    /// for an initiator that calls the participant itself (after this returns). `payload` is what
+    /// the participant gets with confirm and cancel.
+    pub async fn register_branch(
+        &self,
+        branch: &str,
+        target: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let id: BranchId =
+            branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
+        self.register(&id, target, &payload).await.map(drop)
+    }
+
     async fn register(&self, id: &BranchId, target: &str, payload: &[u8]) -> Result<Url, ClientError> {
         let payload_text = std::str::from_utf8(payload);
         match &self.client.inner.backend {
@@ -445,7 +472,28 @@ impl GlobalTx {
         self.decide("cancel").await
     }
 
+    /// Decides to confirm, then waits up to `wait` (at most 60 s) for phase two to finish, in one
+    /// request to a remote coordinator. Returns the transaction as it then is: confirmed, still
+    /// confirming (phase two is retrying), or flagged.
+    pub async fn confirm_and_wait(&self, wait: Duration) -> Result<TransactionView, ClientError> {
+        self.decide_and_wait("confirm", Some(wait)).await
+    }
+
+    /// Decides to cancel, then waits up to `wait` (at most 60 s) for phase two to finish.
+    pub async fn cancel_and_wait(&self, wait: Duration) -> Result<TransactionView, ClientError> {
+        self.decide_and_wait("cancel", Some(wait)).await
+    }
+
     async fn decide(&self, what: &str) -> Result<TransactionView, ClientError> {
+        self.decide_and_wait(what, None).await
+    }
+
+    async fn decide_and_wait(
+        &self,
+        what: &str,
+        wait: Option<Duration>,
+    ) -> Result<TransactionView, ClientError> {
+        let wait = wait.map(|w| w.min(crate::server::native::MAX_WAIT));
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, .. } => {
                 let tx = if what == "confirm" {
@@ -453,12 +501,17 @@ impl GlobalTx {
                 } else {
                     coordinator.cancel(&self.gid).await?
                 };
-                Ok((&tx).into())
+                match wait {
+                    Some(w) if !tx.state.is_final() => Ok((&coordinator.wait(&self.gid, w).await?).into()),
+                    _ => Ok((&tx).into()),
+                }
             }
             Backend::Remote { .. } => {
-                self.client
-                    .request(reqwest::Method::POST, &format!("v1/transactions/{}/{what}", self.gid), None)
-                    .await
+                let query = wait.map_or(String::new(), |w| format!("?wait_ms={}", w.as_millis().max(1)));
+                let path = format!("v1/transactions/{}/{what}{query}", self.gid);
+                // The wait happens on the server: give the request that much longer than usual.
+                let extra = wait.unwrap_or_default();
+                self.client.request_with(reqwest::Method::POST, &path, None, extra).await
             }
         }
     }

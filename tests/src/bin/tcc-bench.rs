@@ -1,0 +1,562 @@
+//! `tcc-bench`: throughput and latency of tcc against the raw HTTP floor, in one run.
+//!
+//! ```text
+//! cargo run --release --bin tcc-bench -- --duration 10 --json bench.json
+//! ```
+//!
+//! Modes, each at the same concurrency against the same two in-process HTTP participants (answering
+//! the native participant protocol at once, so the figures measure the framework, not business code):
+//! - `raw`: try then confirm on each participant, called directly, no coordinator (4 requests);
+//! - `embedded`: the same through a coordinator embedded in the initiator, durable (sled);
+//! - `standalone`: through a `tcc-coordinator` process over HTTP, durable;
+//! - `coordinator_only`: standalone, the initiator making no tries (begin, register two branches,
+//!   confirm and wait: the coordinator's own cost plus its phase-two calls).
+//!
+//! A transaction counts when its phase two has finished (both branches confirmed), not when the
+//! confirm decision is acknowledged, so no mode can look fast by leaving a backlog.
+//! Figures on a shared 2-core machine are noisy: compare ratios within one run.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use clap::Parser;
+use tcc_http::client::TccClient;
+use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
+use tcc_http::server::native::StateView;
+use tcc_http::target::AllowList;
+use tcc_http::transport::{ClientConfig, build_client};
+
+/// Benchmark tcc against the raw HTTP floor.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Seconds each mode runs (after a short warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Concurrent initiators.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Modes to run (comma-separated): raw, embedded, standalone, coordinator_only.
+    #[arg(long, value_delimiter = ',', default_value = "raw,embedded,standalone,coordinator_only")]
+    modes: Vec<String>,
+    /// Also sweep branch counts 1, 2, 4 and 8 (embedded and standalone).
+    #[arg(long)]
+    sweep_branches: bool,
+    /// Also sweep concurrency 1, 4, 16, 64 and 256 (raw, embedded and standalone).
+    #[arg(long)]
+    sweep_concurrency: bool,
+    /// The tcc-coordinator binary for the standalone modes (default: next to this one; if it is not
+    /// there, this binary serves the coordinator itself in a child process).
+    #[arg(long, env = "TCC_COORDINATOR_BIN")]
+    coordinator_bin: Option<PathBuf>,
+    /// Internal: serve a coordinator on this address with this data directory (the child process of
+    /// the standalone modes when no tcc-coordinator binary is found).
+    #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
+    serve_coordinator: Option<Vec<String>>,
+}
+
+/// What one measured run gives.
+#[derive(Clone, Debug)]
+struct Figures {
+    mode: String,
+    branches: usize,
+    concurrency: usize,
+    transactions: u64,
+    errors: u64,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+}
+
+impl Figures {
+    fn tx_per_s(&self) -> f64 {
+        self.transactions as f64 / self.seconds
+    }
+
+    fn json(&self) -> String {
+        format!(
+            "{{\"mode\":\"{}\",\"branches\":{},\"concurrency\":{},\"transactions\":{},\"errors\":{},\"seconds\":{:.3},\"tx_per_s\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3}}}",
+            self.mode,
+            self.branches,
+            self.concurrency,
+            self.transactions,
+            self.errors,
+            self.seconds,
+            self.tx_per_s(),
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms
+        )
+    }
+}
+
+/// Two (or more) participants answering the native protocol at once, counting what they are told.
+struct Participants {
+    addr: SocketAddr,
+    confirms: Arc<AtomicU64>,
+}
+
+impl Participants {
+    async fn start() -> std::io::Result<Participants> {
+        let confirms = Arc::new(AtomicU64::new(0));
+        let c = confirms.clone();
+        let app = Router::new()
+            .route("/p/{n}/try", post(|| async { (StatusCode::OK, "held") }))
+            .route(
+                "/p/{n}/confirm",
+                post(move || {
+                    let c = c.clone();
+                    async move {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        StatusCode::OK
+                    }
+                }),
+            )
+            .route("/p/{n}/cancel", post(|| async { StatusCode::OK }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Participants { addr, confirms })
+    }
+
+    fn target(&self, n: usize) -> String {
+        format!("http://{}/p/{n}", self.addr)
+    }
+}
+
+/// A coordinator process for the standalone modes; killed when dropped.
+struct CoordinatorProcess {
+    child: std::process::Child,
+    url: String,
+    pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn spawn_coordinator(args: &Args) -> Result<CoordinatorProcess, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let port = free_port().map_err(|e| e.to_string())?;
+    let listen = format!("127.0.0.1:{port}");
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
+    let bin = args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling));
+    let mut cmd = match &bin {
+        Some(bin) => {
+            let mut c = std::process::Command::new(bin);
+            c.args(["--listen", &listen, "--data-dir"]).arg(dir.path().join("data"));
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new(&me);
+            c.arg("--serve-coordinator").arg(&listen).arg(dir.path().join("data"));
+            c
+        }
+    };
+    cmd.env("RUST_LOG", "warn").stdout(std::process::Stdio::null());
+    let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
+    let pid = child.id();
+    let proc = CoordinatorProcess { child, url: format!("http://{listen}"), pid, _dir: dir };
+    let http = reqwest::Client::new();
+    for _ in 0..500 {
+        if http.get(format!("{}/healthz", proc.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(proc);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err("the coordinator did not come up within 10 s".into())
+}
+
+/// How one transaction is run.
+#[derive(Clone)]
+enum Driver {
+    Raw { http: reqwest::Client, targets: Vec<String> },
+    Tcc { client: TccClient, targets: Vec<String>, tries: bool },
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+impl Driver {
+    async fn one(&self) -> Result<(), String> {
+        match self {
+            Driver::Raw { http, targets } => {
+                let gid = tcc_core::Gid::generate();
+                let deadline = (tcc_core::SystemClock.now_ms() + 30_000).to_string();
+                let call = |target: &String, phase: &str, branch: usize| {
+                    http.post(format!("{target}/{phase}"))
+                        .header(GID_HEADER, gid.as_str())
+                        .header(BRANCH_HEADER, format!("b{branch}"))
+                        .header(DEADLINE_HEADER, deadline.as_str())
+                        .body("{}")
+                        .send()
+                };
+                for (i, t) in targets.iter().enumerate() {
+                    ok(call(t, "try", i).await)?;
+                }
+                let confirms = targets.iter().enumerate().map(|(i, t)| call(t, "confirm", i));
+                for r in futures_join(confirms).await {
+                    ok(r)?;
+                }
+                Ok(())
+            }
+            Driver::Tcc { client, targets, tries } => {
+                let tx = client.begin(WAIT).await.map_err(|e| e.to_string())?;
+                for (i, t) in targets.iter().enumerate() {
+                    if *tries {
+                        tx.try_branch(&format!("b{i}"), t, b"{}".to_vec())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        tx.register_branch(&format!("b{i}"), t, b"{}".to_vec())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                let done = tx.confirm_and_wait(WAIT).await.map_err(|e| e.to_string())?;
+                if done.state == StateView::Confirmed {
+                    Ok(())
+                } else {
+                    Err(format!("ended {:?}", done.state))
+                }
+            }
+        }
+    }
+}
+
+fn ok(r: Result<reqwest::Response, reqwest::Error>) -> Result<(), String> {
+    match r {
+        Ok(res) if res.status().is_success() => Ok(()),
+        Ok(res) => Err(format!("participant answered {}", res.status())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Awaits futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Sequential awaits of already-started requests would not overlap (reqwest futures are lazy),
+    // so poll them together.
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (f, slot) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *slot = Some(v);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
+
+trait NowMs {
+    fn now_ms(&self) -> u64;
+}
+
+impl NowMs for tcc_core::SystemClock {
+    fn now_ms(&self) -> u64 {
+        tcc_core::Clock::now(self).0
+    }
+}
+
+/// Runs `driver` from `concurrency` tasks for `seconds` (after a warm-up of a tenth of that, at
+/// most a second), with a progress bar on stderr for runs longer than three seconds.
+async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize, seconds: f64) -> Figures {
+    let warmup = Duration::from_secs_f64((seconds / 10.0).min(1.0));
+    let run = Duration::from_secs_f64(seconds);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (driver, measuring, stop, done) = (driver.clone(), measuring.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut last_error = None;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = driver.one().await;
+                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    match r {
+                        Ok(()) => {
+                            lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            last_error = Some(e);
+                        }
+                    }
+                }
+            }
+            (lat, errors, last_error)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let bar = seconds > 3.0;
+    while started.elapsed() < run {
+        tokio::time::sleep(Duration::from_millis(200).min(run.saturating_sub(started.elapsed()))).await;
+        if bar {
+            let frac = (started.elapsed().as_secs_f64() / seconds).min(1.0);
+            let filled = (frac * 30.0) as usize;
+            let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            eprint!(
+                "\r{mode:>16} [{}{}] {:>3.0}% {:>9.0} tx/s",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                frac * 100.0,
+                rate
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    if bar {
+        eprintln!();
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e, last)) = t.await {
+            lat.extend(l);
+            errors += e;
+            if let Some(last) = last {
+                eprintln!("{mode}: error: {last}");
+            }
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[i]) / 1000.0
+    };
+    Figures {
+        mode: mode.to_owned(),
+        branches,
+        concurrency,
+        transactions: lat.len() as u64,
+        errors,
+        seconds: elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+    }
+}
+
+/// A fast, durable engine for the benchmark: the defaults, with retries not needed.
+fn embedded_config() -> tcc_core::Config {
+    tcc_core::Config::default()
+}
+
+struct Bench {
+    args: Args,
+    participants: Participants,
+    http: reqwest::Client,
+}
+
+impl Bench {
+    fn targets(&self, branches: usize) -> Vec<String> {
+        (0..branches).map(|n| self.participants.target(n)).collect()
+    }
+
+    async fn run(&self, mode: &str, branches: usize, concurrency: usize) -> Result<Figures, String> {
+        let secs = self.args.duration;
+        let targets = self.targets(branches);
+        match mode {
+            "raw" => {
+                let d = Driver::Raw { http: self.http.clone(), targets };
+                Ok(measure(mode, branches, d, concurrency, secs).await)
+            }
+            "embedded" => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let allow = AllowList::new(&[]).map_err(|e| e.to_string())?;
+                let client = TccClient::open_embedded(dir.path(), embedded_config(), allow)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let d = Driver::Tcc { client: client.clone(), targets, tries: true };
+                let f = measure(mode, branches, d, concurrency, secs).await;
+                client.shutdown().await;
+                Ok(f)
+            }
+            "standalone" | "coordinator_only" => {
+                let proc = spawn_coordinator(&self.args).await?;
+                let client =
+                    TccClient::remote_with(&proc.url, None, self.http.clone()).map_err(|e| e.to_string())?;
+                let d = Driver::Tcc { client, targets, tries: mode == "standalone" };
+                let f = measure(mode, branches, d, concurrency, secs).await;
+                let _ = proc.pid;
+                Ok(f)
+            }
+            other => Err(format!("unknown mode {other:?}")),
+        }
+    }
+}
+
+fn print_row(f: &Figures, raw: Option<f64>) {
+    let ratio = raw.filter(|r| *r > 0.0).map_or(String::from("-"), |r| format!("{:.2}x", f.tx_per_s() / r));
+    println!(
+        "{:<17} {:>3} {:>5} {:>10.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+        f.mode,
+        f.branches,
+        f.concurrency,
+        f.tx_per_s(),
+        ratio,
+        f.p50_ms,
+        f.p99_ms,
+        f.p999_ms,
+        f.errors
+    );
+}
+
+async fn bench(args: Args) -> Result<bool, String> {
+    let participants = Participants::start().await.map_err(|e| e.to_string())?;
+    let http = build_client(&ClientConfig::default()).map_err(|e| e.to_string())?;
+    let bench = Bench { args, participants, http };
+    let c = bench.args.concurrency;
+    println!(
+        "{:<17} {:>3} {:>5} {:>10} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "mode", "br", "conc", "tx/s", "vs raw", "p50 ms", "p99 ms", "p999 ms", "errors"
+    );
+    let mut main = Vec::new();
+    let mut raw = None;
+    for mode in bench.args.modes.clone() {
+        let f = bench.run(&mode, 2, c).await?;
+        if mode == "raw" {
+            raw = Some(f.tx_per_s());
+        }
+        print_row(&f, raw);
+        main.push(f);
+    }
+    let mut extra = Vec::new();
+    if bench.args.sweep_branches {
+        for mode in ["raw", "embedded", "standalone"] {
+            let mut base = None;
+            for b in [1, 2, 4, 8] {
+                let f = bench.run(mode, b, c).await?;
+                base = base.or(Some(f.tx_per_s()));
+                print_row(&f, None);
+                extra.push(f);
+            }
+        }
+    }
+    if bench.args.sweep_concurrency {
+        for mode in ["raw", "embedded", "standalone"] {
+            for conc in [1, 4, 16, 64, 256] {
+                let f = bench.run(mode, 2, conc).await?;
+                print_row(&f, None);
+                extra.push(f);
+            }
+        }
+    }
+    let rate = |m: &str| main.iter().find(|f| f.mode == m).map(Figures::tx_per_s);
+    let ratio = |m: &str| match (rate(m), raw) {
+        (Some(x), Some(r)) if r > 0.0 => Some(x / r),
+        _ => None,
+    };
+    if let Some(path) = &bench.args.json {
+        let num = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.3}"));
+        let mut out = String::from("{\n");
+        for m in ["raw", "embedded", "standalone", "coordinator_only"] {
+            let _ = writeln!(out, "  \"{m}_tx_per_s\": {},", num(rate(m)));
+        }
+        let _ = writeln!(out, "  \"embedded_ratio\": {},", num(ratio("embedded")));
+        let _ = writeln!(out, "  \"standalone_ratio\": {},", num(ratio("standalone")));
+        let _ = writeln!(out, "  \"concurrency\": {c},\n  \"duration_s\": {},", bench.args.duration);
+        let rows: Vec<String> = main.iter().chain(&extra).map(Figures::json).collect();
+        let _ = writeln!(out, "  \"runs\": [\n    {}\n  ]\n}}", rows.join(",\n    "));
+        std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    let complete = main.iter().chain(&extra).all(|f| f.transactions > 0);
+    let confirmed = bench.participants.confirms.load(Ordering::Relaxed);
+    if confirmed == 0 && !main.is_empty() {
+        return Err("no participant was ever confirmed".into());
+    }
+    Ok(complete)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcc-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(serve) = args.serve_coordinator.clone() {
+        return rt.block_on(serve_coordinator(serve));
+    }
+    match rt.block_on(bench(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("tcc-bench: a mode completed no transaction");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tcc-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The child-process coordinator of the standalone modes when no tcc-coordinator binary is found.
+async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
+    let [listen, dir] = serve.as_slice() else { return ExitCode::from(2) };
+    let launch = tcc_http::server::Launch {
+        listen: listen.clone(),
+        data_dir: dir.into(),
+        core: tcc_core::Config::default(),
+        server: Default::default(),
+        client: Default::default(),
+    };
+    match tcc_http::server::start(launch).await {
+        Ok(running) => {
+            std::future::pending::<()>().await;
+            drop(running);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcc-bench coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
