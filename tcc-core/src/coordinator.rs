@@ -428,6 +428,18 @@ impl Inner {
     /// Reads, applies `event`, stores with compare-and-set, re-applying on a lost race.
     /// Returns the transaction as stored and the effects still to perform.
     pub(crate) async fn update(&self, gid: &Gid, event: &Event) -> Result<(Transaction, Vec<Effect>)> {
+        self.update_with(gid, event, true).await
+    }
+
+    /// [`update`](Self::update); with `durable` false the change need not be on disk when this
+    /// returns (see [`Store::compare_and_set_unsynced`]): only for changes nobody is told of as a
+    /// durable fact, whose loss makes the work run again.
+    pub(crate) async fn update_with(
+        &self,
+        gid: &Gid,
+        event: &Event,
+        durable: bool,
+    ) -> Result<(Transaction, Vec<Effect>)> {
         for _ in 0..MAX_CAS_ROUNDS {
             let current = self.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))?;
             let (now, lease_until) = self.context();
@@ -446,7 +458,12 @@ impl Inner {
                 }
                 Transition::Changed(mut next, effects) => {
                     next.version = current.version + 1;
-                    match self.store.compare_and_set(current.version, &next).await? {
+                    let cas = if durable {
+                        self.store.compare_and_set(current.version, &next).await?
+                    } else {
+                        self.store.compare_and_set_unsynced(current.version, &next).await?
+                    };
+                    match cas {
                         Cas::Stored => return Ok((next, effects)),
                         Cas::Conflict(_) => continue,
                     }

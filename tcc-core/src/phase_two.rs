@@ -69,7 +69,10 @@ impl Inner {
             policy.next_retry(tx.attempts + 1, self.clock.now(), random)
         };
         let event = Event::RoundFinished { done, failed, retry_at };
-        match self.update(&tx.gid, &event).await {
+        // Recording a round's results is not an acknowledgement of anything: lost in a crash, the
+        // round runs again and the participants answer it as a duplicate. So it does not wait for
+        // the flush, and waiters hear of a finished transaction one flush earlier.
+        match self.update_with(&tx.gid, &event, false).await {
             Ok((stored, effects)) => {
                 drop(_guard);
                 self.perform(&stored, effects);

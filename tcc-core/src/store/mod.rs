@@ -1,4 +1,6 @@
-//! The coordinator's durable log: the [`Store`] trait and its embedded sled implementation.
+//! The coordinator's durable log: the [`Store`] trait, its embedded sled implementation and (with the
+//! `postgres` feature) the PostgreSQL one in `store::postgres`, which several coordinator processes
+//! share.
 //!
 //! ## Why the trait looks like this
 //! The engine must run unchanged on one process with an embedded sled directory and on several
@@ -16,13 +18,16 @@
 //!   `lease_until`; if the process dies, the work falls due again when the lease ends and another
 //!   process claims it (`SELECT ... FOR UPDATE SKIP LOCKED` in SQL). A store used by one process only
 //!   (sled holds an exclusive lock on its directory) hands back leases left by a dead predecessor at
-//!   once in [`Store::reclaim_abandoned`].
+//!   once in [`Store::reclaim_abandoned`]; a shared store (PostgreSQL) leaves them to expire, since
+//!   their owners may be alive.
 //! - **Durable acknowledgements with group commit.** `insert` and `compare_and_set` return only after
 //!   the change is flushed; concurrent writers share one flush (see [`group_commit`]).
 //! - **Async and object-safe**, so the engine holds an `Arc<dyn Store>` chosen at run time.
 
 pub mod codec;
 pub mod group_commit;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sled;
 
 use async_trait::async_trait;
@@ -30,6 +35,8 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::PgStore;
 pub use self::sled::SledStore;
 
 /// Most transactions one [`Store::list`] call returns.
@@ -77,6 +84,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Replaces the transaction with `tx` if the stored version is `expected_version`, keeping the
     /// due and state indexes in step. Durable when it returns [`Cas::Stored`].
     async fn compare_and_set(&self, expected_version: u64, tx: &Transaction) -> Result<Cas>;
+
+    /// [`compare_and_set`](Store::compare_and_set) for a change whose loss in a crash only repeats
+    /// work (the coordinator uses it to record phase-two results: lost, the round runs again and
+    /// participants answer it as a duplicate). It need not be durable when it returns; the next
+    /// durable write or [`sync`](Store::sync) makes it so. The default is the durable one.
+    async fn compare_and_set_unsynced(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
+        self.compare_and_set(expected_version, tx).await
+    }
 
     /// Lists transactions, optionally in one state, one page at a time.
     async fn list(&self, query: &ListQuery) -> Result<Page>;

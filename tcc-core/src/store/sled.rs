@@ -88,6 +88,19 @@ fn index_keys(tx: &Transaction) -> (Option<Vec<u8>>, Vec<u8>) {
 }
 
 impl SledStore {
+    /// The compare-and-set itself, without waiting for durability.
+    fn swap_if(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
+        let _g = self.stripe(&tx.gid);
+        Ok(match self.read(&tx.gid)? {
+            Some((old, bytes)) if old.version == expected_version => {
+                match self.swap(Some(&old), Some(&bytes), tx)? {
+                    Ok(()) => Cas::Stored,
+                    Err(current) => Cas::Conflict(current),
+                }
+            }
+            other => Cas::Conflict(other.map(|(t, _)| t)),
+        })
+    }
     /// Opens (or creates) the store in directory `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<SledStore> {
         let db = sled::Config::new().path(path).open()?;
@@ -215,22 +228,15 @@ impl Store for SledStore {
     }
 
     async fn compare_and_set(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
-        let cas = {
-            let _g = self.stripe(&tx.gid);
-            match self.read(&tx.gid)? {
-                Some((old, bytes)) if old.version == expected_version => {
-                    match self.swap(Some(&old), Some(&bytes), tx)? {
-                        Ok(()) => Cas::Stored,
-                        Err(current) => Cas::Conflict(current),
-                    }
-                }
-                other => Cas::Conflict(other.map(|(t, _)| t)),
-            }
-        };
+        let cas = self.swap_if(expected_version, tx)?;
         if cas == Cas::Stored {
             self.commit.durable().await?;
         }
         Ok(cas)
+    }
+
+    async fn compare_and_set_unsynced(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
+        self.swap_if(expected_version, tx)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page> {

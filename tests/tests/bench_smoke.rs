@@ -1,0 +1,35 @@
+//! `tcc-bench` as a smoke test: every mode completes transactions and the JSON report has the keys
+//! the README's table is built from. A benchmark, not a timed test: no figure is asserted.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+#[test]
+fn every_mode_completes_and_the_json_has_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tcc-bench"))
+        .args(["--duration", "0.5", "--concurrency", "8", "--json"])
+        .arg(&json)
+        .env_remove("TCC_COORDINATOR_BIN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for mode in ["raw", "embedded", "standalone", "coordinator_only"] {
+        assert!(stdout.lines().any(|l| l.starts_with(mode)), "no row for {mode}:\n{stdout}");
+    }
+    let report = std::fs::read_to_string(&json).unwrap();
+    for key in [
+        "\"raw_tx_per_s\": ",
+        "\"embedded_tx_per_s\": ",
+        "\"standalone_tx_per_s\": ",
+        "\"coordinator_only_tx_per_s\": ",
+        "\"embedded_ratio\": ",
+        "\"standalone_ratio\": ",
+    ] {
+        let value = report.split(key).nth(1).and_then(|r| r.split([',', '\n']).next()).unwrap_or("missing");
+        let v: f64 = value.trim().parse().unwrap_or_else(|_| panic!("{key} is {value:?} in\n{report}"));
+        assert!(v > 0.0, "{key} {v}");
+    }
+}
