@@ -235,6 +235,22 @@ impl Coordinator {
         timeout: Duration,
         options: TxOptions,
     ) -> Result<Transaction> {
+        let tx = self.begin_deferred(gid, timeout, options).await?;
+        self.inner.store.sync().await?;
+        Ok(tx)
+    }
+
+    /// [`begin_with`](Self::begin_with) without waiting for the flush: the transaction is stored
+    /// but durable only after the next [`sync`](Self::sync) or durable write (every decision is
+    /// one). For an initiator in this process that overlaps the flush with other work (the embedded
+    /// `tcc-http` client sends the first try meanwhile); it must not treat the transaction as begun
+    /// to anyone else before a sync.
+    pub async fn begin_deferred(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+    ) -> Result<Transaction> {
         let c = &self.inner.config;
         let limit = c.max_timeout.as_millis();
         for (name, value) in
@@ -264,7 +280,7 @@ impl Coordinator {
         let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
         tx.version = 1;
         tx.options = options;
-        self.inner.store.insert(&tx).await?;
+        self.inner.store.insert_unsynced(&tx).await?;
         self.inner.counters.begun.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(tx = %tx.gid, deadline = %tx.deadline, "begun");
         Ok(tx)
@@ -280,6 +296,34 @@ impl Coordinator {
         target: String,
         payload: Vec<u8>,
     ) -> Result<Transaction> {
+        self.check_branch(&target, &payload)?;
+        let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
+        Ok(tx)
+    }
+
+    /// [`register`](Self::register) without waiting for the flush; see
+    /// [`begin_deferred`](Self::begin_deferred). A try may be sent meanwhile: if the registration is
+    /// lost in a crash, the transaction cannot be confirmed (its initiator never saw the
+    /// registration acknowledged) and the participant releases the reservation at its deadline plus
+    /// grace.
+    pub async fn register_deferred(
+        &self,
+        gid: &Gid,
+        id: BranchId,
+        target: String,
+        payload: Vec<u8>,
+    ) -> Result<Transaction> {
+        self.check_branch(&target, &payload)?;
+        let (tx, _) = self.inner.update_with(gid, &Event::Register { id, target, payload }, false).await?;
+        Ok(tx)
+    }
+
+    /// Waits until every change made so far is durable.
+    pub async fn sync(&self) -> Result<()> {
+        self.inner.store.sync().await
+    }
+
+    fn check_branch(&self, target: &str, payload: &[u8]) -> Result<()> {
         let c = &self.inner.config;
         if payload.len() > c.max_payload {
             return Err(Error::InvalidInput(format!("payload is over {} bytes", c.max_payload)));
@@ -287,8 +331,7 @@ impl Coordinator {
         if target.is_empty() || target.len() > c.max_target {
             return Err(Error::InvalidInput(format!("target must be 1 to {} bytes", c.max_target)));
         }
-        let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
-        Ok(tx)
+        Ok(())
     }
 
     /// Decides to confirm every branch. Returns once the decision is durable; phase two then runs in

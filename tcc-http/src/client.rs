@@ -191,6 +191,10 @@ impl TccClient {
     }
 
     /// Begins a transaction that must be decided within `timeout`.
+    ///
+    /// A remote coordinator answers once the transaction is on disk. An embedded engine stores it
+    /// without waiting for the flush, which then overlaps the first try (see
+    /// [`GlobalTx::try_branch`]); every decision waits for it.
     pub async fn begin(&self, timeout: Duration) -> Result<GlobalTx, ClientError> {
         self.begin_with(timeout, BeginOptions::default()).await
     }
@@ -203,7 +207,10 @@ impl TccClient {
     ) -> Result<GlobalTx, ClientError> {
         let view = match &self.inner.backend {
             Backend::Embedded { coordinator, .. } => {
-                TransactionView::from(&coordinator.begin_with(options.gid, timeout, options.options).await?)
+                // Made durable together with the first registration, overlapping the first try.
+                TransactionView::from(
+                    &coordinator.begin_deferred(options.gid, timeout, options.options).await?,
+                )
             }
             Backend::Remote { .. } => {
                 let req = BeginRequest {
@@ -373,6 +380,11 @@ impl GlobalTx {
     /// Registers branch `branch` for the participant operation at `target` (its base URL), then
     /// calls its try with `request`, returning the participant's result bytes. `request` is also
     /// what the participant gets back with confirm and cancel.
+    ///
+    /// The registration is durable before this returns. With an embedded engine, its flush runs
+    /// while the try travels instead of before it: a try sent for a registration that a crash then
+    /// loses can never be confirmed (the transaction cannot be decided without its initiator seeing
+    /// this return), and the participant releases it on its own at the deadline plus grace.
     pub async fn try_branch(
         &self,
         branch: &str,
@@ -381,9 +393,9 @@ impl GlobalTx {
     ) -> Result<Bytes, ClientError> {
         let id: BranchId =
             branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
-        let target_url = self.register(&id, target, &request).await?;
+        let target_url = self.register(&id, target, &request, false).await?;
         let url = crate::transport::phase_url(&target_url, protocol::TRY_PATH);
-        let res = self
+        let send = self
             .client
             .inner
             .http
@@ -393,12 +405,23 @@ impl GlobalTx {
             .header(DEADLINE_HEADER, self.deadline.0.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(request)
-            .send()
-            .await
-            .map_err(|e| ClientError::TryFailed {
-                branch: branch.to_owned(),
-                message: crate::transport::transport_error(&e).to_string(),
-            })?;
+            .send();
+        let sent = match &self.client.inner.backend {
+            // The embedded engine stored the registration without waiting for its flush: flush while
+            // the try travels, and answer only once both are done. Should the process die before
+            // the flush, the transaction cannot be confirmed, and the participant releases what the
+            // try held at its deadline plus grace.
+            Backend::Embedded { coordinator, .. } => {
+                let (synced, sent) = tokio::join!(coordinator.sync(), send);
+                synced?;
+                sent
+            }
+            Backend::Remote { .. } => send.await,
+        };
+        let res = sent.map_err(|e| ClientError::TryFailed {
+            branch: branch.to_owned(),
+            message: crate::transport::transport_error(&e).to_string(),
+        })?;
         let status = res.status();
         if status.is_success() {
             return res
@@ -433,17 +456,28 @@ impl GlobalTx {
     ) -> Result<(), ClientError> {
         let id: BranchId =
             branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
-        self.register(&id, target, &payload).await.map(drop)
+        self.register(&id, target, &payload, true).await.map(drop)
     }
 
-    async fn register(&self, id: &BranchId, target: &str, payload: &[u8]) -> Result<Url, ClientError> {
+    /// Registers a branch; with `durable` false, an embedded engine does not wait for the flush
+    /// (the caller syncs before answering). A remote coordinator always answers once durable.
+    async fn register(
+        &self,
+        id: &BranchId,
+        target: &str,
+        payload: &[u8],
+        durable: bool,
+    ) -> Result<Url, ClientError> {
         let payload_text = std::str::from_utf8(payload);
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, allow } => {
                 let url = allow.check(target).map_err(crate::error::ApiError::participant_not_allowed)?;
-                coordinator
-                    .register(&self.gid, id.clone(), Target::Native(url.clone()).encode(), payload.to_vec())
-                    .await?;
+                let encoded = Target::Native(url.clone()).encode();
+                if durable {
+                    coordinator.register(&self.gid, id.clone(), encoded, payload.to_vec()).await?;
+                } else {
+                    coordinator.register_deferred(&self.gid, id.clone(), encoded, payload.to_vec()).await?;
+                }
                 Ok(url)
             }
             Backend::Remote { .. } => {

@@ -75,6 +75,38 @@ async fn child_coordinator(dir: &str) {
     }
 }
 
+/// The embedded client's pattern: begin and register without waiting for the flush, then one sync
+/// (which the client overlaps with the try) before anything is acknowledged.
+async fn child_deferred(dir: &str) {
+    let store = Arc::new(SledStore::open(dir).unwrap());
+    let config = Config { owner: "child".into(), ..Config::default() };
+    let tc = Arc::new(
+        Coordinator::open(store, Arc::new(MemParticipants::hanging()), Arc::new(SystemClock), config)
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let tc = tc.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let tx =
+                    tc.begin_deferred(None, Duration::from_secs(3600), Default::default()).await.unwrap();
+                for b in ["flight", "hotel"] {
+                    tc.register_deferred(&tx.gid, b.parse().unwrap(), format!("mem://{b}"), vec![])
+                        .await
+                        .unwrap();
+                    tc.sync().await.unwrap();
+                }
+                say(format!("registered {}", tx.gid));
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 /// Not a test of its own: the body of the child process.
 #[test]
 fn kill9_child_entry() {
@@ -85,6 +117,7 @@ fn kill9_child_entry() {
     rt.block_on(async {
         match mode.as_str() {
             "store" => child_store_writes(&dir).await,
+            "deferred" => child_deferred(&dir).await,
             _ => child_coordinator(&dir).await,
         }
     });
@@ -183,4 +216,16 @@ async fn every_acknowledged_decision_survives_kill_9_and_is_carried_out_after_re
     }
     assert!(checked > 100, "only {checked} decisions were checked");
     tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_begin_and_registration_are_durable_once_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = run_child_and_kill("deferred", dir.path(), 2_000);
+    let store = open_after_kill(dir.path()).await;
+    for line in &acked {
+        let gid = gid_of(line);
+        let tx = store.get(&gid).await.unwrap().unwrap_or_else(|| panic!("synced {gid} was lost"));
+        assert_eq!(tx.branches.len(), 2, "{gid}: both synced registrations survive");
+    }
 }

@@ -78,6 +78,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Fails with [`Error::AlreadyExists`](crate::Error::AlreadyExists) if the id is taken.
     async fn insert(&self, tx: &Transaction) -> Result<()>;
 
+    /// [`insert`](Store::insert) without waiting for durability: the caller must
+    /// [`sync`](Store::sync) before acknowledging the insert to anyone. The default is the durable
+    /// one.
+    async fn insert_unsynced(&self, tx: &Transaction) -> Result<()> {
+        self.insert(tx).await
+    }
+
     /// The stored transaction with this id.
     async fn get(&self, gid: &Gid) -> Result<Option<Transaction>>;
 

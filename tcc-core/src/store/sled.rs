@@ -214,12 +214,7 @@ impl SledStore {
 #[async_trait]
 impl Store for SledStore {
     async fn insert(&self, tx: &Transaction) -> Result<()> {
-        {
-            let _g = self.stripe(&tx.gid);
-            if self.swap(None, None, tx)?.is_err() {
-                return Err(Error::AlreadyExists(tx.gid.clone()));
-            }
-        }
+        self.insert_unsynced(tx).await?;
         self.commit.durable().await
     }
 
@@ -233,6 +228,14 @@ impl Store for SledStore {
             self.commit.durable().await?;
         }
         Ok(cas)
+    }
+
+    async fn insert_unsynced(&self, tx: &Transaction) -> Result<()> {
+        let _g = self.stripe(&tx.gid);
+        match self.swap(None, None, tx)? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::AlreadyExists(tx.gid.clone())),
+        }
     }
 
     async fn compare_and_set_unsynced(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
