@@ -143,21 +143,22 @@ impl SledStore {
     ) -> Result<std::result::Result<(), Option<Transaction>>> {
         let bytes = encode(new)?;
         let (new_due, new_state) = index_keys(new);
-        if let Some(k) = &new_due {
+        let (old_due, old_state) = old.map(index_keys).unzip();
+        // Entries the old record has already need no write (a registration changes neither).
+        if let Some(k) = new_due.as_ref().filter(|k| old_due.as_ref().and_then(Option::as_ref) != Some(*k)) {
             self.due.insert(k.as_slice(), &[][..])?;
         }
-        self.states.insert(new_state.as_slice(), &[][..])?;
+        if old_state.as_ref() != Some(&new_state) {
+            self.states.insert(new_state.as_slice(), &[][..])?;
+        }
         let key = new.gid.as_str().as_bytes();
         match self.txs.compare_and_swap(key, old_bytes, Some(bytes))? {
             Ok(()) => {
-                if let Some(old) = old {
-                    let (old_due, old_state) = index_keys(old);
-                    if let Some(k) = old_due.filter(|k| Some(k) != new_due.as_ref()) {
-                        self.due.remove(k)?;
-                    }
-                    if old_state != new_state {
-                        self.states.remove(old_state)?;
-                    }
+                if let Some(k) = old_due.flatten().filter(|k| Some(k) != new_due.as_ref()) {
+                    self.due.remove(k)?;
+                }
+                if let Some(k) = old_state.filter(|k| *k != new_state) {
+                    self.states.remove(k)?;
                 }
                 Ok(Ok(()))
             }
