@@ -28,6 +28,12 @@
 //!   the barrier trees and the business trees.
 //! - [`decide`] directly when the business state lives elsewhere (a SQL database, say): its docs walk
 //!   through the steps. Both share this one function, so they cannot drift apart.
+//!
+//! A business method that cannot run inside a sled transaction (an async one) decides first with
+//! [`decide`] on [`SledBarrier::get`]'s record, prepares its writes outside, then commits them through
+//! the same [`SledBarrier`] call, whose check inside the transaction stays the authority; for expiry,
+//! [`SledBarrier::due`] lists what is due and [`SledBarrier::expire`] releases one. `tcc-http`'s
+//! participant runtime does this for its async operations.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -709,6 +715,21 @@ impl SledBarrier {
         self.grace
     }
 
+    /// The clock the barrier decides deadlines with.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The database the barrier lives in (for [`sled::Db::generate_id`], say).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The business trees given to [`open`](SledBarrier::open), in that order.
+    pub fn business_trees(&self) -> &[Tree] {
+        &self.all[2..]
+    }
+
     /// Phase one: runs the business try `f` once per (gid, branch).
     ///
     /// `f` gets the business trees and `request`, and returns the result bytes, which are stored and
@@ -792,36 +813,16 @@ impl SledBarrier {
         F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
         E: fmt::Display,
     {
-        let run = |tx: &BusinessTx<'_>| f_cancel(tx).map(|()| Vec::new());
-        // Due means deadline + grace <= now, that is deadline <= now - grace; decide checks it again.
-        let grace_ms = u64::try_from(self.grace.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = self.clock.now().0.saturating_sub(grace_ms);
-        let end = match cutoff.checked_add(1) {
-            Some(after) => Bound::Excluded(after.to_be_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut start = Bound::Unbounded;
+        let mut after = None;
         let mut released = 0;
         loop {
-            let batch = self
-                .expiry
-                .range::<Vec<u8>, _>((start.clone(), end.clone()))
-                .keys()
-                .take(SWEEP_BATCH)
-                .collect::<Result<Vec<_>, _>>()?;
-            for key in &batch {
-                let Some((gid, branch)) = parse_expiry_key(key) else {
-                    error!(key = ?key.as_ref(), "unreadable barrier expiry index key; skipped");
-                    continue;
-                };
-                match self.apply(&gid, &branch, Op::Expire { grace: self.grace }, Some(key), &run) {
-                    Ok(Applied::Ran(rec)) => {
-                        released += 1;
-                        info!(gid = %gid, branch = %branch, deadline = %rec.deadline, "reservation expired; released");
-                    }
-                    Ok(_) => {}
+            let batch = self.due(after.as_ref(), SWEEP_BATCH).map_err(widen)?;
+            for due in &batch {
+                match self.release(due, &f_cancel) {
+                    Ok(true) => released += 1,
+                    Ok(false) => {}
                     Err(BarrierError::Business(e)) => {
-                        warn!(gid = %gid, branch = %branch, error = %e,
+                        warn!(gid = %due.gid, branch = %due.branch, error = %e,
                             "business cancel of an expired reservation failed; retrying next sweep");
                     }
                     Err(e @ BarrierError::Corrupt { .. }) => {
@@ -831,7 +832,7 @@ impl SledBarrier {
                 }
             }
             match batch.last() {
-                Some(last) if batch.len() == SWEEP_BATCH => start = Bound::Excluded(last.to_vec()),
+                Some(last) if batch.len() == SWEEP_BATCH => after = Some(last.clone()),
                 _ => break,
             }
         }
@@ -839,6 +840,76 @@ impl SledBarrier {
             self.make_durable()?;
         }
         Ok(released)
+    }
+
+    /// Up to `limit` held reservations due for release (deadline + grace at or before now), earliest
+    /// deadline first, starting after `after` (a reservation from the previous page).
+    ///
+    /// With [`expire`](SledBarrier::expire) this is the sweep of [`expire_due`](SledBarrier::expire_due)
+    /// taken apart, for a caller whose business cancel cannot run inside a sled transaction (an async
+    /// method, say): list what is due, prepare each release outside, then commit it with `expire`,
+    /// which checks the record again. Reads only the index of held reservations; an unreadable index
+    /// key is logged and skipped.
+    pub fn due(
+        &self,
+        after: Option<&DueReservation>,
+        limit: usize,
+    ) -> Result<Vec<DueReservation>, BarrierError> {
+        // Due means deadline + grace <= now, that is deadline <= now - grace; decide checks it again.
+        let grace_ms = u64::try_from(self.grace.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = self.clock.now().0.saturating_sub(grace_ms);
+        let end = match cutoff.checked_add(1) {
+            Some(after) => Bound::Excluded(after.to_be_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let start = match after {
+            Some(d) => Bound::Excluded(expiry_key(d.deadline, &d.gid, &d.branch)),
+            None => Bound::Unbounded,
+        };
+        let mut due = Vec::new();
+        for key in self.expiry.range::<Vec<u8>, _>((start, end)).keys() {
+            if due.len() >= limit {
+                break;
+            }
+            let key = key?;
+            match parse_due(&key) {
+                Some(d) => due.push(d),
+                None => error!(key = ?key.as_ref(), "unreadable barrier expiry index key; skipped"),
+            }
+        }
+        Ok(due)
+    }
+
+    /// Releases one reservation listed by [`due`](SledBarrier::due) if it is still held and due,
+    /// running the business cancel `f_cancel` with its stored request in the same transaction as the
+    /// barrier record ([`BarrierState::Expired`]). Returns whether it released it: `false` when the
+    /// branch was confirmed, cancelled or expired meanwhile (nothing runs; a stale index entry is
+    /// dropped). Durable as the other operations are (see [`Durability`]) when it released.
+    pub fn expire<F, E>(&self, due: &DueReservation, f_cancel: F) -> Result<bool, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
+        let released = self.release(due, &f_cancel)?;
+        if released {
+            self.make_durable()?;
+        }
+        Ok(released)
+    }
+
+    /// One release, without making it durable.
+    fn release<F, E>(&self, due: &DueReservation, f_cancel: &F) -> Result<bool, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
+        let run = |tx: &BusinessTx<'_>| f_cancel(tx).map(|()| Vec::new());
+        let key = expiry_key(due.deadline, &due.gid, &due.branch);
+        match self.apply(&due.gid, &due.branch, Op::Expire { grace: self.grace }, Some(&key), &run)? {
+            Applied::Ran(rec) => {
+                info!(gid = %due.gid, branch = %due.branch, deadline = %rec.deadline, "reservation expired; released");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Spawns a Tokio task that runs [`expire_due`](SledBarrier::expire_due) now and then every
@@ -984,6 +1055,28 @@ impl SledBarrier {
     }
 }
 
+/// A held reservation due for release, as listed by [`SledBarrier::due`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DueReservation {
+    /// The transaction.
+    pub gid: Gid,
+    /// The branch.
+    pub branch: BranchId,
+    /// The deadline its try carried; it is due at deadline + grace.
+    pub deadline: Timestamp,
+}
+
+/// A barrier error of a read, in the business closures' error type.
+fn widen<E>(e: BarrierError) -> BarrierError<E> {
+    match e {
+        BarrierError::Refused(r) => BarrierError::Refused(r),
+        BarrierError::Business(never) => match never {},
+        BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
+        BarrierError::Storage(e) => BarrierError::Storage(e),
+        BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
+    }
+}
+
 /// The background expiry loop started by [`SledBarrier::spawn_expiry`]; dropping it stops the loop.
 #[derive(Debug)]
 #[must_use = "dropping the ExpiryTask stops the expiry loop"]
@@ -992,6 +1085,12 @@ pub struct ExpiryTask {
 }
 
 impl ExpiryTask {
+    /// The handle of an expiry loop spawned elsewhere (a participant runtime's own loop, say), so
+    /// that dropping it stops that loop the same way.
+    pub fn from_handle(handle: tokio::task::JoinHandle<()>) -> ExpiryTask {
+        ExpiryTask { handle }
+    }
+
     /// Stops the loop (a sweep already running on the blocking pool finishes).
     pub fn stop(self) {
         // Drop does the work.
@@ -1019,6 +1118,12 @@ fn expiry_key(deadline: Timestamp, gid: &Gid, branch: &BranchId) -> Vec<u8> {
     let mut key = deadline.0.to_be_bytes().to_vec();
     key.extend_from_slice(&barrier_key(gid, branch));
     key
+}
+
+fn parse_due(key: &[u8]) -> Option<DueReservation> {
+    let deadline = Timestamp(u64::from_be_bytes(key.get(..8)?.try_into().ok()?));
+    let (gid, branch) = parse_expiry_key(key)?;
+    Some(DueReservation { gid, branch, deadline })
 }
 
 fn parse_expiry_key(key: &[u8]) -> Option<(Gid, BranchId)> {
@@ -1176,6 +1281,10 @@ mod tests {
         let c: BranchId = "c".parse().expect("valid");
         let bc: BranchId = "bc".parse().expect("valid");
         assert_ne!(barrier_key(&gid, &bc), barrier_key(&ab, &c));
+        assert_eq!(
+            parse_due(&key),
+            Some(DueReservation { gid: gid.clone(), branch: branch.clone(), deadline: Timestamp(42) })
+        );
         assert_eq!(parse_expiry_key(b"short"), None);
         assert_eq!(parse_expiry_key(b"\0\0\0\0\0\0\0\x01no-separator"), None);
     }

@@ -462,6 +462,105 @@ fn expiry_releases_more_reservations_than_one_sweep_batch() -> TestResult {
 }
 
 #[test]
+fn due_lists_only_what_is_due_earliest_first_a_page_at_a_time() -> TestResult {
+    let fx = Fixture::new();
+    let gid = Gid::generate();
+    // Tried in reverse deadline order: the listing still comes earliest first.
+    for (i, name) in ["c", "b", "a"].iter().enumerate() {
+        let deadline = fx.deadline() + Duration::from_millis(10 * (2 - i as u64));
+        fx.barrier.try_op(&gid, &branch(name), deadline, b"x", hold)?;
+    }
+    let late = branch("late");
+    fx.barrier.try_op(&gid, &late, fx.deadline() + Duration::from_secs(60), b"x", hold)?;
+    let confirmed = branch("confirmed");
+    fx.barrier.try_op(&gid, &confirmed, fx.deadline(), b"x", hold)?;
+    fx.barrier.confirm(&gid, &confirmed, sell)?;
+    assert_eq!(fx.barrier.due(None, 10)?, vec![], "nothing is due before deadline + grace");
+
+    fx.clock.advance(TTL + GRACE + Duration::from_millis(20));
+    let all = fx.barrier.due(None, 10)?;
+    let names: Vec<&str> = all.iter().map(|d| d.branch.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "due ones only, earliest deadline first");
+    assert!(all.windows(2).all(|w| w[0].deadline < w[1].deadline));
+    assert!(all.iter().all(|d| d.gid == gid));
+
+    let first = fx.barrier.due(None, 2)?;
+    assert_eq!(first, all[..2]);
+    assert_eq!(fx.barrier.due(first.last(), 2)?, all[2..]);
+    assert_eq!(fx.barrier.due(all.last(), 2)?, vec![]);
+    // Listing changes nothing.
+    assert_eq!(fx.runs("cancel"), 0);
+    assert_eq!(fx.barrier.held(), 4);
+    Ok(())
+}
+
+#[test]
+fn expire_releases_one_listed_reservation_once_with_its_business_cancel() -> TestResult {
+    let fx = Fixture::new();
+    let (gid, b) = (Gid::generate(), branch("flight"));
+    fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?;
+    fx.clock.advance(TTL + GRACE);
+    let [due] = <[_; 1]>::try_from(fx.barrier.due(None, 10)?).map_err(|d| format!("{d:?}"))?;
+    assert_eq!(due.deadline, START + TTL);
+
+    // The cancel gets the stored request, inside the barrier's transaction.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let cancel = |tx: &BusinessTx<'_>| {
+        seen.lock().expect("unpoisoned").push(tx.request().to_vec());
+        release(tx)
+    };
+    assert!(fx.barrier.expire(&due, cancel)?);
+    assert_eq!(fx.state(&gid, &b), Some(BarrierState::Expired));
+    assert_eq!(fx.runs("cancel"), 1);
+    assert_eq!(fx.holds(&gid, &b), None);
+    assert_eq!(seen.lock().expect("unpoisoned").as_slice(), [b"12A".to_vec()]);
+
+    // Again: nothing to release, nothing runs.
+    assert!(!fx.barrier.expire(&due, release)?);
+    assert_eq!(fx.runs("cancel"), 1);
+    assert_eq!(fx.barrier.due(None, 10)?, vec![]);
+    Ok(())
+}
+
+#[test]
+fn expire_of_a_branch_finished_after_the_listing_runs_nothing() -> TestResult {
+    let fx = Fixture::new();
+    let gid = Gid::generate();
+    let (confirmed, cancelled) = (branch("a"), branch("b"));
+    for b in [&confirmed, &cancelled] {
+        fx.barrier.try_op(&gid, b, fx.deadline(), b"x", hold)?;
+    }
+    fx.clock.advance(TTL + GRACE);
+    let due = fx.barrier.due(None, 10)?;
+    assert_eq!(due.len(), 2);
+    // The coordinator's word arrives between the listing and the release.
+    fx.barrier.confirm(&gid, &confirmed, sell)?;
+    fx.barrier.cancel(&gid, &cancelled, release)?;
+    for d in &due {
+        assert!(!fx.barrier.expire(d, release)?);
+    }
+    assert_eq!(fx.state(&gid, &confirmed), Some(BarrierState::Confirmed));
+    assert_eq!(fx.state(&gid, &cancelled), Some(BarrierState::Cancelled));
+    assert_eq!((fx.runs("confirm"), fx.runs("cancel")), (1, 1));
+    Ok(())
+}
+
+#[test]
+fn expire_whose_business_cancel_aborts_keeps_the_reservation() -> TestResult {
+    let fx = Fixture::new();
+    let (gid, b) = (Gid::generate(), branch("flight"));
+    fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?;
+    fx.clock.advance(TTL + GRACE);
+    let due = fx.barrier.due(None, 10)?;
+    let failing = |_: &BusinessTx<'_>| -> Biz<()> { abort("down".to_string()) };
+    assert!(matches!(fx.barrier.expire(&due[0], failing), Err(BarrierError::Business(m)) if m == "down"));
+    assert_eq!(fx.state(&gid, &b), Some(BarrierState::Tried));
+    assert_eq!(fx.barrier.held(), 1);
+    assert!(fx.barrier.expire(&due[0], release)?);
+    Ok(())
+}
+
+#[test]
 fn concurrent_cancels_of_one_branch_run_business_cancel_exactly_once() -> TestResult {
     let fx = Fixture::new();
     let b = branch("flight");
@@ -524,6 +623,20 @@ fn racing_try_and_cancel_never_leave_a_reservation_held() -> TestResult {
     Ok(())
 }
 
+/// Opens the database again. sled releases its directory lock when its background flusher thread
+/// notices the last handle is gone, a moment after the drop: try again for a bounded while.
+fn reopen(path: &std::path::Path) -> sled::Result<sled::Db> {
+    let mut last = None;
+    for _ in 0..500 {
+        match sled::open(path) {
+            Ok(db) => return Ok(db),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(last.unwrap_or(sled::Error::Unsupported("reopen".into())))
+}
+
 #[test]
 fn reopening_the_db_keeps_barrier_records() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -540,7 +653,7 @@ fn reopening_the_db_keeps_barrier_records() -> TestResult {
         fx.barrier.cancel(&gid, &empty, release)?;
         // Every operation flushed already (Durability::FlushEachOp); dropping closes the db.
     }
-    let fx = Fixture::on(sled::open(dir.path())?);
+    let fx = Fixture::on(reopen(dir.path())?);
     assert_eq!(fx.state(&gid, &confirmed), Some(BarrierState::Confirmed));
     assert_eq!(fx.state(&gid, &empty), Some(BarrierState::CancelledEmpty));
     assert_eq!(fx.state(&gid, &held), Some(BarrierState::Tried));

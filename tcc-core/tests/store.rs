@@ -1,17 +1,171 @@
-//! The sled store: compare-and-set, the due index, leases and group commit.
+//! The store conformance suite: compare-and-set, the due index, claims and leases, listing,
+//! damaged records and group commit, speaking only through the `Store` trait.
 //!
-//! These tests speak only through the `Store` trait, so a later store (PostgreSQL) can run the same
-//! checks by swapping `open`.
+//! Every check is one generic function run against each backend by `conformance!`: the sled store
+//! always (`sled_store::*`), the PostgreSQL store (`postgres_store::*`, with the `postgres` feature)
+//! when `TCC_TEST_POSTGRES_URL` names a test database (see `pg/mod.rs`; each test gets a schema of its
+//! own). What differs between the backends is only what a backend says about itself: a store one
+//! process owns hands back abandoned leases on open, a shared one lets them expire.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+#[cfg(feature = "postgres")]
+mod pg;
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
 use tcc_core::store::{Cas, ListQuery, SledStore, Store};
-use tcc_core::{Gid, Timestamp, Transaction, TxState};
+use tcc_core::{Branch, BranchState, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
 
-fn open(dir: &tempfile::TempDir) -> SledStore {
-    SledStore::open(dir.path()).unwrap()
+/// One backend under test, holding the data of one test.
+#[async_trait]
+trait Backend: Send + Sync {
+    /// A handle on this test's store.
+    async fn open(&self) -> Arc<dyn Store>;
+    /// A second handle on the same data, as another coordinator would hold (the same handle where
+    /// only one process may open the store).
+    async fn another(&self, first: &Arc<dyn Store>) -> Arc<dyn Store>;
+    /// Opens again once every earlier handle is dropped: a restart.
+    async fn reopen(&self) -> Arc<dyn Store>;
+    /// Overwrites the stored record of `gid` with bytes that do not decode.
+    async fn damage(&self, gid: &Gid);
+    /// Several processes share the store.
+    fn shared(&self) -> bool;
 }
+
+struct Sled {
+    dir: tempfile::TempDir,
+    opened: Mutex<Vec<Weak<SledStore>>>,
+}
+
+impl Sled {
+    fn new() -> Sled {
+        Sled { dir: tempfile::tempdir().unwrap(), opened: Mutex::default() }
+    }
+}
+
+#[async_trait]
+impl Backend for Sled {
+    async fn open(&self) -> Arc<dyn Store> {
+        // A dropped store's flusher thread releases the directory lock shortly after.
+        for _ in 0..1_000 {
+            if let Ok(s) = SledStore::open(self.dir.path()) {
+                let s = Arc::new(s);
+                self.opened.lock().unwrap().push(Arc::downgrade(&s));
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the sled directory stayed locked");
+    }
+
+    async fn another(&self, first: &Arc<dyn Store>) -> Arc<dyn Store> {
+        first.clone()
+    }
+
+    async fn reopen(&self) -> Arc<dyn Store> {
+        self.open().await
+    }
+
+    async fn damage(&self, gid: &Gid) {
+        let store = self.opened.lock().unwrap().iter().rev().find_map(Weak::upgrade).unwrap();
+        store
+            .db()
+            .open_tree("tcc_tx")
+            .unwrap()
+            .insert(gid.as_str().as_bytes(), &b"\x01\xff\xff"[..])
+            .unwrap();
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "postgres")]
+struct Postgres {
+    url: String,
+}
+
+#[cfg(feature = "postgres")]
+impl Postgres {
+    async fn new() -> Option<Postgres> {
+        Some(Postgres { url: pg::scratch_url().await? })
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait]
+impl Backend for Postgres {
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(tcc_core::store::PgStore::connect(&self.url).await.unwrap())
+    }
+
+    async fn another(&self, _first: &Arc<dyn Store>) -> Arc<dyn Store> {
+        self.open().await
+    }
+
+    async fn reopen(&self) -> Arc<dyn Store> {
+        self.open().await
+    }
+
+    async fn damage(&self, gid: &Gid) {
+        let db = pg::sql(&self.url).await;
+        let bad: &[u8] = b"\x01\xff\xff";
+        let n =
+            db.execute("UPDATE tcc_tx SET record = $2 WHERE gid = $1", &[&gid.as_str(), &bad]).await.unwrap();
+        assert_eq!(n, 1);
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+/// Runs each named check as a test against every backend.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod sled_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(&super::Sled::new()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "postgres")]
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    if let Some(backend) = super::Postgres::new().await {
+                        super::$check(&backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    insert_refuses_an_existing_id_and_changes_nothing,
+    every_field_of_a_record_round_trips,
+    compare_and_set_stores_only_over_the_expected_version,
+    concurrent_compare_and_sets_of_one_version_have_exactly_one_winner,
+    claim_due_takes_only_due_work_and_leases_it,
+    claim_due_takes_the_earliest_first_up_to_its_limit,
+    a_claim_bumps_the_version_so_a_writer_holding_the_old_one_loses,
+    concurrent_claims_never_hand_one_transaction_to_two_owners,
+    final_and_flagged_transactions_leave_the_due_index,
+    reopening_after_a_crash_resumes_leased_work,
+    counts_and_lists_follow_state_changes,
+    lists_page_in_id_order,
+    a_damaged_record_is_reported_not_a_panic,
+    group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers,
+    unsynced_writes_are_visible_at_once_and_durable_once_synced,
+);
 
 fn new_tx(deadline: u64) -> Transaction {
     let mut tx = tcc_core::state::begin(Gid::generate(), Timestamp(0), Timestamp(deadline));
@@ -26,21 +180,49 @@ fn bump(tx: &Transaction, f: impl FnOnce(&mut Transaction)) -> Transaction {
     n
 }
 
-#[tokio::test]
-async fn insert_refuses_an_existing_id_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn insert_refuses_an_existing_id_and_changes_nothing(b: &dyn Backend) {
+    let s = b.open().await;
     let tx = new_tx(100);
     s.insert(&tx).await.unwrap();
     let other = bump(&tx, |t| t.deadline = Timestamp(5));
     assert!(matches!(s.insert(&other).await, Err(tcc_core::Error::AlreadyExists(_))));
     assert_eq!(s.get(&tx.gid).await.unwrap(), Some(tx));
+    assert_eq!(s.get(&Gid::generate()).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn compare_and_set_stores_only_over_the_expected_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn every_field_of_a_record_round_trips(b: &dyn Backend) {
+    let s = b.open().await;
+    let mut tx = new_tx(1_700_000_000_000);
+    tx.state = TxState::Confirming;
+    tx.decision = Some(Decision::Confirm);
+    tx.updated_at = Timestamp(1_699_999_999_999);
+    tx.attempts = 3;
+    tx.last_error = Some("branch hotel: 503 – ünïcode".into());
+    tx.lease_owner = Some("node-a".into());
+    tx.due_at = Some(Timestamp(1_700_000_000_500));
+    tx.options = TxOptions { retry_interval_ms: Some(250), call_timeout_ms: Some(900) };
+    for (i, state) in [BranchState::Registered, BranchState::Confirmed].into_iter().enumerate() {
+        tx.branches.push(Branch {
+            id: format!("b{i}").parse().unwrap(),
+            target: format!("http://127.0.0.1:9/p{i}"),
+            payload: vec![0, 255, i as u8, 0],
+            state,
+            last_error: (i == 0).then(|| "timeout".into()),
+        });
+    }
+    s.insert(&tx).await.unwrap();
+    assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&tx));
+    let next = bump(&tx, |t| {
+        t.lease_owner = None;
+        t.due_at = Some(Timestamp(1_700_000_001_000));
+        t.branches[0].state = BranchState::Confirmed;
+    });
+    assert_eq!(s.compare_and_set(tx.version, &next).await.unwrap(), Cas::Stored);
+    assert_eq!(b.another(&s).await.get(&tx.gid).await.unwrap(), Some(next));
+}
+
+async fn compare_and_set_stores_only_over_the_expected_version(b: &dyn Backend) {
+    let s = b.open().await;
     let v1 = new_tx(100);
     s.insert(&v1).await.unwrap();
     let v2 = bump(&v1, |t| t.state = TxState::Cancelling);
@@ -54,10 +236,36 @@ async fn compare_and_set_stores_only_over_the_expected_version() {
     assert_eq!(s.get(&missing.gid).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn claim_due_takes_only_due_work_and_leases_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn concurrent_compare_and_sets_of_one_version_have_exactly_one_winner(b: &dyn Backend) {
+    // Two coordinators (two handles) read version 1 and race to store their own version 2.
+    let first = b.open().await;
+    let second = b.another(&first).await;
+    for _ in 0..5 {
+        let v1 = new_tx(100);
+        first.insert(&v1).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let s = if i % 2 == 0 { first.clone() } else { second.clone() };
+            let mine = bump(&v1, |t| t.last_error = Some(format!("writer {i}")));
+            tasks.push(tokio::spawn(async move { (s.compare_and_set(1, &mine).await.unwrap(), mine) }));
+        }
+        let mut winners = Vec::new();
+        let mut conflicts = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                (Cas::Stored, mine) => winners.push(mine),
+                (Cas::Conflict(current), _) => conflicts.push(current),
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one writer wins");
+        let stored = first.get(&v1.gid).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(&winners[0]));
+        assert!(conflicts.iter().all(|c| c == &stored), "losers are shown the winner's record");
+    }
+}
+
+async fn claim_due_takes_only_due_work_and_leases_it(b: &dyn Backend) {
+    let s = b.open().await;
     let early = new_tx(100);
     let late = new_tx(10_000);
     s.insert(&early).await.unwrap();
@@ -69,17 +277,78 @@ async fn claim_due_takes_only_due_work_and_leases_it() {
     assert_eq!(got[0].lease_owner.as_deref(), Some("a"));
     assert_eq!(got[0].due_at, Some(Timestamp(5_000)));
     assert_eq!(got[0].version, 2);
+    assert_eq!(s.get(&early.gid).await.unwrap().as_ref(), Some(&got[0]), "the claim is what is stored");
 
     // Leased: nobody else gets it until the lease ends.
     assert!(s.claim_due("b", Timestamp(4_999), Timestamp(9_000), 10).await.unwrap().is_empty());
     let got = s.claim_due("b", Timestamp(5_000), Timestamp(9_000), 10).await.unwrap();
     assert_eq!((got.len(), got[0].lease_owner.as_deref()), (1, Some("b")));
+    assert!(s.claim_due("c", Timestamp(100), Timestamp(9_000), 0).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn final_and_flagged_transactions_leave_the_due_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn claim_due_takes_the_earliest_first_up_to_its_limit(b: &dyn Backend) {
+    let s = b.open().await;
+    let mut txs: Vec<Transaction> = [50, 10, 40, 20, 30].into_iter().map(new_tx).collect();
+    for tx in &txs {
+        s.insert(tx).await.unwrap();
+    }
+    txs.sort_by_key(|t| t.deadline);
+    let got = s.claim_due("a", Timestamp(100), Timestamp(1_000), 2).await.unwrap();
+    let mut gids: Vec<&Gid> = got.iter().map(|t| &t.gid).collect();
+    gids.sort();
+    let mut expected = vec![&txs[0].gid, &txs[1].gid];
+    expected.sort();
+    assert_eq!(gids, expected);
+    assert_eq!(s.claim_due("a", Timestamp(100), Timestamp(1_000), 10).await.unwrap().len(), 3);
+}
+
+async fn a_claim_bumps_the_version_so_a_writer_holding_the_old_one_loses(b: &dyn Backend) {
+    let s = b.open().await;
+    let v1 = new_tx(10);
+    s.insert(&v1).await.unwrap();
+    let claimed = s.claim_due("sweeper", Timestamp(10), Timestamp(500), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let late = bump(&v1, |t| t.state = TxState::Cancelling);
+    assert_eq!(s.compare_and_set(1, &late).await.unwrap(), Cas::Conflict(Some(claimed[0].clone())));
+    // Re-applied over what is stored, it goes in.
+    let again = bump(&claimed[0], |t| t.state = TxState::Cancelling);
+    assert_eq!(s.compare_and_set(2, &again).await.unwrap(), Cas::Stored);
+}
+
+async fn concurrent_claims_never_hand_one_transaction_to_two_owners(b: &dyn Backend) {
+    let first = b.open().await;
+    let second = b.another(&first).await;
+    let mut all = HashSet::new();
+    for _ in 0..60 {
+        let tx = new_tx(10);
+        first.insert(&tx).await.unwrap();
+        all.insert(tx.gid);
+    }
+    let claim = |s: Arc<dyn Store>, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for _ in 0..100 {
+                let got = s.claim_due(owner, Timestamp(10), Timestamp(60_000), 7).await.unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                assert!(got.iter().all(|t| t.lease_owner.as_deref() == Some(owner)));
+                mine.extend(got.into_iter().map(|t| t.gid));
+            }
+            mine
+        })
+    };
+    let (a, b2) = (claim(first.clone(), "a"), claim(second.clone(), "b"));
+    let (a, b2) = (a.await.unwrap(), b2.await.unwrap());
+    let mut seen = HashSet::new();
+    for gid in a.iter().chain(&b2) {
+        assert!(seen.insert(gid.clone()), "{gid} claimed twice");
+    }
+    assert_eq!(seen, all, "every due transaction claimed once");
+}
+
+async fn final_and_flagged_transactions_leave_the_due_index(b: &dyn Backend) {
+    let s = b.open().await;
     for state in [TxState::Confirmed, TxState::Cancelled, TxState::Flagged] {
         let tx = new_tx(10);
         s.insert(&tx).await.unwrap();
@@ -92,11 +361,9 @@ async fn final_and_flagged_transactions_leave_the_due_index() {
     assert!(s.claim_due("a", Timestamp(u64::MAX - 1), Timestamp(u64::MAX), 100).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn reopening_hands_back_abandoned_leases_at_once() {
-    let dir = tempfile::tempdir().unwrap();
+async fn reopening_after_a_crash_resumes_leased_work(b: &dyn Backend) {
     let gid = {
-        let s = open(&dir);
+        let s = b.open().await;
         let tx = new_tx(100);
         s.insert(&tx).await.unwrap();
         let got = s.claim_due("dead", Timestamp(100), Timestamp(60_000), 1).await.unwrap();
@@ -104,52 +371,88 @@ async fn reopening_hands_back_abandoned_leases_at_once() {
         s.sync().await.unwrap();
         tx.gid
     };
-    let s = loop {
-        // The flusher thread of the dropped store releases the directory lock shortly.
-        match SledStore::open(dir.path()) {
-            Ok(s) => break s,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    };
-    assert_eq!(s.reclaim_abandoned(Timestamp(200)).await.unwrap(), 1);
-    let got = s.claim_due("new", Timestamp(200), Timestamp(5_000), 10).await.unwrap();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].gid, gid);
+    let s = b.reopen().await;
+    if b.shared() {
+        // Its owner may be alive: the lease is honoured until it ends, then anyone claims it.
+        assert_eq!(s.reclaim_abandoned(Timestamp(200)).await.unwrap(), 0);
+        assert!(s.claim_due("new", Timestamp(200), Timestamp(5_000), 10).await.unwrap().is_empty());
+        let got = s.claim_due("new", Timestamp(60_000), Timestamp(65_000), 10).await.unwrap();
+        assert_eq!((got.len(), &got[0].gid), (1, &gid));
+    } else {
+        // Only one process can open it: whoever held the lease is gone, so it is due at once.
+        assert_eq!(s.reclaim_abandoned(Timestamp(200)).await.unwrap(), 1);
+        let got = s.claim_due("new", Timestamp(200), Timestamp(5_000), 10).await.unwrap();
+        assert_eq!((got.len(), &got[0].gid), (1, &gid));
+    }
 }
 
-#[tokio::test]
-async fn counts_and_lists_follow_state_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn counts_and_lists_follow_state_changes(b: &dyn Backend) {
+    let s = b.open().await;
     let a = new_tx(10);
-    let b = new_tx(10);
+    let c = new_tx(10);
     s.insert(&a).await.unwrap();
-    s.insert(&b).await.unwrap();
+    s.insert(&c).await.unwrap();
     assert_eq!(s.count(TxState::Trying).await.unwrap(), 2);
     s.compare_and_set(1, &bump(&a, |t| t.state = TxState::Flagged)).await.unwrap();
     assert_eq!(s.count(TxState::Trying).await.unwrap(), 1);
     assert_eq!(s.count(TxState::Flagged).await.unwrap(), 1);
+    assert_eq!(s.count(TxState::Confirmed).await.unwrap(), 0);
     let flagged = s.list(&ListQuery { state: Some(TxState::Flagged), ..Default::default() }).await.unwrap();
     assert_eq!(flagged.items.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&a.gid]);
+    assert_eq!(flagged.next, None);
 }
 
-#[tokio::test]
-async fn a_damaged_record_is_reported_not_a_panic() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn lists_page_in_id_order(b: &dyn Backend) {
+    let s = b.open().await;
+    let mut gids = Vec::new();
+    for i in 0..7 {
+        let mut tx = new_tx(10);
+        if i % 2 == 0 {
+            tx.state = TxState::Cancelled;
+            tx.due_at = None;
+        }
+        s.insert(&tx).await.unwrap();
+        gids.push((tx.gid, tx.state));
+    }
+    gids.sort_by(|a, b| a.0.cmp(&b.0));
+    for state in [None, Some(TxState::Cancelled)] {
+        let expected: Vec<&Gid> =
+            gids.iter().filter(|(_, st)| state.is_none_or(|s| s == *st)).map(|(g, _)| g).collect();
+        let mut seen = Vec::new();
+        let mut after = None;
+        for _ in 0..10 {
+            let page = s.list(&ListQuery { state, after: after.clone(), limit: 3 }).await.unwrap();
+            assert!(page.items.len() <= 3);
+            seen.extend(page.items.iter().map(|t| t.gid.clone()));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.iter().collect::<Vec<_>>(), expected, "state {state:?}");
+    }
+    let all = s.list(&ListQuery::default()).await.unwrap();
+    assert_eq!((all.items.len(), all.next), (7, None));
+}
+
+async fn a_damaged_record_is_reported_not_a_panic(b: &dyn Backend) {
+    let s = b.open().await;
     let tx = new_tx(10);
+    let fine = new_tx(10);
     s.insert(&tx).await.unwrap();
-    s.db().open_tree("tcc_tx").unwrap().insert(tx.gid.as_str().as_bytes(), &b"\x01\xff\xff"[..]).unwrap();
+    s.insert(&fine).await.unwrap();
+    b.damage(&tx.gid).await;
     assert!(matches!(s.get(&tx.gid).await, Err(tcc_core::Error::Storage(_))));
-    assert!(s.list(&ListQuery::default()).await.is_err());
+    assert!(matches!(s.list(&ListQuery::default()).await, Err(tcc_core::Error::Storage(_))));
+    // The store goes on serving everything else.
+    assert_eq!(s.get(&fine.gid).await.unwrap(), Some(fine.clone()));
+    s.compare_and_set(1, &bump(&fine, |t| t.state = TxState::Cancelling)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers() {
-    let dir = tempfile::tempdir().unwrap();
+async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers(b: &dyn Backend) {
     let mut acked = Vec::new();
     {
-        let s = Arc::new(open(&dir));
+        let s = b.open().await;
         let mut tasks = Vec::new();
         for _ in 0..64 {
             let s = s.clone();
@@ -158,7 +461,9 @@ async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers(
                 for _ in 0..50 {
                     let tx = new_tx(10);
                     s.insert(&tx).await.unwrap();
-                    mine.push(tx.gid);
+                    let next = bump(&tx, |t| t.state = TxState::Cancelling);
+                    assert_eq!(s.compare_and_set(1, &next).await.unwrap(), Cas::Stored);
+                    mine.push(next);
                 }
                 mine
             }));
@@ -167,25 +472,47 @@ async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers(
             acked.extend(t.await.unwrap());
         }
     }
-    let s = loop {
-        match SledStore::open(dir.path()) {
-            Ok(s) => break s,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    };
+    let s = b.reopen().await;
     assert_eq!(acked.len(), 64 * 50);
-    for gid in &acked {
-        assert!(s.get(gid).await.unwrap().is_some(), "{gid} lost");
+    for tx in &acked {
+        assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(tx), "{} lost", tx.gid);
     }
+    assert_eq!(s.count(TxState::Cancelling).await.unwrap(), 64 * 50);
     // The multi-process variant, with SIGKILL instead of a clean drop, is tests/tests/kill9.rs.
 }
 
+async fn unsynced_writes_are_visible_at_once_and_durable_once_synced(b: &dyn Backend) {
+    let written = {
+        let s = b.open().await;
+        let mut written = Vec::new();
+        for _ in 0..20 {
+            let tx = new_tx(10);
+            s.insert_unsynced(&tx).await.unwrap();
+            assert!(matches!(s.insert_unsynced(&tx).await, Err(tcc_core::Error::AlreadyExists(_))));
+            let next = bump(&tx, |t| t.state = TxState::Cancelling);
+            assert_eq!(s.compare_and_set_unsynced(1, &next).await.unwrap(), Cas::Stored);
+            assert_eq!(
+                s.compare_and_set_unsynced(1, &next).await.unwrap(),
+                Cas::Conflict(Some(next.clone()))
+            );
+            assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&next));
+            written.push(next);
+        }
+        s.sync().await.unwrap();
+        written
+    };
+    let s = b.reopen().await;
+    for tx in written {
+        assert_eq!(s.get(&tx.gid).await.unwrap(), Some(tx));
+    }
+}
+
 #[tokio::test]
-async fn index_entries_left_by_an_interrupted_change_are_ignored_and_cleaned() {
+async fn sled_index_entries_left_by_an_interrupted_change_are_ignored_and_cleaned() {
     // A crash between writing a change's new index entries and swapping the record leaves entries
     // the record does not use. They must never make a transaction due or listed in the wrong state.
     let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+    let s = SledStore::open(dir.path()).unwrap();
     let tx = new_tx(10_000);
     s.insert(&tx).await.unwrap();
     let mut stale_due = 500u64.to_be_bytes().to_vec();
@@ -202,4 +529,15 @@ async fn index_entries_left_by_an_interrupted_change_are_ignored_and_cleaned() {
     assert!(flagged.items.is_empty());
     // The real entry still works.
     assert_eq!(s.claim_due("a", Timestamp(10_000), Timestamp(20_000), 10).await.unwrap().len(), 1);
+}
+
+/// CI sets `TCC_REQUIRE_POSTGRES=1`: a build without the PostgreSQL store must not pass for one
+/// that tested it.
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn the_postgres_store_is_built_when_its_tests_are_required() {
+    assert!(
+        std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+        "TCC_REQUIRE_POSTGRES=1 but tcc-core was built without its `postgres` feature"
+    );
 }

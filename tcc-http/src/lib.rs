@@ -11,7 +11,10 @@
 //! - [`client`]: what an initiator uses to begin, register and try branches, confirm and cancel, the
 //!   same whether the coordinator is embedded in its process or a `tcc-coordinator` server;
 //! - [`protocol`]: the wire protocol (paths, headers, status codes, the error body);
-//! - [`target`]: branch targets and the participant allow-list.
+//! - [`target`]: branch targets and the participant allow-list;
+//! - [`tcc`](macro@tcc): one trait defines a service's TCC operations; the attribute generates the
+//!   participant side (an implementation becomes [`participant::Participant`] operations, async
+//!   methods over a staged [`TccContext`], see [`staged`]) and a typed client stub (see [`stub`]).
 #![warn(missing_docs)]
 
 pub mod client;
@@ -21,11 +24,20 @@ pub mod metrics;
 pub mod participant;
 pub mod protocol;
 pub mod server;
+pub mod staged;
+pub mod stub;
 pub mod target;
 pub mod transport;
 
+#[doc(hidden)]
+#[path = "macro_support.rs"]
+pub mod __private;
+
+pub use tcc_macros::tcc;
+
 pub use error::ApiError;
 pub use protocol::ErrorBody;
+pub use staged::{TccContext, TccError};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[doc = include_str!("../../README.md")]

@@ -1,8 +1,11 @@
 //! The participant runtime: an axum router serving a participant's TCC operations through the
 //! `tcc-core` barrier.
 //!
-//! A participant registers one or more [`Operation`]s by name on a [`Participant`] and serves
-//! [`Participant::router`], usually nested under a prefix. For an operation `hold_seat` nested under
+//! A participant registers one or more operations by name on a [`Participant`] and serves
+//! [`Participant::router`], usually nested under a prefix: synchronous [`Operation`]s, whose methods
+//! run inside the barrier's sled transaction, or [`AsyncOperation`]s (what `#[tcc]` generates), whose
+//! async methods stage their writes in a [`TccContext`] that the runtime then commits through the
+//! barrier (see [Async operations](#async-operations)). For an operation `hold_seat` nested under
 //! `/tcc/flights`, the branch target is `http://host/tcc/flights/hold_seat` and the three phases are
 //! `POST …/hold_seat/try`, `…/confirm` and `…/cancel` (see [`crate::protocol`]).
 //!
@@ -18,7 +21,9 @@
 //! | try ran, or is a duplicate (body: the try's result bytes)     | 200    | |
 //! | confirm ran, or is a duplicate                                | 200    | |
 //! | cancel ran, was empty, is a duplicate, or the reservation had already expired | 200 | |
-//! | the operation's business method aborted (a refusal)           | 409    | `refused` |
+//! | the operation's business method aborted (a refusal)           | 409    | `refused` (async: the error as JSON in `detail`) |
+//! | an async business method returned a [transient](crate::staged::Disposition::Transient) error | 503 | `unavailable` (with `detail`) |
+//! | an async business method kept conflicting with other calls ([`MAX_RUNS`] runs) | 503 | `contended` |
 //! | try at or after its deadline                                  | 409    | `deadline_passed` |
 //! | try after the branch was cancelled (suspension)               | 409    | `suspended` |
 //! | confirm with no try before it                                 | 409    | `not_tried` |
@@ -31,8 +36,8 @@
 //! | a method other than `POST`                                    | 405    | `method_not_allowed` |
 //! | body over [`MAX_BODY`]                                        | 413    | `too_large` |
 //! | damaged barrier record (needs an operator)                    | 500    | `corrupt` |
-//! | the business method panicked                                  | 500    | `internal` |
-//! | sled failed                                                   | 503 (I/O) or 500 | `storage` |
+//! | the business method panicked, or its request or response does not (de)serialize | 500 | `internal` |
+//! | sled failed (for an async method: a [`TccContext`] storage fault) | 503 (I/O) or 500 | `storage` |
 //! | the change could not be flushed to disk                       | 503    | `not_flushed` |
 //!
 //! Every answer but 200 carries an [`ErrorBody`](crate::ErrorBody). A 200 also carries the
@@ -57,6 +62,33 @@
 //! (transaction, branch), one expiry index), so the runtime stores the operation's name with the
 //! try's request in the barrier record (see [`decode_stored_request`]); the sweep reads it back and
 //! calls that operation's cancel.
+//!
+//! # Async operations
+//!
+//! An [`AsyncOperation`]'s methods are `async` and cannot run inside a sled transaction (which is
+//! synchronous and may be re-run). Each call goes like this, one call per (transaction, branch) at a
+//! time in this process (a second call for the same branch waits for the first):
+//!
+//! 1. **Check.** The barrier record is read and [`decide`] tells what the call would do. A duplicate,
+//!    a refusal (late try, suspended try, confirm after cancel, ...) or an empty cancel is answered
+//!    without running any business method.
+//! 2. **Run.** The business method runs (on its own task, so a panic is a 500) with a fresh
+//!    [`TccContext`]: reads see committed state with versions, writes are staged.
+//! 3. **Commit.** One sled transaction through the barrier ([`SledBarrier::try_op`], `confirm`,
+//!    `cancel` or `expire`) checks the record again, as the authority, and only if the call still
+//!    runs there checks that every key the method read or wrote still has the version it saw and
+//!    applies the staged writes with the new record. If the record changed since step 1 (a cancel
+//!    overtook a try), the staged writes are dropped and the new state answers. If a key changed,
+//!    nothing is written and the call goes back to step 1, at most [`MAX_RUNS`] times, then answers
+//!    503 `contended` (retryable: the coordinator retries confirm and cancel; the typed client
+//!    retries a try).
+//! 4. **Answer**, after the group-commit flush.
+//!
+//! A business error answers as its [`TccError::disposition`] says: a refusal 409 `refused`, a
+//! transient error 503 `unavailable`, both with the error as JSON in the body's `detail`, nothing
+//! stored. A [`TccContext`] fault (storage, undecodable value, unknown tree) answers 503 or 500 and
+//! nothing is committed, whatever the method returned. The expiry sweep runs the async cancel the
+//! same way.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -72,6 +104,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use sled::transaction::{ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree};
+#[cfg(doc)]
+use tcc_core::barrier::decide;
 use tcc_core::barrier::{
     BarrierError, BusinessTx, CancelOutcome, ConfirmOutcome, Durability, ExpiryTask, Refusal, SledBarrier,
     TryOutcome,
@@ -84,6 +118,15 @@ use crate::error::ApiError;
 use crate::protocol::{
     BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY, REFUSED, TRY_PATH,
 };
+#[cfg(doc)]
+use crate::staged::TccContext;
+#[cfg(doc)]
+use crate::staged::TccError;
+use crate::staged::{AsyncOperation, StoreError, Trees, Versioned};
+
+mod staged_calls;
+
+pub use staged_calls::MAX_RUNS;
 
 /// Response header of a 200 saying what the call did: `fresh` or `duplicate` (try), `confirmed` or
 /// `duplicate` (confirm), `cancelled`, `empty`, `duplicate` or `expired` (cancel).
@@ -332,7 +375,14 @@ where
     }
 }
 
-type Operations = HashMap<String, Arc<dyn ErasedOperation>>;
+/// A registered operation: synchronous or async.
+#[derive(Clone)]
+enum Registered {
+    Sync(Arc<dyn ErasedOperation>),
+    Async(Arc<dyn staged_calls::ErasedAsync>),
+}
+
+type Operations = HashMap<String, Registered>;
 
 /// Something the participant runtime could not do outside of a call: start, sweep, flush.
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +478,8 @@ pub struct Participant {
     barrier: SledBarrier,
     ops: Arc<Operations>,
     group_commit: Option<GroupCommit>,
+    trees: Arc<Trees>,
+    locks: Arc<staged_calls::BranchLocks>,
 }
 
 impl fmt::Debug for Participant {
@@ -455,7 +507,7 @@ impl Participant {
         let group_commit =
             GroupCommit::start("tcc-participant", move || flushed.flush().map_err(|e| e.to_string()))
                 .map_err(ParticipantError::Start)?;
-        Ok(Participant { barrier, ops: Arc::default(), group_commit: Some(group_commit) })
+        Ok(Participant::assemble(barrier, Some(group_commit)))
     }
 
     /// A participant over `barrier` keeping the barrier's own [`Durability`]: with the default
@@ -463,7 +515,12 @@ impl Participant {
     /// [`Durability::Hook`], a flusher shared with other writers to the same database. Do not use it
     /// with [`Durability::Deferred`]: calls would be answered before they are on disk.
     pub fn with_barrier_durability(barrier: SledBarrier) -> Participant {
-        Participant { barrier, ops: Arc::default(), group_commit: None }
+        Participant::assemble(barrier, None)
+    }
+
+    fn assemble(barrier: SledBarrier, group_commit: Option<GroupCommit>) -> Participant {
+        let trees = Arc::new(Trees::new(barrier.db(), barrier.business_trees()));
+        Participant { barrier, ops: Arc::default(), group_commit, trees, locks: Arc::default() }
     }
 
     /// Adds `op` under `name`, served at `POST /{name}/try`, `/{name}/confirm` and `/{name}/cancel`.
@@ -474,15 +531,50 @@ impl Participant {
     /// # Panics
     /// If `name` is not 1 to [`MAX_OPERATION_NAME`] bytes of ASCII letters, digits, `_` and `-`, or
     /// is already registered (both programming errors, as with axum's routes).
-    pub fn operation(mut self, name: &str, op: impl Operation) -> Participant {
+    pub fn operation(self, name: &str, op: impl Operation) -> Participant {
+        self.register(name, Registered::Sync(Arc::new(op)))
+    }
+
+    /// Adds the async operation `op` under `name`, served at `POST /{name}/try`, `/{name}/confirm`
+    /// and `/{name}/cancel` like [`operation`](Participant::operation)'s (see
+    /// [Async operations](self#async-operations)). `#[tcc]` traits register theirs with it.
+    ///
+    /// # Panics
+    /// As [`operation`](Participant::operation).
+    pub fn async_operation(self, name: &str, op: impl AsyncOperation) -> Participant {
+        self.register(name, Registered::Async(Arc::new(staged_calls::AsyncOp(op))))
+    }
+
+    fn register(mut self, name: &str, op: Registered) -> Participant {
         assert!(
             valid_name(name),
             "operation name {name:?} must be 1 to {MAX_OPERATION_NAME} bytes of ASCII letters, digits, '_' and '-'"
         );
         let ops = Arc::make_mut(&mut self.ops);
         assert!(!ops.contains_key(name), "operation {name:?} is registered twice");
-        ops.insert(name.to_owned(), Arc::new(op));
+        ops.insert(name.to_owned(), op);
         self
+    }
+
+    /// Writes `value` at `key` in business tree `tree` now, outside any call, in the versioned form a
+    /// [`TccContext`] reads (to seed stock before serving, say); returns its new version.
+    pub fn seed<T: serde::Serialize>(
+        &self,
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<crate::staged::Version, StoreError> {
+        self.trees.seed(tree, key.as_ref(), value)
+    }
+
+    /// Reads the value at `key` in business tree `tree` as a [`TccContext`] wrote it, with its
+    /// version (committed state; for inspection and tests).
+    pub fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        self.trees.read(tree, key.as_ref())
     }
 
     /// Adds an operation made of three closures: try (returning the result bytes), confirm and
@@ -521,15 +613,29 @@ impl Participant {
     }
 
     /// Releases now every reservation held past deadline + grace, running the cancel of the
-    /// operation that made it; returns how many were released. A business cancel that fails, an
-    /// operation that is not registered any more, or a damaged record is logged and left for the
-    /// next sweep.
+    /// operation that made it (synchronous or async); returns how many were released, once they are
+    /// on disk. A business cancel that fails, an operation that is not registered any more, or a
+    /// damaged record is logged and left for the next sweep.
     pub async fn expire_due(&self) -> Result<usize, ParticipantError> {
-        let barrier = self.barrier.clone();
-        let ops = Arc::clone(&self.ops);
-        let released = tokio::task::spawn_blocking(move || barrier.expire_due(|tx| expire_one(&ops, tx)))
-            .await
-            .map_err(|e| ParticipantError::Panicked(e.to_string()))??;
+        let mut after = None;
+        let mut released = 0;
+        loop {
+            let barrier = self.barrier.clone();
+            let cursor = after.clone();
+            let batch = tokio::task::spawn_blocking(move || barrier.due(cursor.as_ref(), SWEEP_BATCH))
+                .await
+                .map_err(|e| ParticipantError::Panicked(e.to_string()))?
+                .map_err(|e| ParticipantError::Barrier(widen(e)))?;
+            for due in &batch {
+                if staged_calls::expire_one(self, due).await? {
+                    released += 1;
+                }
+            }
+            match batch.last() {
+                Some(last) if batch.len() == SWEEP_BATCH => after = Some(last.clone()),
+                _ => break,
+            }
+        }
         if released > 0 {
             self.durable().await.map_err(ParticipantError::NotFlushed)?;
         }
@@ -540,14 +646,19 @@ impl Participant {
     /// on the barrier's clock, so a reservation is released at most `every` after deadline + grace.
     /// Failures are logged and the loop goes on; it stops when the returned task is dropped.
     ///
-    /// Releases are flushed by the next call's group commit or sled's own periodic flush; a release
-    /// lost in a crash is simply made again by the next sweep (nothing was answered based on it).
-    ///
     /// # Panics
     /// Outside a Tokio runtime.
     pub fn spawn_expiry(&self, every: Duration) -> ExpiryTask {
-        let ops = Arc::clone(&self.ops);
-        self.barrier.spawn_expiry(every, move |tx| expire_one(&ops, tx))
+        let this = self.clone();
+        let clock = Arc::clone(self.barrier.clock());
+        ExpiryTask::from_handle(tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.expire_due().await {
+                    error!(error = %e, "participant expiry sweep failed");
+                }
+                clock.sleep(every).await;
+            }
+        }))
     }
 
     /// Waits until every change committed so far is on disk (with group commit; otherwise the
@@ -560,21 +671,18 @@ impl Participant {
     }
 }
 
-/// The expiry sweep's business cancel: the cancel of the operation named in the stored request.
-fn expire_one(ops: &Operations, tx: &BusinessTx<'_>) -> ConflictableTransactionResult<(), String> {
-    let abort = |m: String| Err(ConflictableTransactionError::Abort(m));
-    let call = match Call::open(tx, None) {
-        Ok(call) => call,
-        Err(e) => return abort(e.to_string()),
-    };
-    let Some(op) = ops.get(call.operation) else {
-        return abort(format!("no operation {:?} is registered on this participant", call.operation));
-    };
-    op.cancel(&call).map_err(|e| match e {
-        ConflictableTransactionError::Abort(e) => ConflictableTransactionError::Abort(e.to_string()),
-        ConflictableTransactionError::Conflict => ConflictableTransactionError::Conflict,
-        ConflictableTransactionError::Storage(e) => ConflictableTransactionError::Storage(e),
-    })
+/// How many due reservations the expiry sweep lists at once.
+const SWEEP_BATCH: usize = 256;
+
+/// A barrier error with its business error as text.
+fn stringify<E: fmt::Display>(e: BarrierError<E>) -> BarrierError<String> {
+    match e {
+        BarrierError::Refused(r) => BarrierError::Refused(r),
+        BarrierError::Business(e) => BarrierError::Business(e.to_string()),
+        BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
+        BarrierError::Storage(e) => BarrierError::Storage(e),
+        BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -707,7 +815,7 @@ fn not_flushed(message: String) -> ApiError {
 }
 
 /// A barrier error from a read, in the call's error type.
-fn widen(e: BarrierError) -> BarrierError<CallAbort> {
+fn widen<E>(e: BarrierError) -> BarrierError<E> {
     match e {
         BarrierError::Refused(r) => BarrierError::Refused(r),
         BarrierError::Business(never) => match never {},
@@ -750,7 +858,7 @@ async fn serve(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((name, phase)) = path.map_err(|e| ApiError::malformed(e.body_text()))?;
-    let op = participant.ops.get(&name).cloned().ok_or_else(|| {
+    let registered = participant.ops.get(&name).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_operation", format!("no operation {name:?} here"))
     })?;
     let phase = match phase.as_str() {
@@ -777,6 +885,12 @@ async fn serve(
             ApiError::malformed(r.body_text())
         }
     })?;
+    let op = match registered {
+        Registered::Sync(op) => op,
+        Registered::Async(op) => {
+            return staged_calls::serve(participant, name, op, phase, ids, body).await;
+        }
+    };
     let job = match phase {
         Phase::Try => {
             let deadline = ids

@@ -44,7 +44,7 @@ impl Tc {
         let token = server.token.as_ref().map(|t| t.expose().to_owned());
         let running = tcc_http::server::start(Launch {
             listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_owned(),
+            store: support::test_store(dir.path()).await,
             core,
             server,
             client: Default::default(),

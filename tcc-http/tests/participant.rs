@@ -1,18 +1,23 @@
 //! The participant runtime over real loopback sockets: the status codes of the wire protocol, the
-//! three TCC anomalies, the body limit and the participant's own expiry.
+//! three TCC anomalies, the body limit and the participant's own expiry; for synchronous operations
+//! and for async ones (`AsyncOperation`, staged writes committed through the barrier).
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionResult, TransactionalTree, abort};
 use tcc_core::barrier::{BARRIER_TREE, BarrierState, SledBarrier};
 use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
 use tcc_http::ErrorBody;
-use tcc_http::participant::{Call, OUTCOME_HEADER, Operation, Participant, decode_stored_request};
+use tcc_http::participant::{Call, MAX_RUNS, OUTCOME_HEADER, Operation, Participant, decode_stored_request};
 use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER, MAX_BODY};
+use tcc_http::staged::{AsyncOperation, Disposition, Phase, StoreError, TccContext, TccError};
+use tokio::sync::oneshot;
 
 const START: Timestamp = Timestamp(1_700_000_000_000);
 const GRACE: Duration = Duration::from_secs(5);
@@ -79,14 +84,181 @@ impl Operation for HoldSeat {
     }
 }
 
-/// One participant with three operations (`hold_seat`, `hold_room`, `blob`) served on a loopback
-/// port under `/tcc`, on a manual clock.
+/// Free, held and sold units of an item, as the async operation `reserve` keeps them (versioned, in
+/// the rooms tree under `stock/{item}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Stock {
+    free: u32,
+    held: u32,
+    sold: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ReserveRequest {
+    item: String,
+    /// Swallow store errors and carry on (the runtime must still not commit).
+    #[serde(default)]
+    lenient: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Reserved {
+    item: String,
+    left: u32,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+enum ReserveError {
+    #[error("only {left} of {item} left")]
+    NotEnough { item: String, left: u32 },
+    #[error("the warehouse is offline")]
+    Offline,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl TccError for ReserveError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            ReserveError::Offline => Disposition::Transient,
+            _ => Disposition::Refuse,
+        }
+    }
+}
+
+fn stock_key(item: &str) -> String {
+    format!("stock/{item}")
+}
+
+/// A try paused inside its business method: `started` fires once it has read, `release` lets it go on.
+struct Pause {
+    started: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+}
+
+/// `reserve`: an async operation holding one unit of an item; the test steers and counts it.
+#[derive(Default)]
+struct Reserve {
+    tries: AtomicUsize,
+    confirms: AtomicUsize,
+    cancels: AtomicUsize,
+    /// Phases seen, with the context's deadline.
+    seen: Mutex<Vec<(Phase, Timestamp)>>,
+    offline: AtomicU32,
+    panic_next: AtomicBool,
+    pause: Mutex<Option<Pause>>,
+    /// For item `hot`: the participant, to change the stock behind every run's back.
+    meddler: OnceLock<Participant>,
+}
+
+impl Reserve {
+    fn runs(&self) -> (usize, usize, usize) {
+        (
+            self.tries.load(Ordering::SeqCst),
+            self.confirms.load(Ordering::SeqCst),
+            self.cancels.load(Ordering::SeqCst),
+        )
+    }
+
+    fn move_one(
+        &self,
+        ctx: &TccContext,
+        req: &ReserveRequest,
+        f: impl FnOnce(&mut Stock),
+    ) -> Result<Stock, ReserveError> {
+        let key = stock_key(&req.item);
+        let current = match ctx.get::<Stock>("rooms", &key) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(ReserveError::NotEnough { item: req.item.clone(), left: 0 }),
+            Err(_) if req.lenient => return Ok(Stock::default()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut next = current.value;
+        f(&mut next);
+        ctx.put("rooms", &key, &next, current.version)?;
+        Ok(next)
+    }
+}
+
+/// The operation as registered; the test keeps the `Reserve` to steer it.
+struct ReserveOp(Arc<Reserve>);
+
+impl std::ops::Deref for ReserveOp {
+    type Target = Reserve;
+    fn deref(&self) -> &Reserve {
+        &self.0
+    }
+}
+
+impl AsyncOperation for ReserveOp {
+    type Request = ReserveRequest;
+    type Response = Reserved;
+    type Error = ReserveError;
+
+    async fn try_(&self, ctx: TccContext, req: ReserveRequest) -> Result<Reserved, ReserveError> {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push((ctx.phase(), ctx.deadline()));
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("the business try panicked");
+        }
+        if self.offline.load(Ordering::SeqCst) > 0 {
+            self.offline.fetch_sub(1, Ordering::SeqCst);
+            return Err(ReserveError::Offline);
+        }
+        let key = stock_key(&req.item);
+        let current = match ctx.get::<Stock>("rooms", &key) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(ReserveError::NotEnough { item: req.item, left: 0 }),
+            Err(_) if req.lenient => return Ok(Reserved { item: req.item, left: 0 }),
+            Err(e) => return Err(e.into()),
+        };
+        if current.value.free == 0 {
+            return Err(ReserveError::NotEnough { item: req.item, left: 0 });
+        }
+        let pause = self.pause.lock().unwrap().take();
+        if let Some(p) = pause {
+            let _ = p.started.send(());
+            let _ = p.release.await;
+        }
+        if req.item == "hot" {
+            let meddled = Stock { free: current.value.free + 1, ..current.value };
+            self.meddler.get().unwrap().seed("rooms", &key, &meddled).unwrap();
+        }
+        let next = Stock { free: current.value.free - 1, held: current.value.held + 1, ..current.value };
+        ctx.put("rooms", &key, &next, current.version)?;
+        Ok(Reserved { item: req.item, left: next.free })
+    }
+
+    async fn confirm(&self, ctx: TccContext, req: ReserveRequest) -> Result<(), ReserveError> {
+        self.confirms.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push((ctx.phase(), ctx.deadline()));
+        self.move_one(&ctx, &req, |s| {
+            s.held -= 1;
+            s.sold += 1;
+        })
+        .map(drop)
+    }
+
+    async fn cancel(&self, ctx: TccContext, req: ReserveRequest) -> Result<(), ReserveError> {
+        self.cancels.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push((ctx.phase(), ctx.deadline()));
+        self.move_one(&ctx, &req, |s| {
+            s.held -= 1;
+            s.free += 1;
+        })
+        .map(drop)
+    }
+}
+
+/// One participant with three synchronous operations (`hold_seat`, `hold_room`, `blob`) and one
+/// async one (`reserve`) served on a loopback port under `/tcc`, on a manual clock.
 struct Fixture {
     db: sled::Db,
     clock: ManualClock,
     participant: Participant,
     addr: SocketAddr,
     http: reqwest::Client,
+    reserve: Arc<Reserve>,
 }
 
 /// The answer to one call.
@@ -141,12 +313,15 @@ impl Fixture {
                 |_| Ok(()),
                 |_| Ok::<_, sled::transaction::ConflictableTransactionError<String>>(()),
             );
+        let reserve = Arc::new(Reserve::default());
+        let participant = participant.async_operation("reserve", ReserveOp(Arc::clone(&reserve)));
+        let _ = reserve.meddler.set(participant.clone());
         let app = axum::Router::new().nest("/tcc", participant.router());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        Fixture { db, clock, participant, addr, http }
+        Fixture { db, clock, participant, addr, http, reserve }
     }
 
     fn deadline(&self) -> u64 {
@@ -203,6 +378,20 @@ impl Fixture {
 
     fn total_runs(&self) -> usize {
         self.tree("calls").len()
+    }
+
+    fn stock(&self, item: &str) -> Stock {
+        self.participant.read::<Stock>("rooms", stock_key(item)).unwrap().map(|v| v.value).unwrap_or_default()
+    }
+
+    fn set_stock(&self, item: &str, free: u32) {
+        self.participant.seed("rooms", stock_key(item), &Stock { free, ..Stock::default() }).unwrap();
+    }
+
+    /// A call of `reserve` for `item`.
+    async fn reserve(&self, phase: &str, gid: &str, branch: &str, item: &str) -> Answer {
+        let body = serde_json::json!({ "item": item }).to_string();
+        self.call("reserve", phase, gid, branch, &body).await
     }
 
     fn state(&self, gid: &str, branch: &str) -> Option<BarrierState> {
@@ -559,4 +748,311 @@ async fn the_barriers_own_durability_serves_the_same_protocol() {
     f.call("hold_seat", "try", "tx-2", "flight", "14C").await.expect_error(StatusCode::CONFLICT, "suspended");
     assert_eq!(f.item("seats", "12A").as_deref(), Some("sold"));
     assert_eq!((f.runs("hold_seat", "try"), f.runs("hold_seat", "confirm")), (1, 1));
+}
+
+// ---- async operations: business methods staged in a TccContext, committed through the barrier ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_try_and_confirm_commit_their_staged_writes_with_the_barrier_record() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 2);
+    let held = f.reserve("try", "tx-1", "shop", "lamp").await;
+    held.expect_ok("fresh");
+    let reserved: Reserved = serde_json::from_slice(&held.body).unwrap();
+    assert_eq!(reserved, Reserved { item: "lamp".into(), left: 1 });
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 1, sold: 0 });
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::Tried));
+    assert_eq!(f.participant.barrier().held(), 1);
+    let (gid, branch): (Gid, BranchId) = ("tx-1".parse().unwrap(), "shop".parse().unwrap());
+    let record = f.participant.barrier().get(&gid, &branch).unwrap().unwrap();
+    assert_eq!(decode_stored_request(&record.request), Some(("reserve", &br#"{"item":"lamp"}"#[..])));
+
+    f.reserve("confirm", "tx-1", "shop", "ignored").await.expect_ok("confirmed");
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 1 });
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::Confirmed));
+    // Confirm ran on the try's stored request, with the try's deadline.
+    let seen = f.reserve.seen.lock().unwrap().clone();
+    assert_eq!(seen, [(Phase::Try, Timestamp(f.deadline())), (Phase::Confirm, Timestamp(f.deadline()))]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_duplicates_run_the_business_methods_once() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 5);
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_ok("fresh");
+    let again = f.reserve("try", "tx-1", "shop", "lamp").await;
+    again.expect_ok("duplicate");
+    assert_eq!(serde_json::from_slice::<Reserved>(&again.body).unwrap().left, 4, "the stored result");
+    f.reserve("confirm", "tx-1", "shop", "lamp").await.expect_ok("confirmed");
+    for _ in 0..3 {
+        f.reserve("confirm", "tx-1", "shop", "lamp").await.expect_ok("duplicate");
+    }
+    f.reserve("try", "tx-2", "shop", "lamp").await.expect_ok("fresh");
+    f.reserve("cancel", "tx-2", "shop", "lamp").await.expect_ok("cancelled");
+    for _ in 0..3 {
+        f.reserve("cancel", "tx-2", "shop", "lamp").await.expect_ok("duplicate");
+    }
+    f.reserve("cancel", "tx-1", "shop", "lamp").await.expect_error(StatusCode::CONFLICT, "already_confirmed");
+    f.reserve("confirm", "tx-2", "shop", "lamp")
+        .await
+        .expect_error(StatusCode::CONFLICT, "already_cancelled");
+    assert_eq!(f.reserve.runs(), (2, 1, 1));
+    assert_eq!(f.stock("lamp"), Stock { free: 4, held: 0, sold: 1 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_empty_cancel_then_late_try_is_refused_without_running_anything() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.reserve("cancel", "tx-1", "shop", "lamp").await.expect_ok("empty");
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::CancelledEmpty));
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_error(StatusCode::CONFLICT, "suspended");
+    f.reserve("confirm", "tx-2", "shop", "lamp").await.expect_error(StatusCode::CONFLICT, "not_tried");
+    let now = f.clock.now().0;
+    let late = f.try_with_deadline("reserve", "tx-3", "shop", now, r#"{"item":"lamp"}"#).await;
+    late.expect_error(StatusCode::CONFLICT, "deadline_passed");
+    assert_eq!(f.reserve.runs(), (0, 0, 0), "no business method ran");
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_refusal_is_409_with_the_typed_error_as_detail_and_stores_nothing() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 0);
+    let refused = f.reserve("try", "tx-1", "shop", "lamp").await;
+    let body = refused.expect_error(StatusCode::CONFLICT, "refused");
+    assert_eq!(body.message, "only 0 of lamp left");
+    let detail: ReserveError = serde_json::from_value(body.detail.unwrap()).unwrap();
+    assert_eq!(detail, ReserveError::NotEnough { item: "lamp".into(), left: 0 });
+    assert_eq!(f.state("tx-1", "shop"), None, "no barrier record");
+    f.reserve("cancel", "tx-1", "shop", "lamp").await.expect_ok("empty");
+    assert_eq!(f.reserve.runs(), (1, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_async_error_is_503_unavailable_and_a_retry_succeeds() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.reserve.offline.store(1, Ordering::SeqCst);
+    let body = f
+        .reserve("try", "tx-1", "shop", "lamp")
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_eq!(serde_json::from_value::<ReserveError>(body.detail.unwrap()).unwrap(), ReserveError::Offline);
+    assert_eq!(f.state("tx-1", "shop"), None);
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_ok("fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_async_request_is_400_and_runs_nothing() {
+    let f = Fixture::start().await;
+    for body in ["", "not json", r#"{"item": 5}"#, r#"{"thing": "lamp"}"#] {
+        f.call("reserve", "try", "tx-1", "shop", body)
+            .await
+            .expect_error(StatusCode::BAD_REQUEST, "malformed");
+    }
+    assert_eq!(f.reserve.runs(), (0, 0, 0));
+    assert_eq!(f.tree(BARRIER_TREE).len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_conflicts_runs_the_business_method_again_on_fresh_reads() {
+    let f = Arc::new(Fixture::start().await);
+    f.set_stock("lamp", 5);
+    let (started, wait_started) = oneshot::channel();
+    let (go, release) = oneshot::channel();
+    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
+    let first = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
+    };
+    // tx-1 read 5 free and waits; tx-2 takes one meanwhile.
+    wait_started.await.unwrap();
+    f.reserve("try", "tx-2", "shop", "lamp").await.expect_ok("fresh");
+    go.send(()).unwrap();
+    let first = first.await.unwrap();
+    first.expect_ok("fresh");
+    assert_eq!(serde_json::from_slice::<Reserved>(&first.body).unwrap().left, 3, "ran again on 4 free");
+    assert_eq!(f.stock("lamp"), Stock { free: 3, held: 2, sold: 0 });
+    assert_eq!(f.reserve.runs().0, 3, "tx-1 ran twice, tx-2 once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_conflicts_every_time_is_503_contended_and_stores_nothing() {
+    let f = Fixture::start().await;
+    f.set_stock("hot", 1);
+    let body = f
+        .reserve("try", "tx-1", "shop", "hot")
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "contended");
+    assert!(body.message.contains("conflicted"), "{body:?}");
+    assert_eq!(f.reserve.runs().0, MAX_RUNS);
+    assert_eq!(f.state("tx-1", "shop"), None);
+    assert_eq!(f.stock("hot").held, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_arriving_while_the_try_runs_waits_for_it_and_then_cancels_it() {
+    let f = Arc::new(Fixture::start().await);
+    f.set_stock("lamp", 1);
+    let (started, wait_started) = oneshot::channel();
+    let (go, release) = oneshot::channel();
+    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
+    let tried = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
+    };
+    wait_started.await.unwrap();
+    let cancelled = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.reserve("cancel", "tx-1", "shop", "lamp").await })
+    };
+    go.send(()).unwrap();
+    tried.await.unwrap().expect_ok("fresh");
+    // Not an empty cancel: the cancel ran after the try, on what it held.
+    cancelled.await.unwrap().expect_ok("cancelled");
+    assert_eq!(f.reserve.runs(), (1, 0, 1));
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::Cancelled));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_async_tries_run_the_business_try_once() {
+    let f = Arc::new(Fixture::start().await);
+    f.set_stock("lamp", 100);
+    let tries: Vec<_> = (0..16)
+        .map(|_| {
+            let f = Arc::clone(&f);
+            tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
+        })
+        .collect();
+    let mut fresh = 0;
+    for t in tries {
+        let answer = t.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        assert_eq!(serde_json::from_slice::<Reserved>(&answer.body).unwrap().left, 99);
+        fresh += usize::from(answer.outcome.as_deref() == Some("fresh"));
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(f.reserve.runs().0, 1);
+    assert_eq!(f.stock("lamp"), Stock { free: 99, held: 1, sold: 0 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_runs_the_async_cancel_and_the_sync_one_in_the_same_sweep() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_ok("fresh");
+    f.call("hold_seat", "try", "tx-1", "flight", "12A").await.expect_ok("fresh");
+    f.clock.advance(LIFETIME + GRACE - Duration::from_millis(1));
+    assert_eq!(f.participant.expire_due().await.unwrap(), 0);
+    f.clock.advance(Duration::from_millis(1));
+    assert_eq!(f.participant.expire_due().await.unwrap(), 2);
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+    assert_eq!(f.item("seats", "12A"), None);
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::Expired));
+    assert_eq!(f.reserve.runs(), (1, 0, 1));
+    assert_eq!(f.reserve.seen.lock().unwrap().last().map(|s| s.0), Some(Phase::Expire));
+    assert_eq!(f.participant.expire_due().await.unwrap(), 0, "released once");
+    f.reserve("confirm", "tx-1", "shop", "lamp").await.expect_error(StatusCode::GONE, "expired");
+    f.reserve("cancel", "tx-1", "shop", "lamp").await.expect_ok("expired");
+    assert_eq!(f.reserve.runs(), (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_expiry_whose_cancel_fails_is_retried_on_the_next_sweep() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_ok("fresh");
+    // Someone removed the stock behind the runtime's back: the cancel refuses (no such item).
+    let (gid, branch): (Gid, BranchId) = ("tx-1".parse().unwrap(), "shop".parse().unwrap());
+    f.tree("rooms").remove(stock_key("lamp")).unwrap();
+    f.clock.advance(LIFETIME + GRACE);
+    assert_eq!(f.participant.expire_due().await.unwrap(), 0);
+    assert_eq!(f.participant.barrier().get(&gid, &branch).unwrap().unwrap().state, BarrierState::Tried);
+    let restock = Stock { free: 0, held: 1, sold: 0 };
+    f.participant.seed("rooms", stock_key("lamp"), &restock).unwrap();
+    assert_eq!(f.participant.expire_due().await.unwrap(), 1);
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_async_method_is_500_and_commits_nothing() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.reserve.panic_next.store(true, Ordering::SeqCst);
+    f.reserve("try", "tx-1", "shop", "lamp")
+        .await
+        .expect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert_eq!(f.state("tx-1", "shop"), None);
+    // The participant goes on serving.
+    f.reserve("try", "tx-1", "shop", "lamp").await.expect_ok("fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_fault_is_never_committed_even_when_the_method_returns_ok() {
+    let f = Fixture::start().await;
+    // A value not written through a context: reading it is a fault.
+    f.tree("rooms").insert(stock_key("raw"), &b"not versioned"[..]).unwrap();
+    let lenient = serde_json::json!({ "item": "raw", "lenient": true }).to_string();
+    let body = f
+        .call("reserve", "try", "tx-1", "shop", &lenient)
+        .await
+        .expect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert!(body.message.contains("does not decode"), "{body:?}");
+    assert_eq!(f.state("tx-1", "shop"), None);
+    // Without leniency the fault comes back through the business error: the same answer.
+    f.reserve("try", "tx-2", "shop", "raw").await.expect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert_eq!(f.state("tx-2", "shop"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_is_served_only_by_the_operation_that_tried_it_sync_or_async() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    f.call("hold_seat", "try", "tx-1", "flight", "12A").await.expect_ok("fresh");
+    f.reserve("try", "tx-2", "shop", "lamp").await.expect_ok("fresh");
+    for phase in ["try", "confirm", "cancel"] {
+        f.reserve(phase, "tx-1", "flight", "lamp")
+            .await
+            .expect_error(StatusCode::CONFLICT, "operation_mismatch");
+        f.call("hold_seat", phase, "tx-2", "shop", "12A")
+            .await
+            .expect_error(StatusCode::CONFLICT, "operation_mismatch");
+    }
+    assert_eq!(f.reserve.runs(), (1, 0, 0));
+    assert_eq!(f.stock("lamp"), Stock { free: 0, held: 1, sold: 0 });
+    assert_eq!(f.item("seats", "12A").as_deref(), Some("held:tx-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_recorded_while_the_try_runs_discards_the_trys_staged_writes() {
+    let f = Arc::new(Fixture::start().await);
+    f.set_stock("lamp", 1);
+    let (started, wait_started) = oneshot::channel();
+    let (go, release) = oneshot::channel();
+    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
+    let tried = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
+    };
+    wait_started.await.unwrap();
+    // The check let the try run; an empty cancel lands before its commit (straight through the
+    // barrier, as another process sharing the record would).
+    let barrier = f.participant.barrier().clone();
+    let (gid, branch): (Gid, BranchId) = ("tx-1".parse().unwrap(), "shop".parse().unwrap());
+    let empty =
+        tokio::task::spawn_blocking(move || {
+            barrier.cancel(&gid, &branch, |_| {
+                Ok::<_, sled::transaction::ConflictableTransactionError<String>>(())
+            })
+        });
+    assert_eq!(empty.await.unwrap().unwrap(), tcc_core::barrier::CancelOutcome::Empty);
+    go.send(()).unwrap();
+    // The barrier's check inside the commit is the authority: the try is suspended, its writes dropped.
+    tried.await.unwrap().expect_error(StatusCode::CONFLICT, "suspended");
+    assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::CancelledEmpty));
+    assert_eq!(f.participant.barrier().held(), 0);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tcc_core::RetryPolicy;
-use tcc_http::server::{Launch, ServerConfig, Token};
+use tcc_http::server::{Launch, ServerConfig, StoreChoice, Token};
 use tcc_http::target::AllowList;
 use tcc_http::transport::ClientConfig;
 
@@ -21,9 +21,14 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:36789")]
     listen: String,
-    /// Directory of the sled store (created if missing).
-    #[arg(long, env = "TCC_DATA_DIR", default_value = "./tcc-data")]
-    data_dir: PathBuf,
+    /// Where transactions are kept: `sled:DIR` (the embedded store; one process) or
+    /// `postgres://USER@HOST:PORT/DB` (shared by every coordinator pointed at it, active-active; the
+    /// schema is created or migrated on start). Default: sled:./tcc-data.
+    #[arg(long, env = "TCC_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// Short for `--store sled:DIR`.
+    #[arg(long, env = "TCC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Require `Authorization: Bearer TOKEN` on every mutating call. Never logged.
     #[arg(long, env = "TCC_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -104,9 +109,20 @@ fn launch(args: Args) -> Result<Launch, String> {
     if args.default_timeout.is_zero() || args.default_timeout > args.max_timeout {
         return Err("--default-timeout must be positive and not above --max-timeout".into());
     }
+    let store = match (args.store, args.data_dir) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "--store (TCC_STORE) and --data-dir (TCC_DATA_DIR) both name a store: give one".into()
+            );
+        }
+        // Not clap's value parser: its errors quote the value, which may hold a password.
+        (Some(store), None) => store.parse::<StoreChoice>().map_err(|e| format!("--store: {e}"))?,
+        (None, Some(dir)) => StoreChoice::Sled(dir),
+        (None, None) => StoreChoice::Sled("./tcc-data".into()),
+    };
     Ok(Launch {
         listen: args.listen,
-        data_dir: args.data_dir,
+        store,
         core,
         server: ServerConfig { token, allow, default_timeout: args.default_timeout },
         client: ClientConfig {
@@ -142,6 +158,8 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let started = Instant::now();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -156,7 +174,7 @@ async fn main() -> ExitCode {
     };
     let allow = launch.server.allow.clone();
     let token = launch.server.token.is_some();
-    let data_dir = launch.data_dir.display().to_string();
+    let store = launch.store.to_string(); // never the password
     let running = match tcc_http::server::start(launch).await {
         Ok(r) => r,
         Err(e) => {
@@ -179,7 +197,7 @@ async fn main() -> ExitCode {
     }
     tracing::info!(
         addr = %running.addr,
-        data_dir,
+        store,
         auth = if token { "bearer token" } else { "none" },
         startup_ms = started.elapsed().as_millis() as u64,
         "tcc-coordinator listening"
@@ -237,5 +255,25 @@ mod tests {
         assert!(parse(&["--allow-participant", "ftp://x/"]).is_err());
         assert!(parse(&["--default-timeout", "48h"]).is_err());
         assert!(parse(&["--call-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_store_is_named_by_store_or_its_short_form_data_dir_but_not_both() {
+        let store = |extra: &[&str]| {
+            let mut argv = vec!["tcc-coordinator"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map_err(|e| e.to_string()).and_then(launch).map(|l| l.store)
+        };
+        assert_eq!(store(&[]), Ok(StoreChoice::Sled("./tcc-data".into())));
+        assert_eq!(store(&["--data-dir", "/d"]), Ok(StoreChoice::Sled("/d".into())));
+        assert_eq!(store(&["--store", "sled:/d"]), Ok(StoreChoice::Sled("/d".into())));
+        let url = "postgres://tcc:pw-9f2e@127.0.0.1:5432/tcc";
+        assert_eq!(store(&["--store", url]), Ok(StoreChoice::Postgres(url.into())));
+        let both = store(&["--store", url, "--data-dir", "/d"]).unwrap_err();
+        assert!(both.contains("both name a store"), "{both}");
+        for bad in ["mysql://x", "sled:", "postgres://tcc:pw-9f2e@127.0.0.1:notaport/tcc"] {
+            let err = store(&["--store", bad]).unwrap_err();
+            assert!(err.starts_with("--store: ") && !err.contains("pw-9f2e"), "{err}");
+        }
     }
 }

@@ -150,13 +150,78 @@ pub async fn serve(
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
+/// Where a standalone coordinator keeps its transactions.
+///
+/// Parsed from `sled:DIR` or a `postgres://USER@HOST:PORT/DB` URL (`postgresql://` too). Its
+/// `Display` and `Debug` never show a password, so a choice can be logged as it is.
+///
+/// ```
+/// use tcc_http::server::StoreChoice;
+/// let pg: StoreChoice = "postgres://tcc:s3cret@127.0.0.1:5432/tcc".parse().unwrap();
+/// assert_eq!(pg.to_string(), "postgres://tcc@127.0.0.1:5432/tcc");
+/// assert_eq!("sled:/var/lib/tcc".parse::<StoreChoice>().unwrap(), StoreChoice::Sled("/var/lib/tcc".into()));
+/// assert!("mysql://x".parse::<StoreChoice>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded sled store in this directory (created if missing). One process at a time.
+    Sled(std::path::PathBuf),
+    /// A PostgreSQL database (a connection URL), shared by every coordinator pointed at it; the
+    /// schema is created or migrated on start. See `tcc_core::store::postgres`.
+    Postgres(String),
+}
+
+impl StoreChoice {
+    /// Opens the store (for PostgreSQL: connects, and creates or migrates the schema).
+    pub async fn open(&self) -> Result<Arc<dyn tcc_core::Store>, tcc_core::Error> {
+        Ok(match self {
+            StoreChoice::Sled(dir) => Arc::new(tcc_core::SledStore::open(dir)?),
+            StoreChoice::Postgres(url) => Arc::new(tcc_core::store::PgStore::connect(url).await?),
+        })
+    }
+}
+
+impl std::str::FromStr for StoreChoice {
+    type Err = String;
+
+    /// Never echoes its input, which may hold a password.
+    fn from_str(s: &str) -> Result<StoreChoice, String> {
+        if let Some(dir) = s.strip_prefix("sled:") {
+            if dir.is_empty() {
+                return Err("sled: needs a directory, as in sled:./tcc-data".to_owned());
+            }
+            return Ok(StoreChoice::Sled(dir.into()));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            tcc_core::store::postgres::check_url(s).map_err(|e| format!("the PostgreSQL store URL: {e}"))?;
+            return Ok(StoreChoice::Postgres(s.to_owned()));
+        }
+        Err("a store is sled:DIR or postgres://USER@HOST:PORT/DB".to_owned())
+    }
+}
+
+impl std::fmt::Display for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreChoice::Sled(dir) => write!(f, "sled:{}", dir.display()),
+            StoreChoice::Postgres(url) => f.write_str(&tcc_core::store::postgres::describe_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreChoice({self})")
+    }
+}
+
 /// Everything needed to start a standalone coordinator.
 #[derive(Clone, Debug)]
 pub struct Launch {
     /// Where to listen, for example `127.0.0.1:36789` (port 0 picks a free one).
     pub listen: String,
-    /// The sled store's directory.
-    pub data_dir: std::path::PathBuf,
+    /// Where transactions are kept.
+    pub store: StoreChoice,
     /// The engine's settings.
     pub core: tcc_core::Config,
     /// The HTTP service's settings.
@@ -211,15 +276,16 @@ impl Running {
     }
 }
 
-/// Opens the sled store in `launch.data_dir`, starts the engine (which resumes unfinished
-/// transactions) and serves [`router`] on `launch.listen`.
+/// Opens the store (`launch.store`), starts the engine (which resumes unfinished transactions) and
+/// serves [`router`] on `launch.listen`. Several coordinators may be started on one PostgreSQL
+/// store, in one process or many, each with its own [`Config::owner`](tcc_core::Config::owner).
 pub async fn start(launch: Launch) -> Result<Running, StartError> {
-    let Launch { listen, data_dir, core, server, client } = launch;
+    let Launch { listen, store, core, server, client } = launch;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| StartError::Bind { addr: listen.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-    let store = Arc::new(tcc_core::SledStore::open(&data_dir)?);
+    let store = store.open().await?;
     let metrics = Arc::new(Metrics::default());
     let transport = crate::transport::HttpTransport::new(
         crate::transport::build_client(&client)?,

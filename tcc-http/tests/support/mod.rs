@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tcc_core::{Config, RetryPolicy};
 use tcc_http::client::TccClient;
-use tcc_http::server::{self, Launch, Running, ServerConfig};
+use tcc_http::server::{self, Launch, Running, ServerConfig, StoreChoice};
 use tcc_http::target::AllowList;
 
 /// How a [`Participant`] answers.
@@ -167,14 +167,32 @@ impl Tcc {
         let dir = tempfile::tempdir().unwrap();
         match mode {
             Where::Embedded => {
-                let client = TccClient::open_embedded(dir.path(), core, server.allow.clone()).await.unwrap();
+                let client = match test_store(dir.path()).await {
+                    StoreChoice::Sled(path) => {
+                        TccClient::open_embedded(path, core, server.allow.clone()).await.unwrap()
+                    }
+                    postgres => {
+                        // What open_embedded does, on the PostgreSQL store.
+                        let allow = server.allow.clone();
+                        let http = tcc_http::transport::build_client(&Default::default()).unwrap();
+                        let metrics = Arc::new(tcc_http::metrics::Metrics::default());
+                        let transport =
+                            tcc_http::transport::HttpTransport::new(http.clone(), allow.clone(), metrics);
+                        let store = postgres.open().await.unwrap();
+                        let clock = Arc::new(tcc_core::SystemClock);
+                        let tc = tcc_core::Coordinator::open(store, Arc::new(transport), clock, core)
+                            .await
+                            .unwrap();
+                        TccClient::embedded(Arc::new(tc), allow, http)
+                    }
+                };
                 Tcc { client, server: None, dir }
             }
             Where::Standalone => {
                 let token = server.token.clone();
                 let running = server::start(Launch {
                     listen: "127.0.0.1:0".into(),
-                    data_dir: dir.path().join("store"),
+                    store: test_store(&dir.path().join("store")).await,
                     core,
                     server,
                     client: Default::default(),
@@ -189,6 +207,24 @@ impl Tcc {
 
     pub fn url(&self) -> String {
         self.server.as_ref().map(|s| s.url()).unwrap_or_default()
+    }
+}
+
+/// The store of a test's coordinator: the sled store in `dir`, or with `TCC_TEST_STORE=postgres` a
+/// fresh schema of its own in the database `TCC_TEST_POSTGRES_URL` names (CI runs the end-to-end,
+/// DTM and stack suites both ways).
+pub async fn test_store(dir: &std::path::Path) -> StoreChoice {
+    match std::env::var("TCC_TEST_STORE").as_deref() {
+        Err(_) | Ok("" | "sled") => StoreChoice::Sled(dir.to_owned()),
+        Ok("postgres") => {
+            let url = std::env::var("TCC_TEST_POSTGRES_URL").expect(
+                "TCC_TEST_STORE=postgres needs TCC_TEST_POSTGRES_URL (a postgres:// URL of a test database)",
+            );
+            StoreChoice::Postgres(
+                tcc_core::store::postgres::create_scratch_schema(&url, "tcc_test").await.unwrap(),
+            )
+        }
+        Ok(other) => panic!("TCC_TEST_STORE={other:?}: use sled or postgres"),
     }
 }
 

@@ -543,7 +543,7 @@ async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
     let [listen, dir] = serve.as_slice() else { return ExitCode::from(2) };
     let launch = tcc_http::server::Launch {
         listen: listen.clone(),
-        data_dir: dir.into(),
+        store: tcc_http::server::StoreChoice::Sled(dir.into()),
         core: tcc_core::Config::default(),
         server: Default::default(),
         client: Default::default(),

@@ -1,0 +1,69 @@
+//! The two services' TCC definitions. In a real system these live in a small API crate that the
+//! service (which implements them) and the agency (which calls them) both depend on.
+
+use serde::{Deserialize, Serialize};
+use tcc_http::staged::StoreError;
+use tcc_http::{TccContext, TccError, tcc};
+
+/// What the agency asks a service to hold: one unit of an item (a seat on a flight, a room in a
+/// hotel) for one customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRequest {
+    /// The flight or hotel.
+    pub item: String,
+    /// Who it is for.
+    pub customer: String,
+}
+
+/// What a successful try answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The flight or hotel.
+    pub item: String,
+    /// Units still free after this hold.
+    pub left: u32,
+}
+
+/// Why a service refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum BookingError {
+    /// Nothing left to hold.
+    #[error("{0} is sold out")]
+    SoldOut(String),
+    /// The service does not sell this item.
+    #[error("{0} is not sold here")]
+    Unknown(String),
+    /// The confirm or cancel found no hold for this transaction (it never tried here).
+    #[error("no hold for this booking")]
+    NoHold,
+    /// Too many concurrent buyers changed the stock while this one was deciding; it gave up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Every booking error refuses the try, and so cancels the whole booking.
+impl TccError for BookingError {}
+
+/// The flight service.
+#[tcc]
+pub trait Flights {
+    /// Holds a seat until the booking is decided.
+    #[tcc(confirm = sell_seat, cancel = release_seat, branch = "flight")]
+    async fn hold_seat(&self, ctx: TccContext, req: HoldRequest) -> Result<Hold, BookingError>;
+    /// Sells the held seat.
+    async fn sell_seat(&self, ctx: TccContext, req: HoldRequest) -> Result<(), BookingError>;
+    /// Frees the held seat.
+    async fn release_seat(&self, ctx: TccContext, req: HoldRequest) -> Result<(), BookingError>;
+}
+
+/// The hotel service.
+#[tcc]
+pub trait Hotels {
+    /// Holds a room until the booking is decided.
+    #[tcc(confirm = sell_room, cancel = release_room, branch = "hotel")]
+    async fn hold_room(&self, ctx: TccContext, req: HoldRequest) -> Result<Hold, BookingError>;
+    /// Sells the held room.
+    async fn sell_room(&self, ctx: TccContext, req: HoldRequest) -> Result<(), BookingError>;
+    /// Frees the held room.
+    async fn release_room(&self, ctx: TccContext, req: HoldRequest) -> Result<(), BookingError>;
+}

@@ -1,0 +1,354 @@
+//! The travel-booking demo: `cargo run --release -p travel-booking`.
+//!
+//! Starts a coordinator (a separate process: this binary in its coordinator role, the same server
+//! as `tcc-coordinator`) and the flight and hotel services on free loopback ports, then narrates
+//! five bookings that show what TCC and tcc are for, and ends with a ledger check across both
+//! services. Exits non-zero if any expectation or invariant fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use tcc_http::client::TccClient;
+use tcc_http::server::native::StateView;
+use travel_booking::agency::{Agency, Outcome, Trip};
+use travel_booking::ledger;
+use travel_booking::service::{Kind, Service};
+
+const FLIGHTS: &[(&str, u32)] = &[("TC42", 10), ("TC43", 10), ("RUSH-FLIGHT", 50)];
+const HOTELS: &[(&str, u32)] = &[("Ritz", 10), ("Tiny Inn", 0), ("RUSH-HOTEL", 40)];
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The coordinator, in its own process so that it can be killed with SIGKILL.
+struct Coordinator {
+    child: Child,
+    addr: String,
+    data: PathBuf,
+}
+
+impl Coordinator {
+    async fn start(addr: &str, data: &Path) -> Result<Coordinator, String> {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(me)
+            .arg("--coordinator")
+            .arg(addr)
+            .arg(data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+            .spawn()
+            .map_err(|e| format!("starting the coordinator: {e}"))?;
+        let c = Coordinator { child, addr: addr.to_owned(), data: data.to_owned() };
+        let http = tcc_http::transport::build_client(&Default::default()).map_err(|e| e.to_string())?;
+        for _ in 0..500 {
+            if http.get(format!("{}/readyz", c.url())).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("the coordinator did not come up".into())
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, no flush, no goodbye.
+    fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// The coordinator role of this binary (`--coordinator ADDR DATA_DIR`).
+async fn serve_coordinator(addr: String, data: PathBuf) -> ExitCode {
+    let fast = tcc_core::RetryPolicy {
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(1),
+        call_timeout: Duration::from_secs(2),
+        ..tcc_core::RetryPolicy::default()
+    };
+    let core = tcc_core::Config {
+        retry: fast,
+        poll_interval: Duration::from_millis(50),
+        lease: Duration::from_secs(5),
+        ..tcc_core::Config::default()
+    };
+    let launch = tcc_http::server::Launch {
+        listen: addr,
+        store: tcc_http::server::StoreChoice::Sled(data),
+        core,
+        server: Default::default(),
+        client: Default::default(),
+    };
+    match tcc_http::server::start(launch).await {
+        Ok(running) => {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = running.stop().await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Counts what went as expected and what did not.
+#[derive(Default)]
+struct Narrator {
+    failures: Vec<String>,
+}
+
+impl Narrator {
+    fn step(&self, title: &str) {
+        println!("\n{title}");
+    }
+
+    fn ok(&self, what: impl AsRef<str>) {
+        println!("   ok   {}", what.as_ref());
+    }
+
+    fn expect(&mut self, cond: bool, what: impl AsRef<str>) {
+        if cond {
+            self.ok(what);
+        } else {
+            println!("   FAIL {}", what.as_ref());
+            self.failures.push(what.as_ref().to_owned());
+        }
+    }
+}
+
+fn trip(customer: &str, flight: &str, hotel: &str) -> Trip {
+    Trip { customer: customer.into(), flight: flight.into(), hotel: hotel.into() }
+}
+
+fn stock(service: &Service, item: &str) -> String {
+    match service.books() {
+        Ok(b) => b
+            .stock
+            .get(item)
+            .map_or("?".into(), |s| format!("{} free, {} held, {} sold", s.free, s.held, s.sold)),
+        Err(e) => format!("unreadable: {e}"),
+    }
+}
+
+async fn demo() -> Result<Vec<String>, String> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
+    let mut coordinator = Coordinator::start(&port.to_string(), &dir.path().join("coordinator")).await?;
+    let flights = Service::start(Kind::Flights, &dir.path().join("flights"), "127.0.0.1:0", FLIGHTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut hotels = Service::start(Kind::Hotels, &dir.path().join("hotels"), "127.0.0.1:0", HOTELS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tcc = TccClient::remote(&coordinator.url(), None).map_err(|e| e.to_string())?;
+    let agency = Agency::new(tcc.clone(), &flights.url(), &hotels.url());
+    println!("tcc travel-booking demo");
+    println!("   coordinator {}  (its own process, sled store)", coordinator.url());
+    println!("   flights     {}  (its own sled database)", flights.url());
+    println!("   hotels      {}  (its own sled database)", hotels.url());
+    let mut n = Narrator::default();
+
+    n.step("1. A booking that succeeds");
+    match agency.book(&trip("ada", "TC42", "Ritz"), WAIT).await.map_err(|e| e.to_string())? {
+        Outcome::Booked { seat, room, done } => {
+            n.ok(format!(
+                "seat held on {} ({} left), room held at {} ({} left)",
+                seat.item, seat.left, room.item, room.left
+            ));
+            n.expect(
+                done.state == StateView::Confirmed,
+                format!("confirmed at both services: {:?}", done.state),
+            );
+        }
+        Outcome::Refused { reason, .. } => n.expect(false, format!("booked, but was refused: {reason}")),
+    }
+    n.ok(format!("TC42: {}; Ritz: {}", stock(&flights, "TC42"), stock(&hotels, "Ritz")));
+
+    n.step("2. The hotel is sold out: the seat already held is released");
+    match agency.book(&trip("bob", "TC42", "Tiny Inn"), WAIT).await.map_err(|e| e.to_string())? {
+        Outcome::Refused { reason, gid } => {
+            n.ok(format!("refused: {reason}"));
+            let done = tcc
+                .wait(&gid.parse().map_err(|e: tcc_core::Error| e.to_string())?, WAIT)
+                .await
+                .map_err(|e| e.to_string())?;
+            n.expect(
+                done.state == StateView::Cancelled,
+                format!("cancelled at both services: {:?}", done.state),
+            );
+        }
+        Outcome::Booked { .. } => n.expect(false, "refused, but it was booked"),
+    }
+    n.ok(format!("TC42: {} (bob's seat is free again)", stock(&flights, "TC42")));
+
+    n.step("3. The hotel goes down during confirm: the confirm is retried until it is back");
+    let tx = tcc.begin(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+    let (fc, hc) = (
+        travel_booking::api::FlightsClient::new(flights.url()),
+        travel_booking::api::HotelsClient::new(hotels.url()),
+    );
+    let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "cleo".into() };
+    fc.hold_seat(&tx, req("TC43")).await.map_err(|e| e.to_string())?;
+    hc.hold_room(&tx, req("Ritz")).await.map_err(|e| e.to_string())?;
+    hotels.go_down().await;
+    n.ok("both held; the hotel service is now down");
+    tx.confirm().await.map_err(|e| e.to_string())?;
+    let retried = wait_for_attempts(&tcc, tx.gid(), 2).await?;
+    n.expect(
+        retried.state == StateView::Confirming,
+        format!(
+            "confirm decided; {} rounds failed so far: {}",
+            retried.attempts,
+            retried.last_error.unwrap_or_default()
+        ),
+    );
+    hotels.come_back().await.map_err(|e| e.to_string())?;
+    let done = tcc.wait(tx.gid(), WAIT).await.map_err(|e| e.to_string())?;
+    n.expect(
+        done.state == StateView::Confirmed,
+        format!("the hotel is back and the booking completed: {:?}", done.state),
+    );
+
+    n.step("4. The coordinator is killed (SIGKILL) in the middle of phase two, then restarted");
+    let tx = tcc.begin(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+    let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "dan".into() };
+    fc.hold_seat(&tx, req("TC43")).await.map_err(|e| e.to_string())?;
+    hc.hold_room(&tx, req("Ritz")).await.map_err(|e| e.to_string())?;
+    hotels.go_down().await;
+    tx.confirm().await.map_err(|e| e.to_string())?;
+    let inflight = wait_for_attempts(&tcc, tx.gid(), 1).await?;
+    n.ok(format!(
+        "confirm decided and in phase two ({} round failed); killing the coordinator",
+        inflight.attempts
+    ));
+    coordinator.kill_9();
+    hotels.come_back().await.map_err(|e| e.to_string())?;
+    let data = coordinator.data.clone();
+    drop(coordinator);
+    coordinator = Coordinator::start(&port.to_string(), &data).await?;
+    n.ok("restarted on the same data");
+    let done = tcc.wait(tx.gid(), WAIT).await.map_err(|e| e.to_string())?;
+    n.expect(
+        done.state == StateView::Confirmed,
+        format!("the booking completed after the restart: {:?}", done.state),
+    );
+
+    n.step("5. A rush: 200 customers at once for 50 seats and 40 rooms");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let agency = agency.clone();
+        tasks.push(tokio::spawn(async move {
+            agency.book(&trip(&format!("rush-{i}"), "RUSH-FLIGHT", "RUSH-HOTEL"), WAIT).await
+        }));
+    }
+    let (mut booked, mut refused, mut failed) = (0, 0, 0);
+    let mut gids = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(Outcome::Booked { done, .. })) => {
+                booked += 1;
+                gids.push(done.gid);
+            }
+            Ok(Ok(Outcome::Refused { gid, .. })) => {
+                refused += 1;
+                gids.push(gid);
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                eprintln!("   a booking failed: {e}");
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("   a booking task failed: {e}");
+            }
+        }
+    }
+    for gid in &gids {
+        if let Ok(gid) = gid.parse() {
+            let _ = tcc.wait(&gid, WAIT).await;
+        }
+    }
+    n.ok(format!("{booked} booked, {refused} refused, {failed} failed"));
+    n.expect(booked <= 40, format!("no overbooking: {booked} booked for 40 rooms"));
+    n.expect(booked == 40, "every room sold: the rush is not lost to contention");
+    n.ok(format!(
+        "RUSH-FLIGHT: {}; RUSH-HOTEL: {}",
+        stock(&flights, "RUSH-FLIGHT"),
+        stock(&hotels, "RUSH-HOTEL")
+    ));
+
+    n.step("Ledger check across both services");
+    let (fb, hb) = (flights.books()?, hotels.books()?);
+    let violations = ledger::check(&fb, &hb, &[FLIGHTS, HOTELS].concat(), true);
+    for v in &violations {
+        n.expect(false, v);
+    }
+    let sold_seats: u32 = fb.stock.values().map(|s| s.sold).sum();
+    let sold_rooms: u32 = hb.stock.values().map(|s| s.sold).sum();
+    n.expect(
+        violations.is_empty(),
+        format!("{sold_seats} seats and {sold_rooms} rooms sold, every seat with its room, nothing held, stock conserved"),
+    );
+    println!("\nfinished in {:.1} s", started.elapsed().as_secs_f64());
+    drop(coordinator);
+    Ok(n.failures)
+}
+
+async fn wait_for_attempts(
+    tcc: &TccClient,
+    gid: &tcc_core::Gid,
+    attempts: u32,
+) -> Result<tcc_http::server::native::TransactionView, String> {
+    for _ in 0..600 {
+        let tx = tcc.get(gid).await.map_err(|e| e.to_string())?;
+        if tx.attempts >= attempts || tx.state != StateView::Confirming {
+            return Ok(tx);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("phase two of {gid} made no attempt"))
+}
+
+fn main() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, addr, data] = args.as_slice()
+        && flag == "--coordinator"
+    {
+        return rt.block_on(serve_coordinator(addr.clone(), data.into()));
+    }
+    match rt.block_on(demo()) {
+        Ok(failures) if failures.is_empty() => {
+            println!("all as expected");
+            ExitCode::SUCCESS
+        }
+        Ok(failures) => {
+            println!("\n{} expectation(s) failed:", failures.len());
+            for f in failures {
+                println!("   {f}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

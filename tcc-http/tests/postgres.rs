@@ -1,0 +1,306 @@
+//! Several coordinators on one PostgreSQL database, active-active: three `tcc-coordinator`
+//! processes share the transactions, one is killed with SIGKILL in the middle of phase two and the
+//! other two finish every transaction once its leases end; two coordinators racing to decide one
+//! transaction agree on one decision; the database password never reaches a log or `--help`.
+//!
+//! They need `TCC_TEST_POSTGRES_URL` (a `postgres://` URL of a test database; each test works in a
+//! schema of its own) and print "skipped: ..." without it, unless `TCC_REQUIRE_POSTGRES=1`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::post;
+use support::{Mode, Participant, eventually, fast_core};
+use tcc_http::client::TccClient;
+use tcc_http::server::native::StateView;
+use tcc_http::server::{Launch, ServerConfig, StoreChoice};
+
+const LONG: Duration = Duration::from_secs(60);
+const BIN: &str = env!("CARGO_BIN_EXE_tcc-coordinator");
+
+/// A fresh schema's URL in the test database, or `None` after saying the test is skipped.
+async fn scratch_url() -> Option<String> {
+    match std::env::var("TCC_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => {
+            Some(tcc_core::store::postgres::create_scratch_schema(&url, "tcc_test").await.unwrap())
+        }
+        _ => {
+            assert!(
+                std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
+            );
+            println!("skipped: TCC_TEST_POSTGRES_URL is not set (a postgres:// URL of a test database)");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `tcc-coordinator` process.
+struct Proc {
+    child: Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    async fn spawn(dir: &std::path::Path, env: &[(&str, &str)]) -> Proc {
+        let log = dir.join(format!("log-{}", tcc_core::Gid::generate()));
+        let file = std::fs::File::create(&log).unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("TCC_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TCC_RETRY_INITIAL", "50ms")
+            .env("TCC_RETRY_MAX_BACKOFF", "200ms")
+            .env("TCC_RETRY_MAX_ATTEMPTS", "1000")
+            .env("TCC_LEASE", "3s")
+            .env("TCC_CALL_TIMEOUT", "2s")
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut p = Proc { child, url: format!("http://127.0.0.1:{port}"), log };
+        let http = reqwest::Client::new();
+        let ready = format!("{}/readyz", p.url);
+        eventually("the coordinator to be ready", LONG, async || {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("the coordinator exited with {status}:\n{}", p.log());
+            }
+            http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL on unix
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> String {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        self.child.wait().unwrap();
+        self.log()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (gid, branch) -> phases called, in order.
+type Calls = HashMap<(String, String), Vec<String>>;
+
+/// A participant whose phase-two answers wait behind a gate, recording every call.
+#[derive(Clone, Default)]
+struct Gated {
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+    calls: Arc<Mutex<Calls>>,
+}
+
+async fn gated(
+    State(g): State<Gated>,
+    Path((_op, phase)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> String {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    g.calls.lock().unwrap().entry((h("tcc-gid"), h("tcc-branch"))).or_default().push(phase.clone());
+    if phase != "try" {
+        let mut open = g.open.subscribe();
+        // Bounded: a call still waiting after this answers anyway.
+        let _ = tokio::time::timeout(LONG, open.wait_for(|o| *o)).await;
+    }
+    format!("{phase} ok")
+}
+
+impl Gated {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/tcc/{op}/{phase}", post(gated)).with_state(self.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/tcc")
+    }
+
+    fn phases(&self, gid: &str, branch: &str) -> Vec<String> {
+        self.calls.lock().unwrap().get(&(gid.to_owned(), branch.to_owned())).cloned().unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_coordinators_finish_every_transaction_when_one_is_killed_mid_phase_two() {
+    let Some(store) = scratch_url().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let participant = Gated::default();
+    let base = participant.start().await;
+    let mut nodes = Vec::new();
+    for owner in ["node-a", "node-b", "node-c"] {
+        nodes.push(Proc::spawn(dir.path(), &[("TCC_STORE", &store), ("TCC_OWNER", owner)]).await);
+    }
+    let clients: Vec<TccClient> = nodes.iter().map(|n| TccClient::remote(&n.url, None).unwrap()).collect();
+
+    // Transactions spread over the three; every fourth is cancelled. Phase two waits at the gate.
+    let mut txs = Vec::new();
+    for i in 0..24 {
+        let client = &clients[i % 3];
+        let tx = client.begin(LONG).await.unwrap();
+        tx.try_branch("flight", &format!("{base}/seat"), b"1A".to_vec()).await.unwrap();
+        tx.try_branch("hotel", &format!("{base}/room"), b"7".to_vec()).await.unwrap();
+        let (decided, expected, phase) = if i % 4 == 3 {
+            (tx.cancel().await.unwrap(), StateView::Cancelled, "cancel")
+        } else {
+            (tx.confirm().await.unwrap(), StateView::Confirmed, "confirm")
+        };
+        assert!(matches!(decided.state, StateView::Confirming | StateView::Cancelling));
+        txs.push((tx.gid().clone(), i % 3, expected, phase));
+    }
+    // node-a is in the middle of phase two for every one of its transactions: kill it there.
+    eventually("node-a's phase-two calls", LONG, async || {
+        txs.iter().filter(|t| t.1 == 0).all(|(gid, _, _, phase)| {
+            ["flight", "hotel"].iter().all(|b| participant.phases(gid.as_str(), b).iter().any(|p| p == phase))
+        })
+    })
+    .await;
+    nodes[0].kill9();
+    participant.open.send_replace(true);
+
+    // node-b and node-c finish everything, node-a's transactions once its leases end.
+    for (gid, node, expected, phase) in &txs {
+        let done = clients[1].wait(gid, LONG).await.unwrap();
+        assert_eq!(done.state, *expected, "{gid} begun on node {node}\nnode-b:\n{}", nodes[1].log());
+        for branch in ["flight", "hotel"] {
+            let phases = participant.phases(gid.as_str(), branch);
+            assert_eq!(phases.first().map(String::as_str), Some("try"), "{gid} {branch}");
+            assert!(phases.iter().skip(1).all(|p| p == phase), "{gid} {branch}: {phases:?}");
+        }
+    }
+    let a_txs: Vec<_> = txs.iter().filter(|t| t.1 == 0).collect();
+    assert!(!a_txs.is_empty());
+    for (gid, ..) in a_txs {
+        // Every branch of node-a's transactions was called again after the kill, by someone else.
+        for branch in ["flight", "hotel"] {
+            assert!(participant.phases(gid.as_str(), branch).len() >= 3, "{gid} {branch}");
+        }
+    }
+    for node in nodes.drain(1..) {
+        let log = node.terminate();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_racing_to_decide_one_transaction_agree_on_one_decision() {
+    let Some(store) = scratch_url().await else { return };
+    let start = |owner: &str| {
+        server_on(
+            StoreChoice::Postgres(store.clone()),
+            tcc_core::Config { owner: owner.into(), ..fast_core() },
+        )
+    };
+    let (a, b) = (start("node-a").await, start("node-b").await);
+    let participant = Participant::start(Mode::Healthy).await;
+    let client = TccClient::remote(&a.url(), None).unwrap();
+    let http = reqwest::Client::new();
+    let mut outcomes = HashMap::new();
+    for _ in 0..30 {
+        let tx = client.begin(LONG).await.unwrap();
+        tx.try_branch("flight", &participant.target("seat"), b"1A".to_vec()).await.unwrap();
+        let gid = tx.gid().to_string();
+        let confirm = http.post(format!("{}/v1/transactions/{gid}/confirm", a.url())).send();
+        let cancel = http.post(format!("{}/v1/transactions/{gid}/cancel", b.url())).send();
+        let (confirm, cancel) = tokio::join!(confirm, cancel);
+        let (confirm, cancel) = (confirm.unwrap().status().as_u16(), cancel.unwrap().status().as_u16());
+        let (expected, phase) = match (confirm, cancel) {
+            (200, 409) => (StateView::Confirmed, "confirm"),
+            (409, 200) => (StateView::Cancelled, "cancel"),
+            other => panic!("exactly one decision must win, got {other:?}"),
+        };
+        let done = client.wait(tx.gid(), LONG).await.unwrap();
+        assert_eq!(done.state, expected);
+        assert_eq!(participant.phases(&gid), ["try", phase]);
+        *outcomes.entry(phase).or_insert(0) += 1;
+    }
+    println!("decisions won: {outcomes:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+async fn server_on(store: StoreChoice, core: tcc_core::Config) -> tcc_http::server::Running {
+    tcc_http::server::start(Launch {
+        listen: "127.0.0.1:0".into(),
+        store,
+        core,
+        server: ServerConfig::default(),
+        client: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_never_reaches_the_logs_or_the_help() {
+    let Some(store) = scratch_url().await else { return };
+    let secret = "pw-7c1d9e04b3";
+    // The test database trusts loopback, so it accepts any password: the URL carries one anyway.
+    let (scheme, rest) = store.split_once("://").unwrap();
+    let (user, host) = rest.split_once('@').unwrap();
+    assert!(!user.contains(':'), "the test URL has a password already");
+    let with_password = format!("{scheme}://{user}:{secret}@{host}");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::spawn(dir.path(), &[("TCC_STORE", &with_password), ("RUST_LOG", "trace")]).await;
+    let client = TccClient::remote(&node.url, None).unwrap();
+    let tx = client.begin(LONG).await.unwrap();
+    tx.cancel().await.unwrap();
+    let log = node.terminate();
+    assert!(log.contains("tcc-coordinator listening"), "{log}");
+    assert!(log.contains(&format!("postgres://{user}@")), "the store is named in the log:\n{log}");
+    assert!(!log.contains(secret), "the password appears in the log");
+
+    let help = Command::new(BIN).arg("--help").env("TCC_STORE", &with_password).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("--store") && help.contains("TCC_STORE"), "{help}");
+    assert!(!help.contains(secret), "--help shows the password");
+    let bad = format!("postgres://tcc:{secret}@127.0.0.1:notaport/tcc");
+    let out = Command::new(BIN).args(["--store", &bad]).env_clear().stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("--store") && !stderr.contains(secret), "{stderr}");
+}
+
+#[test]
+fn store_and_data_dir_together_are_refused() {
+    let out = Command::new(BIN)
+        .args(["--store", "sled:/tmp/a", "--data-dir", "/tmp/b"])
+        .env_clear()
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("both name a store"), "{stderr}");
+}

@@ -1,0 +1,176 @@
+//! The participant side: the trait itself (async methods as `Send` futures) with the provided
+//! method `into_participant`, which registers an implementation's operations on a participant.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{Ident, ReturnType, Type};
+
+use crate::model::{INTO_PARTICIPANT, Method, Operation, Service};
+
+/// The request type of an operation: its one parameter's type, a tuple of several, or `()`.
+pub fn request_type(m: &Method) -> TokenStream {
+    match m.params.as_slice() {
+        [one] => {
+            let ty = &one.ty;
+            quote!(#ty)
+        }
+        params => {
+            let tys = params.iter().map(|p| &p.ty);
+            quote!((#(#tys,)*))
+        }
+    }
+}
+
+/// The pattern that takes a decoded request apart, and the names it binds.
+fn request_pattern(m: &Method) -> (TokenStream, Vec<Ident>) {
+    let names: Vec<Ident> = (0..m.params.len()).map(|i| format_ident!("__tcc_arg{}", i)).collect();
+    let pat = match names.as_slice() {
+        [one] => quote!(#one),
+        names => quote!((#(#names,)*)),
+    };
+    (pat, names)
+}
+
+/// One trait method, async made explicit: `fn m(..) -> impl Future<Output = R> + Send`.
+fn method(m: &Method) -> TokenStream {
+    let attrs = &m.attrs;
+    let mut sig = m.sig.clone();
+    sig.asyncness = None;
+    let ret: Type = match &m.sig.output {
+        ReturnType::Type(_, ty) => (**ty).clone(),
+        ReturnType::Default => syn::parse_quote!(()),
+    };
+    sig.output = syn::parse_quote_spanned! {ret.span()=>
+        -> impl ::core::future::Future<Output = #ret> + ::core::marker::Send
+    };
+    match &m.default {
+        Some(body) => quote! { #(#attrs)* #sig { async move #body } },
+        None => quote! { #(#attrs)* #sig; },
+    }
+}
+
+/// The adapter of one operation: an `AsyncOperation` calling the implementation's methods.
+fn adapter(s: &Service, op: &Operation, n: usize) -> (Ident, TokenStream) {
+    let krate = &s.krate;
+    let service = &s.item.ident;
+    let name = format_ident!("__TccOperation{}", n);
+    let (try_m, confirm, cancel) = (&s.methods[op.try_], &s.methods[op.confirm], &s.methods[op.cancel]);
+    let request = request_type(try_m);
+    let (pat, args) = request_pattern(try_m);
+    let (ok, err) = (&try_m.ok, &try_m.err);
+    let (try_fn, confirm_fn, cancel_fn) = (&try_m.sig.ident, &confirm.sig.ident, &cancel.sig.ident);
+    let tokens = quote! {
+        struct #name<__TccImpl>(::std::sync::Arc<__TccImpl>);
+
+        impl<__TccImpl: #service> #krate::__private::AsyncOperation for #name<__TccImpl> {
+            type Request = #request;
+            type Response = #ok;
+            type Error = #err;
+
+            fn try_(
+                &self,
+                ctx: #krate::__private::TccContext,
+                request: Self::Request,
+            ) -> impl ::core::future::Future<Output = ::core::result::Result<Self::Response, Self::Error>>
+                   + ::core::marker::Send {
+                let #pat = request;
+                <__TccImpl as #service>::#try_fn(&*self.0, ctx, #(#args),*)
+            }
+
+            fn confirm(
+                &self,
+                ctx: #krate::__private::TccContext,
+                request: Self::Request,
+            ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
+                let #pat = request;
+                <__TccImpl as #service>::#confirm_fn(&*self.0, ctx, #(#args),*)
+            }
+
+            fn cancel(
+                &self,
+                ctx: #krate::__private::TccContext,
+                request: Self::Request,
+            ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
+                let #pat = request;
+                <__TccImpl as #service>::#cancel_fn(&*self.0, ctx, #(#args),*)
+            }
+        }
+    };
+    (name, tokens)
+}
+
+fn operations_table(s: &Service) -> Vec<String> {
+    let mut lines = vec![
+        String::new(),
+        "# TCC operations".to_owned(),
+        String::new(),
+        "`#[tcc]` made this trait the definition of a TCC service:".to_owned(),
+        String::new(),
+        "| operation (try) | confirm | cancel | client's default branch |".to_owned(),
+        "|---|---|---|---|".to_owned(),
+    ];
+    for op in &s.ops {
+        lines.push(format!(
+            "| `{}` | `{}` | `{}` | `{}` |",
+            s.methods[op.try_].name(),
+            s.methods[op.confirm].name(),
+            s.methods[op.cancel].name(),
+            op.branch
+        ));
+    }
+    let client = &s.client;
+    let service = &s.item.ident;
+    lines.extend([
+        String::new(),
+        format!(
+            "A participant serves an implementation with [`{service}::{INTO_PARTICIPANT}`]; an initiator calls it \
+             with [`{client}`]. Implement the methods with `async fn`: their futures must be `Send`, and \
+             their effects go through the `TccContext` they get, which commits them together with the \
+             participant's barrier record."
+        ),
+    ]);
+    lines
+}
+
+/// The trait, rewritten.
+pub fn render(s: &Service) -> TokenStream {
+    let krate = &s.krate;
+    let item = &s.item;
+    let (attrs, vis, trait_token, ident) = (&item.attrs, &item.vis, &item.trait_token, &item.ident);
+    let supertraits = item.supertraits.iter();
+    let docs = operations_table(s);
+    let methods = s.methods.iter().map(method);
+    let adapters: Vec<(Ident, TokenStream)> =
+        s.ops.iter().enumerate().map(|(n, op)| adapter(s, op, n)).collect();
+    let adapter_items = adapters.iter().map(|(_, tokens)| tokens);
+    let registrations = s.ops.iter().zip(&adapters).map(|(op, (name, _))| {
+        let op_name = s.methods[op.try_].name();
+        quote!(.async_operation(#op_name, #name(::core::clone::Clone::clone(&this))))
+    });
+    let op_names: Vec<String> = s.ops.iter().map(|op| format!("`{}`", s.methods[op.try_].name())).collect();
+    let into_doc = format!(
+        "Adds this implementation's TCC operations ({}) to `participant`, each served at `/{{operation}}/try`, \
+         `/confirm` and `/cancel` under wherever the participant's router is nested, through its barrier. \
+         Generated by `#[tcc]`.",
+        op_names.join(", ")
+    );
+    let into = format_ident!("{}", INTO_PARTICIPANT);
+    quote! {
+        #(#attrs)*
+        #(#[doc = #docs])*
+        #vis #trait_token #ident: #(#supertraits +)* ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(#methods)*
+
+            #[doc = #into_doc]
+            fn #into(self, participant: #krate::__private::Participant) -> #krate::__private::Participant
+            where
+                Self: ::core::marker::Sized,
+            {
+                #(#adapter_items)*
+                let this = ::std::sync::Arc::new(self);
+                participant #(#registrations)*
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+use serde::{Deserialize, Serialize};
+use tcc_http::{tcc, TccContext, TccError};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Seat(pub String);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SeatError;
+
+impl std::fmt::Display for SeatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no seat")
+    }
+}
+
+impl TccError for SeatError {}
+
+#[tcc]
+pub trait Flights {
+    #[tcc(confirm = sell, cancel = release, branch = "no spaces!")]
+    async fn hold(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn release(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    #[tcc(confirm = sell_meal, cancel = release_meal, branch = "Flights.hold_seat")]
+    async fn hold_meal(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell_meal(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn release_meal(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    #[tcc(confirm = sell_seat, cancel = release_seat)]
+    async fn hold_seat(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell_seat(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn release_seat(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+}
+
+fn main() {}

@@ -1,0 +1,38 @@
+use serde::{Deserialize, Serialize};
+use tcc_http::{tcc, TccContext, TccError};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Seat(pub String);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SeatError;
+
+impl std::fmt::Display for SeatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no seat")
+    }
+}
+
+impl TccError for SeatError {}
+
+#[tcc]
+pub trait Flights {
+    #[tcc(confirm = sell, cancel = release)]
+    async fn new(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn release(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    #[tcc(confirm = sell_two, cancel = into_participant)]
+    async fn with_branch(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell_two(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn into_participant(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+}
+
+#[tcc(client = Flights2)]
+pub trait Flights2 {
+    #[tcc(confirm = sell, cancel = release)]
+    async fn hold(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn sell(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+    async fn release(&self, ctx: TccContext, seat: Seat) -> Result<(), SeatError>;
+}
+
+fn main() {}
