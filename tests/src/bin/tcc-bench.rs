@@ -176,7 +176,7 @@ async fn spawn_coordinator(args: &Args) -> Result<CoordinatorProcess, String> {
             c
         }
     };
-    cmd.env("RUST_LOG", "warn").stdout(std::process::Stdio::null());
+    cmd.env("RUST_LOG", "error").stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let pid = child.id();
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), pid, _dir: dir };
