@@ -8,15 +8,20 @@ use std::process::Command;
 fn every_mode_completes_and_the_json_has_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_tcc-bench"))
-        .args(["--duration", "0.5", "--concurrency", "8", "--json"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcc-bench"));
+    cmd.args(["--duration", "0.5", "--concurrency", "8", "--json"])
         .arg(&json)
-        .env_remove("TCC_COORDINATOR_BIN")
-        .output()
-        .unwrap();
+        .env_remove("TCC_COORDINATOR_BIN");
+    let mut modes = vec!["raw", "embedded", "standalone", "coordinator_only"];
+    // With a database (CI starts one), the PostgreSQL modes too.
+    if let Ok(url) = std::env::var("TCC_TEST_POSTGRES_URL") {
+        cmd.args(["--postgres", &url]);
+        modes.extend(["postgres_1", "postgres_3"]);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for mode in ["raw", "embedded", "standalone", "coordinator_only"] {
+    for mode in modes {
         assert!(stdout.lines().any(|l| l.starts_with(mode)), "no row for {mode}:\n{stdout}");
     }
     let report = std::fs::read_to_string(&json).unwrap();

@@ -60,6 +60,11 @@ struct Args {
     /// there, this binary serves the coordinator itself in a child process).
     #[arg(long, env = "TCC_COORDINATOR_BIN")]
     coordinator_bin: Option<PathBuf>,
+    /// Also run `postgres_1` and `postgres_3`: standalone on the PostgreSQL store at this URL (each
+    /// run on a fresh schema), with one coordinator process and with three sharing the database
+    /// (initiators spread over them).
+    #[arg(long, env = "TCC_BENCH_POSTGRES_URL")]
+    postgres: Option<String>,
     /// Internal: serve a coordinator on this address with this data directory (the child process of
     /// the standalone modes when no tcc-coordinator binary is found).
     #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
@@ -142,7 +147,6 @@ impl Participants {
 struct CoordinatorProcess {
     child: std::process::Child,
     url: String,
-    pid: u32,
     _dir: tempfile::TempDir,
 }
 
@@ -157,8 +161,13 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn spawn_coordinator(args: &Args) -> Result<CoordinatorProcess, String> {
+async fn spawn_coordinator(
+    args: &Args,
+    store: Option<&str>,
+    owner: &str,
+) -> Result<CoordinatorProcess, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let store = store.map_or_else(|| format!("sled:{}", dir.path().join("data").display()), str::to_owned);
     let port = free_port().map_err(|e| e.to_string())?;
     let listen = format!("127.0.0.1:{port}");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -167,19 +176,18 @@ async fn spawn_coordinator(args: &Args) -> Result<CoordinatorProcess, String> {
     let mut cmd = match &bin {
         Some(bin) => {
             let mut c = std::process::Command::new(bin);
-            c.args(["--listen", &listen, "--data-dir"]).arg(dir.path().join("data"));
+            c.args(["--listen", &listen, "--owner", owner]).env("TCC_STORE", &store);
             c
         }
         None => {
             let mut c = std::process::Command::new(&me);
-            c.arg("--serve-coordinator").arg(&listen).arg(dir.path().join("data"));
+            c.arg("--serve-coordinator").arg(&listen).arg(&store);
             c
         }
     };
     cmd.env("RUST_LOG", "error").stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
-    let pid = child.id();
-    let proc = CoordinatorProcess { child, url: format!("http://{listen}"), pid, _dir: dir };
+    let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
     let http = reqwest::Client::new();
     for _ in 0..500 {
         if http.get(format!("{}/healthz", proc.url)).send().await.is_ok_and(|r| r.status().is_success()) {
@@ -193,13 +201,25 @@ async fn spawn_coordinator(args: &Args) -> Result<CoordinatorProcess, String> {
 /// How one transaction is run.
 #[derive(Clone)]
 enum Driver {
-    Raw { http: reqwest::Client, targets: Vec<String> },
-    Tcc { client: TccClient, targets: Vec<String>, tries: bool },
+    Raw {
+        http: reqwest::Client,
+        targets: Vec<String>,
+    },
+    Tcc {
+        clients: Arc<Vec<TccClient>>,
+        next: Arc<std::sync::atomic::AtomicUsize>,
+        targets: Vec<String>,
+        tries: bool,
+    },
 }
 
 const WAIT: Duration = Duration::from_secs(30);
 
 impl Driver {
+    fn tcc(clients: Vec<TccClient>, targets: Vec<String>, tries: bool) -> Driver {
+        Driver::Tcc { clients: Arc::new(clients), next: Arc::default(), targets, tries }
+    }
+
     async fn one(&self) -> Result<(), String> {
         match self {
             Driver::Raw { http, targets } => {
@@ -222,7 +242,9 @@ impl Driver {
                 }
                 Ok(())
             }
-            Driver::Tcc { client, targets, tries } => {
+            Driver::Tcc { clients, next, targets, tries } => {
+                // Initiators spread over the coordinators (one, except for postgres_3).
+                let client = &clients[next.fetch_add(1, Ordering::Relaxed) % clients.len()];
                 let tx = client.begin(WAIT).await.map_err(|e| e.to_string())?;
                 for (i, t) in targets.iter().enumerate() {
                     if *tries {
@@ -412,18 +434,39 @@ impl Bench {
                 let client = TccClient::open_embedded(dir.path(), embedded_config(), allow)
                     .await
                     .map_err(|e| e.to_string())?;
-                let d = Driver::Tcc { client: client.clone(), targets, tries: true };
+                let d = Driver::tcc(vec![client.clone()], targets, true);
                 let f = measure(mode, branches, d, concurrency, secs).await;
                 client.shutdown().await;
                 Ok(f)
             }
-            "standalone" | "coordinator_only" => {
-                let proc = spawn_coordinator(&self.args).await?;
-                let client =
-                    TccClient::remote_with(&proc.url, None, self.http.clone()).map_err(|e| e.to_string())?;
-                let d = Driver::Tcc { client, targets, tries: mode == "standalone" };
+            "standalone" | "coordinator_only" | "postgres_1" | "postgres_3" => {
+                let (store, n) = match mode {
+                    "postgres_1" | "postgres_3" => {
+                        let base = self
+                            .args
+                            .postgres
+                            .as_deref()
+                            .ok_or_else(|| format!("--postgres URL is needed for {mode}"))?;
+                        let url = tcc_core::store::postgres::create_scratch_schema(base, "tcc_bench")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        (Some(url), if mode == "postgres_3" { 3 } else { 1 })
+                    }
+                    _ => (None, 1),
+                };
+                let mut procs = Vec::new();
+                let mut clients = Vec::new();
+                for i in 0..n {
+                    let proc = spawn_coordinator(&self.args, store.as_deref(), &format!("bench-{i}")).await?;
+                    clients.push(
+                        TccClient::remote_with(&proc.url, None, self.http.clone())
+                            .map_err(|e| e.to_string())?,
+                    );
+                    procs.push(proc);
+                }
+                let d = Driver::tcc(clients, targets, mode != "coordinator_only");
                 let f = measure(mode, branches, d, concurrency, secs).await;
-                let _ = proc.pid;
+                drop(procs);
                 Ok(f)
             }
             other => Err(format!("unknown mode {other:?}")),
@@ -458,7 +501,11 @@ async fn bench(args: Args) -> Result<bool, String> {
     );
     let mut main = Vec::new();
     let mut raw = None;
-    for mode in bench.args.modes.clone() {
+    let mut modes = bench.args.modes.clone();
+    if bench.args.postgres.is_some() {
+        modes.extend(["postgres_1".to_owned(), "postgres_3".to_owned()]);
+    }
+    for mode in modes {
         let f = bench.run(&mode, 2, c).await?;
         if mode == "raw" {
             raw = Some(f.tx_per_s());
@@ -543,7 +590,13 @@ async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
     let [listen, dir] = serve.as_slice() else { return ExitCode::from(2) };
     let launch = tcc_http::server::Launch {
         listen: listen.clone(),
-        store: tcc_http::server::StoreChoice::Sled(dir.into()),
+        store: match dir.parse() {
+            Ok(store) => store,
+            Err(e) => {
+                eprintln!("tcc-bench coordinator: {e}");
+                return ExitCode::from(2);
+            }
+        },
         core: tcc_core::Config::default(),
         server: Default::default(),
         client: Default::default(),
