@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use rand::Rng;
 
 use crate::coordinator::Inner;
+use crate::join::join_all;
 use crate::model::{Branch, Transaction, TxState};
 use crate::state::Event;
 use crate::transport::{BranchCall, CallError};
@@ -102,24 +103,4 @@ impl Drop for Driving<'_> {
     fn drop(&mut self) {
         self.inner.driving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.gid);
     }
-}
-
-/// Runs futures concurrently on the current task and collects their outputs in order.
-async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }

@@ -82,6 +82,7 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use super::codec::{decode, encode};
 use super::{Cas, ListQuery, MAX_PAGE, Page, Store};
 use crate::error::{Error, Result};
+use crate::join::join_all;
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
 /// The schema version this build writes and understands.
@@ -781,27 +782,6 @@ async fn run_each_write(session: &mut Session, writes: &[&Write]) -> Result<Vec<
     }
     tx.commit().await.map_err(|e| conn("commit", &e))?;
     Ok(results.into_iter().map(|r| r.is_ok_and(|n| n == 1)).collect())
-}
-
-/// Runs futures concurrently on the current task and collects their outputs in order. The first
-/// poll polls them in order, which is the order their statements are sent in.
-async fn join_all<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 // ---------------------------------------------------------------------------------------------
