@@ -165,7 +165,9 @@ impl TccClient {
         core: tcc_core::Config,
         allow: AllowList,
     ) -> Result<TccClient, ClientError> {
-        let http = build_client(&ClientConfig::default()).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        // Phase-two calls are bounded by the engine's per-call timeout (up to the lease), not the client's.
+        let config = ClientConfig { request_timeout: core.lease, ..ClientConfig::default() };
+        let http = build_client(&config).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let store = Arc::new(tcc_core::SledStore::open(dir.as_ref())?);
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let transport = crate::transport::HttpTransport::new(http.clone(), allow.clone(), metrics);
@@ -404,6 +406,7 @@ impl GlobalTx {
             .header(BRANCH_HEADER, id.as_str())
             .header(DEADLINE_HEADER, self.deadline.0.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(ClientConfig::default().request_timeout)
             .body(request)
             .send();
         let sent = match &self.client.inner.backend {

@@ -66,6 +66,12 @@ impl Metrics {
     /// raw path, so label cardinality stays bounded.
     pub fn observe_request(&self, method: &str, route: &str, status: u16, took: Duration) {
         let class = format!("{}xx", status / 100);
+        // Clients choose the method (any token is a valid extension method): keep the label set
+        // fixed, so nobody can grow this map without bound.
+        let method = match method {
+            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+            _ => "other",
+        };
         lock(&self.requests).entry((method.to_owned(), route.to_owned(), class)).or_default().observe(took);
     }
 
@@ -155,6 +161,9 @@ mod tests {
         m.observe_request("POST", "/v1/transactions", 200, Duration::from_micros(300));
         m.observe_request("POST", "/v1/transactions", 201, Duration::from_millis(3));
         m.observe_call("confirm", "ok", Duration::from_millis(20));
+        for i in 0..100 {
+            m.observe_request(&format!("FOO{i}"), "unmatched", 405, Duration::from_micros(1));
+        }
         let stats = Stats { begun: 5, confirmed: 3, cancelled: 1, flagged: 1, ..Stats::default() };
         let text = m.render(&stats, 1);
         for line in [
@@ -165,6 +174,7 @@ mod tests {
             "tcc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\",le=\"0.005\"} 2",
             "tcc_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\"} 2",
             "tcc_phase_two_call_duration_seconds_count{op=\"confirm\",outcome=\"ok\"} 1",
+            "tcc_http_request_duration_seconds_count{method=\"other\",route=\"unmatched\",status=\"4xx\"} 100",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

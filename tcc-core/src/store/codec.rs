@@ -3,35 +3,83 @@
 //! A record is one format byte followed by the postcard encoding of [`Transaction`]. The format byte
 //! lets a later version read old records; a damaged or foreign record decodes to an error, never a
 //! panic.
+//!
+//! - format 1: the layout before per-transaction options ([`TxOptions`]) existed; read with default
+//!   options, never written any more;
+//! - format 2: the current layout.
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::Transaction;
+use crate::model::{Branch, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
 
-/// The format byte of records written by this version.
+/// The format byte of records written before per-transaction options.
 pub const FORMAT_V1: u8 = 1;
+/// The format byte of records written by this version.
+pub const FORMAT_V2: u8 = 2;
 
 /// Encodes a transaction record.
 pub fn encode(tx: &Transaction) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V1];
+    let mut out = vec![FORMAT_V2];
     let body = postcard::to_allocvec(tx).map_err(|e| Error::Storage(format!("encoding {}: {e}", tx.gid)))?;
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-/// Decodes a transaction record written by [`encode`].
+/// Decodes a transaction record written by [`encode`], by this version or an earlier one.
 ///
 /// ```
 /// use tcc_core::store::codec::decode;
-/// assert!(decode(b"\x01garbage").is_err());
+/// assert!(decode(b"\x02garbage").is_err());
 /// assert!(decode(b"").is_err());
 /// ```
 pub fn decode(bytes: &[u8]) -> Result<Transaction> {
+    let damaged = |e: postcard::Error| Error::Storage(format!("damaged transaction record: {e}"));
     match bytes.split_first() {
+        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(damaged),
         Some((&FORMAT_V1, body)) => {
-            postcard::from_bytes(body).map_err(|e| Error::Storage(format!("damaged transaction record: {e}")))
+            postcard::from_bytes::<TransactionV1>(body).map(Into::into).map_err(damaged)
         }
         Some((other, _)) => Err(Error::Storage(format!("unknown transaction record format {other}"))),
         None => Err(Error::Storage("empty transaction record".to_owned())),
+    }
+}
+
+/// The format-1 layout: [`Transaction`] without `options`. Field order is the encoding: never
+/// change it.
+#[derive(Serialize, Deserialize)]
+struct TransactionV1 {
+    gid: Gid,
+    state: TxState,
+    decision: Option<Decision>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    deadline: Timestamp,
+    branches: Vec<Branch>,
+    attempts: u32,
+    last_error: Option<String>,
+    due_at: Option<Timestamp>,
+    lease_owner: Option<String>,
+    version: u64,
+}
+
+impl From<TransactionV1> for Transaction {
+    fn from(v: TransactionV1) -> Transaction {
+        Transaction {
+            gid: v.gid,
+            state: v.state,
+            decision: v.decision,
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+            deadline: v.deadline,
+            branches: v.branches,
+            attempts: v.attempts,
+            last_error: v.last_error,
+            due_at: v.due_at,
+            lease_owner: v.lease_owner,
+            options: TxOptions::default(),
+            version: v.version,
+        }
     }
 }
 
@@ -41,6 +89,43 @@ mod tests {
 
     use super::*;
     use crate::model::{Gid, Timestamp};
+
+    /// A format-1 record as the previous version wrote it (frozen bytes), so old stores still open.
+    #[test]
+    fn records_of_format_1_are_read_with_default_options() {
+        let gid: Gid = "0190d7a8-1b2c-7d3e-8f40-112233445566".parse().unwrap();
+        let old = TransactionV1 {
+            gid: gid.clone(),
+            state: TxState::Confirming,
+            decision: Some(Decision::Confirm),
+            created_at: Timestamp(1),
+            updated_at: Timestamp(2),
+            deadline: Timestamp(3),
+            branches: Vec::new(),
+            attempts: 1,
+            last_error: Some("boom".into()),
+            due_at: Some(Timestamp(4)),
+            lease_owner: Some("a".into()),
+            version: 7,
+        };
+        let mut bytes = vec![FORMAT_V1];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(
+            bytes,
+            [
+                &[1u8, 36][..],
+                b"0190d7a8-1b2c-7d3e-8f40-112233445566",
+                &[1, 1, 0, 1, 2, 3, 0, 1, 1, 4, b'b', b'o', b'o', b'm', 1, 4, 1, 1, b'a', 7][..]
+            ]
+            .concat(),
+            "the frozen format-1 layout"
+        );
+        let tx = decode(&bytes).unwrap();
+        assert_eq!((&tx.gid, tx.state, tx.version, tx.attempts), (&gid, TxState::Confirming, 7, 1));
+        assert_eq!(tx.options, TxOptions::default());
+        assert_eq!(tx.due_at, Some(Timestamp(4)));
+        assert_eq!(encode(&tx).unwrap()[0], FORMAT_V2, "rewritten in the current format");
+    }
 
     #[test]
     fn a_record_round_trips() {

@@ -280,7 +280,10 @@ impl Running {
 /// serves [`router`] on `launch.listen`. Several coordinators may be started on one PostgreSQL
 /// store, in one process or many, each with its own [`Config::owner`](tcc_core::Config::owner).
 pub async fn start(launch: Launch) -> Result<Running, StartError> {
-    let Launch { listen, store, core, server, client } = launch;
+    let Launch { listen, store, core, server, mut client } = launch;
+    // The engine bounds every phase-two call by its per-call timeout, which a transaction may raise
+    // up to the lease: the client's own request timeout must not cut such calls short.
+    client.request_timeout = client.request_timeout.max(core.lease);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| StartError::Bind { addr: listen.clone(), source })?;

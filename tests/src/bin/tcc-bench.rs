@@ -65,6 +65,10 @@ struct Args {
     /// (initiators spread over them).
     #[arg(long, env = "TCC_BENCH_POSTGRES_URL")]
     postgres: Option<String>,
+    /// Also measure the resident memory of a `tcc-coordinator` process holding N unfinished
+    /// transactions (confirm decided, participants failing, the next retry an hour away).
+    #[arg(long, value_name = "N")]
+    unfinished: Option<usize>,
     /// Internal: serve a coordinator on this address with this data directory (the child process of
     /// the standalone modes when no tcc-coordinator binary is found).
     #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
@@ -111,31 +115,49 @@ impl Figures {
 struct Participants {
     addr: SocketAddr,
     confirms: Arc<AtomicU64>,
+    /// While set, confirm and cancel answer 503 (the participant is failing).
+    failing: Arc<AtomicBool>,
 }
 
 impl Participants {
     async fn start() -> std::io::Result<Participants> {
         let confirms = Arc::new(AtomicU64::new(0));
-        let c = confirms.clone();
+        let failing = Arc::new(AtomicBool::new(false));
+        let (c, f, f2) = (confirms.clone(), failing.clone(), failing.clone());
         let app = Router::new()
             .route("/p/{n}/try", post(|| async { (StatusCode::OK, "held") }))
             .route(
                 "/p/{n}/confirm",
                 post(move || {
-                    let c = c.clone();
+                    let (c, f) = (c.clone(), f.clone());
                     async move {
+                        if f.load(Ordering::Relaxed) {
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
                         c.fetch_add(1, Ordering::Relaxed);
                         StatusCode::OK
                     }
                 }),
             )
-            .route("/p/{n}/cancel", post(|| async { StatusCode::OK }));
+            .route(
+                "/p/{n}/cancel",
+                post(move || {
+                    let f = f2.clone();
+                    async move {
+                        if f.load(Ordering::Relaxed) {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        } else {
+                            StatusCode::OK
+                        }
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Participants { addr, confirms })
+        Ok(Participants { addr, confirms, failing })
     }
 
     fn target(&self, n: usize) -> String {
@@ -474,6 +496,89 @@ impl Bench {
     }
 }
 
+/// Resident memory of process `pid`, in MiB (Linux).
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// What the `--unfinished` mode measured.
+struct Unfinished {
+    count: usize,
+    create_s: f64,
+    rss_mb: f64,
+}
+
+/// Leaves `n` transactions unfinished in a coordinator process and measures its RSS.
+async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
+    let bin = bench.args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling)).ok_or(
+        "--unfinished needs the tcc-coordinator binary: cargo build --release --bin tcc-coordinator",
+    )?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let listen = format!("127.0.0.1:{}", free_port().map_err(|e| e.to_string())?);
+    let url = format!("http://{listen}");
+    // Phase two fails and is not retried for an hour: every transaction stays unfinished.
+    bench.participants.failing.store(true, Ordering::Relaxed);
+    let mut child = std::process::Command::new(&bin)
+        .args(["--listen", &listen, "--retry-initial", "1h", "--retry-max-backoff", "2h"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the coordinator: {e}"))?;
+    let result = async {
+        let mut up = false;
+        for _ in 0..1500 {
+            if bench.http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !up {
+            return Err("the coordinator did not come up".to_owned());
+        }
+        let client = TccClient::remote_with(&url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+        let targets = bench.targets(2);
+        let created = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let (client, targets, next) = (client.clone(), targets.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                    let tx = client.begin(Duration::from_secs(3600)).await.map_err(|e| e.to_string())?;
+                    for (i, t) in targets.iter().enumerate() {
+                        tx.register_branch(&format!("b{i}"), t, b"{}".to_vec())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    tx.confirm().await.map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let create_s = created.elapsed().as_secs_f64();
+        // Let the first (failing) rounds run, then look at the process.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok((create_s, rss_mb(child.id()).unwrap_or(f64::NAN)))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    bench.participants.failing.store(false, Ordering::Relaxed);
+    let (create_s, rss_mb) = result?;
+    Ok(Unfinished { count: n, create_s, rss_mb })
+}
+
 fn print_row(f: &Figures, raw: Option<f64>) {
     let ratio = raw.filter(|r| *r > 0.0).map_or(String::from("-"), |r| format!("{:.2}x", f.tx_per_s() / r));
     println!(
@@ -534,6 +639,17 @@ async fn bench(args: Args) -> Result<bool, String> {
             }
         }
     }
+    let held = match bench.args.unfinished {
+        Some(n) => {
+            let u = unfinished(&bench, n).await?;
+            println!(
+                "unfinished: {} transactions (made in {:.1} s): coordinator RSS {:.1} MiB",
+                u.count, u.create_s, u.rss_mb
+            );
+            Some(u)
+        }
+        None => None,
+    };
     let rate = |m: &str| main.iter().find(|f| f.mode == m).map(Figures::tx_per_s);
     let ratio = |m: &str| match (rate(m), raw) {
         (Some(x), Some(r)) if r > 0.0 => Some(x / r),
@@ -548,6 +664,10 @@ async fn bench(args: Args) -> Result<bool, String> {
         let _ = writeln!(out, "  \"embedded_ratio\": {},", num(ratio("embedded")));
         let _ = writeln!(out, "  \"standalone_ratio\": {},", num(ratio("standalone")));
         let _ = writeln!(out, "  \"concurrency\": {c},\n  \"duration_s\": {},", bench.args.duration);
+        if let Some(u) = &held {
+            let _ =
+                writeln!(out, "  \"unfinished\": {},\n  \"rss_mb_unfinished\": {:.1},", u.count, u.rss_mb);
+        }
         let rows: Vec<String> = main.iter().chain(&extra).map(Figures::json).collect();
         let _ = writeln!(out, "  \"runs\": [\n    {}\n  ]\n}}", rows.join(",\n    "));
         std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
