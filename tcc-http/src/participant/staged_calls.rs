@@ -100,9 +100,13 @@ impl<O: AsyncOperation> ErasedAsync for AsyncOp<O> {
     }
 }
 
-/// One lock per (transaction, branch) with a call in progress, so that the business method of a
-/// branch never runs twice at once in this process (a duplicate waits, then finds the first call's
-/// record). Entries live only while someone holds or waits for them.
+/// One lock per (transaction, branch) with a call in progress, so that a duplicate call waits for the
+/// first and then finds its record instead of running the business method alongside it. This is an
+/// optimisation, not what keeps effects single: if a call's request is dropped (its client gave up),
+/// the lock is released while the business method it spawned may still be running, and the next
+/// call can run the method again meanwhile; only one of them can commit, because the barrier
+/// decides again inside the sled transaction. Entries live while someone holds or waits for them
+/// (a waiter dropped at the wrong instant can leave one behind: a few bytes, never a wrong answer).
 #[derive(Debug, Default)]
 pub(super) struct BranchLocks {
     held: Mutex<HashMap<(Gid, BranchId), BranchMutex>>,
