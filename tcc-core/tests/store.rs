@@ -444,9 +444,15 @@ async fn a_damaged_record_is_reported_not_a_panic(b: &dyn Backend) {
     b.damage(&tx.gid).await;
     assert!(matches!(s.get(&tx.gid).await, Err(tcc_core::Error::Storage(_))));
     assert!(matches!(s.list(&ListQuery::default()).await, Err(tcc_core::Error::Storage(_))));
-    // The store goes on serving everything else.
+    // The store goes on serving everything else, and one damaged record does not stall recovery.
     assert_eq!(s.get(&fine.gid).await.unwrap(), Some(fine.clone()));
-    s.compare_and_set(1, &bump(&fine, |t| t.state = TxState::Cancelling)).await.unwrap();
+    let claimed = s.claim_due("owner", Timestamp(20), Timestamp(40), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|t| &t.gid).collect::<Vec<_>>(), [&fine.gid], "the damaged one is skipped");
+    let claimed = &claimed[0];
+    s.reclaim_abandoned(Timestamp(50)).await.unwrap();
+    let current = s.get(&fine.gid).await.unwrap().unwrap();
+    s.compare_and_set(current.version, &bump(&current, |t| t.state = TxState::Cancelling)).await.unwrap();
+    assert_eq!(claimed.lease_owner.as_deref(), Some("owner"));
 }
 
 async fn group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers(b: &dyn Backend) {

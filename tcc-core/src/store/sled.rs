@@ -57,6 +57,9 @@ pub struct SledStore {
     states: Tree,
     commit: GroupCommit,
     stripes: Vec<Mutex<()>>,
+    /// Due entries whose record does not decode, already reported: skipped by claims (one damaged
+    /// record must not stall recovery of the others) and logged once, not every poll.
+    damaged: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 fn due_key(at: Timestamp, gid: &Gid) -> Vec<u8> {
@@ -116,7 +119,7 @@ impl SledStore {
         let commit =
             GroupCommit::start("tcc-store", move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(SledStore { db, txs, due, states, commit, stripes })
+        Ok(SledStore { db, txs, due, states, commit, stripes, damaged: Mutex::default() })
     }
 
     /// The underlying sled database.
@@ -181,6 +184,18 @@ impl SledStore {
         match self.txs.get(gid.as_str().as_bytes())? {
             None => Ok(None),
             Some(bytes) => Ok(Some((decode_for(gid, &bytes)?, bytes))),
+        }
+    }
+
+    /// Reports a due entry whose record cannot be read, once, and leaves it for an operator.
+    fn skip_damaged(&self, key: &[u8], e: &Error) {
+        let mut seen = self.damaged.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.insert(key.to_vec()) {
+            tracing::error!(
+                entry = %String::from_utf8_lossy(key.get(8..).unwrap_or_default()),
+                error = %e,
+                "a due transaction cannot be read; skipping it (the others are served)"
+            );
         }
     }
 
@@ -310,8 +325,10 @@ impl Store for SledStore {
         }
         let mut claimed = Vec::with_capacity(keys.len());
         for k in keys {
-            if let Some(tx) = self.claim_one(&k, owner, now, lease_until)? {
-                claimed.push(tx);
+            match self.claim_one(&k, owner, now, lease_until) {
+                Ok(Some(tx)) => claimed.push(tx),
+                Ok(None) => {}
+                Err(e) => self.skip_damaged(&k, &e),
             }
         }
         Ok(claimed)
@@ -321,12 +338,22 @@ impl Store for SledStore {
         let mut leased = Vec::new();
         for kv in self.due.iter() {
             let (k, _) = kv?;
-            leased.push(gid_from(k.get(8..).unwrap_or_default())?);
+            match gid_from(k.get(8..).unwrap_or_default()) {
+                Ok(gid) => leased.push((gid, k)),
+                Err(e) => self.skip_damaged(&k, &e),
+            }
         }
         let mut n = 0;
-        for gid in leased {
+        for (gid, key) in leased {
             let _g = self.stripe(&gid);
-            let Some((old, bytes)) = self.read(&gid)? else { continue };
+            let (old, bytes) = match self.read(&gid) {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.skip_damaged(&key, &e);
+                    continue;
+                }
+            };
             if old.lease_owner.is_none() {
                 continue;
             }
