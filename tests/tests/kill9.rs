@@ -42,14 +42,19 @@ async fn child_store_writes(dir: &str) {
     }
 }
 
-async fn child_coordinator(dir: &str) {
+/// The child's engine: on `dir`, with participants that never answer (phase two stays in flight).
+async fn child_engine(dir: &str) -> Arc<Coordinator> {
     let store = Arc::new(SledStore::open(dir).unwrap());
     let config = Config { owner: "child".into(), ..Config::default() };
-    let tc = Arc::new(
+    Arc::new(
         Coordinator::open(store, Arc::new(MemParticipants::hanging()), Arc::new(SystemClock), config)
             .await
             .unwrap(),
-    );
+    )
+}
+
+async fn child_coordinator(dir: &str) {
+    let tc = child_engine(dir).await;
     let mut tasks = Vec::new();
     for i in 0..32 {
         let tc = tc.clone();
@@ -78,13 +83,7 @@ async fn child_coordinator(dir: &str) {
 /// The embedded client's pattern: begin and register without waiting for the flush, then one sync
 /// (which the client overlaps with the try) before anything is acknowledged.
 async fn child_deferred(dir: &str) {
-    let store = Arc::new(SledStore::open(dir).unwrap());
-    let config = Config { owner: "child".into(), ..Config::default() };
-    let tc = Arc::new(
-        Coordinator::open(store, Arc::new(MemParticipants::hanging()), Arc::new(SystemClock), config)
-            .await
-            .unwrap(),
-    );
+    let tc = child_engine(dir).await;
     let mut tasks = Vec::new();
     for _ in 0..32 {
         let tc = tc.clone();

@@ -193,9 +193,7 @@ async fn spawn_coordinator(
     let port = free_port().map_err(|e| e.to_string())?;
     let listen = format!("127.0.0.1:{port}");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
-    let bin = args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling));
-    let mut cmd = match &bin {
+    let mut cmd = match &coordinator_bin(args) {
         Some(bin) => {
             let mut c = std::process::Command::new(bin);
             c.args(["--listen", &listen, "--owner", owner]).env("TCC_STORE", &store);
@@ -210,14 +208,27 @@ async fn spawn_coordinator(
     cmd.env("RUST_LOG", "error").stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
-    let http = reqwest::Client::new();
-    for _ in 0..500 {
-        if http.get(format!("{}/healthz", proc.url)).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(proc);
+    wait_healthy(&reqwest::Client::new(), &proc.url, Duration::from_secs(10)).await?;
+    Ok(proc)
+}
+
+/// The `tcc-coordinator` binary: `--coordinator-bin`, or the one next to this binary if built.
+fn coordinator_bin(args: &Args) -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
+    args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling))
+}
+
+/// Waits until the coordinator at `url` answers `/healthz`, for at most `limit`.
+async fn wait_healthy(http: &reqwest::Client, url: &str, limit: Duration) -> Result<(), String> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Err("the coordinator did not come up within 10 s".into())
+    Err(format!("the coordinator did not come up within {} s", limit.as_secs()))
 }
 
 /// How one transaction is run.
@@ -246,7 +257,7 @@ impl Driver {
         match self {
             Driver::Raw { http, targets } => {
                 let gid = tcc_core::Gid::generate();
-                let deadline = (tcc_core::SystemClock.now_ms() + 30_000).to_string();
+                let deadline = (tcc_core::Clock::now(&tcc_core::SystemClock).0 + 30_000).to_string();
                 let call = |target: &String, phase: &str, branch: usize| {
                     http.post(format!("{target}/{phase}"))
                         .header(GID_HEADER, gid.as_str())
@@ -298,42 +309,26 @@ fn ok(r: Result<reqwest::Response, reqwest::Error>) -> Result<(), String> {
     }
 }
 
-/// Awaits futures concurrently on this task.
+/// Awaits futures concurrently on this task and collects their outputs in order. Awaiting
+/// lazily started requests one after the other would not overlap them, and spawning would add work
+/// the raw mode does not otherwise do. (The same helper as tcc-core's private `join_all`.)
 async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.map(Box::pin).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Sequential awaits of already-started requests would not overlap (reqwest futures are lazy),
-    // so poll them together.
-    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    let mut futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (f, slot) in pending.iter_mut().zip(results.iter_mut()) {
-            if let Some(fut) = f {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        *slot = Some(v);
-                        *f = None;
-                    }
-                    std::task::Poll::Pending => waiting = true,
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
                 }
             }
         }
-        if waiting { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
     })
     .await;
-    out.extend(results.into_iter().flatten());
-    out
-}
-
-trait NowMs {
-    fn now_ms(&self) -> u64;
-}
-
-impl NowMs for tcc_core::SystemClock {
-    fn now_ms(&self) -> u64 {
-        tcc_core::Clock::now(self).0
-    }
+    out.into_iter().flatten().collect()
 }
 
 /// Runs `driver` from `concurrency` tasks for `seconds` (after a warm-up of a tenth of that, at
@@ -513,9 +508,7 @@ struct Unfinished {
 
 /// Leaves `n` transactions unfinished in a coordinator process and measures its RSS.
 async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
-    let bin = bench.args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling)).ok_or(
+    let bin = coordinator_bin(&bench.args).ok_or(
         "--unfinished needs the tcc-coordinator binary: cargo build --release --bin tcc-coordinator",
     )?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -532,17 +525,7 @@ async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
         .spawn()
         .map_err(|e| format!("starting the coordinator: {e}"))?;
     let result = async {
-        let mut up = false;
-        for _ in 0..1500 {
-            if bench.http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if !up {
-            return Err("the coordinator did not come up".to_owned());
-        }
+        wait_healthy(&bench.http, &url, Duration::from_secs(30)).await?;
         let client = TccClient::remote_with(&url, None, bench.http.clone()).map_err(|e| e.to_string())?;
         let targets = bench.targets(2);
         let created = Instant::now();
@@ -569,7 +552,7 @@ async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
         let create_s = created.elapsed().as_secs_f64();
         // Let the first (failing) rounds run, then look at the process.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Ok((create_s, rss_mb(child.id()).unwrap_or(f64::NAN)))
+        Ok::<_, String>((create_s, rss_mb(child.id()).unwrap_or(f64::NAN)))
     }
     .await;
     let _ = child.kill();
