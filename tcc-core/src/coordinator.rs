@@ -433,11 +433,20 @@ impl Coordinator {
     /// the scheduler, refuses new phase-two work and waits for rounds in flight. Requests still
     /// answer, but decisions taken after this are carried out only when a coordinator next opens the
     /// store.
+    ///
+    /// Phase-two results are recorded without waiting for the flush (losing one only repeats a
+    /// round); stopping flushes them, so a clean restart does not call participants again for
+    /// rounds already done.
     pub async fn stop(&self) {
         let _ = self.inner.stop.send(true);
         self.inner.wake.notify_waiters();
         let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
         while tasks.join_next().await.is_some() {}
+        if let Err(e) = self.inner.store.sync().await {
+            tracing::warn!(
+                "flushing the store while stopping: {e}; unflushed rounds repeat on the next start"
+            );
+        }
     }
 
     /// Stops at once, as a crash would: rounds in flight are abandoned mid-way. Their transactions

@@ -389,3 +389,96 @@ impl Rig {
         self.clock.now()
     }
 }
+
+/// A sled store that counts the writes not yet made durable by a sync.
+#[derive(Debug)]
+struct Unflushed {
+    inner: tcc_core::SledStore,
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+impl Unflushed {
+    fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn dirty(&self) {
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl tcc_core::Store for Unflushed {
+    async fn insert(&self, tx: &tcc_core::Transaction) -> tcc_core::Result<()> {
+        self.inner.insert(tx).await
+    }
+    async fn insert_unsynced(&self, tx: &tcc_core::Transaction) -> tcc_core::Result<()> {
+        self.dirty();
+        self.inner.insert_unsynced(tx).await
+    }
+    async fn get(&self, gid: &Gid) -> tcc_core::Result<Option<tcc_core::Transaction>> {
+        self.inner.get(gid).await
+    }
+    async fn compare_and_set(
+        &self,
+        v: u64,
+        tx: &tcc_core::Transaction,
+    ) -> tcc_core::Result<tcc_core::store::Cas> {
+        self.inner.compare_and_set(v, tx).await
+    }
+    async fn compare_and_set_unsynced(
+        &self,
+        v: u64,
+        tx: &tcc_core::Transaction,
+    ) -> tcc_core::Result<tcc_core::store::Cas> {
+        self.dirty();
+        self.inner.compare_and_set_unsynced(v, tx).await
+    }
+    async fn list(&self, q: &ListQuery) -> tcc_core::Result<tcc_core::store::Page> {
+        self.inner.list(q).await
+    }
+    async fn claim_due(
+        &self,
+        owner: &str,
+        now: tcc_core::Timestamp,
+        until: tcc_core::Timestamp,
+        limit: usize,
+    ) -> tcc_core::Result<Vec<tcc_core::Transaction>> {
+        self.inner.claim_due(owner, now, until, limit).await
+    }
+    async fn reclaim_abandoned(&self, now: tcc_core::Timestamp) -> tcc_core::Result<usize> {
+        self.inner.reclaim_abandoned(now).await
+    }
+    async fn count(&self, state: TxState) -> tcc_core::Result<u64> {
+        self.inner.count(state).await
+    }
+    async fn sync(&self) -> tcc_core::Result<()> {
+        self.pending.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.inner.sync().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_flushes_the_phase_two_results_recorded_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Unflushed {
+        inner: common::open_store(dir.path()).await,
+        pending: Default::default(),
+    });
+    let mem = common::Mem::default();
+    let tc = tcc_core::Coordinator::open(
+        store.clone(),
+        std::sync::Arc::new(mem.clone()),
+        std::sync::Arc::new(tcc_core::SystemClock),
+        common::config(),
+    )
+    .await
+    .unwrap();
+    let tx = tc.begin(None, MIN).await.unwrap();
+    tc.register(&tx.gid, "flight".parse().unwrap(), "mem://flight".into(), Vec::new()).await.unwrap();
+    tc.confirm(&tx.gid).await.unwrap();
+    let done = tc.wait(&tx.gid, MIN).await.unwrap();
+    assert_eq!(done.state, TxState::Confirmed);
+    assert!(store.pending() > 0, "the round's result is recorded without a flush");
+    tc.stop().await;
+    assert_eq!(store.pending(), 0, "stopping flushed it");
+}

@@ -1,4 +1,8 @@
-//! Shared helpers for the cross-crate and multi-process tests in `tests/tests/`.
+//! Shared helpers for the cross-crate and multi-process tests in `tests/tests/` and the `tcc-bench`
+//! and `tcc-chaos` binaries.
+
+pub mod chaos_check;
+pub mod fault_proxy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -43,6 +43,21 @@ impl Kind {
     }
 }
 
+/// Opens the service's database in `dir` (created if missing) and its participant, without serving
+/// it: what [`Service::start`] serves, and how a checker reads a stopped service's books and barrier
+/// records.
+pub fn open(kind: Kind, dir: &Path) -> Result<(sled::Db, Participant), StartError> {
+    let db = sled::open(dir)?;
+    let trees = vec![db.open_tree(STOCK)?, db.open_tree(BOOKINGS)?];
+    let barrier = SledBarrier::open(&db, trees, Arc::new(SystemClock), GRACE)?;
+    let participant = Participant::new(barrier)?;
+    let participant = match kind {
+        Kind::Flights => Flights::into_participant(Inventory, participant),
+        Kind::Hotels => Hotels::into_participant(Inventory, participant),
+    };
+    Ok((db, participant))
+}
+
 /// A running service. Dropping it stops serving.
 #[derive(Debug)]
 pub struct Service {
@@ -66,14 +81,7 @@ impl Service {
         listen: &str,
         stock: &[(&str, u32)],
     ) -> Result<Service, StartError> {
-        let db = sled::open(dir)?;
-        let trees = vec![db.open_tree(STOCK)?, db.open_tree(BOOKINGS)?];
-        let barrier = SledBarrier::open(&db, trees, Arc::new(SystemClock), GRACE)?;
-        let participant = Participant::new(barrier)?;
-        let participant = match kind {
-            Kind::Flights => Flights::into_participant(Inventory, participant),
-            Kind::Hotels => Hotels::into_participant(Inventory, participant),
-        };
+        let (db, participant) = open(kind, dir)?;
         for (item, units) in stock {
             if participant.read::<Stock>(STOCK, item.as_bytes())?.is_none() {
                 participant.seed(STOCK, item.as_bytes(), &Stock { free: *units, ..Stock::default() })?;

@@ -1,0 +1,869 @@
+//! `tcc-chaos`: the travel-booking system run as real processes while they are killed and their
+//! calls fail, then checked from the stores themselves.
+//!
+//! ```text
+//! cargo run --release --bin tcc-chaos -- --transactions 1000 --coordinator-kills 20 --participant-kills 10
+//! ```
+//!
+//! It starts a `tcc-coordinator` (the binary next to this one, or this binary serving one) and the
+//! flight and hotel services as separate processes on loopback, each service keeping its stock in
+//! its own sled database. Every call to a service, the initiators' tries and the coordinator's
+//! confirms and cancels alike, goes through a fault-injecting proxy (`tcc_tests::fault_proxy`:
+//! 503s, dropped connections before and after the service acted, requests held past the caller's
+//! timeout, slow answers). Several initiators run the transactions: most book a seat and a room and
+//! confirm; some ask for an item that is sold out or not sold there (refused at try, so cancelled),
+//! some cancel after holding, some walk away without deciding (the coordinator cancels them at
+//! their deadline). Meanwhile the coordinator and the services are SIGKILLed and restarted at random
+//! moments.
+//!
+//! Then faults stop, flagged transactions get an operator retry, and once the coordinator has
+//! nothing unfinished, every process is SIGKILLed once more and the stores are opened and checked
+//! (`tcc_tests::chaos_check`): every transaction final, all branches confirmed or all cancelled,
+//! nothing left held, stock conserved, every acknowledged decision carried out. The last line is
+//! `chaos: N transactions, K coordinator kills, P participant kills, V violations`; the exit status
+//! is non-zero when V > 0 (the stores are then kept and their directory printed).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tcc_core::barrier::BarrierState;
+use tcc_core::store::ListQuery;
+use tcc_core::{Gid, Store, TxState};
+use tcc_http::client::TccClient;
+use tcc_http::server::native::{DecisionView, ListView, StateView};
+use tcc_tests::chaos_check::{Seen, Side, check};
+use tcc_tests::fault_proxy::{Fault, FaultProxy};
+use travel_booking::api::{FlightsClient, HoldRequest, HotelsClient};
+use travel_booking::service::Kind;
+
+/// Kill and restart the travel-booking system's processes while it books, then check nothing was lost.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Transactions to begin.
+    #[arg(long, default_value_t = 1000)]
+    transactions: usize,
+    /// Times the coordinator is SIGKILLed and restarted during the run.
+    #[arg(long, default_value_t = 20)]
+    coordinator_kills: usize,
+    /// Times a service (flights or hotels, at random) is SIGKILLed and restarted during the run.
+    #[arg(long, default_value_t = 10)]
+    participant_kills: usize,
+    /// Concurrent initiators.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Share (0 to 1) of calls to the services that get an injected fault.
+    #[arg(long, default_value_t = 0.1)]
+    fault_rate: f64,
+    /// Seed of every random choice (default: from the clock; printed, to repeat a run's choices).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Timeout of each transaction, in milliseconds.
+    #[arg(long, default_value_t = 6_000)]
+    timeout_ms: u64,
+    /// Keep the processes' stores and logs in this directory (default: a temporary directory, kept
+    /// only when a violation is found).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// The tcc-coordinator binary (default: next to this one; if it is not there, this binary
+    /// serves the coordinator in its child process).
+    #[arg(long, env = "TCC_COORDINATOR_BIN")]
+    coordinator_bin: Option<PathBuf>,
+    /// Internal: serve a coordinator on ADDR with its sled store in DIR.
+    #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
+    serve_coordinator: Option<Vec<String>>,
+    /// Internal: serve the flights or hotels service on ADDR with its store in DIR, stocking UNITS
+    /// of each of its items.
+    #[arg(long, hide = true, num_args = 4, value_names = ["KIND", "ADDR", "DIR", "UNITS"])]
+    serve_participant: Option<Vec<String>>,
+}
+
+/// The coordinator's settings for the run: phase two retries quickly (the run is short), a call
+/// gives up after a second, so a held request ([`Fault::Hang`]) costs a round, not the run.
+const RETRY_INITIAL: Duration = Duration::from_millis(100);
+const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
+const RETRY_MAX_ATTEMPTS: u32 = 40;
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a [`Fault::Hang`] holds a request: past the coordinator's call timeout.
+const HANG: Duration = Duration::from_millis(1_500);
+/// How long a process may take to come back after a restart before the run is abandoned.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// How long after the last transaction the coordinator may take to finish everything.
+const QUIESCE_LIMIT: Duration = Duration::from_secs(180);
+
+const KINDS: [Kind; 2] = [Kind::Flights, Kind::Hotels];
+
+/// Items per service: one with plenty of stock, one that sells out during the run, one not sold.
+fn items(kind: Kind) -> [&'static str; 3] {
+    match kind {
+        Kind::Flights => ["TC100", "TC7", "TC404"],
+        Kind::Hotels => ["Grand", "Tiny Inn", "Nowhere"],
+    }
+}
+
+/// Units of `[plenty, scarce]` stocked for a run of `n` transactions.
+fn stock_for(n: usize) -> [u32; 2] {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    [n, (n / 10).max(3)]
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One child process of the run, restartable on the same address and directory.
+#[derive(Debug)]
+struct Proc {
+    name: &'static str,
+    command: Vec<String>,
+    program: PathBuf,
+    env: Vec<(String, String)>,
+    addr: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: log: {e}", self.name))?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.command).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().map_err(|e| format!("starting {}: {e}", self.name))?);
+        Ok(())
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for a clean exit (at most [`START_LIMIT`]); `false` if it had to be killed.
+    async fn terminate(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().is_ok_and(|s| s.success());
+        let until = Instant::now() + START_LIMIT;
+        while sent && Instant::now() < until {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill();
+        false
+    }
+
+    /// Waits until it accepts connections again (or dies trying).
+    async fn wait_up(&mut self) -> Result<(), String> {
+        let until = Instant::now() + START_LIMIT;
+        while Instant::now() < until {
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(format!("{} exited with {status}; see {}", self.name, self.log.display()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("{} did not come up within {} s", self.name, START_LIMIT.as_secs()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What one transaction sets out to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intent {
+    /// Hold both, confirm.
+    Book,
+    /// Hold both, then cancel.
+    ChangeMind,
+    /// Hold what it can and walk away without deciding.
+    WalkAway,
+}
+
+/// Counters of what the initiators did and were told.
+#[derive(Debug, Default)]
+struct Tally {
+    slots: AtomicUsize,
+    begun: AtomicUsize,
+    begin_retries: AtomicU64,
+    refused: AtomicU64,
+    try_failed: AtomicU64,
+    confirm_acked: AtomicU64,
+    cancel_acked: AtomicU64,
+    decision_failed: AtomicU64,
+    walked_away: AtomicU64,
+}
+
+impl Tally {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    args: Args,
+    seed: u64,
+    dir: PathBuf,
+    coordinator: tokio::sync::Mutex<Proc>,
+    services: [tokio::sync::Mutex<Proc>; 2],
+    proxies: [FaultProxy; 2],
+    coordinator_url: String,
+    tally: Tally,
+    seen: Mutex<HashMap<Gid, Seen>>,
+    coordinator_kills: AtomicUsize,
+    participant_kills: AtomicUsize,
+    restart_ms: Mutex<Vec<u128>>,
+}
+
+impl Run {
+    fn service_url(&self, kind: Kind) -> String {
+        format!("http://{}{}", self.proxies[kind_index(kind)].addr(), kind.prefix())
+    }
+
+    fn record(&self, gid: &Gid, seen: Seen) {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(gid.clone(), seen);
+    }
+}
+
+fn kind_index(kind: Kind) -> usize {
+    usize::from(kind == Kind::Hotels)
+}
+
+fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
+    let bin = args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling));
+    let data = dir.join("coordinator").display().to_string();
+    let (program, command) = match bin {
+        Some(bin) => (
+            bin,
+            [
+                "--listen",
+                &addr.to_string(),
+                "--data-dir",
+                &data,
+                "--retry-initial",
+                &format!("{}ms", RETRY_INITIAL.as_millis()),
+                "--retry-max-backoff",
+                &format!("{}ms", RETRY_MAX_BACKOFF.as_millis()),
+                "--retry-max-attempts",
+                &RETRY_MAX_ATTEMPTS.to_string(),
+                "--call-timeout",
+                &format!("{}ms", CALL_TIMEOUT.as_millis()),
+                "--connect-timeout",
+                &format!("{}ms", CONNECT_TIMEOUT.as_millis()),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        None => (me, vec!["--serve-coordinator".into(), addr.to_string(), data]),
+    };
+    // Everything from the environment that could change the coordinator's settings is cleared.
+    let env = vec![("RUST_LOG".into(), "warn".into())];
+    Ok(Proc {
+        name: "coordinator",
+        command,
+        program,
+        env,
+        addr,
+        log: dir.join("coordinator.log"),
+        child: None,
+    })
+}
+
+fn service_proc(dir: &Path, kind: Kind, addr: SocketAddr, units: [u32; 2]) -> Result<Proc, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let command = vec![
+        "--serve-participant".into(),
+        kind.name().into(),
+        addr.to_string(),
+        dir.join(kind.name()).display().to_string(),
+        format!("{},{}", units[0], units[1]),
+    ];
+    Ok(Proc {
+        name: kind.name(),
+        command,
+        program: me,
+        env: Vec::new(),
+        addr,
+        log: dir.join(format!("{}.log", kind.name())),
+        child: None,
+    })
+}
+
+/// Kills `proc`, leaves it down for up to half a second, restarts it and waits until it serves.
+async fn kill_and_restart(run: &Run, proc: &tokio::sync::Mutex<Proc>, down: Duration) -> Result<(), String> {
+    let mut proc = proc.lock().await;
+    proc.kill();
+    tokio::time::sleep(down).await;
+    let started = Instant::now();
+    proc.spawn()?;
+    proc.wait_up().await?;
+    run.restart_ms.lock().unwrap_or_else(PoisonError::into_inner).push(started.elapsed().as_millis());
+    Ok(())
+}
+
+/// The killer: at random points of the run (by transactions begun), kills and restarts the
+/// coordinator or a service. Every planned kill happens, the late ones after the last transaction.
+async fn monkey(run: Arc<Run>, done: Arc<AtomicBool>, mut rng: StdRng) -> Result<(), String> {
+    let n = run.args.transactions;
+    let mut plan: Vec<(usize, Option<Kind>)> = Vec::new();
+    let point = |rng: &mut StdRng| rng.random_range(n / 20..=(n * 19 / 20).max(n / 20));
+    for _ in 0..run.args.coordinator_kills {
+        plan.push((point(&mut rng), None));
+    }
+    for _ in 0..run.args.participant_kills {
+        plan.push((point(&mut rng), Some(KINDS[rng.random_range(0..2)])));
+    }
+    plan.sort_by_key(|(at, _)| *at);
+    for (at, target) in plan {
+        while run.tally.slots.load(Ordering::Relaxed) < at && !done.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let down = Duration::from_millis(rng.random_range(0..500));
+        match target {
+            None => {
+                kill_and_restart(&run, &run.coordinator, down).await?;
+                run.coordinator_kills.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(kind) => {
+                kill_and_restart(&run, &run.services[kind_index(kind)], down).await?;
+                run.participant_kills.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One initiator: begins transactions until `n` are begun, each with an intent drawn at random.
+async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
+    let tcc = TccClient::remote(&run.coordinator_url, None).map_err(|e| e.to_string())?;
+    let flights = FlightsClient::new(run.service_url(Kind::Flights));
+    let hotels = HotelsClient::new(run.service_url(Kind::Hotels));
+    let timeout = Duration::from_millis(run.args.timeout_ms);
+    // Each pass takes a slot first, so exactly `transactions` are begun whatever the races.
+    while run.tally.slots.fetch_add(1, Ordering::Relaxed) < run.args.transactions {
+        let intent = match rng.random_range(0..100) {
+            0..80 => Intent::Book,
+            80..92 => Intent::ChangeMind,
+            _ => Intent::WalkAway,
+        };
+        // Mostly the item with plenty of stock, sometimes the scarce one, rarely one not sold.
+        let pick = |rng: &mut StdRng, kind: Kind| {
+            let [plenty, scarce, unknown] = items(kind);
+            match rng.random_range(0..100) {
+                0..70 => plenty,
+                70..96 => scarce,
+                _ => unknown,
+            }
+            .to_owned()
+        };
+        let (flight, hotel) = (pick(&mut rng, Kind::Flights), pick(&mut rng, Kind::Hotels));
+        let customer = format!("c{}", rng.random_range(0..1_000_000));
+
+        let mut waited = Duration::ZERO;
+        let tx = loop {
+            match tcc.begin(timeout).await {
+                Ok(tx) => break tx,
+                // The coordinator is down (or restarting): try again shortly, for a bounded time.
+                Err(e) if waited < START_LIMIT => {
+                    Tally::add(&run.tally.begin_retries);
+                    let pause = Duration::from_millis(50);
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                    if waited >= START_LIMIT {
+                        return Err(format!("begin failed for {} s: {e}", START_LIMIT.as_secs()));
+                    }
+                }
+                Err(e) => return Err(format!("begin failed: {e}")),
+            }
+        };
+        run.tally.begun.fetch_add(1, Ordering::Relaxed);
+        run.record(tx.gid(), Seen::Begun);
+
+        let seat = flights.hold_seat(&tx, HoldRequest { item: flight, customer: customer.clone() }).await;
+        let room = match &seat {
+            Ok(_) => Some(hotels.hold_room(&tx, HoldRequest { item: hotel, customer }).await),
+            Err(_) => None,
+        };
+        let held = match (&seat, &room) {
+            (Ok(_), Some(Ok(_))) => true,
+            (Err(e), _) | (_, Some(Err(e))) => {
+                if e.refusal().is_some() {
+                    Tally::add(&run.tally.refused);
+                } else {
+                    Tally::add(&run.tally.try_failed);
+                }
+                false
+            }
+            (Ok(_), None) => false,
+        };
+        if intent == Intent::WalkAway {
+            Tally::add(&run.tally.walked_away);
+            continue;
+        }
+        if held && intent == Intent::Book {
+            match tx.confirm().await {
+                Ok(view) if view.decision == Some(DecisionView::Confirm) => {
+                    run.record(tx.gid(), Seen::ConfirmAcked);
+                    Tally::add(&run.tally.confirm_acked);
+                }
+                Ok(_) | Err(_) => Tally::add(&run.tally.decision_failed),
+            }
+        } else {
+            match tx.cancel().await {
+                Ok(view) if view.decision == Some(DecisionView::Cancel) => {
+                    run.record(tx.gid(), Seen::CancelAcked);
+                    Tally::add(&run.tally.cancel_acked);
+                }
+                Ok(_) | Err(_) => Tally::add(&run.tally.decision_failed),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the coordinator has nothing unfinished, giving each flagged transaction an operator
+/// retry. Returns the operator retries made, or what is still unfinished at the limit.
+async fn quiesce(run: &Run) -> Result<usize, String> {
+    let http = reqwest::Client::builder().no_proxy().build().map_err(|e| e.to_string())?;
+    let until = Instant::now() + QUIESCE_LIMIT + Duration::from_millis(run.args.timeout_ms);
+    let mut retried = 0;
+    loop {
+        let mut unfinished = Vec::new();
+        for state in [StateView::Trying, StateView::Confirming, StateView::Cancelling, StateView::Flagged] {
+            let name = serde_json::to_value(state).map_err(|e| e.to_string())?;
+            let name = name.as_str().unwrap_or_default().to_owned();
+            let url = format!("{}/v1/transactions?state={name}&limit=1000", run.coordinator_url);
+            let page: ListView = match http.get(&url).send().await {
+                Ok(res) if res.status().is_success() => res.json().await.map_err(|e| e.to_string())?,
+                // Just restarted and not serving yet, or an answer lost: look again shortly.
+                _ => {
+                    unfinished.push(format!("(coordinator not answering for {name})"));
+                    continue;
+                }
+            };
+            for tx in page.items {
+                if state == StateView::Flagged {
+                    let url = format!("{}/v1/transactions/{}/retry", run.coordinator_url, tx.gid);
+                    if http.post(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                        retried += 1;
+                    }
+                }
+                unfinished.push(format!(
+                    "{} {name} (last error: {})",
+                    tx.gid,
+                    tx.last_error.unwrap_or_default()
+                ));
+            }
+        }
+        if unfinished.is_empty() {
+            return Ok(retried);
+        }
+        if Instant::now() >= until {
+            return Err(format!("still unfinished after the run: {}", unfinished.join("; ")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Opens the stopped processes' stores and checks them against what the initiators saw.
+async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String), String> {
+    let store = tcc_core::SledStore::open(run.dir.join("coordinator")).map_err(|e| e.to_string())?;
+    let mut txs = Vec::new();
+    let mut after = None;
+    loop {
+        let page =
+            store.list(&ListQuery { state: None, after, limit: 0 }).await.map_err(|e| e.to_string())?;
+        txs.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    drop(store);
+    let mut books = Vec::new();
+    let mut barriers = Vec::new();
+    for kind in KINDS {
+        let (db, participant) =
+            travel_booking::service::open(kind, &run.dir.join(kind.name())).map_err(|e| e.to_string())?;
+        books.push(travel_booking::ledger::read(&participant, &db)?);
+        let branch: tcc_core::BranchId =
+            branch_of(kind).parse().map_err(|e: tcc_core::Error| e.to_string())?;
+        let mut states: HashMap<Gid, BarrierState> = HashMap::new();
+        for tx in &txs {
+            if let Some(rec) = participant.barrier().get(&tx.gid, &branch).map_err(|e| e.to_string())? {
+                states.insert(tx.gid.clone(), rec.state);
+            }
+        }
+        barriers.push(states);
+    }
+    let sides = [
+        Side {
+            name: "flights",
+            branch: branch_of(Kind::Flights).parse().map_err(|e: tcc_core::Error| e.to_string())?,
+            books: &books[0],
+            barrier: &barriers[0],
+        },
+        Side {
+            name: "hotels",
+            branch: branch_of(Kind::Hotels).parse().map_err(|e: tcc_core::Error| e.to_string())?,
+            books: &books[1],
+            barrier: &barriers[1],
+        },
+    ];
+    let mut stocked = Vec::new();
+    for kind in KINDS {
+        let [plenty, scarce, _] = items(kind);
+        stocked.extend([(plenty, units[0]), (scarce, units[1])]);
+    }
+    let seen = run.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let violations = check(&txs, &sides, &stocked, &seen);
+
+    let count = |s: TxState| txs.iter().filter(|t| t.state == s).count();
+    let mut summary = format!(
+        "coordinator store: {} transactions, {} confirmed, {} cancelled\n",
+        txs.len(),
+        count(TxState::Confirmed),
+        count(TxState::Cancelled)
+    );
+    for (side, kind) in sides.iter().zip(KINDS) {
+        let stock: Vec<String> = side
+            .books
+            .stock
+            .iter()
+            .map(|(item, s)| format!("{item}: {} free, {} held, {} sold", s.free, s.held, s.sold))
+            .collect();
+        summary.push_str(&format!("{} store: {}\n", kind.name(), stock.join("; ")));
+    }
+    Ok((violations, summary))
+}
+
+fn branch_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Flights => "flight",
+        Kind::Hotels => "hotel",
+    }
+}
+
+async fn progress(run: Arc<Run>, done: Arc<AtomicBool>) {
+    let started = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let n = run.args.transactions.max(1);
+        let begun = run.tally.begun.load(Ordering::Relaxed).min(n);
+        let filled = begun * 30 / n;
+        eprint!(
+            "\r[{}{}] {begun}/{n} transactions, {} coordinator and {} participant kills, {:.0} s",
+            "#".repeat(filled),
+            ".".repeat(30 - filled),
+            run.coordinator_kills.load(Ordering::Relaxed),
+            run.participant_kills.load(Ordering::Relaxed),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!();
+}
+
+async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String> {
+    if args.transactions == 0 || args.concurrency == 0 {
+        return Err("--transactions and --concurrency must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&args.fault_rate) {
+        return Err("--fault-rate must be between 0 and 1".into());
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    let temp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = match &args.keep {
+        Some(keep) => {
+            std::fs::create_dir_all(keep).map_err(|e| format!("{}: {e}", keep.display()))?;
+            keep.clone()
+        }
+        None => temp.path().to_owned(),
+    };
+    let units = stock_for(args.transactions);
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let coordinator_addr = loopback(free_port().map_err(|e| e.to_string())?);
+    let mut coordinator = coordinator_proc(&args, &dir, coordinator_addr)?;
+    let mut services = Vec::new();
+    let mut proxies = Vec::new();
+    for (i, kind) in KINDS.into_iter().enumerate() {
+        let addr = loopback(free_port().map_err(|e| e.to_string())?);
+        let mut proc = service_proc(&dir, kind, addr, units)?;
+        proc.spawn()?;
+        proc.wait_up().await?;
+        services.push(tokio::sync::Mutex::new(proc));
+        let proxy =
+            FaultProxy::start(addr, HANG, seed.wrapping_add(i as u64)).await.map_err(|e| e.to_string())?;
+        proxy.set_rate(args.fault_rate);
+        proxies.push(proxy);
+    }
+    coordinator.spawn()?;
+    coordinator.wait_up().await?;
+    println!(
+        "tcc-chaos: seed {seed}, {} transactions from {} initiators, fault rate {}, stores in {}",
+        args.transactions,
+        args.concurrency,
+        args.fault_rate,
+        dir.display()
+    );
+    let [flights, hotels]: [tokio::sync::Mutex<Proc>; 2] =
+        services.try_into().map_err(|_| "two services".to_owned())?;
+    let [fp, hp]: [FaultProxy; 2] = proxies.try_into().map_err(|_| "two proxies".to_owned())?;
+    let run = Arc::new(Run {
+        seed,
+        dir: dir.clone(),
+        coordinator: tokio::sync::Mutex::new(coordinator),
+        services: [flights, hotels],
+        proxies: [fp, hp],
+        coordinator_url: format!("http://{coordinator_addr}"),
+        tally: Tally::default(),
+        seen: Mutex::default(),
+        coordinator_kills: AtomicUsize::new(0),
+        participant_kills: AtomicUsize::new(0),
+        restart_ms: Mutex::default(),
+        args,
+    });
+
+    let started = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let bar = tokio::spawn(progress(run.clone(), done.clone()));
+    let mut rng = StdRng::seed_from_u64(run.seed);
+    let killer = tokio::spawn(monkey(run.clone(), done.clone(), StdRng::seed_from_u64(rng.random())));
+    let mut initiators = Vec::new();
+    for _ in 0..run.args.concurrency {
+        initiators.push(tokio::spawn(initiator(run.clone(), StdRng::seed_from_u64(rng.random()))));
+    }
+    let mut failure = None;
+    for i in initiators {
+        match i.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(format!("an initiator panicked: {e}")),
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    match killer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failure = Some(e),
+        Err(e) => failure = Some(format!("the killer panicked: {e}")),
+    }
+    let _ = bar.await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let ran = started.elapsed();
+
+    // Quiet: no more faults; every process is up (the killer waited for each restart).
+    for p in &run.proxies {
+        p.set_rate(0.0);
+    }
+    let quiet = Instant::now();
+    let (retried, mut violations) = match quiesce(&run).await {
+        Ok(retried) => (retried, Vec::new()),
+        Err(e) => (0, vec![e]),
+    };
+    let quiesced = quiet.elapsed();
+    // One more SIGKILL of every process once all is quiet, and a restart: whatever the coordinator
+    // had recorded without a flush (phase-two results) may be lost, and must be redone.
+    let mut all: Vec<&tokio::sync::Mutex<Proc>> = run.services.iter().collect();
+    all.push(&run.coordinator);
+    for p in &all {
+        p.lock().await.kill();
+    }
+    for p in &all {
+        let mut p = p.lock().await;
+        p.spawn()?;
+        p.wait_up().await?;
+    }
+    let requiet = Instant::now();
+    if let Err(e) = quiesce(&run).await {
+        violations.push(format!("after the final kill and restart: {e}"));
+    }
+    let requiesced = requiet.elapsed();
+    // A clean stop of the coordinator flushes everything; the services' acknowledged writes are
+    // already durable, so they are simply killed. The check reads only the stores.
+    if !run.coordinator.lock().await.terminate().await {
+        violations.push("the coordinator did not stop cleanly on SIGTERM".into());
+    }
+    for s in &run.services {
+        s.lock().await.kill();
+    }
+    let (found, summary) = check_stores(&run, units).await?;
+    violations.extend(found);
+
+    let t = &run.tally;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    println!(
+        "initiators: {} begun in {:.1} s ({:.0}/s); confirm acknowledged {}, cancel acknowledged {}, \
+         decision not acknowledged {}, walked away {}; tries refused by a service {}, tries failed {}; \
+         begin retried {} times",
+        t.begun.load(Ordering::Relaxed),
+        ran.as_secs_f64(),
+        t.begun.load(Ordering::Relaxed) as f64 / ran.as_secs_f64().max(1e-3),
+        get(&t.confirm_acked),
+        get(&t.cancel_acked),
+        get(&t.decision_failed),
+        get(&t.walked_away),
+        get(&t.refused),
+        get(&t.try_failed),
+        get(&t.begin_retries),
+    );
+    let mut faults: HashMap<Fault, u64> = HashMap::new();
+    for p in &run.proxies {
+        for (f, n) in p.counts() {
+            *faults.entry(f).or_default() += n;
+        }
+    }
+    let faults: Vec<String> = Fault::ALL.iter().map(|f| format!("{} {}", f.name(), faults[f])).collect();
+    println!(
+        "faults injected: {}; forwarded {}, answered 502 while a service was down {}",
+        faults.join(", "),
+        run.proxies.iter().map(FaultProxy::forwarded).sum::<u64>(),
+        run.proxies.iter().map(FaultProxy::upstream_down).sum::<u64>(),
+    );
+    let restarts = run.restart_ms.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    println!(
+        "restarts: {}, back up in {} ms at most; quiescent {:.1} s after the last transaction and \
+         {:.1} s after the final kill; operator retries of flagged transactions {retried}",
+        restarts.len(),
+        restarts.iter().max().copied().unwrap_or(0),
+        quiesced.as_secs_f64(),
+        requiesced.as_secs_f64(),
+    );
+    print!("{summary}");
+    if !violations.is_empty() && run.args.keep.is_none() {
+        let kept = temp.keep();
+        println!("stores and logs kept in {}", kept.display());
+    }
+    Ok((
+        run.tally.begun.load(Ordering::Relaxed),
+        run.coordinator_kills.load(Ordering::Relaxed),
+        run.participant_kills.load(Ordering::Relaxed),
+        violations,
+    ))
+}
+
+/// The coordinator's child process when no tcc-coordinator binary is found: the same settings.
+async fn serve_coordinator(serve: &[String]) -> Result<(), String> {
+    let [listen, dir] = serve else { return Err("--serve-coordinator ADDR DIR".into()) };
+    let core = tcc_core::Config {
+        retry: tcc_core::RetryPolicy {
+            initial_backoff: RETRY_INITIAL,
+            max_backoff: RETRY_MAX_BACKOFF,
+            max_attempts: RETRY_MAX_ATTEMPTS,
+            call_timeout: CALL_TIMEOUT,
+            ..tcc_core::RetryPolicy::default()
+        },
+        ..tcc_core::Config::default()
+    };
+    let launch = tcc_http::server::Launch {
+        listen: listen.clone(),
+        store: tcc_http::server::StoreChoice::Sled(dir.into()),
+        core,
+        server: Default::default(),
+        client: tcc_http::transport::ClientConfig {
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: CALL_TIMEOUT,
+            ..Default::default()
+        },
+    };
+    let running = tcc_http::server::start(launch).await.map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    term.recv().await;
+    running.stop().await.map_err(|e| e.to_string())
+}
+
+/// A service's child process.
+async fn serve_participant(serve: &[String]) -> Result<(), String> {
+    let [kind, listen, dir, units] = serve else {
+        return Err("--serve-participant KIND ADDR DIR UNITS".into());
+    };
+    let kind = KINDS.into_iter().find(|k| k.name() == kind).ok_or_else(|| format!("no service {kind}"))?;
+    let units: Vec<u32> =
+        units.split(',').map(str::parse).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
+    let [plenty, scarce] = units[..] else { return Err("UNITS is PLENTY,SCARCE".into()) };
+    let [a, b, _] = items(kind);
+    let service =
+        travel_booking::service::Service::start(kind, Path::new(dir), listen, &[(a, plenty), (b, scarce)])
+            .await
+            .map_err(|e| e.to_string())?;
+    std::future::pending::<()>().await;
+    drop(service);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcc-chaos: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(serve) = &args.serve_coordinator {
+        return match rt.block_on(serve_coordinator(serve)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tcc-chaos coordinator: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(serve) = &args.serve_participant {
+        return match rt.block_on(serve_participant(serve)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tcc-chaos service: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match rt.block_on(chaos(args)) {
+        Ok((n, k, p, violations)) => {
+            for v in &violations {
+                println!("violation: {v}");
+            }
+            println!(
+                "chaos: {n} transactions, {k} coordinator kills, {p} participant kills, {} violations",
+                violations.len()
+            );
+            if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("tcc-chaos: the run could not be carried out: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

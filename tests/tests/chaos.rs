@@ -1,0 +1,26 @@
+//! `tcc-chaos` at CI size: 200 transactions while the coordinator is SIGKILLed 5 times and the
+//! services 3 times, with faults injected into a tenth of the calls to the services. Passes only
+//! if the harness finds no violation in the stores (see `tcc_tests::chaos_check`, whose own tests
+//! show it catches each kind of violation). No duration is asserted.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+#[test]
+fn a_short_chaos_run_ends_with_no_violation() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcc-chaos"))
+        .args(["--transactions", "200", "--coordinator-kills", "5", "--participant-kills", "3"])
+        .env_remove("TCC_COORDINATOR_BIN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    assert_eq!(
+        last, "chaos: 200 transactions, 5 coordinator kills, 3 participant kills, 0 violations",
+        "\n{stdout}"
+    );
+    // Every kind of fault was drawn and the run really went through restarts.
+    assert!(stdout.contains("restarts: 8,"), "{stdout}");
+}
