@@ -1299,6 +1299,19 @@ mod tests {
         }
 
         #[test]
+        fn index_keys_of_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let _ = parse_due(&bytes);
+            let _ = parse_expiry_key(&bytes);
+        }
+
+        #[test]
+        fn any_expiry_key_round_trips(deadline in any::<u64>(), gid in "[A-Za-z0-9_.:-]{1,64}", branch in "[A-Za-z0-9_.:-]{1,64}") {
+            let (gid, branch): (Gid, BranchId) = (gid.parse().expect("valid"), branch.parse().expect("valid"));
+            let key = expiry_key(Timestamp(deadline), &gid, &branch);
+            prop_assert_eq!(parse_due(&key), Some(DueReservation { gid, branch, deadline: Timestamp(deadline) }));
+        }
+
+        #[test]
         fn any_record_round_trips(
             state in prop_oneof![
                 Just(BarrierState::Tried), Just(BarrierState::Confirmed), Just(BarrierState::Cancelled),

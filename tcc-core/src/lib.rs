@@ -29,6 +29,6 @@ pub mod retry;
 pub mod transport;
 
 pub use barrier::{BarrierError, SledBarrier};
-pub use coordinator::{Config, Coordinator, Stats};
+pub use coordinator::{Config, Coordinator, NewBranch, Stats};
 pub use retry::RetryPolicy;
 pub use store::{SledStore, Store};

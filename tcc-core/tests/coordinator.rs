@@ -482,3 +482,64 @@ async fn stopping_flushes_the_phase_two_results_recorded_without_a_flush() {
     tc.stop().await;
     assert_eq!(store.pending(), 0, "stopping flushed it");
 }
+
+fn planned(names: &[&str]) -> Vec<tcc_core::NewBranch> {
+    names
+        .iter()
+        .map(|n| tcc_core::NewBranch {
+            id: n.parse().unwrap(),
+            target: format!("mem://{n}"),
+            payload: n.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_registered_with_begin_survive_a_crash_and_are_confirmed() {
+    let mut rig = Rig::new().await;
+    let tx = rig
+        .tc()
+        .begin_registered(None, MIN, Default::default(), planned(&["flight", "hotel"]))
+        .await
+        .unwrap();
+    assert_eq!(tx.version, 1, "one write");
+    assert_eq!(tx.branches.len(), 2);
+    rig.restart().await;
+    let stored = rig.tc().get(&tx.gid).await.unwrap();
+    assert_eq!(stored, tx);
+    rig.tc().confirm(&tx.gid).await.unwrap();
+    let done = rig.settle(&tx.gid).await;
+    assert_eq!(done.state, TxState::Confirmed);
+    for b in ["flight", "hotel"] {
+        assert_eq!(rig.mem.effects(&tx.gid, b).confirms, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_branch_at_begin_refuses_the_whole_begin_and_stores_nothing() {
+    let rig = Rig::new().await;
+    let mut twice = planned(&["a", "b"]);
+    twice.push(tcc_core::NewBranch {
+        id: "a".parse().unwrap(),
+        target: "mem://other".into(),
+        payload: vec![],
+    });
+    let mut too_big = planned(&["a"]);
+    too_big[0].payload = vec![0; common::config().max_payload + 1];
+    let mut no_target = planned(&["a"]);
+    no_target[0].target.clear();
+    let too_many: Vec<String> = (0..=common::config().max_branches).map(|i| format!("b{i}")).collect();
+    let too_many = planned(&too_many.iter().map(String::as_str).collect::<Vec<_>>());
+    for (what, branches) in
+        [("same id, other details", twice), ("payload", too_big), ("target", no_target), ("count", too_many)]
+    {
+        let err = rig.tc().begin_registered(None, MIN, Default::default(), branches).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_) | Error::IllegalTransition { .. }), "{what}: {err:?}");
+    }
+    assert!(rig.tc().list(&ListQuery::default()).await.unwrap().items.is_empty());
+    // The same branch twice with the same details is one branch, as with register.
+    let mut same = planned(&["a"]);
+    same.extend(planned(&["a"]));
+    let tx = rig.tc().begin_registered(None, MIN, Default::default(), same).await.unwrap();
+    assert_eq!(tx.branches.len(), 1);
+}

@@ -388,3 +388,25 @@ impl Store for SledStore {
         self.commit.durable().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn damaged_index_keys_are_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
+            let _ = gid_from(&bytes);
+            let _ = decode_for(&Gid::generate(), &bytes);
+        }
+
+        #[test]
+        fn index_keys_give_back_their_id(at in any::<u64>(), gid in "[A-Za-z0-9_.:-]{1,128}") {
+            let gid: Gid = gid.parse().expect("valid");
+            prop_assert_eq!(gid_from(&due_key(Timestamp(at), &gid)[8..]).ok(), Some(gid.clone()));
+            prop_assert_eq!(gid_from(&state_key(TxState::Trying, &gid)[1..]).ok(), Some(gid));
+        }
+    }
+}
