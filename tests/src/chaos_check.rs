@@ -228,7 +228,8 @@ mod tests {
 
     #[test]
     fn every_kind_of_broken_world_is_caught() {
-        let breakages: Vec<(&str, Box<dyn Fn(&mut World)>)> = vec![
+        type Breakage = Box<dyn Fn(&mut World)>;
+        let breakages: Vec<(&str, Breakage)> = vec![
             ("not finished", Box::new(|w| w.txs[0].state = TxState::Confirming)),
             (
                 "confirmed, but at hotels",
