@@ -91,8 +91,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body extractor whose rejections are [`ApiError`]s: 413 over the body limit, 400 for
-/// anything that is not the expected JSON (whatever the `Content-Type` says).
+/// A JSON object body extractor whose rejections are [`ApiError`]s: 413 over the body limit, 400 for
+/// anything that is not the expected JSON object (whatever the `Content-Type` says). Every request
+/// body of the native API is an object: serde would otherwise also read a struct from a JSON array
+/// of its fields in order (`[null, 5000]`), which no client means and the OpenAPI document forbids.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -111,6 +113,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::malformed(r.body_text())
             }
         })?;
+        if bytes.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) != Some(&b'{') {
+            return Err(ApiError::malformed("the request body must be a JSON object"));
+        }
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::malformed(format!("invalid JSON body: {e}")))

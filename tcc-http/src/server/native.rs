@@ -31,6 +31,27 @@ use crate::target::Target;
 /// Longest a confirm or cancel may wait for phase two to finish before answering.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// A transaction or branch id in the OpenAPI document: `tcc_core`'s rule, 1 to 128 ASCII letters,
+/// digits and `._:-`. The ids `.` and `..` are left out: they are valid, but no HTTP client keeps
+/// them as a path segment, so a transaction named so can only be reached through a listing.
+#[derive(Debug)]
+pub struct Id;
+
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$"))
+            .min_length(Some(1))
+            .max_length(Some(tcc_core::model::MAX_ID_LEN))
+            .description(Some("Letters, digits and `._:-`, 1 to 128 characters."))
+            .into()
+    }
+}
+
+impl ToSchema for Id {}
+
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/transactions", post(begin).get(list))
@@ -49,24 +70,46 @@ pub struct BeginRequest {
     /// The id to use; a time-ordered one is generated when absent. Letters, digits and `._:-`, 1 to
     /// 128 characters.
     #[serde(default)]
+    #[schema(value_type = Option<Id>)]
     pub gid: Option<String>,
     /// Milliseconds until the deadline: a transaction not decided by then is cancelled. The server's
-    /// default when absent.
-    #[serde(default)]
+    /// default when absent. At most the server's `--max-timeout` (a day by default; 422 beyond).
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<u64>,
-    /// Delay before the first phase-two retry of this transaction, in milliseconds.
-    #[serde(default)]
+    /// Delay before the first phase-two retry of this transaction, in milliseconds (at most the
+    /// server's `--max-timeout`; 422 beyond).
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[schema(minimum = 1)]
     pub retry_interval_ms: Option<u64>,
-    /// Longest one phase-two call of this transaction may take, in milliseconds.
-    #[serde(default)]
+    /// Longest one phase-two call of this transaction may take, in milliseconds (below the server's
+    /// lease; 422 beyond).
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[schema(minimum = 1)]
     pub call_timeout_ms: Option<u64>,
+}
+
+/// A count of milliseconds in a request body: a JSON integer, or a number with no fractional part
+/// (`500.0`), which JSON Schema, and so the OpenAPI document, counts as an integer too.
+fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    if let Some(ms) = n.as_u64() {
+        return Ok(Some(ms));
+    }
+    match n.as_f64() {
+        // `as` saturates: a whole number past u64::MAX is out of every range the server accepts
+        // anyway, and is refused as such.
+        Some(f) if f.fract() == 0.0 && f >= 0.0 => Ok(Some(f as u64)),
+        _ => Err(serde::de::Error::custom(format!("{n} is not a whole number of milliseconds"))),
+    }
 }
 
 /// Register a branch before calling its try.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    /// The branch id, unique within the transaction.
+    /// The branch id, unique within the transaction. Letters, digits and `._:-`, 1 to 128 characters.
+    #[schema(value_type = Id)]
     pub branch: String,
     /// The base URL of the participant's operation: the coordinator posts to `{target}/confirm` and
     /// `{target}/cancel`. Must be allowed by the coordinator's participant allow-list.
@@ -88,21 +131,36 @@ pub struct ForceRequest {
 /// Optionally wait for phase two to finish before answering.
 #[derive(Clone, Copy, Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Wait up to this many milliseconds (at most 60,000) for the transaction to finish or be
     /// flagged; the answer is then the transaction as it is. Not waiting when absent.
     pub wait_ms: Option<u64>,
 }
 
+impl WaitQuery {
+    /// Refuses what the document calls invalid: `wait_ms` is an int64 there (longer waits are cut
+    /// to [`MAX_WAIT`] anyway).
+    fn check(self) -> Result<WaitQuery, ApiError> {
+        if self.wait_ms.is_some_and(|ms| i64::try_from(ms).is_err()) {
+            return Err(ApiError::malformed(format!("wait_ms must be at most {}", i64::MAX)));
+        }
+        Ok(self)
+    }
+}
+
 /// Filters and paging of a listing.
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Only transactions in this state.
     pub state: Option<StateView>,
     /// Start after this id: the `next` of the previous page.
+    #[param(value_type = Option<Id>)]
     pub after: Option<String>,
     /// At most this many (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -280,7 +338,12 @@ fn view(tx: &Transaction) -> ApiJson<TransactionView> {
 /// Begins a transaction.
 #[utoipa::path(post, path = "/v1/transactions", tag = "transactions", request_body = BeginRequest,
     responses(
-        (status = 201, description = "Begun; the fact is on disk", body = TransactionView),
+        (status = 201, description = "Begun; the fact is on disk", body = TransactionView, links(
+            ("get" = (operation_id = "get_one", parameters(("gid" = "$response.body#/gid")))),
+            ("register" = (operation_id = "register", parameters(("gid" = "$response.body#/gid")))),
+            ("confirm" = (operation_id = "confirm", parameters(("gid" = "$response.body#/gid")))),
+            ("cancel" = (operation_id = "cancel", parameters(("gid" = "$response.body#/gid")))),
+        )),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 409, description = "The id exists already", body = ErrorBody),
@@ -301,9 +364,13 @@ pub async fn begin(
 
 /// Registers a branch. Registering the same branch again with the same details is answered as before.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/branches", tag = "transactions", request_body = RegisterRequest,
-    params(("gid" = String, Path, description = "Transaction id")),
+    params(("gid" = Id, Path, description = "Transaction id")),
     responses(
-        (status = 200, description = "Registered; the fact is on disk", body = TransactionView),
+        (status = 200, description = "Registered; the fact is on disk", body = TransactionView, links(
+            ("get" = (operation_id = "get_one", parameters(("gid" = "$response.body#/gid")))),
+            ("confirm" = (operation_id = "confirm", parameters(("gid" = "$response.body#/gid")))),
+            ("cancel" = (operation_id = "cancel", parameters(("gid" = "$response.body#/gid")))),
+        )),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "Unknown transaction", body = ErrorBody),
@@ -341,7 +408,7 @@ async fn decided(
 
 /// Decides to confirm every branch. Refused after the deadline and after a cancel.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/confirm", tag = "transactions",
-    params(("gid" = String, Path, description = "Transaction id"), WaitQuery),
+    params(("gid" = Id, Path, description = "Transaction id"), WaitQuery),
     responses(
         (status = 200, description = "Decided; the decision is on disk", body = TransactionView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -355,13 +422,14 @@ pub async fn confirm(
     Path(gid): Path<String>,
     ApiQuery(wait): ApiQuery<WaitQuery>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
+    let wait = wait.check()?;
     let tx = state.coordinator.confirm(&parse_gid(&gid)?).await?;
     decided(&state, tx, wait).await
 }
 
 /// Decides to cancel every branch. Refused once confirm was decided.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/cancel", tag = "transactions",
-    params(("gid" = String, Path, description = "Transaction id"), WaitQuery),
+    params(("gid" = Id, Path, description = "Transaction id"), WaitQuery),
     responses(
         (status = 200, description = "Decided; the decision is on disk", body = TransactionView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -374,13 +442,14 @@ pub async fn cancel(
     Path(gid): Path<String>,
     ApiQuery(wait): ApiQuery<WaitQuery>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
+    let wait = wait.check()?;
     let tx = state.coordinator.cancel(&parse_gid(&gid)?).await?;
     decided(&state, tx, wait).await
 }
 
 /// One transaction.
 #[utoipa::path(get, path = "/v1/transactions/{gid}", tag = "transactions",
-    params(("gid" = String, Path, description = "Transaction id")),
+    params(("gid" = Id, Path, description = "Transaction id")),
     responses(
         (status = 200, description = "The transaction", body = TransactionView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -419,9 +488,10 @@ pub async fn list(
 
 /// Operator action: runs phase two of a flagged transaction again now, with a fresh retry budget.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/retry", tag = "operator",
-    params(("gid" = String, Path, description = "Transaction id")),
+    params(("gid" = Id, Path, description = "Transaction id")),
     responses(
         (status = 200, description = "Phase two restarted", body = TransactionView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "Unknown transaction", body = ErrorBody),
         (status = 409, description = "Not flagged or waiting for a retry", body = ErrorBody),
@@ -437,13 +507,14 @@ pub async fn retry(
 /// Operator action: declares a flagged transaction finished with its own decision, after its
 /// remaining branches were resolved by hand.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/force", tag = "operator", request_body = ForceRequest,
-    params(("gid" = String, Path, description = "Transaction id")),
+    params(("gid" = Id, Path, description = "Transaction id")),
     responses(
         (status = 200, description = "Finished", body = TransactionView),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "Unknown transaction", body = ErrorBody),
         (status = 409, description = "Not flagged, or not its decision", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
     ))]
 pub async fn force(
     State(state): State<Arc<AppState>>,

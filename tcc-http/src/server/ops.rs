@@ -31,7 +31,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         native::begin, native::list, native::get_one, native::register, native::confirm, native::cancel,
         native::retry, native::force, healthz, readyz, metrics
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, native::Id)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
