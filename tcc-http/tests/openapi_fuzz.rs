@@ -295,12 +295,16 @@ async fn what_the_fuzz_found_is_refused_and_changes_nothing() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    // Unknown routes and methods: axum's bare 404 and 405 (with Allow), no body.
+    // Unknown routes and methods: 404 and 405 (with Allow), with the usual error body.
     let res = tc.http.get(tc.url("/v2/transactions")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "unknown_route", "{body}");
     let res = tc.http.put(tc.url("/v1/transactions")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert!(res.headers().contains_key("allow"));
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed", "{body}");
     tc.assert_serving().await;
     tc.stop().await;
 }
