@@ -131,6 +131,29 @@ pub struct BeginOptions {
     pub gid: Option<Gid>,
     /// Per-transaction retry overrides.
     pub options: TxOptions,
+    /// Branches registered with the begin, in the same write, for an initiator that knows every
+    /// branch and its request before the first try: one request and one flush instead of one per
+    /// branch. Their tries are then sent with [`GlobalTx::try_planned`].
+    pub branches: Vec<PlannedBranch>,
+}
+
+/// A branch registered together with begin (see [`BeginOptions::branches`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedBranch {
+    /// The branch id, unique within the transaction.
+    pub branch: String,
+    /// The participant operation's base URL.
+    pub target: String,
+    /// The try's request, which the participant also gets back with confirm and cancel.
+    pub request: Vec<u8>,
+}
+
+/// A branch registered at begin, as [`GlobalTx::try_planned`] sends its try.
+#[derive(Debug)]
+struct Planned {
+    id: BranchId,
+    url: Url,
+    request: Vec<u8>,
 }
 
 impl TccClient {
@@ -207,19 +230,55 @@ impl TccClient {
         timeout: Duration,
         options: BeginOptions,
     ) -> Result<GlobalTx, ClientError> {
+        let mut planned = Vec::with_capacity(options.branches.len());
+        for b in &options.branches {
+            let id: BranchId =
+                b.branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
+            let url = match &self.inner.backend {
+                Backend::Embedded { allow, .. } => {
+                    allow.check(&b.target).map_err(crate::error::ApiError::participant_not_allowed)?
+                }
+                Backend::Remote { .. } => Url::parse(&b.target)
+                    .map_err(|e| ClientError::Invalid(format!("participant URL: {e}")))?,
+            };
+            planned.push(Planned { id, url, request: b.request.clone() });
+        }
         let view = match &self.inner.backend {
             Backend::Embedded { coordinator, .. } => {
-                // Made durable together with the first registration, overlapping the first try.
+                // Made durable together with the first registration (or by the first planned try's
+                // sync), overlapping the first try.
+                let branches = planned
+                    .iter()
+                    .map(|p| tcc_core::NewBranch {
+                        id: p.id.clone(),
+                        target: Target::Native(p.url.clone()).encode(),
+                        payload: p.request.clone(),
+                    })
+                    .collect();
                 TransactionView::from(
-                    &coordinator.begin_deferred(options.gid, timeout, options.options).await?,
+                    &coordinator
+                        .begin_registered_deferred(options.gid, timeout, options.options, branches)
+                        .await?,
                 )
             }
             Backend::Remote { .. } => {
+                let branches = options
+                    .branches
+                    .iter()
+                    .map(|b| {
+                        Ok(RegisterRequest {
+                            branch: b.branch.clone(),
+                            target: b.target.clone(),
+                            payload: utf8_payload(&b.request)?,
+                        })
+                    })
+                    .collect::<Result<_, ClientError>>()?;
                 let req = BeginRequest {
                     gid: options.gid.map(|g| g.to_string()),
                     timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
                     retry_interval_ms: options.options.retry_interval_ms,
                     call_timeout_ms: options.options.call_timeout_ms,
+                    branches,
                 };
                 self.post("v1/transactions", &req).await?
             }
@@ -228,7 +287,13 @@ impl TccClient {
             .gid
             .parse()
             .map_err(|e| ClientError::Unreachable(format!("bad id from coordinator: {e}")))?;
-        Ok(GlobalTx { client: self.clone(), gid, deadline: Timestamp(view.deadline_ms) })
+        Ok(GlobalTx {
+            client: self.clone(),
+            gid,
+            deadline: Timestamp(view.deadline_ms),
+            planned: Arc::new(planned),
+            synced: Arc::default(),
+        })
     }
 
     /// The transaction `gid` as the coordinator knows it.
@@ -366,6 +431,17 @@ pub struct GlobalTx {
     client: TccClient,
     gid: Gid,
     deadline: Timestamp,
+    /// Branches registered at begin.
+    planned: Arc<Vec<Planned>>,
+    /// Set once an embedded engine's deferred begin is known to be flushed.
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A remote coordinator takes payloads as JSON text.
+fn utf8_payload(payload: &[u8]) -> Result<String, ClientError> {
+    std::str::from_utf8(payload)
+        .map(str::to_owned)
+        .map_err(|_| ClientError::Invalid("a remote coordinator takes UTF-8 payloads only".into()))
 }
 
 impl GlobalTx {
@@ -395,8 +471,35 @@ impl GlobalTx {
     ) -> Result<Bytes, ClientError> {
         let id: BranchId =
             branch.parse().map_err(|e: tcc_core::Error| ClientError::Invalid(e.to_string()))?;
-        let target_url = self.register(&id, target, &request, false).await?;
-        let url = crate::transport::phase_url(&target_url, protocol::TRY_PATH);
+        let url = self.register(&id, target, &request, false).await?;
+        self.send_try(&id, &url, request, true).await
+    }
+
+    /// Calls the try of branch `branch`, registered at begin (see [`BeginOptions::branches`]), with
+    /// the request given there, returning the participant's result bytes. Refused if no such branch
+    /// was registered at begin.
+    pub async fn try_planned(&self, branch: &str) -> Result<Bytes, ClientError> {
+        let p =
+            self.planned.iter().find(|p| p.id.as_str() == branch).ok_or_else(|| {
+                ClientError::Invalid(format!("branch {branch} was not registered at begin"))
+            })?;
+        // An embedded engine stored the begin without waiting for its flush: the first try overlaps
+        // it (later ones need not wait again once a sync has finished).
+        let sync = !self.synced.load(std::sync::atomic::Ordering::Acquire);
+        self.send_try(&p.id, &p.url, p.request.clone(), sync).await
+    }
+
+    /// Sends the try of branch `id` to `target_url`. With `sync`, an embedded engine's deferred
+    /// writes are flushed while the try travels, and the answer waits for both.
+    async fn send_try(
+        &self,
+        id: &BranchId,
+        target_url: &Url,
+        request: Vec<u8>,
+        sync: bool,
+    ) -> Result<Bytes, ClientError> {
+        let branch = id.as_str();
+        let url = crate::transport::phase_url(target_url, protocol::TRY_PATH);
         let send = self
             .client
             .inner
@@ -414,12 +517,14 @@ impl GlobalTx {
             // the try travels, and answer only once both are done. Should the process die before
             // the flush, the transaction cannot be confirmed, and the participant releases what the
             // try held at its deadline plus grace.
-            Backend::Embedded { coordinator, .. } => {
+            Backend::Embedded { coordinator, .. } if sync => {
                 let (synced, sent) = tokio::join!(coordinator.sync(), send);
                 synced?;
+                // Everything written before, the begin included, is on disk now.
+                self.synced.store(true, std::sync::atomic::Ordering::Release);
                 sent
             }
-            Backend::Remote { .. } => send.await,
+            _ => send.await,
         };
         let res = sent.map_err(|e| ClientError::TryFailed {
             branch: branch.to_owned(),
@@ -471,7 +576,6 @@ impl GlobalTx {
         payload: &[u8],
         durable: bool,
     ) -> Result<Url, ClientError> {
-        let payload_text = std::str::from_utf8(payload);
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, allow } => {
                 let url = allow.check(target).map_err(crate::error::ApiError::participant_not_allowed)?;
@@ -484,11 +588,7 @@ impl GlobalTx {
                 Ok(url)
             }
             Backend::Remote { .. } => {
-                let payload = payload_text
-                    .map_err(|_| {
-                        ClientError::Invalid("a remote coordinator takes UTF-8 payloads only".into())
-                    })?
-                    .to_owned();
+                let payload = utf8_payload(payload)?;
                 let url =
                     Url::parse(target).map_err(|e| ClientError::Invalid(format!("participant URL: {e}")))?;
                 let req = RegisterRequest { branch: id.to_string(), target: target.to_owned(), payload };

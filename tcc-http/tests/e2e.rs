@@ -181,3 +181,70 @@ async fn disallowed_participant_urls_are_refused_at_registration_and_never_calle
         assert_eq!(now.state, StateView::Trying);
     }
 }
+
+fn planned(branch: &str, target: &str, request: &[u8]) -> tcc_http::client::PlannedBranch {
+    tcc_http::client::PlannedBranch {
+        branch: branch.into(),
+        target: target.into(),
+        request: request.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_registered_at_begin_are_tried_then_confirmed_or_cancelled_together() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flight = Participant::start(Mode::Healthy).await;
+        let hotel = Participant::start(Mode::Healthy).await;
+        let options = tcc_http::client::BeginOptions {
+            branches: vec![
+                planned("flight", &flight.target("seat"), b"{\"seat\":\"1A\"}"),
+                planned("hotel", &hotel.target("room"), b"{\"room\":7}"),
+            ],
+            ..Default::default()
+        };
+        // Both registered by the begin itself.
+        let tx = tcc.client.begin_with(LONG, options.clone()).await.unwrap();
+        let view = tcc.client.get(tx.gid()).await.unwrap();
+        assert_eq!(view.branches.len(), 2, "{mode:?}");
+        assert_eq!(&tx.try_planned("flight").await.unwrap()[..], b"try ok", "{mode:?}");
+        assert_eq!(&tx.try_planned("hotel").await.unwrap()[..], b"try ok", "{mode:?}");
+        assert!(matches!(tx.try_planned("car").await, Err(ClientError::Invalid(_))), "{mode:?}");
+        let done = tx.confirm_and_wait(LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Confirmed, "{mode:?}");
+        let gid = tx.gid().to_string();
+        assert_eq!(flight.phases(&gid), ["try", "confirm"], "{mode:?}");
+        assert_eq!(hotel.phases(&gid), ["try", "confirm"], "{mode:?}");
+
+        // A refused try: the branch never tried is cancelled too (an empty cancel).
+        hotel.set_mode(Mode::RefuseTry);
+        let tx = tcc.client.begin_with(LONG, options).await.unwrap();
+        tx.try_planned("hotel").await.unwrap_err();
+        let done = tx.cancel_and_wait(LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Cancelled, "{mode:?}");
+        let gid = tx.gid().to_string();
+        assert_eq!(flight.phases(&gid), ["cancel"], "{mode:?}");
+        assert_eq!(hotel.phases(&gid), ["try", "cancel"], "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disallowed_branch_at_begin_refuses_the_begin_and_stores_nothing() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flight = Participant::start(Mode::Healthy).await;
+        let options = tcc_http::client::BeginOptions {
+            gid: Some("refused-at-begin".parse().unwrap()),
+            branches: vec![
+                planned("flight", &flight.target("seat"), b"1A"),
+                planned("hotel", "http://203.0.113.9/tcc/room", b"7"),
+            ],
+            ..Default::default()
+        };
+        let err = tcc.client.begin_with(LONG, options).await.unwrap_err();
+        assert_eq!(err.code(), Some("participant_not_allowed"), "{mode:?}: {err}");
+        let missing = tcc.client.get(&"refused-at-begin".parse().unwrap()).await.unwrap_err();
+        assert_eq!(missing.code(), Some("not_found"), "{mode:?}");
+        assert!(flight.calls().is_empty(), "{mode:?}");
+    }
+}

@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use tcc_core::store::{ListQuery, MAX_PAGE};
-use tcc_core::{Branch, BranchId, BranchState, Decision, Gid, Transaction, TxOptions, TxState};
+use tcc_core::{Branch, BranchId, BranchState, Decision, Gid, NewBranch, Transaction, TxOptions, TxState};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -87,6 +87,12 @@ pub struct BeginRequest {
     #[serde(default, deserialize_with = "whole_ms")]
     #[schema(minimum = 1)]
     pub call_timeout_ms: Option<u64>,
+    /// Branches to register with the begin, in the same write: for an initiator that knows every
+    /// branch and its request before the first try, one request and one flush instead of one per
+    /// branch. Each follows the rules of `POST /v1/transactions/{gid}/branches`; one refused branch
+    /// refuses the begin, and nothing is stored.
+    #[serde(default)]
+    pub branches: Vec<RegisterRequest>,
 }
 
 /// A count of milliseconds in a request body: a JSON integer, or a number with no fractional part
@@ -338,7 +344,7 @@ fn view(tx: &Transaction) -> ApiJson<TransactionView> {
 /// Begins a transaction.
 #[utoipa::path(post, path = "/v1/transactions", tag = "transactions", request_body = BeginRequest,
     responses(
-        (status = 201, description = "Begun; the fact is on disk", body = TransactionView, links(
+        (status = 201, description = "Begun (with its branches, if any); the fact is on disk", body = TransactionView, links(
             ("get" = (operation_id = "get_one", parameters(("gid" = "$response.body#/gid")))),
             ("register" = (operation_id = "register", parameters(("gid" = "$response.body#/gid")))),
             ("confirm" = (operation_id = "confirm", parameters(("gid" = "$response.body#/gid")))),
@@ -348,7 +354,7 @@ fn view(tx: &Transaction) -> ApiJson<TransactionView> {
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 409, description = "The id exists already", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
-        (status = 422, description = "Timeout or option out of range", body = ErrorBody),
+        (status = 422, description = "Timeout or option out of range, a participant URL not allowed, or limits exceeded", body = ErrorBody),
     ))]
 pub async fn begin(
     State(state): State<Arc<AppState>>,
@@ -358,8 +364,21 @@ pub async fn begin(
     let timeout = req.timeout_ms.map_or(state.config.default_timeout, Duration::from_millis);
     let options =
         TxOptions { retry_interval_ms: req.retry_interval_ms, call_timeout_ms: req.call_timeout_ms };
-    let tx = state.coordinator.begin_with(gid, timeout, options).await?;
+    let branches = req
+        .branches
+        .into_iter()
+        .map(|b| new_branch(&state, b))
+        .collect::<Result<Vec<NewBranch>, ApiError>>()?;
+    let tx = state.coordinator.begin_registered(gid, timeout, options, branches).await?;
     Ok((StatusCode::CREATED, view(&tx)))
+}
+
+/// A registration as the engine takes it: the id parsed, the URL checked against the allow-list.
+fn new_branch(state: &AppState, req: RegisterRequest) -> Result<NewBranch, ApiError> {
+    let id: BranchId = req.branch.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))?;
+    let target =
+        Target::Native(state.config.allow.check(&req.target).map_err(ApiError::participant_not_allowed)?);
+    Ok(NewBranch { id, target: target.encode(), payload: req.payload.into_bytes() })
 }
 
 /// Registers a branch. Registering the same branch again with the same details is answered as before.
@@ -384,11 +403,8 @@ pub async fn register(
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
     let gid = parse_gid(&gid)?;
-    let branch: BranchId =
-        req.branch.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))?;
-    let target =
-        Target::Native(state.config.allow.check(&req.target).map_err(ApiError::participant_not_allowed)?);
-    let tx = state.coordinator.register(&gid, branch, target.encode(), req.payload.into_bytes()).await?;
+    let NewBranch { id, target, payload } = new_branch(&state, req)?;
+    let tx = state.coordinator.register(&gid, id, target, payload).await?;
     Ok(view(&tx))
 }
 
