@@ -9,7 +9,8 @@ fn every_mode_completes_and_the_json_has_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcc-bench"));
-    cmd.args(["--duration", "0.5", "--concurrency", "8", "--json"])
+    // The recovery and history modes at a tiny size: a second or two each.
+    cmd.args(["--duration", "0.5", "--concurrency", "8", "--recover", "200", "--history", "2000", "--json"])
         .arg(&json)
         .env_remove("TCC_COORDINATOR_BIN");
     let mut modes = vec!["raw", "embedded", "standalone", "coordinator_only"];
@@ -21,7 +22,7 @@ fn every_mode_completes_and_the_json_has_its_keys() {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for mode in modes {
+    for mode in modes.into_iter().chain(["recover:", "history:"]) {
         assert!(stdout.lines().any(|l| l.starts_with(mode)), "no row for {mode}:\n{stdout}");
     }
     let report = std::fs::read_to_string(&json).unwrap();
@@ -32,6 +33,20 @@ fn every_mode_completes_and_the_json_has_its_keys() {
         "\"coordinator_only_tx_per_s\": ",
         "\"embedded_ratio\": ",
         "\"standalone_ratio\": ",
+        "\"recover_n\": ",
+        "\"recover_healthy_ms\": ",
+        "\"recover_s\": ",
+        "\"recover_tx_per_s\": ",
+        "\"recover_cancel_calls\": ",
+        "\"history_n\": ",
+        "\"history_fill_s\": ",
+        "\"history_store_mb\": ",
+        "\"history_standalone_empty_tx_per_s\": ",
+        "\"history_standalone_filled_tx_per_s\": ",
+        "\"history_standalone_ratio\": ",
+        "\"history_embedded_empty_tx_per_s\": ",
+        "\"history_embedded_filled_tx_per_s\": ",
+        "\"history_embedded_ratio\": ",
     ] {
         let value = report.split(key).nth(1).and_then(|r| r.split([',', '\n']).next()).unwrap_or("missing");
         let v: f64 = value.trim().parse().unwrap_or_else(|_| panic!("{key} is {value:?} in\n{report}"));

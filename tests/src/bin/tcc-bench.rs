@@ -14,7 +14,26 @@
 //!
 //! A transaction counts when its phase two has finished (both branches confirmed), not when the
 //! confirm decision is acknowledged, so no mode can look fast by leaving a backlog.
-//! Figures on a shared 2-core machine are noisy: compare ratios within one run.
+//!
+//! Extra measurements, each enabled by its flag:
+//! - `--unfinished N`: resident memory of a `tcc-coordinator` process holding N unfinished
+//!   transactions;
+//! - `--recover N`: time to recover N unfinished transactions after a `kill -9`. N transactions are
+//!   begun on a coordinator process (one common deadline, set from the expected set-up time), each
+//!   with two branches registered on the in-process participants and never decided; the process is
+//!   SIGKILLed before the deadline, the deadline is let pass, and the coordinator is restarted on
+//!   the same sled directory. It must then cancel all N (the deadline sweep, then phase-two cancel
+//!   calls to both participants). Reported: restart to healthy, restart to all N finished (polling
+//!   `/metrics` for progress and `GET /v1/transactions?state=...&limit=1` for the end), and
+//!   recovered transactions per second. N is the number still unfinished at the kill;
+//! - `--history N`: throughput with N finished transactions in the store against an empty one.
+//!   The store is filled directly through tcc-core's `SledStore` (in a child process, one sync at
+//!   the end), then `standalone` and `embedded` each run on an empty store, twice on the filled
+//!   one, and on an empty store again (so a drift in the machine's load hits both sides alike).
+//!   Reported: both rates, filled/empty ratio, fill time and the store's size on disk.
+//!
+//! Figures on a shared 2-core machine are noisy: compare ratios within one run. Coordinator
+//! processes log at `error` (on stderr); `TCC_BENCH_COORDINATOR_LOG` sets another `RUST_LOG` filter.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -30,7 +49,7 @@ use axum::routing::post;
 use clap::Parser;
 use tcc_http::client::TccClient;
 use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
-use tcc_http::server::native::StateView;
+use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
 use tcc_http::transport::{ClientConfig, build_client};
 
@@ -69,6 +88,19 @@ struct Args {
     /// transactions (confirm decided, participants failing, the next retry an hour away).
     #[arg(long, value_name = "N")]
     unfinished: Option<usize>,
+    /// Also measure recovery after a crash: N transactions left trying on a coordinator process,
+    /// SIGKILL, their deadline let pass, restart on the same directory; the time until all N are
+    /// cancelled (restart to healthy, restart to all finished, transactions per second).
+    #[arg(long, value_name = "N")]
+    recover: Option<usize>,
+    /// Also measure standalone and embedded throughput with N finished transactions already in the
+    /// store (filled directly through the store API), against an empty store.
+    #[arg(long, value_name = "N")]
+    history: Option<usize>,
+    /// Internal: fill the sled directory DIR with N finished transactions (the child process of
+    /// `--history`).
+    #[arg(long, hide = true, num_args = 2, value_names = ["N", "DIR"])]
+    fill_history: Option<Vec<String>>,
     /// Internal: serve a coordinator on this address with this data directory (the child process of
     /// the standalone modes when no tcc-coordinator binary is found).
     #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
@@ -115,6 +147,7 @@ impl Figures {
 struct Participants {
     addr: SocketAddr,
     confirms: Arc<AtomicU64>,
+    cancels: Arc<AtomicU64>,
     /// While set, confirm and cancel answer 503 (the participant is failing).
     failing: Arc<AtomicBool>,
 }
@@ -122,8 +155,9 @@ struct Participants {
 impl Participants {
     async fn start() -> std::io::Result<Participants> {
         let confirms = Arc::new(AtomicU64::new(0));
+        let cancels = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
-        let (c, f, f2) = (confirms.clone(), failing.clone(), failing.clone());
+        let (c, f, c2, f2) = (confirms.clone(), failing.clone(), cancels.clone(), failing.clone());
         let app = Router::new()
             .route("/p/{n}/try", post(|| async { (StatusCode::OK, "held") }))
             .route(
@@ -142,13 +176,13 @@ impl Participants {
             .route(
                 "/p/{n}/cancel",
                 post(move || {
-                    let f = f2.clone();
+                    let (c, f) = (c2.clone(), f2.clone());
                     async move {
                         if f.load(Ordering::Relaxed) {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        } else {
-                            StatusCode::OK
+                            return StatusCode::SERVICE_UNAVAILABLE;
                         }
+                        c.fetch_add(1, Ordering::Relaxed);
+                        StatusCode::OK
                     }
                 }),
             );
@@ -157,7 +191,7 @@ impl Participants {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Participants { addr, confirms, failing })
+        Ok(Participants { addr, confirms, cancels, failing })
     }
 
     fn target(&self, n: usize) -> String {
@@ -169,7 +203,15 @@ impl Participants {
 struct CoordinatorProcess {
     child: std::process::Child,
     url: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl CoordinatorProcess {
+    /// SIGKILLs the process (on Unix `Child::kill` is SIGKILL: no shutdown code runs) and reaps it.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for CoordinatorProcess {
@@ -183,6 +225,7 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A coordinator process on `store` (a sled directory in a new temporary directory when `None`).
 async fn spawn_coordinator(
     args: &Args,
     store: Option<&str>,
@@ -190,25 +233,37 @@ async fn spawn_coordinator(
 ) -> Result<CoordinatorProcess, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let store = store.map_or_else(|| format!("sled:{}", dir.path().join("data").display()), str::to_owned);
+    spawn_coordinator_at(args, &store, owner, Some(dir), Duration::from_secs(10)).await
+}
+
+/// A coordinator process on `store`, healthy within `limit`; `dir` is removed when it is dropped.
+async fn spawn_coordinator_at(
+    args: &Args,
+    store: &str,
+    owner: &str,
+    dir: Option<tempfile::TempDir>,
+    limit: Duration,
+) -> Result<CoordinatorProcess, String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let listen = format!("127.0.0.1:{port}");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = match &coordinator_bin(args) {
         Some(bin) => {
             let mut c = std::process::Command::new(bin);
-            c.args(["--listen", &listen, "--owner", owner]).env("TCC_STORE", &store);
+            c.args(["--listen", &listen, "--owner", owner]).env("TCC_STORE", store);
             c
         }
         None => {
             let mut c = std::process::Command::new(&me);
-            c.arg("--serve-coordinator").arg(&listen).arg(&store);
+            c.arg("--serve-coordinator").arg(&listen).arg(store);
             c
         }
     };
-    cmd.env("RUST_LOG", "error").stdout(std::process::Stdio::null());
+    let log = std::env::var("TCC_BENCH_COORDINATOR_LOG").unwrap_or_else(|_| "error".to_owned());
+    cmd.env("RUST_LOG", log).stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
-    wait_healthy(&reqwest::Client::new(), &proc.url, Duration::from_secs(10)).await?;
+    wait_healthy(&reqwest::Client::new(), &proc.url, limit).await?;
     Ok(proc)
 }
 
@@ -331,6 +386,18 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     out.into_iter().flatten().collect()
 }
 
+/// Draws a progress bar on stderr (over the previous one): `label`, `frac` done, then `tail`.
+fn draw_bar(label: &str, frac: f64, tail: &str) {
+    let frac = frac.clamp(0.0, 1.0);
+    let filled = (frac * 30.0) as usize;
+    eprint!(
+        "\r{label:>16} [{}{}] {:>3.0}% {tail}",
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        frac * 100.0
+    );
+}
+
 /// Runs `driver` from `concurrency` tasks for `seconds` (after a warm-up of a tenth of that, at
 /// most a second), with a progress bar on stderr for runs longer than three seconds.
 async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize, seconds: f64) -> Figures {
@@ -372,16 +439,9 @@ async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize
     while started.elapsed() < run {
         tokio::time::sleep(Duration::from_millis(200).min(run.saturating_sub(started.elapsed()))).await;
         if bar {
-            let frac = (started.elapsed().as_secs_f64() / seconds).min(1.0);
-            let filled = (frac * 30.0) as usize;
+            let frac = started.elapsed().as_secs_f64() / seconds;
             let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            eprint!(
-                "\r{mode:>16} [{}{}] {:>3.0}% {:>9.0} tx/s",
-                "#".repeat(filled),
-                ".".repeat(30 - filled),
-                frac * 100.0,
-                rate
-            );
+            draw_bar(mode, frac, &format!("{rate:>9.0} tx/s"));
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -562,6 +622,398 @@ async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
     Ok(Unfinished { count: n, create_s, rss_mb })
 }
 
+/// The set-up rate (transactions per second) `--recover` plans its common deadline for. A slower
+/// set-up stops beginning transactions a little before that deadline and recovers fewer (the
+/// number recovered is reported).
+const RECOVER_SETUP_RATE: f64 = 1_500.0;
+/// Concurrent initiators of the `--recover` set-up.
+const RECOVER_SETUP_CONCURRENCY: usize = 128;
+/// The `--recover` set-up stops beginning transactions this long before their deadline, so the
+/// first coordinator never reaches it.
+const RECOVER_GUARD: Duration = Duration::from_secs(1);
+/// How often the `--recover` mode asks the restarted coordinator how far it is.
+const RECOVER_POLL: Duration = Duration::from_millis(100);
+
+/// What the `--recover` mode measured.
+struct Recovery {
+    /// Transactions begun in the set-up.
+    begun: u64,
+    /// Of those, unfinished when the coordinator was killed: the number recovered.
+    count: u64,
+    setup_s: f64,
+    /// From the kill to the restart (waiting for the deadline to pass).
+    wait_s: f64,
+    /// From the restart (process spawn) until `/healthz` answers.
+    healthy_ms: f64,
+    /// From the restart until no transaction is left unfinished.
+    finished_s: f64,
+    /// Cancel calls the participants answered during the recovery.
+    cancel_calls: u64,
+}
+
+impl Recovery {
+    fn tx_per_s(&self) -> f64 {
+        self.count as f64 / self.finished_s.max(1e-9)
+    }
+}
+
+/// The value of the Prometheus series `series` (name and labels) in `text`.
+fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn get_text(http: &reqwest::Client, url: &str) -> Result<String, String> {
+    let res = http.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let status = res.status();
+    let text = res.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}: {text}"));
+    }
+    Ok(text)
+}
+
+/// Transactions begun and finished (confirmed, cancelled or flagged) by the coordinator at `url`
+/// since it started, from its `/metrics`.
+async fn begun_finished(http: &reqwest::Client, url: &str) -> Result<(u64, u64), String> {
+    let text = get_text(http, &format!("{url}/metrics")).await?;
+    let get = |series: &str| metric(&text, series).ok_or_else(|| format!("no {series} in /metrics"));
+    let begun = get("tcc_transactions_begun_total")?;
+    let finished = ["confirmed", "cancelled", "flagged"]
+        .iter()
+        .map(|o| get(&format!("tcc_transactions_finished_total{{outcome=\"{o}\"}}")))
+        .sum::<Result<u64, String>>()?;
+    Ok((begun, finished))
+}
+
+/// Whether the coordinator at `url` still lists a transaction trying, confirming or cancelling (a
+/// transaction moves through these in this order, so one listed in none of them is finished). A
+/// flagged one is an error: nothing in the recovery may fail.
+async fn any_unfinished(http: &reqwest::Client, url: &str) -> Result<bool, String> {
+    for state in ["trying", "confirming", "cancelling", "flagged"] {
+        let text = get_text(http, &format!("{url}/v1/transactions?state={state}&limit=1")).await?;
+        let page: ListView = serde_json::from_str(&text).map_err(|e| format!("listing {state}: {e}"))?;
+        if let Some(tx) = page.items.first() {
+            if state == "flagged" {
+                return Err(format!("transaction {} was flagged: {:?}", tx.gid, tx.last_error));
+            }
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Leaves `n` transactions trying in a coordinator process, kills it, lets their deadline pass,
+/// restarts it on the same directory and measures until it has cancelled them all.
+async fn recover(bench: &Bench, n: usize) -> Result<Recovery, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let store = format!("sled:{}", dir.path().join("data").display());
+    let first =
+        spawn_coordinator_at(&bench.args, &store, "bench-recover-1", None, Duration::from_secs(60)).await?;
+    let client = TccClient::remote_with(&first.url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+
+    // One deadline for all, planned for a set-up at RECOVER_SETUP_RATE plus a margin.
+    let started = Instant::now();
+    let started_ms = tcc_core::Clock::now(&tcc_core::SystemClock).0;
+    let plan = Duration::from_secs_f64(n as f64 / RECOVER_SETUP_RATE) + Duration::from_secs(2);
+    let deadline = started + plan;
+    let deadline_ms = started_ms.saturating_add(u64::try_from(plan.as_millis()).unwrap_or(u64::MAX));
+    let next = Arc::new(AtomicU64::new(0));
+    let made = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    // The latest deadline the coordinator gave (unix ms): requests take time, so a little after ours.
+    let latest = Arc::new(AtomicU64::new(deadline_ms));
+    let max_errors = n as u64 / 100 + 10;
+    let targets = bench.targets(2);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..RECOVER_SETUP_CONCURRENCY.min(n.max(1)) {
+        let (client, targets) = (client.clone(), targets.clone());
+        let (next, made, errors, latest) = (next.clone(), made.clone(), errors.clone(), latest.clone());
+        tasks.spawn(async move {
+            let mut last_error = None;
+            while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left <= RECOVER_GUARD {
+                    break; // out of time: recover fewer rather than let the deadline pass here
+                }
+                let one = async {
+                    let tx = client.begin(left).await.map_err(|e| e.to_string())?;
+                    latest.fetch_max(tx.deadline().0, Ordering::Relaxed);
+                    for (i, t) in targets.iter().enumerate() {
+                        tx.register_branch(&format!("b{i}"), t, b"{}".to_vec())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok::<(), String>(())
+                };
+                match one.await {
+                    Ok(()) => {
+                        made.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if errors.fetch_add(1, Ordering::Relaxed) >= max_errors => return Err(e),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            Ok(last_error)
+        });
+    }
+    let bar = n >= 10_000;
+    let mut setup_error = None;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(None))) => {}
+                Some(Ok(Ok(Some(e)))) => eprintln!("recover set-up: error: {e}"),
+                Some(Ok(Err(e))) => setup_error = Some(e),
+                Some(Err(e)) => setup_error = Some(e.to_string()),
+            },
+            () = tokio::time::sleep(Duration::from_millis(200)), if bar => {
+                let done = made.load(Ordering::Relaxed);
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                draw_bar("recover set-up", done as f64 / n as f64, &format!("{rate:>9.0} tx/s"));
+            }
+        }
+    }
+    if bar {
+        eprintln!();
+    }
+    if let Some(e) = setup_error {
+        return Err(format!(
+            "recover set-up: too many errors ({}), the last: {e}",
+            errors.load(Ordering::Relaxed)
+        ));
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+    let (begun, finished) = begun_finished(&bench.http, &first.url).await?;
+    let count = begun.saturating_sub(finished);
+    first.kill();
+    let killed = Instant::now();
+    if count == 0 {
+        return Err("recover: no transaction was left unfinished".into());
+    }
+    if count < n as u64 {
+        eprintln!("recover: {count} of {n} unfinished at the kill (the set-up ran out of time or failed)");
+    }
+
+    // Let every deadline pass (bounded by the plan: the coordinator set them from our timeouts).
+    let until = latest.load(Ordering::Relaxed).saturating_add(100);
+    let now = tcc_core::Clock::now(&tcc_core::SystemClock).0;
+    let wait = Duration::from_millis(until.saturating_sub(now)).min(plan + Duration::from_secs(60));
+    tokio::time::sleep(wait).await;
+    let wait_s = killed.elapsed().as_secs_f64();
+
+    let cancels_before = bench.participants.cancels.load(Ordering::Relaxed);
+    let restarted = Instant::now();
+    let second =
+        spawn_coordinator_at(&bench.args, &store, "bench-recover-2", Some(dir), Duration::from_secs(300))
+            .await?;
+    let healthy_ms = restarted.elapsed().as_secs_f64() * 1000.0;
+    let limit = Duration::from_secs(120) + Duration::from_secs_f64(count as f64 / 500.0);
+    let bar = count >= 10_000;
+    let finished_s = loop {
+        if bar {
+            let (_, done) = begun_finished(&bench.http, &second.url).await?;
+            let rate = done as f64 / restarted.elapsed().as_secs_f64().max(1e-3);
+            draw_bar("recover", done as f64 / count as f64, &format!("{rate:>9.0} tx/s"));
+        }
+        if !any_unfinished(&bench.http, &second.url).await? {
+            break restarted.elapsed().as_secs_f64();
+        }
+        if restarted.elapsed() > limit {
+            let (_, done) = begun_finished(&bench.http, &second.url).await?;
+            return Err(format!("recover: {done} of {count} finished after {} s", limit.as_secs()));
+        }
+        tokio::time::sleep(RECOVER_POLL).await;
+    };
+    if bar {
+        eprintln!();
+    }
+    let (_, done) = begun_finished(&bench.http, &second.url).await?;
+    if done != count {
+        eprintln!("recover: the restarted coordinator finished {done}, {count} were unfinished at the kill");
+    }
+    let cancel_calls = bench.participants.cancels.load(Ordering::Relaxed).saturating_sub(cancels_before);
+    drop(second);
+    Ok(Recovery { begun, count, setup_s, wait_s, healthy_ms, finished_s, cancel_calls })
+}
+
+/// What the `--history` mode measured.
+struct History {
+    count: usize,
+    fill_s: f64,
+    store_mb: f64,
+    /// Start of a coordinator process on the filled store, until `/healthz` answers.
+    open_ms: f64,
+    /// Each mode on an empty store and on the filled one (two runs of each, merged by [`merge`]).
+    pairs: Vec<(Figures, Figures)>,
+    /// Every run.
+    runs: Vec<Figures>,
+}
+
+/// Two runs of one mode as one: transactions, errors and seconds added up; each percentile the
+/// higher of the two (they cannot be merged exactly).
+fn merge(a: &Figures, b: &Figures) -> Figures {
+    Figures {
+        transactions: a.transactions + b.transactions,
+        errors: a.errors + b.errors,
+        seconds: a.seconds + b.seconds,
+        p50_ms: a.p50_ms.max(b.p50_ms),
+        p99_ms: a.p99_ms.max(b.p99_ms),
+        p999_ms: a.p999_ms.max(b.p999_ms),
+        ..a.clone()
+    }
+}
+
+/// Bytes in the files under `path` (at most 100,000 entries are looked at).
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            seen += 1;
+            if seen > 100_000 {
+                return total;
+            }
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Measures standalone and embedded throughput on an empty store and on one holding `n` finished
+/// transactions.
+async fn history(bench: &Bench, n: usize) -> Result<History, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let data = dir.path().join("data");
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let filling = Instant::now();
+    let status = tokio::process::Command::new(&me)
+        .arg("--fill-history")
+        .arg(n.to_string())
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| format!("filling the store: {e}"))?;
+    if !status.success() {
+        return Err(format!("filling the store failed: {status}"));
+    }
+    let fill_s = filling.elapsed().as_secs_f64();
+    let store_mb = dir_bytes(&data) as f64 / (1024.0 * 1024.0);
+    let (c, secs, targets) = (bench.args.concurrency, bench.args.duration, bench.targets(2));
+    let mut pairs = Vec::new();
+    let mut runs = Vec::new();
+    // Each mode runs empty, filled, filled, empty (a fresh empty store each time, one open of the
+    // filled one), so a drift in the machine's load hits both sides alike.
+    let empty_run = |mode: &'static str| async move {
+        let mut f = bench.run(mode, 2, c).await?;
+        f.mode = format!("{mode}/empty");
+        print_row(&f, None);
+        Ok::<_, String>(f)
+    };
+    let filled_runs = |mode: &'static str, driver: Driver| async move {
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let f = measure(&format!("{mode}/hist"), 2, driver.clone(), c, secs).await;
+            print_row(&f, None);
+            out.push(f);
+        }
+        out
+    };
+
+    let e1 = empty_run("standalone").await?;
+    let store = format!("sled:{}", data.display());
+    let opening = Instant::now();
+    let proc =
+        spawn_coordinator_at(&bench.args, &store, "bench-history", None, Duration::from_secs(300)).await?;
+    let open_ms = opening.elapsed().as_secs_f64() * 1000.0;
+    let client = TccClient::remote_with(&proc.url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+    let filled = filled_runs("standalone", Driver::tcc(vec![client], targets.clone(), true)).await;
+    proc.kill(); // the directory is free again once the process is gone
+    let e2 = empty_run("standalone").await?;
+    pairs.push((merge(&e1, &e2), merge(&filled[0], &filled[1])));
+    runs.extend([e1, e2].into_iter().chain(filled));
+
+    let e1 = empty_run("embedded").await?;
+    let allow = AllowList::new(&[]).map_err(|e| e.to_string())?;
+    let client =
+        TccClient::open_embedded(&data, embedded_config(), allow).await.map_err(|e| e.to_string())?;
+    let filled = filled_runs("embedded", Driver::tcc(vec![client.clone()], targets, true)).await;
+    client.shutdown().await;
+    let e2 = empty_run("embedded").await?;
+    pairs.push((merge(&e1, &e2), merge(&filled[0], &filled[1])));
+    runs.extend([e1, e2].into_iter().chain(filled));
+    Ok(History { count: n, fill_s, store_mb, open_ms, pairs, runs })
+}
+
+/// The child process of `--history`: fills the sled directory `DIR` with `N` finished transactions
+/// (nine in ten confirmed, the rest cancelled, two branches each) through the store API, without
+/// waiting for a flush per record, and syncs once at the end.
+async fn fill_history(args: Vec<String>) -> ExitCode {
+    let [n, dir] = args.as_slice() else { return ExitCode::from(2) };
+    let Ok(n) = n.parse::<usize>() else {
+        eprintln!("tcc-bench fill: {n:?} is not a count");
+        return ExitCode::from(2);
+    };
+    match fill(n, std::path::Path::new(dir)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcc-bench fill: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn fill(n: usize, dir: &std::path::Path) -> Result<(), String> {
+    use tcc_core::{Branch, BranchId, Decision, Gid, Store as _, Timestamp};
+    let store = tcc_core::SledStore::open(dir).map_err(|e| e.to_string())?;
+    let ids: Vec<BranchId> =
+        ["b0", "b1"].iter().map(|b| b.parse()).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
+    // A day of history ending now.
+    let start = tcc_core::Clock::now(&tcc_core::SystemClock).0.saturating_sub(86_400_000);
+    let step = 86_400_000 / n.max(1) as u64;
+    let started = Instant::now();
+    let bar = n >= 100_000;
+    for i in 0..n {
+        let created = Timestamp(start + i as u64 * step);
+        let mut tx = tcc_core::state::begin(Gid::generate(), created, created + Duration::from_secs(30));
+        let decision = if i % 10 == 9 { Decision::Cancel } else { Decision::Confirm };
+        tx.branches = ids
+            .iter()
+            .enumerate()
+            .map(|(k, id)| Branch {
+                id: id.clone(),
+                target: format!("http://127.0.0.1:9/p/{k}"),
+                payload: b"{}".to_vec(),
+                state: decision.branch_state(),
+                last_error: None,
+            })
+            .collect();
+        tx.decision = Some(decision);
+        tx.state = decision.final_state();
+        tx.updated_at = created + Duration::from_millis(20);
+        tx.due_at = None;
+        tx.version = 5; // begin, two registrations, the decision, the phase-two round
+        store.insert_unsynced(&tx).await.map_err(|e| e.to_string())?;
+        if bar && i % 20_000 == 0 {
+            let rate = i as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            draw_bar("history fill", i as f64 / n as f64, &format!("{rate:>9.0} tx/s"));
+        }
+    }
+    store.sync().await.map_err(|e| e.to_string())?;
+    if bar {
+        draw_bar("history fill", 1.0, "synced");
+        eprintln!();
+    }
+    Ok(())
+}
+
 fn print_row(f: &Figures, raw: Option<f64>) {
     let ratio = raw.filter(|r| *r > 0.0).map_or(String::from("-"), |r| format!("{:.2}x", f.tx_per_s() / r));
     println!(
@@ -633,6 +1085,46 @@ async fn bench(args: Args) -> Result<bool, String> {
         }
         None => None,
     };
+    let recovered = match bench.args.recover {
+        Some(n) => {
+            let r = recover(&bench, n).await?;
+            println!(
+                "recover: {} unfinished of {} begun (set-up {:.1} s, restarted {:.1} s after the kill): \
+                 healthy in {:.0} ms, all finished in {:.2} s, {:.0} tx/s ({} cancel calls)",
+                r.count,
+                r.begun,
+                r.setup_s,
+                r.wait_s,
+                r.healthy_ms,
+                r.finished_s,
+                r.tx_per_s(),
+                r.cancel_calls
+            );
+            Some(r)
+        }
+        None => None,
+    };
+    let hist = match bench.args.history {
+        Some(n) => {
+            let h = history(&bench, n).await?;
+            println!(
+                "history: {} finished transactions filled in {:.1} s, {:.1} MiB on disk, \
+                 coordinator up in {:.0} ms",
+                h.count, h.fill_s, h.store_mb, h.open_ms
+            );
+            for (empty, filled) in &h.pairs {
+                println!(
+                    "history: {:<10} {:>8.0} tx/s empty, {:>8.0} tx/s with history: {:.2}x",
+                    empty.mode.split('/').next().unwrap_or_default(),
+                    empty.tx_per_s(),
+                    filled.tx_per_s(),
+                    filled.tx_per_s() / empty.tx_per_s().max(1e-9)
+                );
+            }
+            Some(h)
+        }
+        None => None,
+    };
     let rate = |m: &str| main.iter().find(|f| f.mode == m).map(Figures::tx_per_s);
     let ratio = |m: &str| match (rate(m), raw) {
         (Some(x), Some(r)) if r > 0.0 => Some(x / r),
@@ -651,11 +1143,38 @@ async fn bench(args: Args) -> Result<bool, String> {
             let _ =
                 writeln!(out, "  \"unfinished\": {},\n  \"rss_mb_unfinished\": {:.1},", u.count, u.rss_mb);
         }
-        let rows: Vec<String> = main.iter().chain(&extra).map(Figures::json).collect();
+        let mut kv = |key: &str, value: String| {
+            let _ = writeln!(out, "  \"{key}\": {value},");
+        };
+        if let Some(r) = &recovered {
+            kv("recover_n", r.count.to_string());
+            kv("recover_begun", r.begun.to_string());
+            kv("recover_setup_s", format!("{:.3}", r.setup_s));
+            kv("recover_healthy_ms", format!("{:.1}", r.healthy_ms));
+            kv("recover_s", format!("{:.3}", r.finished_s));
+            kv("recover_tx_per_s", format!("{:.1}", r.tx_per_s()));
+            kv("recover_cancel_calls", r.cancel_calls.to_string());
+        }
+        if let Some(h) = &hist {
+            kv("history_n", h.count.to_string());
+            kv("history_fill_s", format!("{:.3}", h.fill_s));
+            kv("history_store_mb", format!("{:.1}", h.store_mb));
+            kv("history_open_ms", format!("{:.1}", h.open_ms));
+            for (empty, filled) in &h.pairs {
+                let m = empty.mode.split('/').next().unwrap_or_default();
+                kv(&format!("history_{m}_empty_tx_per_s"), format!("{:.1}", empty.tx_per_s()));
+                kv(&format!("history_{m}_filled_tx_per_s"), format!("{:.1}", filled.tx_per_s()));
+                let ratio = filled.tx_per_s() / empty.tx_per_s().max(1e-9);
+                kv(&format!("history_{m}_ratio"), format!("{ratio:.3}"));
+            }
+        }
+        let history_runs = hist.iter().flat_map(|h| &h.runs);
+        let rows: Vec<String> = main.iter().chain(&extra).chain(history_runs).map(Figures::json).collect();
         let _ = writeln!(out, "  \"runs\": [\n    {}\n  ]\n}}", rows.join(",\n    "));
         std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    let complete = main.iter().chain(&extra).all(|f| f.transactions > 0);
+    let history_runs = hist.iter().flat_map(|h| &h.runs);
+    let complete = main.iter().chain(&extra).chain(history_runs).all(|f| f.transactions > 0);
     let confirmed = bench.participants.confirms.load(Ordering::Relaxed);
     if confirmed == 0 && !main.is_empty() {
         return Err("no participant was ever confirmed".into());
@@ -674,6 +1193,9 @@ fn main() -> ExitCode {
     };
     if let Some(serve) = args.serve_coordinator.clone() {
         return rt.block_on(serve_coordinator(serve));
+    }
+    if let Some(fill) = args.fill_history.clone() {
+        return rt.block_on(fill_history(fill));
     }
     match rt.block_on(bench(args)) {
         Ok(true) => ExitCode::SUCCESS,
