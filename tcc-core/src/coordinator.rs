@@ -38,6 +38,11 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Most transactions the scheduler claims at once.
     pub claim_batch: usize,
+    /// Most phase-two rounds running at once in this process. The scheduler claims no more due work
+    /// than there is room for, so a large backlog (say, after a long outage) is worked through with
+    /// a bounded number of participant calls in flight; a round started by a decision waits for
+    /// room too.
+    pub max_rounds: usize,
     /// Longest timeout [`Coordinator::begin`] accepts.
     pub max_timeout: Duration,
     /// Most branches one transaction may have.
@@ -56,6 +61,7 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
             claim_batch: 256,
+            max_rounds: 1024,
             max_timeout: Duration::from_secs(24 * 3600),
             max_branches: 128,
             max_payload: 1 << 20,
@@ -73,8 +79,13 @@ impl Config {
         if self.lease <= self.retry.call_timeout {
             return Err(Error::InvalidInput("lease must be longer than the per-call timeout".into()));
         }
-        if self.poll_interval.is_zero() || self.claim_batch == 0 {
-            return Err(Error::InvalidInput("poll_interval and claim_batch must be positive".into()));
+        if self.max_rounds > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::InvalidInput("max_rounds is too large".into()));
+        }
+        if self.poll_interval.is_zero() || self.claim_batch == 0 || self.max_rounds == 0 {
+            return Err(Error::InvalidInput(
+                "poll_interval, claim_batch and max_rounds must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -133,6 +144,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     /// Transactions this process is running a phase-two round for, so it never runs two at once.
     pub(crate) driving: Mutex<std::collections::HashSet<Gid>>,
+    /// One permit per phase-two round allowed to run at once ([`Config::max_rounds`]).
+    pub(crate) rounds: Arc<tokio::sync::Semaphore>,
     waiters: Mutex<HashMap<Gid, Vec<oneshot::Sender<()>>>>,
     tasks: Mutex<JoinSet<()>>,
     pub(crate) wake: Notify,
@@ -216,6 +229,7 @@ impl Coordinator {
             tracing::info!(reclaimed, "resuming transactions left unfinished by an earlier run");
         }
         let (stop, _) = watch::channel(false);
+        let rounds = Arc::new(tokio::sync::Semaphore::new(config.max_rounds));
         let inner = Arc::new(Inner {
             store,
             transport,
@@ -223,6 +237,7 @@ impl Coordinator {
             config,
             counters: Counters::default(),
             driving: Mutex::new(Default::default()),
+            rounds,
             waiters: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             wake: Notify::new(),

@@ -27,6 +27,8 @@ impl Inner {
         let Some(_guard) = Driving::enter(&self, &tx) else {
             return; // a round for it is already running here
         };
+        // At most `max_rounds` at once; the semaphore is never closed.
+        let Ok(_slot) = self.rounds.clone().acquire_owned().await else { return };
         if tx.attempts > 0 {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
         }

@@ -22,15 +22,15 @@ impl Inner {
             if *stop.borrow() {
                 return;
             }
-            let claimed = match self.sweep_once().await {
-                Ok(n) => n,
+            let more = match self.sweep_once().await {
+                Ok(more) => more,
                 Err(e) => {
                     tracing::error!(error = %e, "scheduler pass failed");
-                    0
+                    false
                 }
             };
-            if claimed >= self.config.claim_batch {
-                tokio::task::yield_now().await; // more is due: go on after letting others run
+            if more {
+                tokio::task::yield_now().await; // more may be due: go on after letting others run
                 continue;
             }
             tokio::select! {
@@ -41,23 +41,28 @@ impl Inner {
         }
     }
 
-    /// Claims what is due and starts working on it; returns how many transactions it claimed.
-    pub(crate) async fn sweep_once(self: &Arc<Self>) -> Result<usize> {
+    /// Claims what is due, as much as there is room for in [`Config::max_rounds`](crate::Config),
+    /// and starts working on it; returns whether it claimed all it asked for (so more may be due).
+    ///
+    /// Transactions still trying past their deadline are expired together: each cancel decision is
+    /// written without waiting for the flush, then one flush covers the batch before any of their
+    /// cancels is sent. (Past the deadline cancel is the only decision, so a crash before that flush
+    /// only makes the sweep decide the same again.) Recovering a large backlog then costs one flush
+    /// per batch, not one per transaction.
+    pub(crate) async fn sweep_once(self: &Arc<Self>) -> Result<bool> {
+        let room = self.config.claim_batch.min(self.rounds.available_permits());
+        if room == 0 {
+            return Ok(false); // every round slot is busy: look again after the poll interval
+        }
         let (now, lease_until) = self.context();
-        let claimed =
-            self.store.claim_due(&self.config.owner, now, lease_until, self.config.claim_batch).await?;
-        let n = claimed.len();
+        let claimed = self.store.claim_due(&self.config.owner, now, lease_until, room).await?;
+        let more = claimed.len() >= room;
+        let mut expired = Vec::new();
         for tx in claimed {
             match tx.state {
                 TxState::Trying if now >= tx.deadline => {
-                    match self.update(&tx.gid, &Event::DeadlineReached).await {
-                        Ok((stored, effects)) => {
-                            if !effects.is_empty() {
-                                self.counters.expired.fetch_add(1, Ordering::Relaxed);
-                                tracing::info!(tx = %tx.gid, deadline = %tx.deadline, "deadline reached; cancelling");
-                            }
-                            self.perform(&stored, effects);
-                        }
+                    match self.update_with(&tx.gid, &Event::DeadlineReached, false).await {
+                        Ok(done) => expired.push((tx.deadline, done)),
                         // Decided concurrently before the deadline: that decision's round carries on.
                         Err(Error::IllegalTransition { .. }) => {}
                         Err(e) => tracing::error!(tx = %tx.gid, error = %e, "could not expire a transaction"),
@@ -70,6 +75,18 @@ impl Inner {
                 _ => {}
             }
         }
-        Ok(n)
+        if !expired.is_empty() {
+            // Not one cancel is sent before the batch's decisions are on disk. Should the flush fail,
+            // their claims lapse and a later pass expires them again.
+            self.store.sync().await?;
+            for (deadline, (stored, effects)) in expired {
+                if !effects.is_empty() {
+                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(tx = %stored.gid, deadline = %deadline, "deadline reached; cancelling");
+                }
+                self.perform(&stored, effects);
+            }
+        }
+        Ok(more)
     }
 }

@@ -395,6 +395,7 @@ impl Rig {
 struct Unflushed {
     inner: tcc_core::SledStore,
     pending: std::sync::atomic::AtomicUsize,
+    syncs: std::sync::atomic::AtomicUsize,
 }
 
 impl Unflushed {
@@ -452,6 +453,7 @@ impl tcc_core::Store for Unflushed {
         self.inner.count(state).await
     }
     async fn sync(&self) -> tcc_core::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.pending.store(0, std::sync::atomic::Ordering::SeqCst);
         self.inner.sync().await
     }
@@ -463,6 +465,7 @@ async fn stopping_flushes_the_phase_two_results_recorded_without_a_flush() {
     let store = std::sync::Arc::new(Unflushed {
         inner: common::open_store(dir.path()).await,
         pending: Default::default(),
+        syncs: Default::default(),
     });
     let mem = common::Mem::default();
     let tc = tcc_core::Coordinator::open(
@@ -542,4 +545,107 @@ async fn a_refused_branch_at_begin_refuses_the_whole_begin_and_stores_nothing() 
     same.extend(planned(&["a"]));
     let tx = rig.tc().begin_registered(None, MIN, Default::default(), same).await.unwrap();
     assert_eq!(tx.branches.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_sweep_expires_a_batch_with_one_flush_not_one_per_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Unflushed {
+        inner: common::open_store(dir.path()).await,
+        pending: Default::default(),
+        syncs: Default::default(),
+    });
+    let clock = tcc_core::ManualClock::new(common::START);
+    let mem = common::Mem::default();
+    let tc = tcc_core::Coordinator::open(
+        store.clone(),
+        std::sync::Arc::new(mem.clone()),
+        std::sync::Arc::new(clock.clone()),
+        common::config(),
+    )
+    .await
+    .unwrap();
+    let mut gids = Vec::new();
+    for _ in 0..60 {
+        let tx =
+            tc.begin_registered(None, MIN, Default::default(), planned(&["flight", "hotel"])).await.unwrap();
+        gids.push(tx.gid);
+    }
+    let before = store.syncs.load(std::sync::atomic::Ordering::SeqCst);
+    clock.advance(MIN * 2);
+    for gid in &gids {
+        assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Cancelled);
+        assert_eq!(mem.effects(gid, "flight").cancels, 1);
+    }
+    let syncs = store.syncs.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(syncs <= 3, "60 expired with {syncs} flushes");
+    tc.stop().await;
+}
+
+/// Branch calls that wait for a gate, counting how many are in flight at most.
+#[derive(Clone, Debug, Default)]
+struct Gated {
+    gate: std::sync::Arc<tokio::sync::Notify>,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl tcc_core::transport::Transport for Gated {
+    async fn call(
+        &self,
+        _: tcc_core::transport::BranchCall<'_>,
+    ) -> Result<(), tcc_core::transport::CallError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        while !self.open.load(SeqCst) {
+            let notified = self.gate.notified();
+            if self.open.load(SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+        self.now.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_than_max_rounds_run_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let config = tcc_core::Config { max_rounds: 3, ..common::config() };
+    let tc = tcc_core::Coordinator::open(
+        std::sync::Arc::new(common::open_store(dir.path()).await),
+        std::sync::Arc::new(gated.clone()),
+        std::sync::Arc::new(tcc_core::SystemClock),
+        config,
+    )
+    .await
+    .unwrap();
+    let mut gids = Vec::new();
+    for _ in 0..10 {
+        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+        tc.confirm(&tx.gid).await.unwrap();
+        gids.push(tx.gid);
+    }
+    // Let every round that can start, start.
+    for _ in 0..50 {
+        if gated.now.load(SeqCst) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(gated.max.load(SeqCst), 3, "rounds in flight at most");
+    gated.open.store(true, SeqCst);
+    gated.gate.notify_waiters();
+    for gid in &gids {
+        assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
+    }
+    assert_eq!(gated.max.load(SeqCst), 3);
+    tc.stop().await;
 }
