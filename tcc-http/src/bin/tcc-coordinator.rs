@@ -11,6 +11,10 @@ use tcc_http::server::{Launch, ServerConfig, StoreChoice, Token};
 use tcc_http::target::AllowList;
 use tcc_http::transport::ClientConfig;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The tcc Try-Confirm-Cancel transaction coordinator.
 ///
 /// Serves the native JSON API (/v1, described at /openapi.json), the DTM-compatible API

@@ -8,9 +8,13 @@
 //! the native participant protocol at once, so the figures measure the framework, not business code):
 //! - `raw`: try then confirm on each participant, called directly, no coordinator (4 requests);
 //! - `embedded`: the same through a coordinator embedded in the initiator, durable (sled);
-//! - `standalone`: through a `tcc-coordinator` process over HTTP, durable;
-//! - `coordinator_only`: standalone, the initiator making no tries (begin, register two branches,
+//! - `standalone`: through a `tcc-coordinator` process over HTTP, durable (6 requests: begin with
+//!   both branches registered, two tries, confirm-and-wait, and the coordinator's two confirms);
+//! - `coordinator_only`: standalone, the initiator making no tries (begin with two branches, then
 //!   confirm and wait: the coordinator's own cost plus its phase-two calls).
+//!
+//! The tcc modes register both branches with the begin (`BeginOptions::branches`), in one write,
+//! then send each try (`GlobalTx::try_planned`).
 //!
 //! A transaction counts when its phase two has finished (both branches confirmed), not when the
 //! confirm decision is acknowledged, so no mode can look fast by leaving a backlog.
@@ -47,11 +51,16 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
 use clap::Parser;
-use tcc_http::client::TccClient;
+use tcc_http::client::{BeginOptions, PlannedBranch, TccClient};
 use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
 use tcc_http::transport::{ClientConfig, build_client};
+
+/// The same allocator as the `tcc-coordinator` binary, for every mode alike (the in-process
+/// participants, the initiators and the embedded engine).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Benchmark tcc against the raw HTTP floor.
 #[derive(Debug, Parser)]
@@ -333,16 +342,22 @@ impl Driver {
             Driver::Tcc { clients, next, targets, tries } => {
                 // Initiators spread over the coordinators (one, except for postgres_3).
                 let client = &clients[next.fetch_add(1, Ordering::Relaxed) % clients.len()];
-                let tx = client.begin(WAIT).await.map_err(|e| e.to_string())?;
-                for (i, t) in targets.iter().enumerate() {
-                    if *tries {
-                        tx.try_branch(&format!("b{i}"), t, b"{}".to_vec())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    } else {
-                        tx.register_branch(&format!("b{i}"), t, b"{}".to_vec())
-                            .await
-                            .map_err(|e| e.to_string())?;
+                // Every branch is known up front: registered by the begin itself (one request, one
+                // flush), then each try sent.
+                let branches = targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| PlannedBranch {
+                        branch: format!("b{i}"),
+                        target: t.clone(),
+                        request: b"{}".to_vec(),
+                    })
+                    .collect();
+                let options = BeginOptions { branches, ..BeginOptions::default() };
+                let tx = client.begin_with(WAIT, options).await.map_err(|e| e.to_string())?;
+                if *tries {
+                    for i in 0..targets.len() {
+                        tx.try_planned(&format!("b{i}")).await.map_err(|e| e.to_string())?;
                     }
                 }
                 let done = tx.confirm_and_wait(WAIT).await.map_err(|e| e.to_string())?;
