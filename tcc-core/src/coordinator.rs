@@ -262,9 +262,7 @@ impl Coordinator {
         timeout: Duration,
         options: TxOptions,
     ) -> Result<Transaction> {
-        let tx = self.begin_deferred(gid, timeout, options).await?;
-        self.inner.store.sync().await?;
-        Ok(tx)
+        self.begin_registered(gid, timeout, options, Vec::new()).await
     }
 
     /// [`begin_with`](Self::begin_with) without waiting for the flush: the transaction is stored

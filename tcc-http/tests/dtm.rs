@@ -822,46 +822,19 @@ async fn timeout_to_fail_aborts_a_transaction_left_prepared() {
 // ---------------------------------------------------------------------------------------------
 // The unmodified PyPI client
 
-/// Runs `cmd` for at most `limit`; `None` if it could not start or ran out of time.
-async fn run(cmd: &mut tokio::process::Command, limit: Duration) -> Option<std::process::Output> {
-    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-    match tokio::time::timeout(limit, cmd.output()).await {
-        Ok(Ok(out)) => Some(out),
-        Ok(Err(e)) => {
-            println!("could not run {cmd:?}: {e}");
-            None
-        }
-        Err(_) => {
-            println!("{cmd:?} ran out of time ({limit:?})");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtmcli_python_client_runs_its_tcc_transactions_on_tcc() {
-    let python = std::env::var("TCC_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let required = std::env::var("TCC_REQUIRE_DTMCLI").is_ok_and(|v| v == "1");
-    let probe = run(
-        tokio::process::Command::new(&python).args(["-c", "import dtmcli.tcc, dtmcli.utils"]),
-        Duration::from_secs(60),
-    )
-    .await;
-    if !probe.as_ref().is_some_and(|o| o.status.success()) {
-        let why = probe.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
-        assert!(!required, "TCC_REQUIRE_DTMCLI=1 but `{python}` cannot import dtmcli: {why}");
-        println!(
-            "skipped: `{python}` cannot import dtmcli (pip install dtmcli==1.7.7.0, or set TCC_PYTHON to \
-             an interpreter that can; TCC_REQUIRE_DTMCLI=1 makes this a failure): {}",
-            why.lines().last().unwrap_or_default()
-        );
+    let Some(python) =
+        support::python_that_can("import dtmcli.tcc, dtmcli.utils", "dtmcli==1.7.7.0", "TCC_REQUIRE_DTMCLI")
+            .await
+    else {
         return;
-    }
+    };
 
     let tc = Tc::start().await;
     let p = Participant::start().await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/scenarios.py");
-    let out = run(
+    let out = support::run_bounded(
         tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
         Duration::from_secs(180),
     )

@@ -124,56 +124,23 @@ impl Coordinator {
     }
 }
 
-/// Runs `cmd` to completion within `limit` (the child is killed if it overruns or the test ends).
-async fn run(cmd: &mut tokio::process::Command, limit: Duration) -> Option<std::process::Output> {
-    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-    match tokio::time::timeout(limit, cmd.output()).await {
-        Ok(Ok(out)) => Some(out),
-        Ok(Err(e)) => {
-            println!("could not run {cmd:?}: {e}");
-            None
-        }
-        Err(_) => {
-            println!("{cmd:?} ran out of time ({limit:?})");
-            None
-        }
-    }
-}
-
-fn python() -> String {
-    std::env::var("TCC_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
-
-/// Whether `TCC_PYTHON` can run schemathesis; prints why not (and fails the test when
-/// `TCC_REQUIRE_SCHEMATHESIS=1`).
-async fn schemathesis_available() -> bool {
-    let python = python();
-    let required = std::env::var("TCC_REQUIRE_SCHEMATHESIS").is_ok_and(|v| v == "1");
-    let probe = run(
-        tokio::process::Command::new(&python)
-            .args(["-c", "import schemathesis.cli; print(schemathesis.__version__)"]),
-        Duration::from_secs(60),
+/// The interpreter that can run schemathesis, or `None` (the test is skipped; see
+/// [`support::python_that_can`]).
+async fn schemathesis_python() -> Option<String> {
+    support::python_that_can(
+        "import schemathesis.cli; print(schemathesis.__version__)",
+        "schemathesis==4.32.5",
+        "TCC_REQUIRE_SCHEMATHESIS",
     )
-    .await;
-    if !probe.as_ref().is_some_and(|o| o.status.success()) {
-        let why = probe.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
-        assert!(!required, "TCC_REQUIRE_SCHEMATHESIS=1 but `{python}` cannot import schemathesis: {why}");
-        println!(
-            "skipped: `{python}` cannot import schemathesis (pip install schemathesis==4.32.5, or set \
-             TCC_PYTHON to an interpreter that can; TCC_REQUIRE_SCHEMATHESIS=1 makes this a failure): {}",
-            why.lines().last().unwrap_or_default()
-        );
-        return false;
-    }
-    true
+    .await
 }
 
 /// Runs schemathesis against `base`'s `/openapi.json`, with `Authorization: Bearer TOKEN` when
 /// `token`, and panics with its output when it reports any failure.
-async fn fuzz(base: &str, token: bool) {
+async fn fuzz(python: &str, base: &str, token: bool) {
     let work = tempfile::tempdir().unwrap();
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openapi/schemathesis.toml");
-    let mut cmd = tokio::process::Command::new(python());
+    let mut cmd = tokio::process::Command::new(python);
     cmd.current_dir(work.path())
         .env("NO_COLOR", "1")
         .args(["-m", "schemathesis.cli", "--config-file"])
@@ -206,7 +173,7 @@ async fn fuzz(base: &str, token: bool) {
     if token {
         cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
     }
-    let out = run(&mut cmd, RUN_LIMIT).await.expect("schemathesis did not finish");
+    let out = support::run_bounded(&mut cmd, RUN_LIMIT).await.expect("schemathesis did not finish");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures ({}):\n{stdout}\n{stderr}", out.status);
     println!("schemathesis:\n{stdout}{stderr}");
@@ -214,15 +181,13 @@ async fn fuzz(base: &str, token: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_mismatch_with_the_token() {
-    if !schemathesis_available().await {
-        return;
-    }
+    let Some(python) = schemathesis_python().await else { return };
     let tc = Coordinator::start().await;
     // The operator calls (retry, force) are fuzzed on this one (tests/openapi/schemathesis.toml),
     // so that they get past "unknown transaction".
     let participant = Participant::start(Mode::FailPhaseTwo).await;
     tc.flagged("flagged", &participant).await;
-    fuzz(&tc.running.url(), true).await;
+    fuzz(&python, &tc.running.url(), true).await;
     tc.assert_serving().await;
     // Whatever was stored is still readable, and the store still takes writes.
     let stored = tc.everything().await;
@@ -234,9 +199,7 @@ async fn schemathesis_finds_no_mismatch_with_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_without_the_token_gets_documented_401s_and_changes_nothing() {
-    if !schemathesis_available().await {
-        return;
-    }
+    let Some(python) = schemathesis_python().await else { return };
     let tc = Coordinator::start().await;
     // A few transactions for the fuzz to find: none of its calls, all without the token, may touch them.
     for gid in ["0", "a", "fuzz-1"] {
@@ -244,7 +207,7 @@ async fn schemathesis_without_the_token_gets_documented_401s_and_changes_nothing
         assert_eq!(status, 201, "{body}");
     }
     let before = tc.everything().await;
-    fuzz(&tc.running.url(), false).await;
+    fuzz(&python, &tc.running.url(), false).await;
     tc.assert_serving().await;
     assert_eq!(tc.everything().await, before, "calls without the token changed the stored state");
     tc.stop().await;

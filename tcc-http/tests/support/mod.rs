@@ -243,3 +243,42 @@ pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut(
     }
     panic!("gave up waiting: {what}");
 }
+
+/// Runs `cmd` to completion within `limit` (the child is killed if it overruns or the test ends);
+/// `None`, with the reason printed, if it could not start or ran out of time.
+pub async fn run_bounded(cmd: &mut tokio::process::Command, limit: Duration) -> Option<std::process::Output> {
+    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+    match tokio::time::timeout(limit, cmd.output()).await {
+        Ok(Ok(out)) => Some(out),
+        Ok(Err(e)) => {
+            println!("could not run {cmd:?}: {e}");
+            None
+        }
+        Err(_) => {
+            println!("{cmd:?} ran out of time ({limit:?})");
+            None
+        }
+    }
+}
+
+/// The Python interpreter of the tests (`TCC_PYTHON`, else `python3`), if it can run `import`.
+/// Otherwise prints why the test is skipped and returns `None`, or fails the test when the
+/// environment variable `require` is `1` (CI sets it).
+pub async fn python_that_can(import: &str, package: &str, require: &str) -> Option<String> {
+    let python = std::env::var("TCC_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let required = std::env::var(require).is_ok_and(|v| v == "1");
+    let probe =
+        run_bounded(tokio::process::Command::new(&python).args(["-c", import]), Duration::from_secs(60))
+            .await;
+    if probe.as_ref().is_some_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    let why = probe.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    assert!(!required, "{require}=1 but `{python}` cannot import {package}: {why}");
+    println!(
+        "skipped: `{python}` cannot import {package} (pip install {package}, or set TCC_PYTHON to an \
+         interpreter that can; {require}=1 makes this a failure): {}",
+        why.lines().last().unwrap_or_default()
+    );
+    None
+}

@@ -832,23 +832,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let child = |what: &str, r: Result<(), String>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcc-chaos {what}: {e}");
+            ExitCode::FAILURE
+        }
+    };
     if let Some(serve) = &args.serve_coordinator {
-        return match rt.block_on(serve_coordinator(serve)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tcc-chaos coordinator: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return child("coordinator", rt.block_on(serve_coordinator(serve)));
     }
     if let Some(serve) = &args.serve_participant {
-        return match rt.block_on(serve_participant(serve)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tcc-chaos service: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return child("service", rt.block_on(serve_participant(serve)));
     }
     match rt.block_on(chaos(args)) {
         Ok((n, k, p, violations)) => {
