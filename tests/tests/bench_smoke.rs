@@ -9,8 +9,10 @@ fn every_mode_completes_and_the_json_has_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcc-bench"));
-    // The recovery and history modes at a tiny size: a second or two each.
-    cmd.args(["--duration", "0.5", "--concurrency", "8", "--recover", "200", "--history", "2000", "--json"])
+    // The recovery and history modes at a tiny size: a second or two each; each mode open-loop at
+    // half its peak too.
+    cmd.args(["--duration", "0.5", "--concurrency", "8", "--recover", "200", "--history", "2000"])
+        .args(["--half-peak", "--json"])
         .arg(&json)
         .env_remove("TCC_COORDINATOR_BIN");
     let mut modes = vec!["raw", "embedded", "standalone", "coordinator_only"];
@@ -22,10 +24,17 @@ fn every_mode_completes_and_the_json_has_its_keys() {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for mode in &modes {
+        let half = format!("{mode}@half ");
+        assert!(stdout.lines().any(|l| l.starts_with(&half)), "no row for {half}:\n{stdout}");
+    }
     for mode in modes.into_iter().chain(["recover:", "history:"]) {
         assert!(stdout.lines().any(|l| l.starts_with(mode)), "no row for {mode}:\n{stdout}");
     }
     let report = std::fs::read_to_string(&json).unwrap();
+    let half_peak = ["raw", "embedded", "standalone", "coordinator_only"]
+        .into_iter()
+        .flat_map(|m| ["rate", "p50_ms", "p99_ms"].map(|k| format!("\"{m}_half_peak_{k}\": ")));
     for key in [
         "\"raw_tx_per_s\": ",
         "\"embedded_tx_per_s\": ",
@@ -47,7 +56,12 @@ fn every_mode_completes_and_the_json_has_its_keys() {
         "\"history_embedded_empty_tx_per_s\": ",
         "\"history_embedded_filled_tx_per_s\": ",
         "\"history_embedded_ratio\": ",
-    ] {
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain(half_peak)
+    {
+        let key = key.as_str();
         let value = report.split(key).nth(1).and_then(|r| r.split([',', '\n']).next()).unwrap_or("missing");
         let v: f64 = value.trim().parse().unwrap_or_else(|_| panic!("{key} is {value:?} in\n{report}"));
         assert!(v > 0.0, "{key} {v}");

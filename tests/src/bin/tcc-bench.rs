@@ -20,6 +20,15 @@
 //! confirm decision is acknowledged, so no mode can look fast by leaving a backlog.
 //!
 //! Extra measurements, each enabled by its flag:
+//! - `--half-peak`: after each mode's closed-loop run, the mode again, open-loop, at half the rate
+//!   it just reached (row `<mode>@half`), on the same coordinator or engine, for the same duration.
+//!   Transactions are started on a fixed schedule (evenly spaced, each its own task), not when an
+//!   initiator is free, and each one's latency runs from its scheduled start, so a stall shows up
+//!   as latency rather than as fewer transactions started (no coordinated omission). At most
+//!   `OPEN_LOOP_CAP` are in flight: one due while that many are is not started and counts as an
+//!   error. The row's `conc` is the most in flight seen, its rate the transactions completed over
+//!   the time from the first measured start to the last completion. This is what the target "p99 at
+//!   half the peak rate" is read from;
 //! - `--unfinished N`: resident memory of a `tcc-coordinator` process holding N unfinished
 //!   transactions;
 //! - `--recover N`: time to recover N unfinished transactions after a `kill -9`. N transactions are
@@ -78,6 +87,11 @@ struct Args {
     /// Modes to run (comma-separated): raw, embedded, standalone, coordinator_only.
     #[arg(long, value_delimiter = ',', default_value = "raw,embedded,standalone,coordinator_only")]
     modes: Vec<String>,
+    /// After each mode (not the sweeps), measure it again open-loop at half the rate it reached:
+    /// transactions started on a fixed schedule, latency from the scheduled start, at most 4096 in
+    /// flight (more are dropped and counted as errors). Rows `<mode>@half`.
+    #[arg(long)]
+    half_peak: bool,
     /// Also sweep branch counts 1, 2, 4 and 8 (embedded and standalone).
     #[arg(long)]
     sweep_branches: bool,
@@ -128,6 +142,10 @@ struct Figures {
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
+    /// Open loop: the rate transactions were started at (`None`: closed loop).
+    target_rate: Option<f64>,
+    /// Open loop: transactions not started because `OPEN_LOOP_CAP` were in flight (in `errors`).
+    dropped: u64,
 }
 
 impl Figures {
@@ -137,7 +155,7 @@ impl Figures {
 
     fn json(&self) -> String {
         format!(
-            "{{\"mode\":\"{}\",\"branches\":{},\"concurrency\":{},\"transactions\":{},\"errors\":{},\"seconds\":{:.3},\"tx_per_s\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3}}}",
+            "{{\"mode\":\"{}\",\"branches\":{},\"concurrency\":{},\"transactions\":{},\"errors\":{},\"seconds\":{:.3},\"tx_per_s\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"target_tx_per_s\":{},\"dropped\":{}}}",
             self.mode,
             self.branches,
             self.concurrency,
@@ -147,7 +165,9 @@ impl Figures {
             self.tx_per_s(),
             self.p50_ms,
             self.p99_ms,
-            self.p999_ms
+            self.p999_ms,
+            self.target_rate.map_or("null".to_owned(), |r| format!("{r:.1}")),
+            self.dropped
         )
     }
 }
@@ -413,43 +433,73 @@ fn draw_bar(label: &str, frac: f64, tail: &str) {
     );
 }
 
-/// Runs `driver` from `concurrency` tasks for `seconds` (after a warm-up of a tenth of that, at
-/// most a second), with a progress bar on stderr for runs longer than three seconds.
-async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize, seconds: f64) -> Figures {
-    let warmup = Duration::from_secs_f64((seconds / 10.0).min(1.0));
-    let run = Duration::from_secs_f64(seconds);
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (driver, measuring, stop, done) = (driver.clone(), measuring.clone(), stop.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            let mut last_error = None;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let r = driver.one().await;
-                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                    match r {
-                        Ok(()) => {
-                            lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            errors += 1;
-                            last_error = Some(e);
-                        }
-                    }
-                }
+/// Latencies and errors gathered by a run (or by one of its tasks).
+#[derive(Debug, Default)]
+struct Samples {
+    /// Microseconds, one per completed transaction.
+    lat: Vec<u32>,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+impl Samples {
+    /// One transaction that took `took` and ended with `r`.
+    fn record(&mut self, took: Duration, r: Result<(), String>) {
+        match r {
+            Ok(()) => self.lat.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX)),
+            Err(e) => {
+                self.errors += 1;
+                self.last_error = Some(e);
             }
-            (lat, errors, last_error)
-        }));
+        }
     }
-    tokio::time::sleep(warmup).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
+
+    fn add(&mut self, other: Samples) {
+        self.lat.extend(other.lat);
+        self.errors += other.errors;
+        self.last_error = other.last_error.or(self.last_error.take());
+    }
+
+    /// The figures of a run of `seconds`: the transactions completed and their latency percentiles.
+    /// The last error, if any, is printed on stderr.
+    fn figures(mut self, mode: &str, branches: usize, concurrency: usize, seconds: f64) -> Figures {
+        if let Some(e) = &self.last_error {
+            eprintln!("{mode}: {} errors, the last: {e}", self.errors);
+        }
+        self.lat.sort_unstable();
+        let lat = &self.lat;
+        let pct = |p: f64| {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            f64::from(lat[i]) / 1000.0
+        };
+        Figures {
+            mode: mode.to_owned(),
+            branches,
+            concurrency,
+            transactions: lat.len() as u64,
+            errors: self.errors,
+            seconds,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            target_rate: None,
+            dropped: 0,
+        }
+    }
+}
+
+/// The warm-up before a measured run of `seconds`: a tenth of it, at most a second.
+fn warmup(seconds: f64) -> Duration {
+    Duration::from_secs_f64((seconds / 10.0).min(1.0))
+}
+
+/// Waits until `seconds` have passed since `started`, with a progress bar on stderr (`done`
+/// transactions so far) for runs longer than three seconds.
+async fn watch(mode: &str, started: Instant, seconds: f64, done: &AtomicU64) {
+    let run = Duration::from_secs_f64(seconds);
     let bar = seconds > 3.0;
     while started.elapsed() < run {
         tokio::time::sleep(Duration::from_millis(200).min(run.saturating_sub(started.elapsed()))).await;
@@ -459,41 +509,143 @@ async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize
             draw_bar(mode, frac, &format!("{rate:>9.0} tx/s"));
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
     if bar {
         eprintln!();
     }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        if let Ok((l, e, last)) = t.await {
-            lat.extend(l);
-            errors += e;
-            if let Some(last) = last {
-                eprintln!("{mode}: error: {last}");
+}
+
+/// Runs `driver` closed-loop from `concurrency` tasks, each starting a transaction when its last
+/// one is done, for `seconds` (after a warm-up).
+async fn measure(mode: &str, branches: usize, driver: Driver, concurrency: usize, seconds: f64) -> Figures {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (driver, measuring, stop, done) = (driver.clone(), measuring.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = driver.one().await;
+                let took = t.elapsed();
+                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    if r.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    samples.record(took, r);
+                }
             }
+            samples
+        }));
+    }
+    tokio::time::sleep(warmup(seconds)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    watch(mode, started, seconds, &done).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut samples = Samples::default();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            samples.add(s);
         }
     }
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-        f64::from(lat[i]) / 1000.0
+    samples.figures(mode, branches, concurrency, elapsed)
+}
+
+/// The most transactions an open-loop run keeps in flight: one due while this many are is not
+/// started, and counts as an error.
+const OPEN_LOOP_CAP: usize = 4096;
+
+/// How long an open-loop run waits, after its last start, for the transactions still in flight
+/// (each call of a transaction is bounded by [`WAIT`]); those still running then count as errors.
+const OPEN_LOOP_DRAIN: Duration = Duration::from_secs(40);
+
+/// Runs `driver` open-loop: transactions started at `rate` a second, evenly spaced, each in its
+/// own task whether or not the earlier ones are done, for `seconds` (after a warm-up at the same
+/// rate). A transaction's latency runs from its scheduled start, so a system falling behind shows
+/// as latency. The figures count the transactions scheduled in the measured window; their rate is
+/// over the time from the window's first start to the last of them finishing.
+async fn measure_open(mode: &str, branches: usize, driver: Driver, rate: f64, seconds: f64) -> Figures {
+    let rate = if rate.is_finite() { rate.max(1.0) } else { 1.0 };
+    let first = (warmup(seconds).as_secs_f64() * rate).ceil() as u64; // the first measured start
+    let total = first + (seconds * rate).ceil() as u64;
+    let done = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(std::sync::Mutex::new(Samples::default()));
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(10);
+    let at = move |i: u64| t0 + Duration::from_secs_f64(i as f64 / rate);
+    // The schedule, on its own task so that it is not held up by the progress bar.
+    let schedule = {
+        let (done, samples) = (done.clone(), samples.clone());
+        tokio::spawn(async move {
+            let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = tokio::task::JoinSet::new();
+            let (mut launched, mut dropped, mut most) = (0u64, 0u64, 0usize);
+            let mut i = 0;
+            while i < total {
+                tokio::time::sleep_until(at(i)).await;
+                // Every start now due (the timer wakes up about once a millisecond).
+                let now = tokio::time::Instant::now();
+                while i < total && at(i) <= now {
+                    let (scheduled, measured) = (at(i), i >= first);
+                    i += 1;
+                    let n = in_flight.load(Ordering::Relaxed);
+                    if n >= OPEN_LOOP_CAP {
+                        dropped += u64::from(measured);
+                        continue;
+                    }
+                    in_flight.fetch_add(1, Ordering::Relaxed);
+                    most = most.max(n + 1);
+                    launched += u64::from(measured);
+                    let (driver, in_flight, done, samples) =
+                        (driver.clone(), in_flight.clone(), done.clone(), samples.clone());
+                    tasks.spawn(async move {
+                        let r = driver.one().await;
+                        let took = scheduled.elapsed();
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if measured {
+                            if r.is_ok() {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let mut s = samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            s.record(took, r);
+                        }
+                    });
+                }
+                while tasks.try_join_next().is_some() {}
+            }
+            (tasks, launched, dropped, most)
+        })
     };
-    Figures {
-        mode: mode.to_owned(),
-        branches,
-        concurrency,
-        transactions: lat.len() as u64,
-        errors,
-        seconds: elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        p999_ms: pct(0.999),
+    let started = at(first).into_std();
+    tokio::time::sleep_until(at(first)).await;
+    watch(mode, started, seconds, &done).await;
+    let (mut tasks, launched, dropped, most) = match schedule.await {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("{mode}: the schedule failed: {e}");
+            (tokio::task::JoinSet::new(), 0, 0, 0)
+        }
+    };
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(OPEN_LOOP_DRAIN, drain).await;
+    tasks.abort_all();
+    let elapsed = started.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let unfinished = launched.saturating_sub(samples.lat.len() as u64 + samples.errors);
+    if dropped > 0 {
+        eprintln!("{mode}: {dropped} transactions not started: {OPEN_LOOP_CAP} already in flight");
     }
+    if unfinished > 0 {
+        let secs = OPEN_LOOP_DRAIN.as_secs();
+        eprintln!("{mode}: {unfinished} transactions still running {secs} s after the last start");
+    }
+    let mut f = samples.figures(mode, branches, most, elapsed);
+    f.errors += dropped + unfinished;
+    f.dropped = dropped;
+    f.target_rate = Some(rate);
+    f
 }
 
 /// A fast, durable engine for the benchmark: the defaults, with retries not needed.
@@ -513,12 +665,42 @@ impl Bench {
     }
 
     async fn run(&self, mode: &str, branches: usize, concurrency: usize) -> Result<Figures, String> {
+        Ok(self.run_with(mode, branches, concurrency, false).await?.0)
+    }
+
+    /// Measures `driver` closed-loop, then, with `half`, open-loop at half the rate it reached.
+    async fn drive(
+        &self,
+        mode: &str,
+        branches: usize,
+        driver: Driver,
+        concurrency: usize,
+        half: bool,
+    ) -> (Figures, Option<Figures>) {
         let secs = self.args.duration;
+        let f = measure(mode, branches, driver.clone(), concurrency, secs).await;
+        if !half {
+            return (f, None);
+        }
+        let rate = f.tx_per_s() / 2.0;
+        let h = measure_open(&format!("{mode}@half"), branches, driver, rate, secs).await;
+        (f, Some(h))
+    }
+
+    /// Runs `mode` closed-loop and, with `half`, open-loop at half the rate it reached (on the same
+    /// coordinator or engine).
+    async fn run_with(
+        &self,
+        mode: &str,
+        branches: usize,
+        concurrency: usize,
+        half: bool,
+    ) -> Result<(Figures, Option<Figures>), String> {
         let targets = self.targets(branches);
         match mode {
             "raw" => {
                 let d = Driver::Raw { http: self.http.clone(), targets };
-                Ok(measure(mode, branches, d, concurrency, secs).await)
+                Ok(self.drive(mode, branches, d, concurrency, half).await)
             }
             "embedded" => {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -527,7 +709,7 @@ impl Bench {
                     .await
                     .map_err(|e| e.to_string())?;
                 let d = Driver::tcc(vec![client.clone()], targets, true);
-                let f = measure(mode, branches, d, concurrency, secs).await;
+                let f = self.drive(mode, branches, d, concurrency, half).await;
                 client.shutdown().await;
                 Ok(f)
             }
@@ -557,7 +739,7 @@ impl Bench {
                     procs.push(proc);
                 }
                 let d = Driver::tcc(clients, targets, mode != "coordinator_only");
-                let f = measure(mode, branches, d, concurrency, secs).await;
+                let f = self.drive(mode, branches, d, concurrency, half).await;
                 drop(procs);
                 Ok(f)
             }
@@ -1032,7 +1214,7 @@ async fn fill(n: usize, dir: &std::path::Path) -> Result<(), String> {
 fn print_row(f: &Figures, raw: Option<f64>) {
     let ratio = raw.filter(|r| *r > 0.0).map_or(String::from("-"), |r| format!("{:.2}x", f.tx_per_s() / r));
     println!(
-        "{:<17} {:>3} {:>5} {:>10.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+        "{:<21} {:>3} {:>5} {:>10.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>6}",
         f.mode,
         f.branches,
         f.concurrency,
@@ -1051,22 +1233,27 @@ async fn bench(args: Args) -> Result<bool, String> {
     let bench = Bench { args, participants, http };
     let c = bench.args.concurrency;
     println!(
-        "{:<17} {:>3} {:>5} {:>10} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "{:<21} {:>3} {:>5} {:>10} {:>7} {:>8} {:>8} {:>8} {:>6}",
         "mode", "br", "conc", "tx/s", "vs raw", "p50 ms", "p99 ms", "p999 ms", "errors"
     );
     let mut main = Vec::new();
+    let mut half = Vec::new();
     let mut raw = None;
     let mut modes = bench.args.modes.clone();
     if bench.args.postgres.is_some() {
         modes.extend(["postgres_1".to_owned(), "postgres_3".to_owned()]);
     }
     for mode in modes {
-        let f = bench.run(&mode, 2, c).await?;
+        let (f, h) = bench.run_with(&mode, 2, c, bench.args.half_peak).await?;
         if mode == "raw" {
             raw = Some(f.tx_per_s());
         }
         print_row(&f, raw);
         main.push(f);
+        if let Some(h) = h {
+            print_row(&h, None);
+            half.push(h);
+        }
     }
     let mut extra = Vec::new();
     if bench.args.sweep_branches {
@@ -1153,6 +1340,15 @@ async fn bench(args: Args) -> Result<bool, String> {
         }
         let _ = writeln!(out, "  \"embedded_ratio\": {},", num(ratio("embedded")));
         let _ = writeln!(out, "  \"standalone_ratio\": {},", num(ratio("standalone")));
+        for h in &half {
+            let m = h.mode.trim_end_matches("@half");
+            let _ = writeln!(out, "  \"{m}_half_peak_rate\": {:.1},", h.tx_per_s());
+            let _ = writeln!(out, "  \"{m}_half_peak_target_rate\": {},", num(h.target_rate));
+            let _ = writeln!(out, "  \"{m}_half_peak_p50_ms\": {:.3},", h.p50_ms);
+            let _ = writeln!(out, "  \"{m}_half_peak_p99_ms\": {:.3},", h.p99_ms);
+            let _ = writeln!(out, "  \"{m}_half_peak_p999_ms\": {:.3},", h.p999_ms);
+            let _ = writeln!(out, "  \"{m}_half_peak_errors\": {},", h.errors);
+        }
         let _ = writeln!(out, "  \"concurrency\": {c},\n  \"duration_s\": {},", bench.args.duration);
         if let Some(u) = &held {
             let _ =
@@ -1184,12 +1380,13 @@ async fn bench(args: Args) -> Result<bool, String> {
             }
         }
         let history_runs = hist.iter().flat_map(|h| &h.runs);
-        let rows: Vec<String> = main.iter().chain(&extra).chain(history_runs).map(Figures::json).collect();
+        let rows: Vec<String> =
+            main.iter().chain(&half).chain(&extra).chain(history_runs).map(Figures::json).collect();
         let _ = writeln!(out, "  \"runs\": [\n    {}\n  ]\n}}", rows.join(",\n    "));
         std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     let history_runs = hist.iter().flat_map(|h| &h.runs);
-    let complete = main.iter().chain(&extra).chain(history_runs).all(|f| f.transactions > 0);
+    let complete = main.iter().chain(&half).chain(&extra).chain(history_runs).all(|f| f.transactions > 0);
     let confirmed = bench.participants.confirms.load(Ordering::Relaxed);
     if confirmed == 0 && !main.is_empty() {
         return Err("no participant was ever confirmed".into());
