@@ -146,6 +146,9 @@ pub(crate) struct Inner {
     pub(crate) driving: Mutex<std::collections::HashSet<Gid>>,
     /// One permit per phase-two round allowed to run at once ([`Config::max_rounds`]).
     pub(crate) rounds: Arc<tokio::sync::Semaphore>,
+    /// Rounds spawned and not finished, running or waiting for a permit: what the scheduler leaves
+    /// room for before claiming more.
+    pub(crate) pending_rounds: std::sync::atomic::AtomicUsize,
     waiters: Mutex<HashMap<Gid, Vec<oneshot::Sender<()>>>>,
     tasks: Mutex<JoinSet<()>>,
     pub(crate) wake: Notify,
@@ -238,6 +241,7 @@ impl Coordinator {
             counters: Counters::default(),
             driving: Mutex::new(Default::default()),
             rounds,
+            pending_rounds: Default::default(),
             waiters: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             wake: Notify::new(),
@@ -535,6 +539,17 @@ impl Inner {
         }
     }
 
+    /// Starts a phase-two round for `tx` in the background, counted in `pending_rounds` until it
+    /// ends (however it ends).
+    pub(crate) fn spawn_drive(self: &Arc<Self>, tx: Transaction) {
+        let pending = PendingRound::new(self.clone());
+        let me = self.clone();
+        self.spawn(async move {
+            let _pending = pending;
+            me.drive(tx).await;
+        });
+    }
+
     pub(crate) fn context(&self) -> (crate::model::Timestamp, crate::model::Timestamp) {
         let now = self.clock.now();
         (now, now + self.config.lease)
@@ -598,11 +613,7 @@ impl Inner {
     pub(crate) fn perform(self: &Arc<Self>, tx: &Transaction, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                Effect::DrivePhaseTwo => {
-                    let me = self.clone();
-                    let tx = tx.clone();
-                    self.spawn(async move { me.drive(tx).await });
-                }
+                Effect::DrivePhaseTwo => self.spawn_drive(tx.clone()),
                 Effect::Finished(state) => {
                     let counter = match state {
                         TxState::Confirmed => &self.counters.confirmed,
@@ -643,6 +654,26 @@ impl Inner {
             for w in waiters {
                 let _ = w.send(());
             }
+        }
+    }
+}
+
+/// A round counted in [`Inner::pending_rounds`] until dropped. Dropping the one that frees room
+/// for the scheduler wakes it, so a backlog is worked through as fast as rounds finish.
+struct PendingRound(Arc<Inner>);
+
+impl PendingRound {
+    fn new(inner: Arc<Inner>) -> PendingRound {
+        inner.pending_rounds.fetch_add(1, Ordering::AcqRel);
+        PendingRound(inner)
+    }
+}
+
+impl Drop for PendingRound {
+    fn drop(&mut self) {
+        let before = self.0.pending_rounds.fetch_sub(1, Ordering::AcqRel);
+        if before == self.0.config.max_rounds {
+            self.0.wake.notify_one();
         }
     }
 }

@@ -24,11 +24,34 @@ impl Inner {
         if !matches!(tx.state, TxState::Confirming | TxState::Cancelling) {
             return;
         }
+        // At most `max_rounds` at once (the semaphore is never closed). A round that had to wait
+        // for a slot gives up if the coordinator is stopping (its lease lapses and the work resumes
+        // on the next start), and looks again at the transaction: if it changed meanwhile (another
+        // process took over a lapsed lease, or it finished), this round is stale.
+        let mut tx = tx;
+        let _slot = match self.rounds.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let mut stop = self.stop.subscribe();
+                let slot = tokio::select! {
+                    slot = self.rounds.clone().acquire_owned() => slot,
+                    _ = stop.wait_for(|stopping| *stopping) => return,
+                };
+                let Ok(slot) = slot else { return };
+                match self.store.get(&tx.gid).await {
+                    Ok(Some(now)) if now.version == tx.version => tx = now,
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::error!(tx = %tx.gid, error = %e, "could not read a transaction");
+                        return;
+                    }
+                }
+                slot
+            }
+        };
         let Some(_guard) = Driving::enter(&self, &tx) else {
             return; // a round for it is already running here
         };
-        // At most `max_rounds` at once; the semaphore is never closed.
-        let Ok(_slot) = self.rounds.clone().acquire_owned().await else { return };
         if tx.attempts > 0 {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
         }

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::model::TxState;
 use crate::state::Event;
 
+/// The fewest transactions a scheduler pass claims, even with every round slot taken.
+const MIN_CLAIM: usize = 16;
+
 impl Inner {
     /// Runs until the coordinator stops.
     pub(crate) async fn run_scheduler(self: Arc<Self>) {
@@ -50,13 +53,15 @@ impl Inner {
     /// only makes the sweep decide the same again.) Recovering a large backlog then costs one flush
     /// per batch, not one per transaction.
     pub(crate) async fn sweep_once(self: &Arc<Self>) -> Result<bool> {
-        let room = self.config.claim_batch.min(self.rounds.available_permits());
-        if room == 0 {
-            return Ok(false); // every round slot is busy: look again after the poll interval
-        }
+        let pending = self.pending_rounds.load(Ordering::Acquire);
+        let room = self.config.claim_batch.min(self.config.max_rounds.saturating_sub(pending));
+        // Even with every round slot taken (by decisions coming in faster than participants answer),
+        // a few are claimed each pass, so deadlines keep expiring and retries keep falling due; such
+        // a pass then waits for the poll interval or a freed slot.
+        let limit = room.max(self.config.claim_batch.min(MIN_CLAIM));
         let (now, lease_until) = self.context();
-        let claimed = self.store.claim_due(&self.config.owner, now, lease_until, room).await?;
-        let more = claimed.len() >= room;
+        let claimed = self.store.claim_due(&self.config.owner, now, lease_until, limit).await?;
+        let more = room == limit && claimed.len() >= limit;
         let mut expired = Vec::new();
         for tx in claimed {
             match tx.state {
@@ -68,16 +73,14 @@ impl Inner {
                         Err(e) => tracing::error!(tx = %tx.gid, error = %e, "could not expire a transaction"),
                     }
                 }
-                TxState::Confirming | TxState::Cancelling => {
-                    let me = self.clone();
-                    self.spawn(async move { me.drive(tx).await });
-                }
+                TxState::Confirming | TxState::Cancelling => self.spawn_drive(tx),
                 _ => {}
             }
         }
         if !expired.is_empty() {
             // Not one cancel is sent before the batch's decisions are on disk. Should the flush fail,
-            // their claims lapse and a later pass expires them again.
+            // nothing is sent now; once their claims lapse a later pass sends the cancels (past the
+            // deadline cancel is the only decision, so that is what a later flush records anyway).
             self.store.sync().await?;
             for (deadline, (stored, effects)) in expired {
                 if !effects.is_empty() {

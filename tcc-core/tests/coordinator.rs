@@ -649,3 +649,47 @@ async fn no_more_than_max_rounds_run_at_once() {
     assert_eq!(gated.max.load(SeqCst), 3);
     tc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_still_expire_while_every_round_slot_is_taken() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let config = tcc_core::Config { max_rounds: 2, ..common::config() };
+    let tc = tcc_core::Coordinator::open(
+        std::sync::Arc::new(common::open_store(dir.path()).await),
+        std::sync::Arc::new(gated.clone()),
+        std::sync::Arc::new(tcc_core::SystemClock),
+        config,
+    )
+    .await
+    .unwrap();
+    // Two rounds hang in the participant, three more wait for a slot.
+    let mut decided = Vec::new();
+    for _ in 0..5 {
+        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+        tc.confirm(&tx.gid).await.unwrap();
+        decided.push(tx.gid);
+    }
+    let late = tc
+        .begin_registered(None, Duration::from_millis(200), Default::default(), planned(&["hotel"]))
+        .await
+        .unwrap();
+    let mut expired = false;
+    for _ in 0..500 {
+        if tc.get(&late.gid).await.unwrap().decision == Some(Decision::Cancel) {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(expired, "the deadline sweep was starved by busy round slots");
+    assert_eq!(gated.max.load(SeqCst), 2);
+    gated.open.store(true, SeqCst);
+    gated.gate.notify_waiters();
+    for gid in &decided {
+        assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
+    }
+    assert_eq!(tc.wait(&late.gid, MIN).await.unwrap().state, TxState::Cancelled);
+    tc.stop().await;
+}

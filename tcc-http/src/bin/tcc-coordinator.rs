@@ -70,6 +70,10 @@ struct Args {
     /// How long this process's claim on phase-two work lasts if it dies.
     #[arg(long, env = "TCC_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
+    /// Most phase-two rounds running at once (each calls the transaction's pending branches); a
+    /// backlog beyond it waits its turn.
+    #[arg(long, env = "TCC_MAX_ROUNDS", default_value_t = 1024)]
+    max_rounds: usize,
     /// This process's name in leases (must differ between processes sharing a store).
     #[arg(long, env = "TCC_OWNER")]
     owner: Option<String>,
@@ -105,6 +109,7 @@ fn launch(args: Args) -> Result<Launch, String> {
         },
         lease: args.lease,
         max_timeout: args.max_timeout,
+        max_rounds: args.max_rounds,
         ..tcc_core::Config::default()
     };
     if let Some(owner) = args.owner {
