@@ -3,7 +3,8 @@
 //!
 //! Each request draws one [`Fault`] (or none) at the configured rate: an injected 503 before or
 //! after the participant acted, a connection dropped before or after it acted, a request held past
-//! the caller's timeout and then dropped, or a slow answer. Faults "after" are the nasty ones: the
+//! the caller's timeout and then dropped, a slow answer, or a late delivery (held past the caller's
+//! timeout, dropped, and only then forwarded). Faults "after" are the nasty ones: the
 //! participant did the work and the caller never hears of it, so the caller must retry and the
 //! participant must recognise the duplicate. While the participant is down (its port closed), the
 //! proxy answers 502, as a load balancer would.
@@ -37,17 +38,22 @@ pub enum Fault {
     Hang,
     /// Wait a little (up to [`SLOW_MAX`]), then forward and answer normally.
     Slow,
+    /// Hold the request past the caller's timeout, close the connection, and only then forward it:
+    /// the participant gets it after its caller gave up (a try landing after the initiator's
+    /// cancel, a confirm repeated after the coordinator's retry).
+    Late,
 }
 
 impl Fault {
     /// Every fault, in the order [`FaultProxy::counts`] reports them.
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::RefuseBefore,
         Fault::RefuseAfter,
         Fault::DropBefore,
         Fault::DropAfter,
         Fault::Hang,
         Fault::Slow,
+        Fault::Late,
     ];
 
     /// A short name for reports.
@@ -59,6 +65,7 @@ impl Fault {
             Fault::DropAfter => "drop_after",
             Fault::Hang => "hang",
             Fault::Slow => "slow",
+            Fault::Late => "late",
         }
     }
 }
@@ -76,6 +83,7 @@ struct Shared {
     rng: Mutex<StdRng>,
     forwarded: AtomicU64,
     upstream_down: AtomicU64,
+    late_pending: AtomicU64,
     counts: [AtomicU64; Fault::ALL.len()],
 }
 
@@ -124,6 +132,7 @@ impl FaultProxy {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             forwarded: AtomicU64::new(0),
             upstream_down: AtomicU64::new(0),
+            late_pending: AtomicU64::new(0),
             counts: Default::default(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -149,6 +158,11 @@ impl FaultProxy {
     /// Requests forwarded to the participant (whatever was then answered).
     pub fn forwarded(&self) -> u64 {
         self.shared.forwarded.load(Ordering::Relaxed)
+    }
+
+    /// [`Fault::Late`] requests not forwarded yet.
+    pub fn late_pending(&self) -> u64 {
+        self.shared.late_pending.load(Ordering::Relaxed)
     }
 
     /// Requests answered 502 because the participant could not be reached.
@@ -206,6 +220,27 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return Err(Dropped) };
+    if fault == Some(Fault::Late) {
+        tokio::time::sleep(shared.hang).await;
+        shared.late_pending.fetch_add(1, Ordering::Relaxed);
+        let late = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(slow).await;
+            let _ = forward(&late, parts, body).await;
+            late.late_pending.fetch_sub(1, Ordering::Relaxed);
+        });
+        return Err(Dropped);
+    }
+    let answer = forward(&shared, parts, body).await;
+    match fault {
+        Some(Fault::RefuseAfter) => Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "injected fault")),
+        Some(Fault::DropAfter) => Err(Dropped),
+        _ => Ok(answer),
+    }
+}
+
+/// Sends the request on to the participant and returns its answer (502 if it cannot be reached).
+async fn forward(shared: &Shared, parts: hyper::http::request::Parts, body: Bytes) -> Response<Full<Bytes>> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut forward = shared.http.request(parts.method, format!("http://{}{path}", shared.upstream));
     for (name, value) in &parts.headers {
@@ -217,7 +252,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
     }
     shared.forwarded.fetch_add(1, Ordering::Relaxed);
-    let answer = match forward.body(body).send().await {
+    match forward.body(body).send().await {
         Ok(res) => {
             let status = res.status();
             let content_type = res.headers().get(reqwest::header::CONTENT_TYPE).cloned();
@@ -237,11 +272,6 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             shared.upstream_down.fetch_add(1, Ordering::Relaxed);
             plain(StatusCode::BAD_GATEWAY, "participant unreachable")
         }
-    };
-    match fault {
-        Some(Fault::RefuseAfter) => Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "injected fault")),
-        Some(Fault::DropAfter) => Err(Dropped),
-        _ => Ok(answer),
     }
 }
 
@@ -280,8 +310,19 @@ mod tests {
         let counts = proxy.counts();
         assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 200);
         assert!(counts.iter().all(|(_, n)| *n > 0), "every kind drawn: {counts:?}");
-        let slow = counts.iter().find(|(f, _)| *f == Fault::Slow).map_or(0, |(_, n)| *n);
-        assert_eq!(clean, slow, "only slow requests are answered 200");
+        let count = |kind: Fault| counts.iter().find(|(f, _)| *f == kind).map_or(0, |(_, n)| *n);
+        assert_eq!(clean, count(Fault::Slow), "only slow requests are answered 200");
+        // Late ones reach the participant after their caller gave up; the ones refused, dropped or
+        // held before forwarding never do.
+        for _ in 0..200 {
+            if proxy.late_pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let reached =
+            [Fault::RefuseAfter, Fault::DropAfter, Fault::Slow, Fault::Late].map(count).iter().sum::<u64>();
+        assert_eq!(proxy.forwarded(), 20 + reached);
     }
 
     #[tokio::test]

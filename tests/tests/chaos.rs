@@ -21,6 +21,17 @@ fn a_short_chaos_run_ends_with_no_violation() {
         last, "chaos: 200 transactions, 5 coordinator kills, 3 participant kills, 0 violations",
         "\n{stdout}"
     );
-    // Every kind of fault was drawn and the run really went through restarts.
+    // The run really went through restarts, drew every kind of fault, and both confirmed and
+    // cancelled transactions: not a run that passes by testing nothing.
     assert!(stdout.contains("restarts: 8,"), "{stdout}");
+    let faults = stdout.lines().find_map(|l| l.strip_prefix("faults injected: ")).unwrap();
+    for kind in faults.split(';').next().unwrap().split(", ") {
+        let n: u64 = kind.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0, "no {kind} fault drawn:\n{stdout}");
+    }
+    let store = stdout.lines().find_map(|l| l.strip_prefix("coordinator store: ")).unwrap();
+    let count = |what: &str| -> u64 {
+        store.split(", ").find_map(|p| p.strip_suffix(what)).unwrap().trim().parse().unwrap()
+    };
+    assert!(count(" confirmed") > 0 && count(" cancelled") > 0, "{stdout}");
 }

@@ -10,10 +10,11 @@
 //! its own sled database. Every call to a service, the initiators' tries and the coordinator's
 //! confirms and cancels alike, goes through a fault-injecting proxy (`tcc_tests::fault_proxy`:
 //! 503s, dropped connections before and after the service acted, requests held past the caller's
-//! timeout, slow answers). Several initiators run the transactions: most book a seat and a room and
-//! confirm; some ask for an item that is sold out or not sold there (refused at try, so cancelled),
-//! some cancel after holding, some walk away without deciding (the coordinator cancels them at
-//! their deadline). Meanwhile the coordinator and the services are SIGKILLed and restarted at random
+//! timeout, slow answers, requests delivered after their caller gave up). Several initiators run
+//! the transactions, half registering both branches with the begin, half as their typed clients
+//! try: most book a seat and a room and confirm; some ask for an item that is sold out or not sold
+//! there (refused at try, so cancelled), some cancel after holding, some walk away without deciding
+//! (the coordinator cancels them at their deadline). Meanwhile the coordinator and the services are SIGKILLed and restarted at random
 //! moments.
 //!
 //! Then faults stop, flagged transactions get an operator retry, and once the coordinator has
@@ -37,7 +38,7 @@ use rand::{Rng, SeedableRng};
 use tcc_core::barrier::BarrierState;
 use tcc_core::store::ListQuery;
 use tcc_core::{Gid, Store, TxState};
-use tcc_http::client::TccClient;
+use tcc_http::client::{BeginOptions, ClientError, PlannedBranch, TccClient};
 use tcc_http::server::native::{DecisionView, ListView, StateView};
 use tcc_tests::chaos_check::{Seen, Side, check};
 use tcc_tests::fault_proxy::{Fault, FaultProxy};
@@ -140,7 +141,16 @@ impl Proc {
             .open(&self.log)
             .map_err(|e| format!("{}: log: {e}", self.name))?;
         let mut cmd = Command::new(&self.program);
-        cmd.args(&self.command).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        // A child of this binary exits when its standard input closes: when this process ends,
+        // however it ends, its children do not outlive it.
+        cmd.args(&self.command).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(log);
+        // Nothing from the environment may change a coordinator's settings behind the run's back
+        // (an allow-list that refuses every participant would make a run that tests nothing).
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("TCC_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -258,8 +268,13 @@ fn kind_index(kind: Kind) -> usize {
 
 fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    // The tcc-coordinator built next to this binary, unless it is older than this one (then it may
+    // predate the code under test: `cargo run --bin tcc-chaos` does not rebuild it), in which case
+    // this binary serves the same server code itself.
     let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
-    let bin = args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling));
+    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = matches!((built(&sibling), built(&me)), (Some(a), Some(b)) if a >= b);
+    let bin = args.coordinator_bin.clone().or_else(|| fresh.then_some(sibling));
     let data = dir.join("coordinator").display().to_string();
     let (program, command) = match bin {
         Some(bin) => (
@@ -285,7 +300,6 @@ fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, S
         ),
         None => (me, vec!["--serve-coordinator".into(), addr.to_string(), data]),
     };
-    // Everything from the environment that could change the coordinator's settings is cleared.
     let env = vec![("RUST_LOG".into(), "warn".into())];
     Ok(Proc {
         name: "coordinator",
@@ -388,9 +402,33 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         let (flight, hotel) = (pick(&mut rng, Kind::Flights), pick(&mut rng, Kind::Hotels));
         let customer = format!("c{}", rng.random_range(0..1_000_000));
 
+        // Half the transactions register both branches with the begin and then send the tries
+        // (`try_planned`); the others register each branch as its typed client tries it.
+        let planned = rng.random_bool(0.5);
+        let seat_req = HoldRequest { item: flight, customer: customer.clone() };
+        let room_req = HoldRequest { item: hotel, customer };
+        let options = if planned {
+            let branch =
+                |name: &str, kind: Kind, op: &str, req: &HoldRequest| -> Result<PlannedBranch, String> {
+                    Ok(PlannedBranch {
+                        branch: name.into(),
+                        target: format!("{}/{op}", run.service_url(kind)),
+                        request: serde_json::to_vec(req).map_err(|e| e.to_string())?,
+                    })
+                };
+            BeginOptions {
+                branches: vec![
+                    branch(branch_of(Kind::Flights), Kind::Flights, "hold_seat", &seat_req)?,
+                    branch(branch_of(Kind::Hotels), Kind::Hotels, "hold_room", &room_req)?,
+                ],
+                ..BeginOptions::default()
+            }
+        } else {
+            BeginOptions::default()
+        };
         let mut waited = Duration::ZERO;
         let tx = loop {
-            match tcc.begin(timeout).await {
+            match tcc.begin_with(timeout, options.clone()).await {
                 Ok(tx) => break tx,
                 // The coordinator is down (or restarting): try again shortly, for a bounded time.
                 Err(e) if waited < START_LIMIT => {
@@ -408,23 +446,28 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         run.tally.begun.fetch_add(1, Ordering::Relaxed);
         run.record(tx.gid(), Seen::Begun);
 
-        let seat = flights.hold_seat(&tx, HoldRequest { item: flight, customer: customer.clone() }).await;
-        let room = match &seat {
-            Ok(_) => Some(hotels.hold_room(&tx, HoldRequest { item: hotel, customer }).await),
-            Err(_) => None,
-        };
-        let held = match (&seat, &room) {
-            (Ok(_), Some(Ok(_))) => true,
-            (Err(e), _) | (_, Some(Err(e))) => {
-                if e.refusal().is_some() {
-                    Tally::add(&run.tally.refused);
-                } else {
-                    Tally::add(&run.tally.try_failed);
-                }
-                false
+        // Ok: both held; Err(true): a service refused; Err(false): a try failed otherwise.
+        let tries: Result<(), bool> = if planned {
+            let try_one = async |branch: &str| match tx.try_planned(branch).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(matches!(e, ClientError::Refused { .. })),
+            };
+            match try_one(branch_of(Kind::Flights)).await {
+                Ok(()) => try_one(branch_of(Kind::Hotels)).await,
+                Err(refused) => Err(refused),
             }
-            (Ok(_), None) => false,
+        } else {
+            match flights.hold_seat(&tx, seat_req).await {
+                Ok(_) => hotels.hold_room(&tx, room_req).await.map(drop).map_err(|e| e.refusal().is_some()),
+                Err(e) => Err(e.refusal().is_some()),
+            }
         };
+        match tries {
+            Ok(()) => {}
+            Err(true) => Tally::add(&run.tally.refused),
+            Err(false) => Tally::add(&run.tally.try_failed),
+        }
+        let held = tries.is_ok();
         if intent == Intent::WalkAway {
             Tally::add(&run.tally.walked_away);
             continue;
@@ -630,11 +673,16 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
     coordinator.spawn()?;
     coordinator.wait_up().await?;
     println!(
-        "tcc-chaos: seed {seed}, {} transactions from {} initiators, fault rate {}, stores in {}",
+        "tcc-chaos: seed {seed}, {} transactions from {} initiators, fault rate {}, stores in {}; \
+         coordinator: {}",
         args.transactions,
         args.concurrency,
         args.fault_rate,
-        dir.display()
+        dir.display(),
+        match coordinator.command.first().map(String::as_str) {
+            Some("--serve-coordinator") => "served by this binary".to_owned(),
+            _ => coordinator.program.display().to_string(),
+        }
     );
     let [flights, hotels]: [tokio::sync::Mutex<Proc>; 2] =
         services.try_into().map_err(|_| "two services".to_owned())?;
@@ -693,6 +741,14 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         Err(e) => (0, vec![e]),
     };
     let quiesced = quiet.elapsed();
+    // Late deliveries still on their way arrive before the end (at a quiet coordinator, where each
+    // is a duplicate or a try after its cancel, and must change nothing).
+    for _ in 0..1_000 {
+        if run.proxies.iter().all(|p| p.late_pending() == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // One more SIGKILL of every process once all is quiet, and a restart: whatever the coordinator
     // had recorded without a flush (phase-two results) may be lost, and must be redone.
     let mut all: Vec<&tokio::sync::Mutex<Proc>> = run.services.iter().collect();
@@ -773,6 +829,13 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
     ))
 }
 
+/// Returns when the harness that started this child process is gone (its end of our standard
+/// input closed).
+async fn parent_gone() {
+    let mut sink = tokio::io::sink();
+    let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut sink).await;
+}
+
 /// The coordinator's child process when no tcc-coordinator binary is found: the same settings.
 async fn serve_coordinator(serve: &[String]) -> Result<(), String> {
     let [listen, dir] = serve else { return Err("--serve-coordinator ADDR DIR".into()) };
@@ -800,8 +863,10 @@ async fn serve_coordinator(serve: &[String]) -> Result<(), String> {
     let running = tcc_http::server::start(launch).await.map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
-    term.recv().await;
-    running.stop().await.map_err(|e| e.to_string())
+    tokio::select! {
+        _ = term.recv() => running.stop().await.map_err(|e| e.to_string()),
+        () = parent_gone() => Err("the harness is gone".into()),
+    }
 }
 
 /// A service's child process.
@@ -818,7 +883,7 @@ async fn serve_participant(serve: &[String]) -> Result<(), String> {
         travel_booking::service::Service::start(kind, Path::new(dir), listen, &[(a, plenty), (b, scarce)])
             .await
             .map_err(|e| e.to_string())?;
-    std::future::pending::<()>().await;
+    parent_gone().await;
     drop(service);
     Ok(())
 }
@@ -839,11 +904,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    // A child's runtime is shut down without waiting: the thread reading standard input (see
+    // `parent_gone`) never finishes on its own.
     if let Some(serve) = &args.serve_coordinator {
-        return child("coordinator", rt.block_on(serve_coordinator(serve)));
+        let r = rt.block_on(serve_coordinator(serve));
+        rt.shutdown_background();
+        return child("coordinator", r);
     }
     if let Some(serve) = &args.serve_participant {
-        return child("service", rt.block_on(serve_participant(serve)));
+        let r = rt.block_on(serve_participant(serve));
+        rt.shutdown_background();
+        return child("service", r);
     }
     match rt.block_on(chaos(args)) {
         Ok((n, k, p, violations)) => {
