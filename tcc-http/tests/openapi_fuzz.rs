@@ -290,6 +290,38 @@ async fn registering_after_the_deadline_is_422_and_stores_nothing() {
     tc.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_branch_in_a_begin_refuses_the_whole_begin_and_stores_nothing() {
+    let tc = Coordinator::start().await;
+    let p = Participant::start(Mode::Healthy).await;
+    let ok = json!({ "branch": "b1", "target": p.target("op"), "payload": "x" });
+    let max = fast_core().max_branches;
+    let too_many: Vec<Value> =
+        (0..=max).map(|i| json!({ "branch": format!("b{i}"), "target": p.target("op") })).collect();
+    let cases = [
+        (json!([ok, { "branch": "b c", "target": p.target("op") }]), 400, "malformed"),
+        (json!([ok, { "branch": "b2", "target": p.target("op"), "surprise": 1 }]), 400, "malformed"),
+        (json!([ok, { "branch": "b2" }]), 400, "malformed"),
+        (json!([ok, { "branch": "b2", "target": "http://203.0.113.9/x" }]), 422, "participant_not_allowed"),
+        (json!([ok, { "branch": "b1", "target": p.target("other") }]), 422, "invalid_input"),
+        (json!(too_many), 422, "invalid_input"),
+    ];
+    for (branches, status, code) in cases {
+        let (got, body) = tc
+            .post("/v1/transactions", &json!({ "gid": "bad-begin", "branches": branches }).to_string())
+            .await;
+        assert_eq!((got, &body["code"]), (status, &json!(code)), "{branches}: {body}");
+        let (missing, _) = tc.get("/v1/transactions/bad-begin").await;
+        assert_eq!(missing, 404, "{branches}: nothing stored");
+    }
+    assert!(p.calls().is_empty());
+    // The same branch twice with the same details is one branch, as with register.
+    let (status, body) =
+        tc.post("/v1/transactions", &json!({ "gid": "good", "branches": [ok, ok] }).to_string()).await;
+    assert_eq!((status, body["branches"].as_array().map(Vec::len)), (201, Some(1)), "{body}");
+    tc.stop().await;
+}
+
 /// A participant whose confirm answers are garbage of several kinds, counting the calls.
 struct Garbage {
     base: String,
