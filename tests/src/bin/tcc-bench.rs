@@ -66,8 +66,9 @@ use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
 use tcc_http::transport::{ClientConfig, build_client};
 
-/// The same allocator as the `tcc-coordinator` binary, for every mode alike (the in-process
-/// participants, the initiators and the embedded engine).
+/// With the `mimalloc` feature, the same allocator as the `tcc-coordinator` binary built with it, for
+/// every mode alike (the in-process participants, the initiators and the embedded engine).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
