@@ -268,12 +268,15 @@ fn kind_index(kind: Kind) -> usize {
 
 fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    // The tcc-coordinator built next to this binary, unless it is older than this one (then it may
-    // predate the code under test: `cargo run --bin tcc-chaos` does not rebuild it), in which case
-    // this binary serves the same server code itself.
+    // The tcc-coordinator built next to this binary, unless it was built well before this one (then
+    // it may predate the code under test: `cargo run --bin tcc-chaos` does not rebuild it), in which
+    // case this binary serves the same server code itself. One cargo run builds both within minutes.
     let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
     let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = matches!((built(&sibling), built(&me)), (Some(a), Some(b)) if a >= b);
+    let fresh = matches!(
+        (built(&sibling), built(&me)),
+        (Some(a), Some(b)) if a + Duration::from_secs(600) >= b
+    );
     let bin = args.coordinator_bin.clone().or_else(|| fresh.then_some(sibling));
     let data = dir.join("coordinator").display().to_string();
     let (program, command) = match bin {
