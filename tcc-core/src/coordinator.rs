@@ -516,6 +516,12 @@ impl Coordinator {
         }
     }
 
+    /// Whether [`stop`](Self::stop) (or [`abort`](Self::abort)) was called: no new phase-two work
+    /// starts in this process any more.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stop.borrow()
+    }
+
     /// Stops at once, as a crash would: rounds in flight are abandoned mid-way. Their transactions
     /// resume on the next open. For tests and for a process that must go down now.
     pub async fn abort(self) {

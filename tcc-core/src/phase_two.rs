@@ -29,15 +29,23 @@ impl Inner {
         // on the next start), and looks again at the transaction: if it changed meanwhile (another
         // process took over a lapsed lease, or it finished), this round is stale.
         let mut tx = tx;
+        if *self.stop.borrow() {
+            return; // stopping: no new round starts here (the work resumes on the next start)
+        }
         let _slot = match self.rounds.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 let mut stop = self.stop.subscribe();
                 let slot = tokio::select! {
-                    slot = self.rounds.clone().acquire_owned() => slot,
+                    biased;
                     _ = stop.wait_for(|stopping| *stopping) => return,
+                    slot = self.rounds.clone().acquire_owned() => slot,
                 };
+                // The slot may have come free as the coordinator began stopping.
                 let Ok(slot) = slot else { return };
+                if *self.stop.borrow() {
+                    return;
+                }
                 match self.store.get(&tx.gid).await {
                     Ok(Some(now)) if now.version == tx.version => tx = now,
                     Ok(_) => return,

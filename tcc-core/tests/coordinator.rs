@@ -589,6 +589,7 @@ struct Gated {
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
     now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait::async_trait]
@@ -598,6 +599,7 @@ impl tcc_core::transport::Transport for Gated {
         _: tcc_core::transport::BranchCall<'_>,
     ) -> Result<(), tcc_core::transport::CallError> {
         use std::sync::atomic::Ordering::SeqCst;
+        self.total.fetch_add(1, SeqCst);
         let n = self.now.fetch_add(1, SeqCst) + 1;
         self.max.fetch_max(n, SeqCst);
         while !self.open.load(SeqCst) {
@@ -691,5 +693,61 @@ async fn deadlines_still_expire_while_every_round_slot_is_taken() {
         assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
     }
     assert_eq!(tc.wait(&late.gid, MIN).await.unwrap().state, TxState::Cancelled);
+    tc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_leaves_rounds_waiting_for_a_slot_to_the_next_start() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let config = tcc_core::Config { max_rounds: 1, ..common::config() };
+    let tc = std::sync::Arc::new(
+        tcc_core::Coordinator::open(
+            std::sync::Arc::new(common::open_store(dir.path()).await),
+            std::sync::Arc::new(gated.clone()),
+            std::sync::Arc::new(tcc_core::SystemClock),
+            config.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut gids = Vec::new();
+    for _ in 0..3 {
+        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+        tc.confirm(&tx.gid).await.unwrap();
+        gids.push(tx.gid);
+    }
+    for _ in 0..500 {
+        if gated.now.load(SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One round is in the participant, two wait for the slot. Stopping lets the first finish and
+    // does not start the others.
+    let stopper = tc.clone();
+    let stopping = tokio::spawn(async move { stopper.stop().await });
+    while !tc.is_stopping() {
+        tokio::task::yield_now().await;
+    }
+    drop(tc);
+    gated.open.store(true, SeqCst);
+    gated.gate.notify_waiters();
+    stopping.await.unwrap();
+    assert_eq!(gated.total.load(SeqCst), 1, "no waiting round started after stop");
+    // The next start resumes them.
+    let tc = tcc_core::Coordinator::open(
+        std::sync::Arc::new(common::open_store(dir.path()).await),
+        std::sync::Arc::new(gated.clone()),
+        std::sync::Arc::new(tcc_core::SystemClock),
+        config,
+    )
+    .await
+    .unwrap();
+    for gid in &gids {
+        assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
+    }
+    assert_eq!(gated.total.load(SeqCst), 3);
     tc.stop().await;
 }
