@@ -614,26 +614,44 @@ impl tcc_core::transport::Transport for Gated {
     }
 }
 
+impl Gated {
+    /// A coordinator on `dir` calling these participants, with `max_rounds` round slots.
+    async fn coordinator(&self, dir: &std::path::Path, max_rounds: usize) -> tcc_core::Coordinator {
+        tcc_core::Coordinator::open(
+            std::sync::Arc::new(common::open_store(dir).await),
+            std::sync::Arc::new(self.clone()),
+            std::sync::Arc::new(tcc_core::SystemClock),
+            tcc_core::Config { max_rounds, ..common::config() },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Lets every call through, now and from now on.
+    fn release(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.gate.notify_waiters();
+    }
+}
+
+/// Begins `n` one-branch transactions and confirms each.
+async fn confirm_n(tc: &tcc_core::Coordinator, n: usize) -> Vec<Gid> {
+    let mut gids = Vec::new();
+    for _ in 0..n {
+        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+        tc.confirm(&tx.gid).await.unwrap();
+        gids.push(tx.gid);
+    }
+    gids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_more_than_max_rounds_run_at_once() {
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let gated = Gated::default();
-    let config = tcc_core::Config { max_rounds: 3, ..common::config() };
-    let tc = tcc_core::Coordinator::open(
-        std::sync::Arc::new(common::open_store(dir.path()).await),
-        std::sync::Arc::new(gated.clone()),
-        std::sync::Arc::new(tcc_core::SystemClock),
-        config,
-    )
-    .await
-    .unwrap();
-    let mut gids = Vec::new();
-    for _ in 0..10 {
-        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
-        tc.confirm(&tx.gid).await.unwrap();
-        gids.push(tx.gid);
-    }
+    let tc = gated.coordinator(dir.path(), 3).await;
+    let gids = confirm_n(&tc, 10).await;
     // Let every round that can start, start.
     for _ in 0..50 {
         if gated.now.load(SeqCst) >= 3 {
@@ -643,8 +661,7 @@ async fn no_more_than_max_rounds_run_at_once() {
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(gated.max.load(SeqCst), 3, "rounds in flight at most");
-    gated.open.store(true, SeqCst);
-    gated.gate.notify_waiters();
+    gated.release();
     for gid in &gids {
         assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
     }
@@ -657,22 +674,9 @@ async fn deadlines_still_expire_while_every_round_slot_is_taken() {
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let gated = Gated::default();
-    let config = tcc_core::Config { max_rounds: 2, ..common::config() };
-    let tc = tcc_core::Coordinator::open(
-        std::sync::Arc::new(common::open_store(dir.path()).await),
-        std::sync::Arc::new(gated.clone()),
-        std::sync::Arc::new(tcc_core::SystemClock),
-        config,
-    )
-    .await
-    .unwrap();
+    let tc = gated.coordinator(dir.path(), 2).await;
     // Two rounds hang in the participant, three more wait for a slot.
-    let mut decided = Vec::new();
-    for _ in 0..5 {
-        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
-        tc.confirm(&tx.gid).await.unwrap();
-        decided.push(tx.gid);
-    }
+    let decided = confirm_n(&tc, 5).await;
     let late = tc
         .begin_registered(None, Duration::from_millis(200), Default::default(), planned(&["hotel"]))
         .await
@@ -687,8 +691,7 @@ async fn deadlines_still_expire_while_every_round_slot_is_taken() {
     }
     assert!(expired, "the deadline sweep was starved by busy round slots");
     assert_eq!(gated.max.load(SeqCst), 2);
-    gated.open.store(true, SeqCst);
-    gated.gate.notify_waiters();
+    gated.release();
     for gid in &decided {
         assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
     }
@@ -701,23 +704,8 @@ async fn stopping_leaves_rounds_waiting_for_a_slot_to_the_next_start() {
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let gated = Gated::default();
-    let config = tcc_core::Config { max_rounds: 1, ..common::config() };
-    let tc = std::sync::Arc::new(
-        tcc_core::Coordinator::open(
-            std::sync::Arc::new(common::open_store(dir.path()).await),
-            std::sync::Arc::new(gated.clone()),
-            std::sync::Arc::new(tcc_core::SystemClock),
-            config.clone(),
-        )
-        .await
-        .unwrap(),
-    );
-    let mut gids = Vec::new();
-    for _ in 0..3 {
-        let tx = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
-        tc.confirm(&tx.gid).await.unwrap();
-        gids.push(tx.gid);
-    }
+    let tc = std::sync::Arc::new(gated.coordinator(dir.path(), 1).await);
+    let gids = confirm_n(&tc, 3).await;
     for _ in 0..500 {
         if gated.now.load(SeqCst) == 1 {
             break;
@@ -732,19 +720,11 @@ async fn stopping_leaves_rounds_waiting_for_a_slot_to_the_next_start() {
         tokio::task::yield_now().await;
     }
     drop(tc);
-    gated.open.store(true, SeqCst);
-    gated.gate.notify_waiters();
+    gated.release();
     stopping.await.unwrap();
     assert_eq!(gated.total.load(SeqCst), 1, "no waiting round started after stop");
     // The next start resumes them.
-    let tc = tcc_core::Coordinator::open(
-        std::sync::Arc::new(common::open_store(dir.path()).await),
-        std::sync::Arc::new(gated.clone()),
-        std::sync::Arc::new(tcc_core::SystemClock),
-        config,
-    )
-    .await
-    .unwrap();
+    let tc = gated.coordinator(dir.path(), 1).await;
     for gid in &gids {
         assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
     }
