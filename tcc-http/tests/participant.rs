@@ -394,6 +394,22 @@ impl Fixture {
         self.call("reserve", phase, gid, branch, &body).await
     }
 
+    /// Starts the try of `tx-1` at `shop` for `item` and returns once its business method is
+    /// paused inside, with the sender that lets it go on.
+    async fn paused_try(
+        self: &Arc<Self>,
+        item: &str,
+    ) -> (tokio::task::JoinHandle<Answer>, oneshot::Sender<()>) {
+        let (started, wait_started) = oneshot::channel();
+        let (go, release) = oneshot::channel();
+        *self.reserve.pause.lock().unwrap() = Some(Pause { started, release });
+        let f = Arc::clone(self);
+        let item = item.to_owned();
+        let tried = tokio::spawn(async move { f.reserve("try", "tx-1", "shop", &item).await });
+        wait_started.await.unwrap();
+        (tried, go)
+    }
+
     fn state(&self, gid: &str, branch: &str) -> Option<BarrierState> {
         let (gid, branch): (Gid, BranchId) = (gid.parse().unwrap(), branch.parse().unwrap());
         self.participant.barrier().get(&gid, &branch).unwrap().map(|r| r.state)
@@ -860,15 +876,8 @@ async fn a_malformed_async_request_is_400_and_runs_nothing() {
 async fn a_commit_that_conflicts_runs_the_business_method_again_on_fresh_reads() {
     let f = Arc::new(Fixture::start().await);
     f.set_stock("lamp", 5);
-    let (started, wait_started) = oneshot::channel();
-    let (go, release) = oneshot::channel();
-    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
-    let first = {
-        let f = Arc::clone(&f);
-        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
-    };
     // tx-1 read 5 free and waits; tx-2 takes one meanwhile.
-    wait_started.await.unwrap();
+    let (first, go) = f.paused_try("lamp").await;
     f.reserve("try", "tx-2", "shop", "lamp").await.expect_ok("fresh");
     go.send(()).unwrap();
     let first = first.await.unwrap();
@@ -896,14 +905,7 @@ async fn a_call_that_conflicts_every_time_is_503_contended_and_stores_nothing() 
 async fn a_cancel_arriving_while_the_try_runs_waits_for_it_and_then_cancels_it() {
     let f = Arc::new(Fixture::start().await);
     f.set_stock("lamp", 1);
-    let (started, wait_started) = oneshot::channel();
-    let (go, release) = oneshot::channel();
-    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
-    let tried = {
-        let f = Arc::clone(&f);
-        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
-    };
-    wait_started.await.unwrap();
+    let (tried, go) = f.paused_try("lamp").await;
     let cancelled = {
         let f = Arc::clone(&f);
         tokio::spawn(async move { f.reserve("cancel", "tx-1", "shop", "lamp").await })
@@ -1030,14 +1032,7 @@ async fn a_branch_is_served_only_by_the_operation_that_tried_it_sync_or_async() 
 async fn a_cancel_recorded_while_the_try_runs_discards_the_trys_staged_writes() {
     let f = Arc::new(Fixture::start().await);
     f.set_stock("lamp", 1);
-    let (started, wait_started) = oneshot::channel();
-    let (go, release) = oneshot::channel();
-    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
-    let tried = {
-        let f = Arc::clone(&f);
-        tokio::spawn(async move { f.reserve("try", "tx-1", "shop", "lamp").await })
-    };
-    wait_started.await.unwrap();
+    let (tried, go) = f.paused_try("lamp").await;
     // The check let the try run; an empty cancel lands before its commit (straight through the
     // barrier, as another process sharing the record would).
     let barrier = f.participant.barrier().clone();
