@@ -450,6 +450,20 @@ impl<E> BarrierError<E> {
     }
 }
 
+impl BarrierError {
+    /// This error of a call that runs no business code (a read), as the error of a call whose
+    /// business closures fail with `E`.
+    pub fn widen<E>(self) -> BarrierError<E> {
+        match self {
+            BarrierError::Refused(r) => BarrierError::Refused(r),
+            BarrierError::Business(never) => match never {},
+            BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
+            BarrierError::Storage(e) => BarrierError::Storage(e),
+            BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
+        }
+    }
+}
+
 /// What a business closure sees: the participant's business trees, inside the barrier's transaction,
 /// and the call's identity and request.
 ///
@@ -816,7 +830,7 @@ impl SledBarrier {
         let mut after = None;
         let mut released = 0;
         loop {
-            let batch = self.due(after.as_ref(), SWEEP_BATCH).map_err(widen)?;
+            let batch = self.due(after.as_ref(), SWEEP_BATCH).map_err(BarrierError::widen)?;
             for due in &batch {
                 match self.release(due, &f_cancel) {
                     Ok(true) => released += 1,
@@ -1064,17 +1078,6 @@ pub struct DueReservation {
     pub branch: BranchId,
     /// The deadline its try carried; it is due at deadline + grace.
     pub deadline: Timestamp,
-}
-
-/// A barrier error of a read, in the business closures' error type.
-fn widen<E>(e: BarrierError) -> BarrierError<E> {
-    match e {
-        BarrierError::Refused(r) => BarrierError::Refused(r),
-        BarrierError::Business(never) => match never {},
-        BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
-        BarrierError::Storage(e) => BarrierError::Storage(e),
-        BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
-    }
 }
 
 /// The background expiry loop started by [`SledBarrier::spawn_expiry`]; dropping it stops the loop.

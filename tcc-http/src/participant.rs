@@ -625,7 +625,7 @@ impl Participant {
             let batch = tokio::task::spawn_blocking(move || barrier.due(cursor.as_ref(), SWEEP_BATCH))
                 .await
                 .map_err(|e| ParticipantError::Panicked(e.to_string()))?
-                .map_err(|e| ParticipantError::Barrier(widen(e)))?;
+                .map_err(|e| ParticipantError::Barrier(e.widen()))?;
             for due in &batch {
                 if staged_calls::expire_one(self, due).await? {
                     released += 1;
@@ -814,20 +814,9 @@ fn not_flushed(message: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_flushed", message)
 }
 
-/// A barrier error from a read, in the call's error type.
-fn widen<E>(e: BarrierError) -> BarrierError<E> {
-    match e {
-        BarrierError::Refused(r) => BarrierError::Refused(r),
-        BarrierError::Business(never) => match never {},
-        BarrierError::Corrupt { gid, branch, source } => BarrierError::Corrupt { gid, branch, source },
-        BarrierError::Storage(e) => BarrierError::Storage(e),
-        BarrierError::NotFlushed(e) => BarrierError::NotFlushed(e),
-    }
-}
-
 /// A duplicate try must come through the operation that ran the first one.
 fn same_operation(barrier: &SledBarrier, ids: &Ids, name: &str) -> Result<(), BarrierError<CallAbort>> {
-    let stored = barrier.get(&ids.gid, &ids.branch).map_err(widen)?;
+    let stored = barrier.get(&ids.gid, &ids.branch).map_err(BarrierError::widen)?;
     match stored.as_ref().and_then(|rec| decode_stored_request(&rec.request)) {
         Some((op, _)) if op == name => Ok(()),
         Some((op, _)) => Err(BarrierError::Business(CallAbort::Mismatch(format!(

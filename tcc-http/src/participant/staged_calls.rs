@@ -19,7 +19,7 @@ use tracing::{debug, error, warn};
 
 use super::{
     Call, CallAbort, Done, Ids, Participant, ParticipantError, Phase, Registered, barrier_error,
-    decode_stored_request, encode_stored_request, not_flushed, stringify, widen,
+    decode_stored_request, encode_stored_request, not_flushed, stringify,
 };
 use crate::error::ApiError;
 use crate::protocol::{DEADLINE_HEADER, REFUSED};
@@ -339,7 +339,7 @@ async fn call(
     let try_call = try_deadline.map(|deadline| (deadline, encode_stored_request(name, &body)));
     for _ in 0..MAX_RUNS {
         // 1. Check, read-only: does the business method run at all?
-        let existing = barrier.get(&ids.gid, &ids.branch).map_err(|e| barrier_error(widen(e)))?;
+        let existing = barrier.get(&ids.gid, &ids.branch).map_err(|e| barrier_error(e.widen()))?;
         let barrier_op = match (phase, &try_call) {
             (Phase::Try, Some((deadline, stored))) => Op::Try { deadline: *deadline, request: stored },
             (Phase::Try, None) => {
@@ -410,7 +410,7 @@ pub(super) async fn expire_one(
                 error!(error = %e, "cannot expire a damaged barrier record; skipped");
                 return Ok(false);
             }
-            Err(e) => return Err(ParticipantError::Barrier(stringify(widen::<String>(e)))),
+            Err(e) => return Err(ParticipantError::Barrier(stringify(e.widen::<String>()))),
         };
         let now = barrier.clock().now();
         let rec = match decide(Op::Expire { grace: barrier.grace() }, existing.as_ref(), now) {
