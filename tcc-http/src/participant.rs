@@ -882,10 +882,7 @@ async fn serve(
     };
     let job = match phase {
         Phase::Try => {
-            let deadline = ids
-                .deadline
-                .ok_or_else(|| ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")))?;
-            op.check(&body).map_err(|m| ApiError::malformed(format!("invalid request: {m}")))?;
+            let deadline = try_deadline(&ids, op.check(&body))?;
             Job::Try { deadline, stored: encode_stored_request(&name, &body) }
         }
         // Confirm and cancel run on the try's stored request: their body is not used.
@@ -921,7 +918,29 @@ async fn serve(
             "the participant failed handling the call",
         )
     })?;
-    if needs_flush(&done) {
+    let flush = needs_flush(&done);
+    answer(&participant, &ids, phase, flush, done.map_err(barrier_error)).await
+}
+
+/// The deadline of a try (its header is required), once its request passed the operation's
+/// `check`.
+fn try_deadline(ids: &Ids, check: Result<(), String>) -> Result<Timestamp, ApiError> {
+    let deadline =
+        ids.deadline.ok_or_else(|| ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")))?;
+    check.map_err(|m| ApiError::malformed(format!("invalid request: {m}")))?;
+    Ok(deadline)
+}
+
+/// Answers a call that is done, after the flush when `flush` (whatever read or wrote barrier state
+/// waits for it), and logs what happened.
+async fn answer(
+    participant: &Participant,
+    ids: &Ids,
+    phase: Phase,
+    flush: bool,
+    done: Result<Done, ApiError>,
+) -> Result<Response, ApiError> {
+    if flush {
         participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
     }
     match done {
@@ -930,8 +949,8 @@ async fn serve(
             Ok(done.into_response())
         }
         Err(e) => {
-            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code(), "participant call not done");
-            Err(barrier_error(e))
+            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code, "participant call not done");
+            Err(e)
         }
     }
 }

@@ -18,8 +18,8 @@ use tcc_core::{BranchId, Gid, Timestamp};
 use tracing::{debug, error, warn};
 
 use super::{
-    Call, CallAbort, Done, Ids, Participant, ParticipantError, Phase, Registered, barrier_error,
-    decode_stored_request, encode_stored_request, not_flushed, stringify,
+    Call, CallAbort, Done, Ids, Participant, ParticipantError, Phase, Registered, answer, barrier_error,
+    decode_stored_request, encode_stored_request, stringify, try_deadline,
 };
 use crate::error::ApiError;
 use crate::protocol::{DEADLINE_HEADER, REFUSED};
@@ -154,13 +154,7 @@ pub(super) async fn serve(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let try_deadline = match phase {
-        Phase::Try => {
-            let deadline = ids
-                .deadline
-                .ok_or_else(|| ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")))?;
-            op.check(&body).map_err(|m| ApiError::malformed(format!("invalid request: {m}")))?;
-            Some(deadline)
-        }
+        Phase::Try => Some(try_deadline(&ids, op.check(&body))?),
         // Confirm and cancel run on the try's stored request: their body is not used.
         Phase::Confirm | Phase::Cancel => None,
     };
@@ -170,19 +164,7 @@ pub(super) async fn serve(
     };
     // Whatever read or wrote barrier state waits for the flush (as the synchronous path does).
     let flush = done.as_ref().map_or_else(|e| e.status.as_u16() < 500, |_| true);
-    if flush {
-        participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
-    }
-    match done {
-        Ok(done) => {
-            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, outcome = done.outcome(), "participant call");
-            Ok(done.into_response())
-        }
-        Err(e) => {
-            debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code, "participant call not done");
-            Err(e)
-        }
-    }
+    answer(&participant, &ids, phase, flush, done).await
 }
 
 fn internal(message: impl Into<String>) -> ApiError {
