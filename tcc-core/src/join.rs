@@ -6,7 +6,7 @@ use std::task::Poll;
 /// Runs futures concurrently on the current task and collects their outputs in order. The first
 /// poll polls them in order (the PostgreSQL store relies on it: that is the order its pipelined
 /// statements are sent in). No spawning, so the futures may borrow.
-pub(crate) async fn join_all<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+pub async fn join_all<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut futs: Vec<_> = futs.map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {

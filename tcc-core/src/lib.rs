@@ -14,7 +14,7 @@
 pub mod barrier;
 pub mod clock;
 pub mod error;
-mod join;
+pub mod join;
 pub mod model;
 pub mod state;
 pub mod store;

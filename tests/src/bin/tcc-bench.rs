@@ -355,7 +355,9 @@ impl Driver {
                     ok(call(t, "try", i).await)?;
                 }
                 let confirms = targets.iter().enumerate().map(|(i, t)| call(t, "confirm", i));
-                for r in futures_join(confirms).await {
+                // Awaited on this task: awaiting lazily started requests one after the other would
+                // not overlap them, and spawning would add work the raw mode does not otherwise do.
+                for r in tcc_core::join::join_all(confirms).await {
                     ok(r)?;
                 }
                 Ok(())
@@ -398,28 +400,6 @@ fn ok(r: Result<reqwest::Response, reqwest::Error>) -> Result<(), String> {
         Ok(res) => Err(format!("participant answered {}", res.status())),
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// Awaits futures concurrently on this task and collects their outputs in order. Awaiting
-/// lazily started requests one after the other would not overlap them, and spawning would add work
-/// the raw mode does not otherwise do. (The same helper as tcc-core's private `join_all`.)
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 /// Draws a progress bar on stderr (over the previous one): `label`, `frac` done, then `tail`.
