@@ -65,6 +65,7 @@ use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
 use tcc_http::transport::{ClientConfig, build_client};
+use tcc_tests::free_port;
 
 /// With the `mimalloc` feature, the same allocator as the `tcc-coordinator` binary built with it, for
 /// every mode alike (the in-process participants, the initiators and the embedded engine).
@@ -251,10 +252,6 @@ impl Drop for CoordinatorProcess {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A coordinator process on `store` (a sled directory in a new temporary directory when `None`).
 async fn spawn_coordinator(
     args: &Args,
@@ -297,11 +294,9 @@ async fn spawn_coordinator_at(
     Ok(proc)
 }
 
-/// The `tcc-coordinator` binary: `--coordinator-bin`, or the one next to this binary if built.
+/// The `tcc-coordinator` binary: `--coordinator-bin`, or a fresh one next to this binary.
 fn coordinator_bin(args: &Args) -> Option<PathBuf> {
-    let me = std::env::current_exe().ok()?;
-    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
-    args.coordinator_bin.clone().or_else(|| sibling.exists().then_some(sibling))
+    tcc_tests::coordinator_binary(args.coordinator_bin.as_deref())
 }
 
 /// Waits until the coordinator at `url` answers `/healthz`, for at most `limit`.

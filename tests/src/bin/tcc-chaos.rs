@@ -42,6 +42,7 @@ use tcc_http::client::{BeginOptions, ClientError, PlannedBranch, TccClient};
 use tcc_http::server::native::{DecisionView, ListView, StateView};
 use tcc_tests::chaos_check::{Seen, Side, check};
 use tcc_tests::fault_proxy::{Fault, FaultProxy};
+use tcc_tests::free_port;
 use travel_booking::api::{FlightsClient, HoldRequest, HotelsClient};
 use travel_booking::service::Kind;
 
@@ -115,10 +116,6 @@ fn items(kind: Kind) -> [&'static str; 3] {
 fn stock_for(n: usize) -> [u32; 2] {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     [n, (n / 10).max(3)]
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// One child process of the run, restartable on the same address and directory.
@@ -268,16 +265,7 @@ fn kind_index(kind: Kind) -> usize {
 
 fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    // The tcc-coordinator built next to this binary, unless it was built well before this one (then
-    // it may predate the code under test: `cargo run --bin tcc-chaos` does not rebuild it), in which
-    // case this binary serves the same server code itself. One cargo run builds both within minutes.
-    let sibling = me.with_file_name(format!("tcc-coordinator{}", std::env::consts::EXE_SUFFIX));
-    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = matches!(
-        (built(&sibling), built(&me)),
-        (Some(a), Some(b)) if a + Duration::from_secs(600) >= b
-    );
-    let bin = args.coordinator_bin.clone().or_else(|| fresh.then_some(sibling));
+    let bin = tcc_tests::coordinator_binary(args.coordinator_bin.as_deref());
     let data = dir.join("coordinator").display().to_string();
     let (program, command) = match bin {
         Some(bin) => (
