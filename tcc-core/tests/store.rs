@@ -162,6 +162,7 @@ conformance!(
     reopening_after_a_crash_resumes_leased_work,
     counts_and_lists_follow_state_changes,
     lists_page_in_id_order,
+    a_state_change_that_keeps_the_due_time_moves_the_listing,
     a_damaged_record_is_reported_not_a_panic,
     group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers,
     unsynced_writes_are_visible_at_once_and_durable_once_synced,
@@ -415,7 +416,7 @@ async fn lists_page_in_id_order(b: &dyn Backend) {
         gids.push((tx.gid, tx.state));
     }
     gids.sort_by(|a, b| a.0.cmp(&b.0));
-    for state in [None, Some(TxState::Cancelled)] {
+    for state in [None, Some(TxState::Cancelled), Some(TxState::Trying)] {
         let expected: Vec<&Gid> =
             gids.iter().filter(|(_, st)| state.is_none_or(|s| s == *st)).map(|(g, _)| g).collect();
         let mut seen = Vec::new();
@@ -433,6 +434,32 @@ async fn lists_page_in_id_order(b: &dyn Backend) {
     }
     let all = s.list(&ListQuery::default()).await.unwrap();
     assert_eq!((all.items.len(), all.next), (7, None));
+}
+
+async fn listed(s: &dyn Store, state: TxState) -> Vec<Gid> {
+    let page = s.list(&ListQuery { state: Some(state), ..Default::default() }).await.unwrap();
+    page.items.into_iter().map(|t| t.gid).collect()
+}
+
+async fn a_state_change_that_keeps_the_due_time_moves_the_listing(b: &dyn Backend) {
+    // Trying with its deadline due at 10, then cancelling with its lease also ending at 10: the
+    // due entry's key stays, the state it is listed under must not.
+    let s = b.open().await;
+    let tx = new_tx(10);
+    s.insert(&tx).await.unwrap();
+    let cancelling = bump(&tx, |t| {
+        t.state = TxState::Cancelling;
+        t.decision = Some(Decision::Cancel);
+    });
+    assert_eq!(cancelling.due_at, tx.due_at);
+    assert_eq!(s.compare_and_set(1, &cancelling).await.unwrap(), Cas::Stored);
+    assert_eq!(listed(&*s, TxState::Trying).await, Vec::<Gid>::new());
+    assert_eq!(listed(&*s, TxState::Cancelling).await, vec![tx.gid.clone()]);
+    assert_eq!(s.count(TxState::Cancelling).await.unwrap(), 1);
+    assert_eq!(s.count(TxState::Trying).await.unwrap(), 0);
+    // And it is still due.
+    let got = s.claim_due("me", Timestamp(10), Timestamp(100), 10).await.unwrap();
+    assert_eq!(got.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&tx.gid]);
 }
 
 async fn a_damaged_record_is_reported_not_a_panic(b: &dyn Backend) {
@@ -528,13 +555,96 @@ async fn sled_index_entries_left_by_an_interrupted_change_are_ignored_and_cleane
     stale_state.extend_from_slice(tx.gid.as_str().as_bytes());
     s.db().open_tree("tcc_state").unwrap().insert(&stale_state, &[][..]).unwrap();
 
-    assert!(s.claim_due("a", Timestamp(600), Timestamp(900), 10).await.unwrap().is_empty());
+    let mut stale_label = 700u64.to_be_bytes().to_vec();
+    stale_label.extend_from_slice(tx.gid.as_str().as_bytes());
+    s.db().open_tree("tcc_due").unwrap().insert(&stale_label, &[TxState::Confirming.code()][..]).unwrap();
+    let confirming =
+        s.list(&ListQuery { state: Some(TxState::Confirming), ..Default::default() }).await.unwrap();
+    assert!(confirming.items.is_empty(), "a left-over due entry does not list its record in its state");
+    let trying = s.list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
+    assert_eq!(trying.items.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&tx.gid], "listed once");
+
+    assert!(s.claim_due("a", Timestamp(800), Timestamp(900), 10).await.unwrap().is_empty());
     assert!(!s.db().open_tree("tcc_due").unwrap().contains_key(&stale_due).unwrap(), "stale entry dropped");
     assert_eq!(s.count(TxState::Flagged).await.unwrap(), 0);
     let flagged = s.list(&ListQuery { state: Some(TxState::Flagged), ..Default::default() }).await.unwrap();
     assert!(flagged.items.is_empty());
     // The real entry still works.
     assert_eq!(s.claim_due("a", Timestamp(10_000), Timestamp(20_000), 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sled_keeps_each_record_in_one_index() {
+    // An unfinished transaction is found through its due entry (which names its state), a final
+    // or flagged one through its state entry: never both, so a change writes one index.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
+    let tx = new_tx(10_000);
+    s.insert(&tx).await.unwrap();
+    assert_eq!((due.len(), states.len()), (1, 0));
+    let (_, code) = due.iter().next().unwrap().unwrap();
+    assert_eq!(&code[..], &[TxState::Trying.code()][..]);
+    // A change of state that keeps the due time relabels the entry.
+    let cancelling = bump(&tx, |t| {
+        t.state = TxState::Cancelling;
+        t.decision = Some(Decision::Cancel);
+    });
+    assert_eq!(s.compare_and_set(1, &cancelling).await.unwrap(), Cas::Stored);
+    assert_eq!((due.len(), states.len()), (1, 0));
+    let (_, code) = due.iter().next().unwrap().unwrap();
+    assert_eq!(&code[..], &[TxState::Cancelling.code()][..]);
+    let tx = cancelling;
+    let done = bump(&tx, |t| {
+        t.state = TxState::Cancelled;
+        t.decision = Some(Decision::Cancel);
+        t.due_at = None;
+    });
+    assert_eq!(s.compare_and_set(2, &done).await.unwrap(), Cas::Stored);
+    assert_eq!((due.len(), states.len()), (0, 1));
+    let listed = s.list(&ListQuery { state: Some(TxState::Cancelled), ..Default::default() }).await.unwrap();
+    assert_eq!(listed.items, vec![done]);
+}
+
+#[tokio::test]
+async fn sled_moves_a_directory_of_the_earlier_index_layout_on_open() {
+    // Earlier versions kept a state entry for every record and nothing in due entries. Such a
+    // directory must list and count right at once and be moved to the current layout on open.
+    let dir = tempfile::tempdir().unwrap();
+    let (trying, cancelled) = (new_tx(10_000), {
+        let mut t = new_tx(10_000);
+        t.state = TxState::Cancelled;
+        t.decision = Some(Decision::Cancel);
+        t.due_at = None;
+        t
+    });
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        s.insert(&trying).await.unwrap();
+        s.insert(&cancelled).await.unwrap();
+        let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
+        let (k, _) = due.iter().next().unwrap().unwrap();
+        due.insert(k, &[][..]).unwrap();
+        let mut legacy = vec![TxState::Trying.code()];
+        legacy.extend_from_slice(trying.gid.as_str().as_bytes());
+        states.insert(legacy, &[][..]).unwrap();
+        s.sync().await.unwrap();
+    }
+    let mut s = None;
+    for _ in 0..1_000 {
+        if let Ok(opened) = SledStore::open(dir.path()) {
+            s = Some(opened);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let s = s.expect("the directory stayed locked");
+    let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
+    assert_eq!((due.len(), states.len()), (1, 1), "the legacy state entry of the trying one is gone");
+    assert_eq!(&due.iter().next().unwrap().unwrap().1[..], &[TxState::Trying.code()][..]);
+    let page = s.list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
+    assert_eq!(page.items, vec![trying]);
+    assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
 }
 
 /// CI sets `TCC_REQUIRE_POSTGRES=1`: a build without the PostgreSQL store must not pass for one
