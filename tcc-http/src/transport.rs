@@ -25,7 +25,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Longest a whole request may take.
     pub request_timeout: Duration,
-    /// Idle pooled connections kept per host.
+    /// Idle pooled connections kept per host (for up to 90 s). Connections open are bounded by the
+    /// calls in flight, not by this; a cap below those calls makes a busy coordinator close
+    /// connections after use and open new ones: with 256 (the earlier default) recovering 50,000
+    /// transactions took 12.1 s in `tcc-bench --recover`, with 4,096 7.9 s.
     pub pool_max_idle_per_host: usize,
 }
 
@@ -34,7 +37,7 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
-            pool_max_idle_per_host: 256,
+            pool_max_idle_per_host: 4096,
         }
     }
 }
