@@ -6,13 +6,14 @@
 //! restart needs nothing special: on open the store hands back abandoned leases as due now, and the
 //! first pass claims them.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::coordinator::Inner;
 use crate::error::{Error, Result};
-use crate::model::TxState;
-use crate::state::Event;
+use crate::model::{Gid, Transaction, TxState};
+use crate::state::{self, Context, Effect, Event, Transition};
 
 /// The fewest transactions a scheduler pass claims, even with every round slot taken.
 const MIN_CLAIM: usize = 16;
@@ -48,7 +49,8 @@ impl Inner {
     /// and starts working on it; returns whether it claimed all it asked for (so more may be due).
     ///
     /// Transactions still trying past their deadline are expired together: each cancel decision is
-    /// written without waiting for the flush, then one flush covers the batch before any of their
+    /// written in its claim's write ([`Store::claim_due_with`](crate::store::Store::claim_due_with)),
+    /// without waiting for the flush, then one flush covers the batch before any of their
     /// cancels is sent. (Past the deadline cancel is the only decision, so a crash before that flush
     /// only makes the sweep decide the same again.) Recovering a large backlog then costs one flush
     /// per batch, not one per transaction.
@@ -60,10 +62,33 @@ impl Inner {
         // a pass then waits for the poll interval or a freed slot.
         let limit = room.max(self.config.claim_batch.min(MIN_CLAIM));
         let (now, lease_until) = self.context();
-        let claimed = self.store.claim_due(&self.config.owner, now, lease_until, limit).await?;
+        let ctx =
+            Context { now, owner: &self.config.owner, lease_until, max_branches: self.config.max_branches };
+        // A transaction still trying at its deadline is cancelled in the claim's own write (one
+        // write, not a claim and then the decision); the effects wait here until it is stored.
+        let decided: Mutex<HashMap<Gid, Vec<Effect>>> = Mutex::default();
+        let expire = |tx: &Transaction| -> Option<Transaction> {
+            if tx.state != TxState::Trying || now < tx.deadline {
+                return None;
+            }
+            match state::apply(tx, &Event::DeadlineReached, &ctx) {
+                Ok(Transition::Changed(next, effects)) => {
+                    decided.lock().unwrap_or_else(PoisonError::into_inner).insert(tx.gid.clone(), effects);
+                    Some(next)
+                }
+                _ => None,
+            }
+        };
+        let claimed = self.store.claim_due_with(&self.config.owner, now, lease_until, limit, &expire).await?;
+        let mut decided = decided.into_inner().unwrap_or_else(PoisonError::into_inner);
         let more = room == limit && claimed.len() >= limit;
         let mut expired = Vec::new();
-        for tx in claimed {
+        for (tx, changed) in claimed {
+            if changed {
+                let effects = decided.remove(&tx.gid).unwrap_or_default();
+                expired.push((tx.deadline, (tx, effects)));
+                continue;
+            }
             match tx.state {
                 TxState::Trying if now >= tx.deadline => {
                     match self.update_with(&tx.gid, &Event::DeadlineReached, false).await {

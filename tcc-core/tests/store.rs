@@ -157,6 +157,7 @@ conformance!(
     claim_due_takes_only_due_work_and_leases_it,
     claim_due_takes_the_earliest_first_up_to_its_limit,
     a_claim_bumps_the_version_so_a_writer_holding_the_old_one_loses,
+    a_claim_can_store_the_callers_change_in_its_place,
     concurrent_claims_never_hand_one_transaction_to_two_owners,
     final_and_flagged_transactions_leave_the_due_index,
     reopening_after_a_crash_resumes_leased_work,
@@ -314,6 +315,42 @@ async fn a_claim_bumps_the_version_so_a_writer_holding_the_old_one_loses(b: &dyn
     // Re-applied over what is stored, it goes in.
     let again = bump(&claimed[0], |t| t.state = TxState::Cancelling);
     assert_eq!(s.compare_and_set(2, &again).await.unwrap(), Cas::Stored);
+}
+
+async fn a_claim_can_store_the_callers_change_in_its_place(b: &dyn Backend) {
+    let s = b.open().await;
+    let (change, keep) = (new_tx(10), new_tx(10));
+    s.insert(&change).await.unwrap();
+    s.insert(&keep).await.unwrap();
+    let target = change.gid.clone();
+    let then = move |tx: &Transaction| {
+        (tx.gid == target).then(|| {
+            assert_eq!(tx.lease_owner.as_deref(), Some("me"), "the change is made to the claimed record");
+            let mut next = tx.clone();
+            next.state = TxState::Cancelling;
+            next.decision = Some(Decision::Cancel);
+            next.version = 0; // the store sets it
+            next
+        })
+    };
+    let got = s.claim_due_with("me", Timestamp(10), Timestamp(100), 10, &then).await.unwrap();
+    assert_eq!(got.len(), 2);
+    for (tx, changed) in got {
+        assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&tx), "returned as stored");
+        assert_eq!(tx.lease_owner.as_deref(), Some("me"));
+        assert_eq!(tx.due_at, Some(Timestamp(100)));
+        if tx.gid == change.gid {
+            assert!(changed);
+            assert_eq!(tx.state, TxState::Cancelling);
+            assert!(tx.version > change.version);
+        } else {
+            assert!(!changed);
+            assert_eq!((tx.state, tx.version), (TxState::Trying, keep.version + 1));
+        }
+    }
+    assert_eq!(listed(&*s, TxState::Cancelling).await, vec![change.gid.clone()]);
+    // Claimed until 100: nothing is due before then.
+    assert!(s.claim_due_with("me", Timestamp(50), Timestamp(200), 10, &|_| None).await.unwrap().is_empty());
 }
 
 async fn concurrent_claims_never_hand_one_transaction_to_two_owners(b: &dyn Backend) {

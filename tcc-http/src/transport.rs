@@ -4,7 +4,8 @@
 //! off. Every target is checked against the [`AllowList`] before it is called, even though
 //! registration checked it already: the allow-list may have been narrowed since.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -61,24 +62,54 @@ pub struct HttpTransport {
     client: reqwest::Client,
     allow: AllowList,
     metrics: Arc<Metrics>,
+    /// Targets already parsed and checked against `allow` (which never changes), with the URL each
+    /// decision calls: parsing a URL (its host) was a tenth of the phase-two CPU. Emptied when full.
+    resolved: Arc<Mutex<HashMap<String, Resolved>>>,
 }
+
+/// Most targets [`HttpTransport`] keeps resolved.
+const RESOLVED_CAP: usize = 4096;
+
+/// A branch target, parsed and checked: the URL to call for confirm and for cancel, and whether
+/// it speaks the DTM protocol; or why it may not be called.
+type Resolved = Result<Arc<(url::Url, url::Url, bool)>, String>;
 
 impl HttpTransport {
     /// A transport using `client` (see [`build_client`]), calling only what `allow` allows and
     /// recording call latencies into `metrics`.
     pub fn new(client: reqwest::Client, allow: AllowList, metrics: Arc<Metrics>) -> HttpTransport {
-        HttpTransport { client, allow, metrics }
+        HttpTransport { client, allow, metrics, resolved: Arc::default() }
+    }
+
+    /// `target` parsed and checked against the allow-list, from the cache when it was seen before.
+    fn resolve(&self, target: &str) -> Resolved {
+        let cache = || self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = cache().get(target) {
+            return found.clone();
+        }
+        let resolved = Target::parse(target).and_then(|t| {
+            for url in t.urls() {
+                self.allow.check_url(url)?;
+            }
+            Ok(Arc::new(match t {
+                Target::Native(url) => {
+                    (phase_url(&url, protocol::CONFIRM_PATH), phase_url(&url, protocol::CANCEL_PATH), false)
+                }
+                Target::Dtm { confirm, cancel } => (confirm, cancel, true),
+            }))
+        });
+        let mut cache = cache();
+        if cache.len() >= RESOLVED_CAP {
+            cache.clear();
+        }
+        cache.insert(target.to_owned(), resolved.clone());
+        resolved
     }
 
     async fn call_native(&self, url: &url::Url, call: &BranchCall<'_>) -> Result<(), CallError> {
-        let phase = match call.decision {
-            Decision::Confirm => protocol::CONFIRM_PATH,
-            Decision::Cancel => protocol::CANCEL_PATH,
-        };
-        let url = phase_url(url, phase);
         let res = self
             .client
-            .post(url)
+            .post(url.clone())
             .header(GID_HEADER, call.gid.as_str())
             .header(BRANCH_HEADER, call.branch.id.as_str())
             .header(DEADLINE_HEADER, call.deadline.0.to_string())
@@ -158,20 +189,18 @@ pub(crate) fn classify(status: reqwest::StatusCode, text: String) -> CallError {
 impl Transport for HttpTransport {
     async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError> {
         let started = Instant::now();
-        let target = Target::parse(&call.branch.target).map_err(CallError::Permanent)?;
-        let result = match &target {
-            Target::Native(url) => match self.allow.check_url(url) {
-                Ok(()) => self.call_native(url, &call).await,
-                Err(e) => Err(CallError::Permanent(e)),
-            },
-            Target::Dtm { confirm, cancel } => {
+        let result = match self.resolve(&call.branch.target) {
+            Err(e) => Err(CallError::Permanent(e)),
+            Ok(urls) => {
+                let (confirm, cancel, dtm) = &*urls;
                 let url = match call.decision {
                     Decision::Confirm => confirm,
                     Decision::Cancel => cancel,
                 };
-                match self.allow.check_url(url) {
-                    Ok(()) => crate::dtm::call_branch(&self.client, url, &call).await,
-                    Err(e) => Err(CallError::Permanent(e)),
+                if *dtm {
+                    crate::dtm::call_branch(&self.client, url, &call).await
+                } else {
+                    self.call_native(url, &call).await
                 }
             }
         };
@@ -209,6 +238,36 @@ mod tests {
         for s in [S::CONFLICT, S::GONE, S::BAD_REQUEST, S::NOT_FOUND, S::FOUND, S::TEMPORARY_REDIRECT] {
             assert!(!t(s), "{s}");
         }
+    }
+
+    #[test]
+    fn targets_are_resolved_once_and_a_refused_one_stays_refused() {
+        let allow = AllowList::new(&[]).unwrap_or_else(|e| panic!("{e}"));
+        let client = build_client(&ClientConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let t = HttpTransport::new(client, allow, Arc::default());
+        for _ in 0..2 {
+            let urls = t.resolve("http://127.0.0.1:9/tcc/seat").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(urls.0.as_str(), "http://127.0.0.1:9/tcc/seat/confirm");
+            assert_eq!(urls.1.as_str(), "http://127.0.0.1:9/tcc/seat/cancel");
+            assert!(!urls.2);
+            assert!(t.resolve("http://169.254.169.254/latest").is_err(), "not allowed, cached or not");
+            assert!(t.resolve("not a url").is_err());
+            let dtm = "dtm-tcc http://127.0.0.1:9/c http://127.0.0.1:9/x";
+            let urls = t.resolve(dtm).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (urls.0.as_str(), urls.1.as_str(), urls.2),
+                ("http://127.0.0.1:9/c", "http://127.0.0.1:9/x", true)
+            );
+            assert!(
+                t.resolve("dtm-tcc http://127.0.0.1:9/c http://169.254.169.254/x").is_err(),
+                "both URLs checked"
+            );
+        }
+        for i in 0..RESOLVED_CAP + 10 {
+            let _ = t.resolve(&format!("http://127.0.0.1:9/p/{i}"));
+        }
+        let held = t.resolved.lock().map(|m| m.len()).unwrap_or_else(|e| e.into_inner().len());
+        assert!(held <= RESOLVED_CAP, "the cache holds {held}");
     }
 
     #[test]

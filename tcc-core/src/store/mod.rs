@@ -42,6 +42,9 @@ pub use self::sled::SledStore;
 /// Most transactions one [`Store::list`] call returns.
 pub const MAX_PAGE: usize = 1_000;
 
+/// What [`Store::claim_due_with`] calls on each claimed transaction.
+pub type ClaimChange<'a> = dyn for<'t> Fn(&'t Transaction) -> Option<Transaction> + Send + Sync + 'a;
+
 /// The result of a [`Store::compare_and_set`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cas {
@@ -113,6 +116,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         lease_until: Timestamp,
         limit: usize,
     ) -> Result<Vec<Transaction>>;
+
+    /// [`claim_due`](Store::claim_due) that lets the caller change each claimed transaction in
+    /// the claim's own write: `then` gets the record as claimed and returns the record to store in
+    /// its place (the store sets its version), or `None` to keep the claim as it is. Returns each
+    /// transaction as stored, and whether `then`'s change was stored. Like a claim, this need not
+    /// be durable when it returns.
+    ///
+    /// The scheduler expires transactions still trying at their deadline this way: one write per
+    /// transaction instead of a claim and then the decision. The default claims, then stores each
+    /// change with [`compare_and_set_unsynced`](Store::compare_and_set_unsynced), leaving out a
+    /// transaction changed by someone else in between.
+    async fn claim_due_with(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+        then: &ClaimChange<'_>,
+    ) -> Result<Vec<(Transaction, bool)>> {
+        let mut out = Vec::new();
+        for tx in self.claim_due(owner, now, lease_until, limit).await? {
+            match then(&tx) {
+                None => out.push((tx, false)),
+                Some(mut next) => {
+                    next.version = tx.version + 1;
+                    if self.compare_and_set_unsynced(tx.version, &next).await? == Cas::Stored {
+                        out.push((next, true));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 
     /// Called once when a coordinator opens the store. A store that only one process can open makes
     /// every lease left by an earlier process due at `now` and returns how many; a shared store

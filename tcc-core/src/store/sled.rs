@@ -35,7 +35,7 @@ use sled::{CompareAndSwapError, IVec, Tree};
 
 use super::codec::{decode, encode};
 use super::group_commit::GroupCommit;
-use super::{Cas, ListQuery, MAX_PAGE, Page, Store};
+use super::{Cas, ClaimChange, ListQuery, MAX_PAGE, Page, Store};
 use crate::error::{Error, Result};
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
@@ -329,13 +329,42 @@ impl SledStore {
         Ok(())
     }
 
+    fn claim(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+        then: Option<&ClaimChange<'_>>,
+    ) -> Result<Vec<(Transaction, bool)>> {
+        let end = (now.0.saturating_add(1)).to_be_bytes();
+        let mut keys = Vec::new();
+        for kv in self.due.range(..end.to_vec()) {
+            let (k, _) = kv?;
+            keys.push(k);
+            if keys.len() >= limit {
+                break;
+            }
+        }
+        let mut claimed = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.claim_one(&k, owner, now, lease_until, then) {
+                Ok(Some(found)) => claimed.push(found),
+                Ok(None) => {}
+                Err(e) => self.skip_damaged(&k, &e),
+            }
+        }
+        Ok(claimed)
+    }
+
     fn claim_one(
         &self,
         key: &[u8],
         owner: &str,
         now: Timestamp,
         lease_until: Timestamp,
-    ) -> Result<Option<Transaction>> {
+        then: Option<&ClaimChange<'_>>,
+    ) -> Result<Option<(Transaction, bool)>> {
         let gid = gid_from(key.get(8..).unwrap_or_default())?;
         let _g = self.stripe(&gid);
         let Some((old, bytes)) = self.read(&gid)? else {
@@ -353,7 +382,14 @@ impl SledStore {
         new.lease_owner = Some(owner.to_owned());
         new.due_at = Some(lease_until);
         new.version = old.version + 1;
-        Ok(self.swap(Some(&old), Some(&bytes), &new)?.ok().map(|()| new))
+        // The caller's change, if any, replaces the claim in the same write.
+        let mut changed = false;
+        if let Some(mut next) = then.and_then(|f| f(&new)) {
+            next.version = new.version;
+            new = next;
+            changed = true;
+        }
+        Ok(self.swap(Some(&old), Some(&bytes), &new)?.ok().map(|()| (new, changed)))
     }
 }
 
@@ -437,24 +473,19 @@ impl Store for SledStore {
         lease_until: Timestamp,
         limit: usize,
     ) -> Result<Vec<Transaction>> {
-        let end = (now.0.saturating_add(1)).to_be_bytes();
-        let mut keys = Vec::new();
-        for kv in self.due.range(..end.to_vec()) {
-            let (k, _) = kv?;
-            keys.push(k);
-            if keys.len() >= limit {
-                break;
-            }
-        }
-        let mut claimed = Vec::with_capacity(keys.len());
-        for k in keys {
-            match self.claim_one(&k, owner, now, lease_until) {
-                Ok(Some(tx)) => claimed.push(tx),
-                Ok(None) => {}
-                Err(e) => self.skip_damaged(&k, &e),
-            }
-        }
-        Ok(claimed)
+        let claimed = self.claim(owner, now, lease_until, limit, None)?;
+        Ok(claimed.into_iter().map(|(tx, _)| tx).collect())
+    }
+
+    async fn claim_due_with(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+        then: &ClaimChange<'_>,
+    ) -> Result<Vec<(Transaction, bool)>> {
+        self.claim(owner, now, lease_until, limit, Some(then))
     }
 
     async fn reclaim_abandoned(&self, now: Timestamp) -> Result<usize> {
