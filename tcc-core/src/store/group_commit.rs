@@ -29,8 +29,9 @@ type Ticket = oneshot::Sender<Result<(), String>>;
 
 /// How long a busy flusher gathers tickets before its next flush. Measured on the 2-core target
 /// machine with `tcc-bench --modes embedded`: no linger gave about 2,900 flushes/s of 2 tickets
-/// each; 500 µs gave about 950 of 8 each, 25% more transactions/s and lower latency; 1 and 2 ms
-/// gained nothing more.
+/// each; 500 µs gave about 950 of 8 each and 12% to 24% more transactions/s in interleaved runs,
+/// with lower latency at full load; 1 and 2 ms gained nothing more. The price is at moderate load,
+/// where a durable wait can take up to this much longer.
 pub const DEFAULT_LINGER: Duration = Duration::from_micros(500);
 
 /// The handle writers use to wait for durability. Cloning shares the flusher thread.
