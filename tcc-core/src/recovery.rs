@@ -90,6 +90,7 @@ impl Inner {
                 continue;
             }
             match tx.state {
+                // Not expired in the claim: a store whose `claim_due_with` does not apply `then`.
                 TxState::Trying if now >= tx.deadline => {
                     match self.update_with(&tx.gid, &Event::DeadlineReached, false).await {
                         Ok(done) => expired.push((tx.deadline, done)),

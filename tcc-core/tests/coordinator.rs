@@ -401,6 +401,13 @@ struct Unflushed {
 }
 
 impl Unflushed {
+    async fn open(dir: &std::path::Path) -> std::sync::Arc<Unflushed> {
+        std::sync::Arc::new(Unflushed {
+            inner: common::open_store(dir).await,
+            pending: Default::default(),
+            syncs: Default::default(),
+        })
+    }
     fn pending(&self) -> usize {
         self.pending.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -464,11 +471,7 @@ impl tcc_core::Store for Unflushed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_flushes_the_phase_two_results_recorded_without_a_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(Unflushed {
-        inner: common::open_store(dir.path()).await,
-        pending: Default::default(),
-        syncs: Default::default(),
-    });
+    let store = Unflushed::open(dir.path()).await;
     let mem = common::Mem::default();
     let tc = tcc_core::Coordinator::open(
         store.clone(),
@@ -552,11 +555,7 @@ async fn a_refused_branch_at_begin_refuses_the_whole_begin_and_stores_nothing() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_sweep_expires_a_batch_with_one_flush_not_one_per_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(Unflushed {
-        inner: common::open_store(dir.path()).await,
-        pending: Default::default(),
-        syncs: Default::default(),
-    });
+    let store = Unflushed::open(dir.path()).await;
     let clock = tcc_core::ManualClock::new(common::START);
     let mem = common::Mem::default();
     let tc = tcc_core::Coordinator::open(

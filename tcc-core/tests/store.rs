@@ -665,6 +665,8 @@ async fn sled_moves_a_directory_of_the_earlier_index_layout_on_open() {
         let mut legacy = vec![TxState::Trying.code()];
         legacy.extend_from_slice(trying.gid.as_str().as_bytes());
         states.insert(legacy, &[][..]).unwrap();
+        // Older directories carry no note of their layout.
+        s.db().open_tree("tcc_meta").unwrap().clear().unwrap();
         s.sync().await.unwrap();
     }
     let mut s = None;
@@ -682,6 +684,8 @@ async fn sled_moves_a_directory_of_the_earlier_index_layout_on_open() {
     let page = s.list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
     assert_eq!(page.items, vec![trying]);
     assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
+    let note = s.db().open_tree("tcc_meta").unwrap().get("index_layout").unwrap();
+    assert_eq!(note.as_deref(), Some(&[2u8][..]), "moved once: the next open skips the move");
 }
 
 /// CI sets `TCC_REQUIRE_POSTGRES=1`: a build without the PostgreSQL store must not pass for one

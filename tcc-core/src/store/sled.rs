@@ -39,6 +39,13 @@ use super::{Cas, ClaimChange, ListQuery, MAX_PAGE, Page, Store};
 use crate::error::{Error, Result};
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
+/// Where the store notes its index layout, so that [`SledStore::migrate`] runs once per directory.
+const META_TREE: &str = "tcc_meta";
+const LAYOUT_KEY: &[u8] = b"index_layout";
+/// The layout of the module docs: due entries carry the state, the state index only final and
+/// flagged transactions. Directories without the note predate it.
+const LAYOUT: &[u8] = &[2];
+
 /// How many locks writers of different transactions spread over.
 pub const STRIPES: usize = 256;
 
@@ -76,10 +83,10 @@ fn due_key(at: Timestamp, gid: &Gid) -> Vec<u8> {
     k
 }
 
-/// Whether a record in `state` is indexed by state (the states that carry no due time; see the
-/// module docs of [`super`]), not only by due time.
+/// Whether a record is indexed by state: one in a state without a due time (see the module docs of
+/// [`super`]), or, against that rule, one with no due time.
 fn in_state_index(tx: &Transaction) -> bool {
-    tx.state.is_final() || tx.state == TxState::Flagged || tx.due_at.is_none()
+    !listed_by_due(tx.state) || tx.due_at.is_none()
 }
 
 /// Whether a listing of `state` must read the due index (it is a state with a due time).
@@ -287,9 +294,13 @@ impl SledStore {
     /// Brings a directory written before due entries held their state (and every record had a
     /// state entry) to the current layout: each due entry gets its record's state, and state
     /// entries of records indexed by due time go. Reads only the due index and the state index's
-    /// unfinished part; run on open, before anyone else uses the store, and safe to repeat if a
-    /// crash interrupts it.
+    /// unfinished part; run on open, before anyone else uses the store, once per directory (a note
+    /// in `tcc_meta` says it is done), and safe to repeat if a crash interrupts it.
     fn migrate(&self) -> Result<()> {
+        let meta = self.db.open_tree(META_TREE)?;
+        if meta.get(LAYOUT_KEY)?.as_deref() == Some(LAYOUT) {
+            return Ok(());
+        }
         let mut fixed = 0usize;
         for kv in self.due.iter() {
             let (k, v) = kv?;
@@ -322,8 +333,10 @@ impl SledStore {
                 }
             }
         }
+        // Noted after the entries it vouches for, and flushed with them (sled's log keeps order).
+        meta.insert(LAYOUT_KEY, LAYOUT)?;
+        self.db.flush()?;
         if fixed > 0 {
-            self.db.flush()?;
             tracing::info!(entries = fixed, "moved the store's indexes to the current layout");
         }
         Ok(())
