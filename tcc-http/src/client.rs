@@ -188,12 +188,24 @@ impl TccClient {
         core: tcc_core::Config,
         allow: AllowList,
     ) -> Result<TccClient, ClientError> {
-        // Phase-two calls are bounded by the engine's per-call timeout (up to the lease), not the client's.
-        let config = ClientConfig { request_timeout: core.lease, ..ClientConfig::default() };
+        TccClient::open_embedded_with(dir, core, allow, ClientConfig::default()).await
+    }
+
+    /// [`open_embedded`](TccClient::open_embedded) with these HTTP settings (phase-two batching
+    /// among them). The request timeout is raised to the lease when it is shorter: phase-two calls
+    /// are bounded by the engine's per-call timeout, which a transaction may raise up to the lease.
+    pub async fn open_embedded_with(
+        dir: impl AsRef<std::path::Path>,
+        core: tcc_core::Config,
+        allow: AllowList,
+        client: ClientConfig,
+    ) -> Result<TccClient, ClientError> {
+        let config = ClientConfig { request_timeout: client.request_timeout.max(core.lease), ..client };
         let http = build_client(&config).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let store = Arc::new(tcc_core::SledStore::open(dir.as_ref())?);
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let transport = crate::transport::HttpTransport::new(http.clone(), allow.clone(), metrics);
+        let transport = crate::transport::HttpTransport::new(http.clone(), allow.clone(), metrics)
+            .with_batching(config.batching);
         let coordinator =
             Coordinator::open(store, Arc::new(transport), Arc::new(tcc_core::SystemClock), core).await?;
         Ok(TccClient::embedded(Arc::new(coordinator), allow, http))

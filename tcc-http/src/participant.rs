@@ -40,6 +40,12 @@
 //! | sled failed (for an async method: a [`TccContext`] storage fault) | 503 (I/O) or 500 | `storage` |
 //! | the change could not be flushed to disk                       | 503    | `not_flushed` |
 //!
+//! `POST …/hold_seat/batch` takes phase-two calls in bulk (see [`crate::protocol`], "Phase-two
+//! batches"): each call runs through the barrier exactly as its single call would, in its own
+//! barrier transaction, and is answered in the batch's body with the status and code of the table
+//! above; the whole batch waits for one flush. A batch malformed anywhere (400) or of more than
+//! [`MAX_BATCH_CALLS`](crate::protocol::MAX_BATCH_CALLS) calls (413) runs none of them.
+//!
 //! Every answer but 200 carries an [`ErrorBody`](crate::ErrorBody). A 200 also carries the
 //! [`OUTCOME_HEADER`] saying what happened (`fresh`, `duplicate`, `confirmed`, `cancelled`, `empty`,
 //! `expired`), for logs and tests; the coordinator does not need it.
@@ -116,7 +122,8 @@ use tracing::{debug, error};
 
 use crate::error::ApiError;
 use crate::protocol::{
-    BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY, REFUSED, TRY_PATH,
+    BATCH_PATH, BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY,
+    REFUSED, TRY_PATH,
 };
 #[cfg(doc)]
 use crate::staged::TccContext;
@@ -124,6 +131,7 @@ use crate::staged::TccContext;
 use crate::staged::TccError;
 use crate::staged::{AsyncOperation, StoreError, Trees, Versioned};
 
+mod batch;
 mod staged_calls;
 
 pub use staged_calls::MAX_RUNS;
@@ -854,26 +862,19 @@ async fn serve(
         TRY_PATH => Phase::Try,
         CONFIRM_PATH => Phase::Confirm,
         CANCEL_PATH => Phase::Cancel,
+        BATCH_PATH => return batch::serve(participant, name, registered, read_body(body)?).await,
         _ => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_phase",
-                format!("no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH} or {CANCEL_PATH}"),
+                format!(
+                    "no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH}, {CANCEL_PATH} or {BATCH_PATH}"
+                ),
             ));
         }
     };
     let ids = Ids::parse(&headers, phase)?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body is over {MAX_BODY} bytes"),
-            )
-        } else {
-            ApiError::malformed(r.body_text())
-        }
-    })?;
+    let body = read_body(body)?;
     let op = match registered {
         Registered::Sync(op) => op,
         Registered::Async(op) => {
@@ -920,6 +921,21 @@ async fn serve(
     })?;
     let flush = needs_flush(&done);
     answer(&participant, &ids, phase, flush, done.map_err(barrier_error)).await
+}
+
+/// The request body, or the error its rejection means (413 over [`MAX_BODY`]).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is over {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::malformed(r.body_text())
+        }
+    })
 }
 
 /// The deadline of a try (its header is required), once its request passed the operation's

@@ -22,6 +22,18 @@
 //! - 400, 404, 405, 413, 422 and other 4xx: the call can never succeed as made: permanent.
 //! - 3xx: never followed (the coordinator would otherwise call a URL nobody allowed): permanent.
 //! - 408, 425, 429, 5xx, timeouts and connection errors: transient, retried with backoff.
+//!
+//! ## Phase-two batches
+//! A busy coordinator folds the confirms and cancels it owes one operation into one request,
+//! `POST {target}/batch` with a JSON [`BatchRequest`]. Each call in it means exactly what the single
+//! call with the same transaction id, branch id and deadline means (a batch carries no payloads: a
+//! participant serving batches keeps what the try asked, as the tcc runtime's barrier does). The
+//! participant answers 200 with a [`BatchAnswer`]: one [`BatchResult`] per call, in order, each with
+//! the status and error body the single call would have answered, read by the rules above. The
+//! answer is given only once everything the batch changed is on disk. A batch answered with
+//! anything else is read as a whole: 408, 425, 429, 5xx and transport errors are transient for every
+//! call in it; any other status (a participant that serves no batches answers 404) makes the
+//! coordinator send those calls one by one, and for a while every call to that target.
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -39,6 +51,11 @@ pub const TRY_PATH: &str = "try";
 pub const CONFIRM_PATH: &str = "confirm";
 /// Path suffix of the cancel phase under a branch target.
 pub const CANCEL_PATH: &str = "cancel";
+
+/// Path suffix of a phase-two batch under a branch target.
+pub const BATCH_PATH: &str = "batch";
+/// Most calls one batch may carry; a participant answers 413 to a longer one.
+pub const MAX_BATCH_CALLS: usize = 1024;
 
 /// Status of a refusal by a participant.
 pub const REFUSED: StatusCode = StatusCode::CONFLICT;
@@ -65,4 +82,84 @@ pub struct ErrorBody {
     /// refusal itself as JSON (the typed error a `#[tcc]` client decodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
+}
+
+/// The body of `POST {target}/batch`: phase-two calls for one operation.
+///
+/// ```
+/// use tcc_http::protocol::{BatchCall, BatchRequest};
+/// use tcc_core::Decision;
+/// let body = r#"{"calls":[{"gid":"g1","branch":"b1","deadline":1700000000000,"decision":"confirm"}]}"#;
+/// let batch: BatchRequest = serde_json::from_str(body).unwrap();
+/// assert_eq!(batch.calls[0], BatchCall {
+///     gid: "g1".into(), branch: "b1".into(), deadline: 1_700_000_000_000, decision: Decision::Confirm,
+/// });
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// The calls, at most [`MAX_BATCH_CALLS`].
+    pub calls: Vec<BatchCall>,
+}
+
+/// One call of a [`BatchRequest`]: what the headers of a single call say, and its phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchCall {
+    /// The global transaction id (as in [`GID_HEADER`]).
+    pub gid: String,
+    /// The branch id (as in [`BRANCH_HEADER`]).
+    pub branch: String,
+    /// The transaction's deadline, in milliseconds since the unix epoch (as in [`DEADLINE_HEADER`]).
+    pub deadline: u64,
+    /// Confirm or cancel: `"confirm"` or `"cancel"`.
+    #[serde(with = "decision_text")]
+    pub decision: tcc_core::Decision,
+}
+
+/// The answer to a [`BatchRequest`]: one result per call, in the request's order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    /// The results.
+    pub results: Vec<BatchResult>,
+}
+
+/// What one call of a batch came to: the status the single call would have answered, and its
+/// error body when that status is not 200.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult {
+    /// The HTTP status of the single call.
+    pub status: u16,
+    /// What the participant did (`confirmed`, `cancelled`, `duplicate`, `empty`, `expired`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Why the call was not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// A decision on the wire: `"confirm"` or `"cancel"`, as the phase paths spell them.
+mod decision_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use tcc_core::Decision;
+
+    use super::{CANCEL_PATH, CONFIRM_PATH};
+
+    pub fn serialize<S: Serializer>(d: &Decision, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match d {
+            Decision::Confirm => CONFIRM_PATH,
+            Decision::Cancel => CANCEL_PATH,
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decision, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        match &*text {
+            CONFIRM_PATH => Ok(Decision::Confirm),
+            CANCEL_PATH => Ok(Decision::Cancel),
+            other => Err(D::Error::custom(format!(
+                "decision {other:?}: expected {CONFIRM_PATH:?} or {CANCEL_PATH:?}"
+            ))),
+        }
+    }
 }

@@ -16,6 +16,9 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use crate::target::{AllowList, Target};
 
+mod lane;
+use lane::Lane;
+
 /// Longest part of a participant's error answer kept for the operator.
 const MAX_ERROR_TEXT: usize = 512;
 
@@ -31,6 +34,28 @@ pub struct ClientConfig {
     /// connections after use and open new ones: with 256 (the earlier default) recovering 50,000
     /// transactions took 12.1 s in `tcc-bench --recover`, with 4,096 7.9 s.
     pub pool_max_idle_per_host: usize,
+    /// How phase-two calls to one target are folded into batches.
+    pub batching: Batching,
+}
+
+/// How the coordinator folds the phase-two calls it owes one native target into `POST
+/// {target}/batch` requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Most calls in one batch; 1 sends every call alone (`POST {target}/confirm` or `/cancel`).
+    pub max_calls: usize,
+    /// Batches under way to one target at once. A call arriving while this many are under way waits
+    /// for the next; fewer make larger batches (fewer requests), more let a participant work on
+    /// several at once.
+    pub in_flight: usize,
+}
+
+impl Default for Batching {
+    /// 256 calls a batch, two batches under way per target: in `tcc-bench` two made the fewest
+    /// requests without leaving a participant idle between batches.
+    fn default() -> Batching {
+        Batching { max_calls: 256, in_flight: 2 }
+    }
 }
 
 impl Default for ClientConfig {
@@ -39,6 +64,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             pool_max_idle_per_host: 4096,
+            batching: Batching::default(),
         }
     }
 }
@@ -65,20 +91,35 @@ pub struct HttpTransport {
     /// Targets already parsed and checked against `allow` (which never changes), with the URL each
     /// decision calls: parsing a URL (its host) was a tenth of the phase-two CPU. Emptied when full.
     resolved: Arc<Mutex<HashMap<String, Resolved>>>,
+    batching: Batching,
 }
 
 /// Most targets [`HttpTransport`] keeps resolved.
 const RESOLVED_CAP: usize = 4096;
 
-/// A branch target, parsed and checked: the URL to call for confirm and for cancel, and whether
-/// it speaks the DTM protocol; or why it may not be called.
-type Resolved = Result<Arc<(url::Url, url::Url, bool)>, String>;
+/// A branch target, parsed and checked, or why it may not be called.
+type Resolved = Result<Arc<Route>, String>;
+
+/// How to call a target: the URLs of confirm and cancel, and for a native target the lane its
+/// batches go through (DTM targets are called one call at a time, the way DTM calls them).
+#[derive(Debug)]
+struct Route {
+    confirm: url::Url,
+    cancel: url::Url,
+    lane: Option<Arc<Lane>>,
+}
 
 impl HttpTransport {
     /// A transport using `client` (see [`build_client`]), calling only what `allow` allows and
     /// recording call latencies into `metrics`.
     pub fn new(client: reqwest::Client, allow: AllowList, metrics: Arc<Metrics>) -> HttpTransport {
-        HttpTransport { client, allow, metrics, resolved: Arc::default() }
+        HttpTransport { client, allow, metrics, resolved: Arc::default(), batching: Batching::default() }
+    }
+
+    /// The same transport folding calls as `batching` says (see [`Batching`]).
+    pub fn with_batching(mut self, batching: Batching) -> HttpTransport {
+        self.batching = batching;
+        self
     }
 
     /// `target` parsed and checked against the allow-list, from the cache when it was seen before.
@@ -92,10 +133,12 @@ impl HttpTransport {
                 self.allow.check_url(url)?;
             }
             Ok(Arc::new(match t {
-                Target::Native(url) => {
-                    (phase_url(&url, protocol::CONFIRM_PATH), phase_url(&url, protocol::CANCEL_PATH), false)
-                }
-                Target::Dtm { confirm, cancel } => (confirm, cancel, true),
+                Target::Native(url) => Route {
+                    confirm: phase_url(&url, protocol::CONFIRM_PATH),
+                    cancel: phase_url(&url, protocol::CANCEL_PATH),
+                    lane: Some(Arc::new(Lane::new(phase_url(&url, protocol::BATCH_PATH)))),
+                },
+                Target::Dtm { confirm, cancel } => Route { confirm, cancel, lane: None },
             }))
         });
         let mut cache = cache();
@@ -104,6 +147,23 @@ impl HttpTransport {
         }
         cache.insert(target.to_owned(), resolved.clone());
         resolved
+    }
+
+    /// A native call: through its target's lane when batching is on and the target takes batches,
+    /// otherwise alone.
+    async fn call_native_or_batched(
+        &self,
+        url: &url::Url,
+        lane: &Arc<Lane>,
+        call: &BranchCall<'_>,
+    ) -> Result<(), CallError> {
+        if self.batching.max_calls > 1 {
+            match lane.call(&self.client, self.batching, call).await {
+                lane::Reply::Done(result) => return result,
+                lane::Reply::Alone => {}
+            }
+        }
+        self.call_native(url, call).await
     }
 
     async fn call_native(&self, url: &url::Url, call: &BranchCall<'_>) -> Result<(), CallError> {
@@ -191,16 +251,14 @@ impl Transport for HttpTransport {
         let started = Instant::now();
         let result = match self.resolve(&call.branch.target) {
             Err(e) => Err(CallError::Permanent(e)),
-            Ok(urls) => {
-                let (confirm, cancel, dtm) = &*urls;
+            Ok(route) => {
                 let url = match call.decision {
-                    Decision::Confirm => confirm,
-                    Decision::Cancel => cancel,
+                    Decision::Confirm => &route.confirm,
+                    Decision::Cancel => &route.cancel,
                 };
-                if *dtm {
-                    crate::dtm::call_branch(&self.client, url, &call).await
-                } else {
-                    self.call_native(url, &call).await
+                match &route.lane {
+                    Some(lane) => self.call_native_or_batched(url, lane, &call).await,
+                    None => crate::dtm::call_branch(&self.client, url, &call).await,
                 }
             }
         };
@@ -247,15 +305,18 @@ mod tests {
         let t = HttpTransport::new(client, allow, Arc::default());
         for _ in 0..2 {
             let urls = t.resolve("http://127.0.0.1:9/tcc/seat").unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(urls.0.as_str(), "http://127.0.0.1:9/tcc/seat/confirm");
-            assert_eq!(urls.1.as_str(), "http://127.0.0.1:9/tcc/seat/cancel");
-            assert!(!urls.2);
+            assert_eq!(urls.confirm.as_str(), "http://127.0.0.1:9/tcc/seat/confirm");
+            assert_eq!(urls.cancel.as_str(), "http://127.0.0.1:9/tcc/seat/cancel");
+            assert_eq!(
+                urls.lane.as_ref().map(|l| l.url().as_str()),
+                Some("http://127.0.0.1:9/tcc/seat/batch")
+            );
             assert!(t.resolve("http://169.254.169.254/latest").is_err(), "not allowed, cached or not");
             assert!(t.resolve("not a url").is_err());
             let dtm = "dtm-tcc http://127.0.0.1:9/c http://127.0.0.1:9/x";
             let urls = t.resolve(dtm).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(
-                (urls.0.as_str(), urls.1.as_str(), urls.2),
+                (urls.confirm.as_str(), urls.cancel.as_str(), urls.lane.is_none()),
                 ("http://127.0.0.1:9/c", "http://127.0.0.1:9/x", true)
             );
             assert!(

@@ -15,7 +15,9 @@ use tcc_core::barrier::{BARRIER_TREE, BarrierState, SledBarrier};
 use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
 use tcc_http::ErrorBody;
 use tcc_http::participant::{Call, MAX_RUNS, OUTCOME_HEADER, Operation, Participant, decode_stored_request};
-use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER, MAX_BODY};
+use tcc_http::protocol::{
+    BRANCH_HEADER, BatchAnswer, DEADLINE_HEADER, GID_HEADER, MAX_BATCH_CALLS, MAX_BODY,
+};
 use tcc_http::staged::{AsyncOperation, Disposition, Phase, StoreError, TccContext, TccError};
 use tokio::sync::oneshot;
 
@@ -1050,4 +1052,208 @@ async fn a_cancel_recorded_while_the_try_runs_discards_the_trys_staged_writes() 
     assert_eq!(f.stock("lamp"), Stock { free: 1, held: 0, sold: 0 });
     assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::CancelledEmpty));
     assert_eq!(f.participant.barrier().held(), 0);
+}
+
+/// What `POST /tcc/{op}/batch` answered: the status and, for a 200, each call's (status, outcome or
+/// error code).
+#[derive(Debug)]
+struct BatchAnswered {
+    status: StatusCode,
+    results: Vec<(u16, String)>,
+    body: Vec<u8>,
+}
+
+impl Fixture {
+    /// `POST /tcc/{op}/batch` with this body.
+    async fn batch_raw(&self, op: &str, body: Vec<u8>) -> BatchAnswered {
+        let res = self
+            .http
+            .post(format!("http://{}/tcc/{op}/batch", self.addr))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.bytes().await.unwrap().to_vec();
+        let results = if status == StatusCode::OK {
+            let answer: BatchAnswer = serde_json::from_slice(&body).unwrap();
+            answer
+                .results
+                .into_iter()
+                .map(|r| match (r.outcome, r.error) {
+                    (Some(outcome), None) => (r.status, outcome),
+                    (None, Some(e)) => (r.status, e.code),
+                    other => panic!("a result with neither or both of outcome and error: {other:?}"),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        BatchAnswered { status, results, body }
+    }
+
+    /// A batch of `(decision, gid, branch)` calls for `op`, with the fixture's deadline.
+    async fn batch(&self, op: &str, calls: &[(&str, &str, &str)]) -> BatchAnswered {
+        let deadline = self.deadline();
+        let calls: Vec<_> = calls
+            .iter()
+            .map(|(decision, gid, branch)| {
+                serde_json::json!({ "gid": gid, "branch": branch, "deadline": deadline, "decision": decision })
+            })
+            .collect();
+        self.batch_raw(op, serde_json::to_vec(&serde_json::json!({ "calls": calls })).unwrap()).await
+    }
+}
+
+fn results(expected: &[(u16, &str)]) -> Vec<(u16, String)> {
+    expected.iter().map(|(s, o)| (*s, (*o).to_owned())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_call_as_its_single_call_would() {
+    let f = Fixture::start().await;
+    for (gid, seat) in [("tx-1", "12A"), ("tx-2", "12B"), ("tx-3", "12C")] {
+        f.call("hold_seat", "try", gid, "flight", seat).await.expect_ok("fresh");
+    }
+    let calls = [
+        ("confirm", "tx-1", "flight"),
+        ("cancel", "tx-2", "flight"),
+        ("confirm", "tx-4", "flight"),
+        ("cancel", "tx-5", "flight"),
+        ("confirm", "tx-1", "flight"),
+        ("cancel", "tx-3", "flight"),
+        ("confirm", "tx-3", "flight"),
+    ];
+    let expected = results(&[
+        (200, "confirmed"),
+        (200, "cancelled"),
+        (409, "not_tried"),
+        (200, "empty"),
+        (200, "duplicate"),
+        (200, "cancelled"),
+        (409, "already_cancelled"),
+    ]);
+    let answered = f.batch("hold_seat", &calls).await;
+    assert_eq!(answered.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&answered.body));
+    assert_eq!(answered.results, expected);
+    assert_eq!(f.item("seats", "12A").as_deref(), Some("sold"));
+    assert_eq!((f.item("seats", "12B"), f.item("seats", "12C")), (None, None));
+    assert_eq!((f.runs("hold_seat", "confirm"), f.runs("hold_seat", "cancel")), (1, 2));
+    assert_eq!(f.participant.barrier().held(), 0);
+
+    // The same batch again changes nothing: the calls that were done are duplicates now.
+    let again = f.batch("hold_seat", &calls).await;
+    let repeated = results(&[
+        (200, "duplicate"),
+        (200, "duplicate"),
+        (409, "not_tried"),
+        (200, "duplicate"), // the empty cancel was recorded
+        (200, "duplicate"),
+        (200, "duplicate"),
+        (409, "already_cancelled"),
+    ]);
+    assert_eq!(again.results, repeated);
+    assert_eq!((f.runs("hold_seat", "confirm"), f.runs("hold_seat", "cancel")), (1, 2));
+
+    // The batched empty cancel guards against the late try (suspension), as a single one does.
+    f.call("hold_seat", "try", "tx-5", "flight", "12E").await.expect_error(StatusCode::CONFLICT, "suspended");
+    assert_eq!(f.item("seats", "12E"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_an_async_operation_runs_each_call_through_the_barrier() {
+    let f = Fixture::start().await;
+    f.set_stock("room", 3);
+    f.reserve("try", "tx-1", "shop", "room").await.expect_ok("fresh");
+    f.reserve("try", "tx-2", "shop", "room").await.expect_ok("fresh");
+    let answered = f
+        .batch(
+            "reserve",
+            &[
+                ("confirm", "tx-1", "shop"),
+                ("cancel", "tx-2", "shop"),
+                ("cancel", "tx-3", "shop"),
+                ("cancel", "tx-2", "shop"),
+            ],
+        )
+        .await;
+    assert_eq!(answered.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&answered.body));
+    assert_eq!(
+        answered.results,
+        results(&[(200, "confirmed"), (200, "cancelled"), (200, "empty"), (200, "duplicate")])
+    );
+    assert_eq!(f.stock("room"), Stock { free: 2, held: 0, sold: 1 });
+    assert_eq!(f.reserve.runs(), (2, 1, 1), "each business method ran once");
+    assert_eq!(f.state("tx-3", "shop"), Some(BarrierState::CancelledEmpty));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_batch_is_refused_whole_and_runs_nothing() {
+    let f = Fixture::start().await;
+    f.call("hold_seat", "try", "tx-1", "flight", "12A").await.expect_ok("fresh");
+    let deadline = f.deadline();
+    let good =
+        serde_json::json!({ "gid": "tx-1", "branch": "flight", "deadline": deadline, "decision": "confirm" });
+    let body = |calls: serde_json::Value| serde_json::to_vec(&serde_json::json!({ "calls": calls })).unwrap();
+    let bad_bodies: Vec<(Vec<u8>, &str)> = vec![
+        (
+            body(
+                serde_json::json!([good, { "gid": "not ok!", "branch": "flight", "deadline": deadline, "decision": "confirm" }]),
+            ),
+            "call 1",
+        ),
+        (
+            body(
+                serde_json::json!([good, { "gid": "tx-2", "branch": "flight", "deadline": deadline, "decision": "commit" }]),
+            ),
+            "decision",
+        ),
+        (
+            body(
+                serde_json::json!([good, { "gid": "tx-2", "branch": "flight", "deadline": -1, "decision": "cancel" }]),
+            ),
+            "invalid batch",
+        ),
+        (
+            body(serde_json::json!([good, { "gid": "tx-2", "branch": "flight", "decision": "cancel" }])),
+            "deadline",
+        ),
+        (
+            body(
+                serde_json::json!([{ "gid": "tx-1", "branch": "flight", "deadline": deadline, "decision": "confirm", "extra": 1 }]),
+            ),
+            "extra",
+        ),
+        (b"{\"calls\": 5}".to_vec(), "invalid batch"),
+        (b"not json".to_vec(), "invalid batch"),
+        (Vec::new(), "invalid batch"),
+    ];
+    for (bad, says) in bad_bodies {
+        let answered = f.batch_raw("hold_seat", bad.clone()).await;
+        assert_eq!(answered.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&bad));
+        let e: ErrorBody = serde_json::from_slice(&answered.body).unwrap();
+        assert_eq!(e.code, "malformed");
+        assert!(e.message.contains(says), "{says:?} not in {e:?}");
+    }
+    let too_many = vec![good.clone(); MAX_BATCH_CALLS + 1];
+    let answered = f.batch_raw("hold_seat", body(serde_json::json!(too_many))).await;
+    assert_eq!(answered.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let unknown = f.batch("book_taxi", &[("confirm", "tx-1", "flight")]).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+
+    // Nothing ran: the good call in each refused batch included.
+    assert_eq!(f.state("tx-1", "flight"), Some(BarrierState::Tried));
+    assert_eq!(f.runs("hold_seat", "confirm"), 0);
+    assert_eq!(f.item("seats", "12A").as_deref(), Some("held:tx-1"));
+    assert_eq!(f.tree(BARRIER_TREE).len(), 1);
+
+    // A batch of exactly the most calls is served (the same call over and over: one run).
+    let most = vec![good; MAX_BATCH_CALLS];
+    let answered = f.batch_raw("hold_seat", body(serde_json::json!(most))).await;
+    assert_eq!(answered.status, StatusCode::OK);
+    assert_eq!(answered.results.len(), MAX_BATCH_CALLS);
+    assert_eq!(answered.results[0], (200, "confirmed".to_owned()));
+    assert!(answered.results[1..].iter().all(|r| r == &(200, "duplicate".to_owned())));
+    assert_eq!(f.runs("hold_seat", "confirm"), 1);
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use tcc_core::RetryPolicy;
 use tcc_http::server::{Launch, ServerConfig, StoreChoice, Token};
 use tcc_http::target::AllowList;
-use tcc_http::transport::ClientConfig;
+use tcc_http::transport::{Batching, ClientConfig};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -67,6 +67,15 @@ struct Args {
     /// Longest a connection to a participant may take to open.
     #[arg(long, env = "TCC_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// Most phase-two calls to one participant operation sent in one request (`POST {target}/batch`)
+    /// when calls crowd; 1 sends every call alone.
+    #[arg(long, env = "TCC_BATCH_MAX_CALLS", default_value_t = Batching::default().max_calls as u32,
+          value_parser = clap::value_parser!(u32).range(1..=tcc_http::protocol::MAX_BATCH_CALLS as i64))]
+    batch_max_calls: u32,
+    /// Batches under way to one participant operation at once.
+    #[arg(long, env = "TCC_BATCHES_IN_FLIGHT", default_value_t = Batching::default().in_flight as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batches_in_flight: u32,
     /// How long this process's claim on phase-two work lasts if it dies.
     #[arg(long, env = "TCC_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
@@ -137,6 +146,10 @@ fn launch(args: Args) -> Result<Launch, String> {
         client: ClientConfig {
             connect_timeout: args.connect_timeout,
             request_timeout: args.call_timeout,
+            batching: Batching {
+                max_calls: args.batch_max_calls as usize,
+                in_flight: args.batches_in_flight as usize,
+            },
             ..ClientConfig::default()
         },
     })

@@ -308,7 +308,7 @@ async fn through_barrier(
 }
 
 /// Check, run, commit; again after a conflict.
-async fn call(
+pub(super) async fn call(
     participant: &Participant,
     name: &str,
     op: &Arc<dyn ErasedAsync>,

@@ -310,7 +310,8 @@ pub async fn start(launch: Launch) -> Result<Running, StartError> {
         crate::transport::build_client(&client)?,
         server.allow.clone(),
         metrics.clone(),
-    );
+    )
+    .with_batching(client.batching);
     let coordinator =
         Coordinator::open(store, Arc::new(transport), Arc::new(tcc_core::SystemClock), core).await?;
     let state = Arc::new(AppState { coordinator: Arc::new(coordinator), config: server, metrics });

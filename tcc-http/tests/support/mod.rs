@@ -11,8 +11,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use tcc_core::{Config, RetryPolicy};
+use tcc_core::{Config, Decision, RetryPolicy};
+use tcc_http::ErrorBody;
 use tcc_http::client::TccClient;
+use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
 use tcc_http::server::{self, Launch, Running, ServerConfig, StoreChoice};
 use tcc_http::target::AllowList;
 
@@ -32,7 +34,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Shared {
     pub mode: Mutex<Mode>,
-    /// (gid, branch, phase, deadline header) of every call, in order.
+    /// (gid, branch, phase, deadline header) of every call, in order (a batched call as its single
+    /// call would be).
     pub calls: Mutex<Vec<(String, String, String, String)>>,
 }
 
@@ -49,9 +52,13 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     Path((op, phase)): Path<(String, String)>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let _ = op;
+    if phase == BATCH_PATH {
+        return batch(&shared, &body);
+    }
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     shared.calls.lock().unwrap().push((h("tcc-gid"), h("tcc-branch"), phase.clone(), h("tcc-deadline")));
     let mode = *shared.mode.lock().unwrap();
     match (mode, phase.as_str()) {
@@ -65,6 +72,40 @@ async fn handle(
         }
         _ => (StatusCode::OK, format!("{phase} ok")).into_response(),
     }
+}
+
+/// A phase-two batch: each call recorded as its single call would be, and answered as the mode
+/// says (a redirect answers the whole batch, so the coordinator sends the calls alone).
+fn batch(shared: &Shared, body: &[u8]) -> Response {
+    let mode = *shared.mode.lock().unwrap();
+    if mode == Mode::Redirect {
+        return (StatusCode::TEMPORARY_REDIRECT, [("location", "http://127.0.0.1:9/elsewhere")])
+            .into_response();
+    }
+    let Ok(request) = serde_json::from_slice::<BatchRequest>(body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut calls = shared.calls.lock().unwrap();
+    let results = request
+        .calls
+        .into_iter()
+        .map(|c| {
+            let phase = match c.decision {
+                Decision::Confirm => "confirm",
+                Decision::Cancel => "cancel",
+            };
+            calls.push((c.gid, c.branch, phase.to_owned(), c.deadline.to_string()));
+            match mode {
+                Mode::FailPhaseTwo => BatchResult {
+                    status: 503,
+                    outcome: None,
+                    error: Some(ErrorBody { code: "storage".into(), message: "down".into(), detail: None }),
+                },
+                _ => BatchResult { status: 200, outcome: Some("done".into()), error: None },
+            }
+        })
+        .collect();
+    axum::Json(BatchAnswer { results }).into_response()
 }
 
 impl Participant {

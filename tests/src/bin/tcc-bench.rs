@@ -61,10 +61,12 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use clap::Parser;
 use tcc_http::client::{BeginOptions, PlannedBranch, TccClient};
-use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
+use tcc_http::protocol::{
+    BRANCH_HEADER, BatchAnswer, BatchRequest, BatchResult, DEADLINE_HEADER, GID_HEADER, MAX_BATCH_CALLS,
+};
 use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
-use tcc_http::transport::{ClientConfig, build_client};
+use tcc_http::transport::{Batching, ClientConfig, build_client};
 use tcc_tests::free_port;
 
 /// With the `mimalloc` feature, the same allocator as the `tcc-coordinator` binary built with it, for
@@ -104,6 +106,11 @@ struct Args {
     /// there, this binary serves the coordinator itself in a child process).
     #[arg(long, env = "TCC_COORDINATOR_BIN")]
     coordinator_bin: Option<PathBuf>,
+    /// Most phase-two calls the coordinators (embedded and processes) send to one participant
+    /// operation in one batch; 1 sends every call alone, as tcc did before batching.
+    #[arg(long, value_name = "N", default_value_t = Batching::default().max_calls as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH_CALLS as u64))]
+    batch_max_calls: u64,
     /// Also run `postgres_1` and `postgres_3`: standalone on the PostgreSQL store at this URL (each
     /// run on a fresh schema), with one coordinator process and with three sharing the database
     /// (initiators spread over them).
@@ -189,6 +196,7 @@ impl Participants {
         let cancels = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let (c, f, c2, f2) = (confirms.clone(), failing.clone(), cancels.clone(), failing.clone());
+        let (c3, x3, f3) = (confirms.clone(), cancels.clone(), failing.clone());
         let app = Router::new()
             .route("/p/{n}/try", post(|| async { (StatusCode::OK, "held") }))
             .route(
@@ -202,6 +210,13 @@ impl Participants {
                         c.fetch_add(1, Ordering::Relaxed);
                         StatusCode::OK
                     }
+                }),
+            )
+            .route(
+                "/p/{n}/batch",
+                post(move |body: axum::body::Bytes| {
+                    let (c, x, f) = (c3.clone(), x3.clone(), f3.clone());
+                    async move { answer_batch(&body, &c, &x, &f) }
                 }),
             )
             .route(
@@ -228,6 +243,35 @@ impl Participants {
     fn target(&self, n: usize) -> String {
         format!("http://{}/p/{n}", self.addr)
     }
+}
+
+/// The bench participants' answer to a phase-two batch: every call done (counted), unless failing.
+fn answer_batch(
+    body: &[u8],
+    confirms: &AtomicU64,
+    cancels: &AtomicU64,
+    failing: &AtomicBool,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if failing.load(Ordering::Relaxed) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let Ok(batch) = serde_json::from_slice::<BatchRequest>(body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let results = batch
+        .calls
+        .iter()
+        .map(|call| {
+            let counter = match call.decision {
+                tcc_core::Decision::Confirm => confirms,
+                tcc_core::Decision::Cancel => cancels,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            BatchResult { status: 200, outcome: None, error: None }
+        })
+        .collect();
+    axum::Json(BatchAnswer { results }).into_response()
 }
 
 /// A coordinator process for the standalone modes; killed when dropped.
@@ -287,7 +331,9 @@ async fn spawn_coordinator_at(
         }
     };
     let log = std::env::var("TCC_BENCH_COORDINATOR_LOG").unwrap_or_else(|_| "error".to_owned());
-    cmd.env("RUST_LOG", log).stdout(std::process::Stdio::null());
+    cmd.env("RUST_LOG", log)
+        .env("TCC_BATCH_MAX_CALLS", args.batch_max_calls.to_string())
+        .stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
     wait_healthy(&reqwest::Client::new(), &proc.url, limit).await?;
@@ -636,6 +682,12 @@ struct Bench {
 }
 
 impl Bench {
+    /// The HTTP settings of an embedded coordinator: the defaults, batching as `--batch-max-calls`.
+    fn client_config(&self) -> ClientConfig {
+        let batching = Batching { max_calls: self.args.batch_max_calls as usize, ..Batching::default() };
+        ClientConfig { batching, ..ClientConfig::default() }
+    }
+
     fn targets(&self, branches: usize) -> Vec<String> {
         (0..branches).map(|n| self.participants.target(n)).collect()
     }
@@ -681,9 +733,10 @@ impl Bench {
             "embedded" => {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                 let allow = AllowList::new(&[]).map_err(|e| e.to_string())?;
-                let client = TccClient::open_embedded(dir.path(), embedded_config(), allow)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let client =
+                    TccClient::open_embedded_with(dir.path(), embedded_config(), allow, self.client_config())
+                        .await
+                        .map_err(|e| e.to_string())?;
                 let d = Driver::tcc(vec![client.clone()], targets, true);
                 let f = self.drive(mode, branches, d, concurrency, half).await;
                 client.shutdown().await;
@@ -1119,8 +1172,9 @@ async fn history(bench: &Bench, n: usize) -> Result<History, String> {
 
     let e1 = empty_run("embedded").await?;
     let allow = AllowList::new(&[]).map_err(|e| e.to_string())?;
-    let client =
-        TccClient::open_embedded(&data, embedded_config(), allow).await.map_err(|e| e.to_string())?;
+    let client = TccClient::open_embedded_with(&data, embedded_config(), allow, bench.client_config())
+        .await
+        .map_err(|e| e.to_string())?;
     let filled = filled_runs("embedded", Driver::tcc(vec![client.clone()], targets, true)).await;
     client.shutdown().await;
     let e2 = empty_run("embedded").await?;
@@ -1416,7 +1470,16 @@ async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
         },
         core: tcc_core::Config::default(),
         server: Default::default(),
-        client: Default::default(),
+        client: ClientConfig {
+            batching: Batching {
+                max_calls: std::env::var("TCC_BATCH_MAX_CALLS")
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(Batching::default().max_calls),
+                ..Batching::default()
+            },
+            ..ClientConfig::default()
+        },
     };
     match tcc_http::server::start(launch).await {
         Ok(running) => {

@@ -1,0 +1,187 @@
+//! Phase-two batches: `POST {operation}/batch` (see [`crate::protocol`], "Phase-two batches").
+//!
+//! Every call of a batch goes through the barrier exactly as the single call would (its own barrier
+//! transaction, so one call's failure changes nothing of the others), and the whole batch waits for
+//! one flush before it is answered. A batch that is malformed anywhere is refused as a whole before
+//! any of it runs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tcc_core::{BranchId, Decision, Gid, Timestamp};
+use tracing::{debug, error};
+
+use super::{Call, Done, Ids, Participant, Phase, Registered, barrier_error, needs_flush, not_flushed};
+use crate::error::ApiError;
+use crate::protocol::{BatchAnswer, BatchRequest, BatchResult, MAX_BATCH_CALLS};
+
+/// One call of a batch, run: what it asked and what came of it.
+type Ran = (Ids, Phase, Result<Done, ApiError>);
+
+/// Serves one batch for operation `name`.
+pub(super) async fn serve(
+    participant: Arc<Participant>,
+    name: String,
+    registered: Registered,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let calls = parse(&body)?;
+    let (results, flush) = match registered {
+        Registered::Sync(op) => {
+            let barrier = participant.barrier.clone();
+            let run = move || {
+                let mut flush = false;
+                let results: Vec<Ran> = calls
+                    .into_iter()
+                    .map(|(ids, phase)| {
+                        let (gid, branch) = (&ids.gid, &ids.branch);
+                        let done = match phase {
+                            Phase::Cancel => barrier
+                                .cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, &name)?))
+                                .map(Done::Cancel),
+                            Phase::Confirm | Phase::Try => barrier
+                                .confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, &name)?))
+                                .map(Done::Confirm),
+                        };
+                        flush |= needs_flush(&done);
+                        (ids, phase, done.map_err(barrier_error))
+                    })
+                    .collect();
+                (results, flush)
+            };
+            tokio::task::spawn_blocking(run).await.map_err(|e| {
+                error!(error = %e, "participant batch panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the participant failed handling the batch",
+                )
+            })?
+        }
+        Registered::Async(op) => {
+            // Concurrently, as single calls would run, except that the calls of one branch run in
+            // the batch's order.
+            let mut tasks = tokio::task::JoinSet::new();
+            let count = calls.len();
+            for group in by_branch(calls) {
+                let (participant, name, op) = (Arc::clone(&participant), name.clone(), Arc::clone(&op));
+                tasks.spawn(async move {
+                    let mut done = Vec::with_capacity(group.len());
+                    for (i, (ids, phase)) in group {
+                        let r = {
+                            let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
+                            super::staged_calls::call(
+                                &participant,
+                                &name,
+                                &op,
+                                phase,
+                                &ids,
+                                None,
+                                Bytes::new(),
+                            )
+                            .await
+                        };
+                        done.push((i, ids, phase, r));
+                    }
+                    done
+                });
+            }
+            let mut slots: Vec<Option<Ran>> = std::iter::repeat_with(|| None).take(count).collect();
+            let mut flush = false;
+            while let Some(joined) = tasks.join_next().await {
+                let group = joined.map_err(|e| {
+                    error!(error = %e, "participant batch call panicked");
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the participant failed handling the batch",
+                    )
+                })?;
+                for (i, ids, phase, done) in group {
+                    // Whatever read or wrote barrier state waits for the flush (as single calls do).
+                    flush |= done.as_ref().map_or_else(|e| e.status.as_u16() < 500, |_| true);
+                    if let Some(slot) = slots.get_mut(i) {
+                        *slot = Some((ids, phase, done));
+                    }
+                }
+            }
+            (slots.into_iter().flatten().collect(), flush)
+        }
+    };
+    if flush {
+        participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
+    }
+    let results = results
+        .into_iter()
+        .map(|(ids, phase, done)| match done {
+            Ok(done) => {
+                let outcome = done.outcome();
+                debug!(gid = %ids.gid, branch = %ids.branch, ?phase, outcome, "participant call (batched)");
+                BatchResult { status: StatusCode::OK.as_u16(), outcome: Some(outcome.to_owned()), error: None }
+            }
+            Err(e) => {
+                debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code, "participant call not done (batched)");
+                BatchResult {
+                    status: e.status.as_u16(),
+                    outcome: None,
+                    error: Some(e.body()),
+                }
+            }
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(BatchAnswer { results })).into_response())
+}
+
+/// The calls of a batch, numbered, grouped by branch (each group in the batch's order).
+fn by_branch(calls: Vec<(Ids, Phase)>) -> Vec<Vec<(usize, (Ids, Phase))>> {
+    let mut groups: Vec<Vec<(usize, (Ids, Phase))>> = Vec::new();
+    let mut index: HashMap<(Gid, BranchId), usize> = HashMap::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        let key = (call.0.gid.clone(), call.0.branch.clone());
+        match index.get(&key).and_then(|&g| groups.get_mut(g)) {
+            Some(group) => group.push((i, call)),
+            None => {
+                index.insert(key, groups.len());
+                groups.push(vec![(i, call)]);
+            }
+        }
+    }
+    groups
+}
+
+/// The calls of a batch body, each checked as its single call's headers would be; the first bad
+/// one refuses the whole batch.
+fn parse(body: &[u8]) -> Result<Vec<(Ids, Phase)>, ApiError> {
+    let request: BatchRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("invalid batch: {e}")))?;
+    if request.calls.len() > MAX_BATCH_CALLS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a batch carries at most {MAX_BATCH_CALLS} calls, not {}", request.calls.len()),
+        ));
+    }
+    request
+        .calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let invalid =
+                |what: &str, e: tcc_core::Error| ApiError::malformed(format!("call {i}: {what}: {e}"));
+            let ids = Ids {
+                gid: c.gid.parse().map_err(|e| invalid("gid", e))?,
+                branch: c.branch.parse().map_err(|e| invalid("branch", e))?,
+                deadline: Some(Timestamp(c.deadline)),
+            };
+            let phase = match c.decision {
+                Decision::Confirm => Phase::Confirm,
+                Decision::Cancel => Phase::Cancel,
+            };
+            Ok((ids, phase))
+        })
+        .collect()
+}

@@ -1,0 +1,463 @@
+//! A native target's lane: the phase-two calls waiting to go to that target in a batch.
+//!
+//! A call finding fewer than [`Batching::in_flight`] batches under way starts one (carrying every
+//! call waiting by then, itself included); otherwise it waits, and the first batch to finish carries
+//! it next. Batches are sent from their own task, so a caller that stops waiting (the engine's
+//! per-call timeout) strands nobody else's call.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use tcc_core::transport::{BranchCall, CallError};
+use tokio::sync::oneshot;
+use tracing::info;
+
+use super::{Batching, classify, error_text, transport_error};
+use crate::protocol::{BatchAnswer, BatchCall, BatchRequest, MAX_BODY};
+
+/// How long a target that refused a batch is called one call at a time before a batch is tried
+/// again (it may have been upgraded, or the refusal may have come from something in between).
+pub(super) const ALONE_FOR: Duration = Duration::from_secs(60);
+
+/// What became of a call handed to a lane.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// The participant's answer to the call (or the failure of the batch that carried it).
+    Done(Result<(), CallError>),
+    /// The target takes no batches: make the call alone.
+    Alone,
+}
+
+/// The batches of one target.
+#[derive(Debug)]
+pub(super) struct Lane {
+    url: url::Url,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    waiting: VecDeque<(BatchCall, oneshot::Sender<Reply>)>,
+    in_flight: usize,
+    /// Until when every call goes alone, after the target refused a batch.
+    alone_until: Option<Instant>,
+}
+
+/// A batch: its calls, and where each one's answer goes.
+type Batch = (Vec<BatchCall>, Vec<oneshot::Sender<Reply>>);
+
+impl State {
+    /// The next batch: up to `max` of the waiting calls, oldest first, leaving out those nobody
+    /// waits for any more (the engine's per-call timeout gave up on them and will call again).
+    fn take(&mut self, max: usize) -> Batch {
+        let (mut calls, mut replies) = (Vec::new(), Vec::new());
+        while calls.len() < max {
+            let Some((call, reply)) = self.waiting.pop_front() else { break };
+            if !reply.is_closed() {
+                calls.push(call);
+                replies.push(reply);
+            }
+        }
+        (calls, replies)
+    }
+}
+
+impl Lane {
+    /// The lane of the target whose batch URL is `url`.
+    pub(super) fn new(url: url::Url) -> Lane {
+        Lane { url, state: Mutex::default() }
+    }
+
+    /// Where its batches go.
+    #[cfg(test)]
+    pub(super) fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands `call` to the lane and waits for what became of it.
+    pub(super) async fn call(
+        self: &Arc<Self>,
+        client: &reqwest::Client,
+        batching: Batching,
+        call: &BranchCall<'_>,
+    ) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut st = self.state();
+            if let Some(until) = st.alone_until {
+                if Instant::now() < until {
+                    return Reply::Alone;
+                }
+                st.alone_until = None;
+            }
+            let batched = BatchCall {
+                gid: call.gid.to_string(),
+                branch: call.branch.id.to_string(),
+                deadline: call.deadline.0,
+                decision: call.decision,
+            };
+            st.waiting.push_back((batched, tx));
+            if st.in_flight < batching.in_flight.max(1) {
+                st.in_flight += 1;
+                Some(st.take(batching.max_calls))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = start {
+            let driver = Driver { lane: Arc::clone(self), armed: true };
+            tokio::spawn(driver.run(client.clone(), batching.max_calls, batch));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Reply::Done(Err(CallError::Transient("the batch carrying this call was dropped".into())))
+        })
+    }
+}
+
+/// One of a lane's batches under way: sends batches while calls are waiting. Dropped without
+/// finishing (a panic, the runtime shutting down), it gives its place back.
+struct Driver {
+    lane: Arc<Lane>,
+    armed: bool,
+}
+
+impl Driver {
+    async fn run(mut self, client: reqwest::Client, max_calls: usize, mut batch: Batch) {
+        loop {
+            let (calls, replies) = batch;
+            let count = calls.len();
+            let sent = if count == 0 {
+                Sent::Answers(Vec::new())
+            } else {
+                send(&client, &self.lane.url, BatchRequest { calls }).await
+            };
+            match sent {
+                Sent::Answers(results) => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Reply::Done(result));
+                    }
+                }
+                Sent::Failed(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Reply::Done(Err(e.clone())));
+                    }
+                }
+                Sent::Refused(why) => {
+                    info!(
+                        target_url = %self.lane.url, calls = count, reason = %why,
+                        "participant takes no phase-two batches; calling it one call at a time for a while"
+                    );
+                    let waiting = {
+                        let mut st = self.lane.state();
+                        st.alone_until = Some(Instant::now() + ALONE_FOR);
+                        std::mem::take(&mut st.waiting)
+                    };
+                    for reply in replies.into_iter().chain(waiting.into_iter().map(|(_, reply)| reply)) {
+                        let _ = reply.send(Reply::Alone);
+                    }
+                }
+            }
+            let mut st = self.lane.state();
+            if st.waiting.is_empty() {
+                st.in_flight = st.in_flight.saturating_sub(1);
+                self.armed = false;
+                return;
+            }
+            batch = st.take(max_calls);
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.lane.state();
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// What sending a batch came to.
+enum Sent {
+    /// One result per call, in order.
+    Answers(Vec<Result<(), CallError>>),
+    /// The batch as a whole failed in a way worth retrying: so did each of its calls.
+    Failed(CallError),
+    /// The target does not take this batch (no batch route, or an answer that is not a batch
+    /// answer): its calls are to be made alone.
+    Refused(String),
+}
+
+async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -> Sent {
+    let count = request.calls.len();
+    let body = match serde_json::to_vec(&request) {
+        Ok(body) => body,
+        Err(e) => return Sent::Refused(format!("the batch does not encode: {e}")),
+    };
+    let res = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await;
+    let mut res = match res {
+        Ok(res) => res,
+        Err(e) => return Sent::Failed(transport_error(&e)),
+    };
+    let status = res.status();
+    if status != StatusCode::OK {
+        return match classify(status, error_text(res).await) {
+            e @ CallError::Transient(_) => Sent::Failed(e),
+            CallError::Permanent(m) => Sent::Refused(m),
+        };
+    }
+    let mut bytes = Vec::new();
+    loop {
+        match res.chunk().await {
+            Ok(Some(chunk)) if bytes.len() + chunk.len() <= MAX_BODY => bytes.extend_from_slice(&chunk),
+            Ok(Some(_)) => return Sent::Refused(format!("the batch answer is over {MAX_BODY} bytes")),
+            Ok(None) => break,
+            Err(e) => return Sent::Failed(transport_error(&e)),
+        }
+    }
+    let answer: BatchAnswer = match serde_json::from_slice(&bytes) {
+        Ok(answer) => answer,
+        Err(e) => return Sent::Refused(format!("the batch answer does not decode: {e}")),
+    };
+    if answer.results.len() != count {
+        return Sent::Refused(format!("{} results answered for {count} calls", answer.results.len()));
+    }
+    Sent::Answers(
+        answer
+            .results
+            .into_iter()
+            .map(|r| match StatusCode::from_u16(r.status) {
+                Ok(s) if s.is_success() => Ok(()),
+                Ok(s) => {
+                    let text = r.error.and_then(|e| serde_json::to_string(&e).ok()).unwrap_or_default();
+                    Err(classify(s, text))
+                }
+                Err(_) => Err(CallError::Permanent(format!(
+                    "participant answered status {} for a batched call",
+                    r.status
+                ))),
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Json;
+    use axum::http::StatusCode as S;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use tcc_core::transport::Transport;
+    use tcc_core::{Branch, BranchState, Decision, Timestamp};
+
+    use super::super::{ClientConfig, HttpTransport, build_client};
+    use super::*;
+    use crate::protocol::{BatchResult, ErrorBody};
+    use crate::target::AllowList;
+
+    /// What a test participant saw.
+    #[derive(Default)]
+    struct Seen {
+        batches: AtomicUsize,
+        batched_calls: AtomicUsize,
+        largest: AtomicUsize,
+        singles: AtomicUsize,
+        not_found: AtomicUsize,
+    }
+
+    /// How the test participant answers a batch.
+    #[derive(Clone, Copy)]
+    enum Batches {
+        /// Per call: gids starting `refuse` 409, `busy` 503, others 200; after a short pause, so
+        /// that calls crowd.
+        Answer,
+        /// No batch route: 404.
+        NotServed,
+        /// 503 for the whole batch.
+        Unavailable,
+        /// A 200 with no results.
+        Short,
+    }
+
+    async fn participant(batches: Batches) -> (String, Arc<Seen>) {
+        let seen = Arc::new(Seen::default());
+        let (s1, s2, s3) = (Arc::clone(&seen), Arc::clone(&seen), Arc::clone(&seen));
+        let mut app = axum::Router::new().route(
+            "/op/confirm",
+            post(move || async move {
+                s1.singles.fetch_add(1, Ordering::SeqCst);
+                S::OK
+            }),
+        );
+        if !matches!(batches, Batches::NotServed) {
+            app = app.route(
+                "/op/batch",
+                post(move |Json(req): Json<BatchRequest>| async move {
+                    s2.batches.fetch_add(1, Ordering::SeqCst);
+                    s2.batched_calls.fetch_add(req.calls.len(), Ordering::SeqCst);
+                    s2.largest.fetch_max(req.calls.len(), Ordering::SeqCst);
+                    let answer = |c: &BatchCall| {
+                        let error = |status: S, code: &str| BatchResult {
+                            status: status.as_u16(),
+                            outcome: None,
+                            error: Some(ErrorBody { code: code.into(), message: "no".into(), detail: None }),
+                        };
+                        if c.gid.starts_with("refuse") {
+                            error(S::CONFLICT, "refused")
+                        } else if c.gid.starts_with("busy") {
+                            error(S::SERVICE_UNAVAILABLE, "storage")
+                        } else {
+                            BatchResult { status: 200, outcome: Some("confirmed".into()), error: None }
+                        }
+                    };
+                    match batches {
+                        Batches::Unavailable => S::SERVICE_UNAVAILABLE.into_response(),
+                        Batches::Short => Json(BatchAnswer { results: Vec::new() }).into_response(),
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Json(BatchAnswer { results: req.calls.iter().map(answer).collect() })
+                                .into_response()
+                        }
+                    }
+                }),
+            );
+        }
+        let app = app.fallback(move || async move {
+            s3.not_found.fetch_add(1, Ordering::SeqCst);
+            Response::from(S::NOT_FOUND.into_response())
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/op"), seen)
+    }
+
+    fn transport(batching: Batching) -> Arc<HttpTransport> {
+        let allow = AllowList::new(&[]).unwrap_or_else(|e| panic!("{e}"));
+        let client = build_client(&ClientConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(HttpTransport::new(client, allow, Arc::default()).with_batching(batching))
+    }
+
+    /// Confirms of the branches of transactions `gids` at `target`, all at once; their results in
+    /// the same order.
+    async fn confirm_all(
+        t: &Arc<HttpTransport>,
+        target: &str,
+        gids: &[String],
+    ) -> Vec<Result<(), CallError>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, gid) in gids.iter().enumerate() {
+            let (t, gid, target) =
+                (Arc::clone(t), gid.parse().unwrap_or_else(|e| panic!("{e}")), target.to_owned());
+            tasks.spawn(async move {
+                let branch = Branch {
+                    id: "b".parse().unwrap_or_else(|e| panic!("{e}")),
+                    target,
+                    payload: Vec::new(),
+                    state: BranchState::Registered,
+                    last_error: None,
+                };
+                let call = BranchCall {
+                    gid: &gid,
+                    branch: &branch,
+                    decision: Decision::Confirm,
+                    deadline: Timestamp(1),
+                };
+                (i, t.call(call).await)
+            });
+        }
+        let mut out: Vec<Option<Result<(), CallError>>> = vec![None; gids.len()];
+        while let Some(joined) = tasks.join_next().await {
+            let (i, r) = joined.unwrap_or_else(|e| panic!("{e}"));
+            out[i] = Some(r);
+        }
+        out.into_iter().map(|r| r.unwrap_or_else(|| panic!("a call never answered"))).collect()
+    }
+
+    fn gids(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crowded_calls_share_batches_and_each_gets_its_own_answer() {
+        let (target, seen) = participant(Batches::Answer).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 1 });
+        let mut all = gids("ok", 30);
+        all.extend(gids("refuse", 5));
+        all.extend(gids("busy", 5));
+        let results = confirm_all(&t, &target, &all).await;
+        for (gid, r) in all.iter().zip(&results) {
+            match (gid.split('-').next(), r) {
+                (Some("ok"), Ok(())) => {}
+                (Some("refuse"), Err(CallError::Permanent(m))) => assert!(m.contains("409"), "{m}"),
+                (Some("busy"), Err(CallError::Transient(m))) => assert!(m.contains("503"), "{m}"),
+                other => panic!("{gid}: {other:?}"),
+            }
+        }
+        let (batches, calls) =
+            (seen.batches.load(Ordering::SeqCst), seen.batched_calls.load(Ordering::SeqCst));
+        assert_eq!(calls, all.len(), "every call went in exactly one batch");
+        assert!(seen.largest.load(Ordering::SeqCst) <= 8, "no batch over max_calls");
+        assert!(batches < all.len() / 2, "{batches} batches for {} calls", all.len());
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_without_batches_is_called_one_call_at_a_time() {
+        let (target, seen) = participant(Batches::NotServed).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 1 });
+        let results = confirm_all(&t, &target, &gids("ok", 20)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 20);
+        assert_eq!(seen.not_found.load(Ordering::SeqCst), 1, "one batch refused, then calls went alone");
+        let results = confirm_all(&t, &target, &gids("later", 5)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 25);
+        assert_eq!(seen.not_found.load(Ordering::SeqCst), 1, "no batch tried again for a while");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_failing_as_a_whole_fails_each_call_as_transient() {
+        let (target, seen) = participant(Batches::Unavailable).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 2 });
+        let results = confirm_all(&t, &target, &gids("ok", 10)).await;
+        for r in &results {
+            assert!(matches!(r, Err(CallError::Transient(m)) if m.contains("503")), "{r:?}");
+        }
+        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 10);
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 0, "a busy participant is not called more");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_that_is_not_one_result_per_call_sends_the_calls_alone() {
+        let (target, seen) = participant(Batches::Short).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 1 });
+        let results = confirm_all(&t, &target, &gids("ok", 6)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 6);
+        assert_eq!(seen.batches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batching_off_sends_every_call_alone() {
+        let (target, seen) = participant(Batches::Answer).await;
+        let t = transport(Batching { max_calls: 1, in_flight: 1 });
+        let results = confirm_all(&t, &target, &gids("ok", 10)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(seen.singles.load(Ordering::SeqCst), 10);
+        assert_eq!(seen.batches.load(Ordering::SeqCst), 0);
+    }
+}
