@@ -111,6 +111,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = Batching::default().max_calls as u64,
           value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH_CALLS as u64))]
     batch_max_calls: u64,
+    /// Batches under way to one participant operation at once (the coordinators' setting).
+    #[arg(long, value_name = "N", default_value_t = Batching::default().in_flight as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    batches_in_flight: u64,
     /// Also run `postgres_1` and `postgres_3`: standalone on the PostgreSQL store at this URL (each
     /// run on a fresh schema), with one coordinator process and with three sharing the database
     /// (initiators spread over them).
@@ -333,6 +337,7 @@ async fn spawn_coordinator_at(
     let log = std::env::var("TCC_BENCH_COORDINATOR_LOG").unwrap_or_else(|_| "error".to_owned());
     cmd.env("RUST_LOG", log)
         .env("TCC_BATCH_MAX_CALLS", args.batch_max_calls.to_string())
+        .env("TCC_BATCHES_IN_FLIGHT", args.batches_in_flight.to_string())
         .stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
@@ -684,7 +689,10 @@ struct Bench {
 impl Bench {
     /// The HTTP settings of an embedded coordinator: the defaults, batching as `--batch-max-calls`.
     fn client_config(&self) -> ClientConfig {
-        let batching = Batching { max_calls: self.args.batch_max_calls as usize, ..Batching::default() };
+        let batching = Batching {
+            max_calls: self.args.batch_max_calls as usize,
+            in_flight: self.args.batches_in_flight as usize,
+        };
         ClientConfig { batching, ..ClientConfig::default() }
     }
 
@@ -1476,7 +1484,10 @@ async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
                     .ok()
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(Batching::default().max_calls),
-                ..Batching::default()
+                in_flight: std::env::var("TCC_BATCHES_IN_FLIGHT")
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(Batching::default().in_flight),
             },
             ..ClientConfig::default()
         },
