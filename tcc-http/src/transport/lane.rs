@@ -4,6 +4,11 @@
 //! call waiting by then, itself included); otherwise it waits, and the first batch to finish carries
 //! it next. Batches are sent from their own task, so a caller that stops waiting (the engine's
 //! per-call timeout) strands nobody else's call.
+//!
+//! A batch is answered when its slowest call is done. So that one slow call (a business confirm
+//! waiting on something) does not hold up every call to its target, a batch under way for longer
+//! than [`STALLED`] no longer counts against [`Batching::in_flight`]: the next call starts another
+//! batch, up to [`MAX_BATCHES`] under way.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,6 +25,12 @@ use crate::protocol::{BatchAnswer, BatchCall, BatchRequest, MAX_BODY};
 /// How long a target that refused a batch is called one call at a time before a batch is tried
 /// again (it may have been upgraded, or the refusal may have come from something in between).
 pub(super) const ALONE_FOR: Duration = Duration::from_secs(60);
+
+/// How long a batch may be under way before it stops counting against [`Batching::in_flight`].
+pub(super) const STALLED: Duration = Duration::from_millis(200);
+
+/// Most batches under way to one target, stalled ones included.
+pub(super) const MAX_BATCHES: usize = 64;
 
 /// What became of a call handed to a lane.
 #[derive(Debug)]
@@ -40,7 +51,9 @@ pub(super) struct Lane {
 #[derive(Debug, Default)]
 struct State {
     waiting: VecDeque<(BatchCall, oneshot::Sender<Reply>)>,
-    in_flight: usize,
+    /// The drivers sending batches: their number, and since when their current batch is under way.
+    drivers: Vec<(u64, Instant)>,
+    next_driver: u64,
     /// Until when every call goes alone, after the target refused a batch.
     alone_until: Option<Instant>,
 }
@@ -49,6 +62,32 @@ struct State {
 type Batch = (Vec<BatchCall>, Vec<oneshot::Sender<Reply>>);
 
 impl State {
+    /// Starts a driver if fewer than `in_flight` batches are under way that have not stalled (and
+    /// fewer than [`MAX_BATCHES`] in all): its number and first batch.
+    fn start_driver(&mut self, in_flight: usize, max: usize) -> Option<(u64, Batch)> {
+        let now = Instant::now();
+        let moving = self.drivers.iter().filter(|(_, since)| now.duration_since(*since) < STALLED).count();
+        if moving >= in_flight.max(1) || self.drivers.len() >= MAX_BATCHES {
+            return None;
+        }
+        let id = self.next_driver;
+        self.next_driver += 1;
+        self.drivers.push((id, now));
+        Some((id, self.take(max)))
+    }
+
+    /// The next batch of driver `id`, or `None` (and the driver gone) when no call is waiting.
+    fn next_batch(&mut self, id: u64, max: usize) -> Option<Batch> {
+        if self.waiting.is_empty() {
+            self.drivers.retain(|(d, _)| *d != id);
+            return None;
+        }
+        if let Some(slot) = self.drivers.iter_mut().find(|(d, _)| *d == id) {
+            slot.1 = Instant::now();
+        }
+        Some(self.take(max))
+    }
+
     /// The next batch: up to `max` of the waiting calls, oldest first, leaving out those nobody
     /// waits for any more (the engine's per-call timeout gave up on them and will call again).
     fn take(&mut self, max: usize) -> Batch {
@@ -103,15 +142,10 @@ impl Lane {
                 decision: call.decision,
             };
             st.waiting.push_back((batched, tx));
-            if st.in_flight < batching.in_flight.max(1) {
-                st.in_flight += 1;
-                Some(st.take(batching.max_calls))
-            } else {
-                None
-            }
+            st.start_driver(batching.in_flight, batching.max_calls)
         };
-        if let Some(batch) = start {
-            let driver = Driver { lane: Arc::clone(self), armed: true };
+        if let Some((id, batch)) = start {
+            let driver = Driver { lane: Arc::clone(self), id, armed: true };
             tokio::spawn(driver.run(client.clone(), batching.max_calls, batch));
         }
         rx.await.unwrap_or_else(|_| {
@@ -124,6 +158,7 @@ impl Lane {
 /// finishing (a panic, the runtime shutting down), it gives its place back.
 struct Driver {
     lane: Arc<Lane>,
+    id: u64,
     armed: bool,
 }
 
@@ -163,13 +198,13 @@ impl Driver {
                     }
                 }
             }
-            let mut st = self.lane.state();
-            if st.waiting.is_empty() {
-                st.in_flight = st.in_flight.saturating_sub(1);
-                self.armed = false;
-                return;
+            match self.lane.state().next_batch(self.id, max_calls) {
+                Some(next) => batch = next,
+                None => {
+                    self.armed = false;
+                    return;
+                }
             }
-            batch = st.take(max_calls);
         }
     }
 }
@@ -177,8 +212,8 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if self.armed {
-            let mut st = self.lane.state();
-            st.in_flight = st.in_flight.saturating_sub(1);
+            let id = self.id;
+            self.lane.state().drivers.retain(|(d, _)| *d != id);
         }
     }
 }
@@ -276,13 +311,15 @@ mod tests {
         largest: AtomicUsize,
         singles: AtomicUsize,
         not_found: AtomicUsize,
+        /// Lets a batch with a `slow` call answer.
+        release: tokio::sync::Notify,
     }
 
     /// How the test participant answers a batch.
     #[derive(Clone, Copy)]
     enum Batches {
         /// Per call: gids starting `refuse` 409, `busy` 503, others 200; after a short pause, so
-        /// that calls crowd.
+        /// that calls crowd; a batch with a `slow` call only once the test releases it.
         Answer,
         /// No batch route: 404.
         NotServed,
@@ -327,6 +364,9 @@ mod tests {
                         Batches::Unavailable => S::SERVICE_UNAVAILABLE.into_response(),
                         Batches::Short => Json(BatchAnswer { results: Vec::new() }).into_response(),
                         _ => {
+                            if req.calls.iter().any(|c| c.gid.starts_with("slow")) {
+                                s2.release.notified().await;
+                            }
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             Json(BatchAnswer { results: req.calls.iter().map(answer).collect() })
                                 .into_response()
@@ -413,6 +453,35 @@ mod tests {
         assert!(seen.largest.load(Ordering::SeqCst) <= 8, "no batch over max_calls");
         assert!(batches < all.len() / 2, "{batches} batches for {} calls", all.len());
         assert_eq!(seen.singles.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_batch_does_not_hold_up_the_calls_after_it() {
+        let (target, seen) = participant(Batches::Answer).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 1 });
+        let slow = {
+            let (t, target) = (Arc::clone(&t), target.clone());
+            tokio::spawn(async move { confirm_all(&t, &target, &["slow-0".to_owned()]).await })
+        };
+        for _ in 0..1_000 {
+            if seen.batches.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(seen.batches.load(Ordering::SeqCst), 1, "the slow batch is under way");
+        tokio::time::sleep(STALLED + Duration::from_millis(50)).await;
+        // The one batch allowed under way has stalled: these go in batches of their own.
+        let results =
+            tokio::time::timeout(Duration::from_secs(60), confirm_all(&t, &target, &gids("ok", 10)))
+                .await
+                .unwrap_or_else(|_| panic!("the calls waited for the stalled batch"));
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert!(!slow.is_finished(), "the slow batch is still under way");
+        seen.release.notify_one();
+        let slow = slow.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(slow.iter().all(Result::is_ok), "{slow:?}");
+        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 11);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
