@@ -50,6 +50,20 @@ impl Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, String), Histogram>>,
     calls: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    /// Phase-two batches sent: answered, failed as a whole, refused (the calls then went alone).
+    batches: [AtomicU64; 3],
+    batched_calls: AtomicU64,
+}
+
+/// What became of a phase-two batch, for [`Metrics::observe_batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The participant answered each call.
+    Answered,
+    /// The batch failed as a whole in a way worth retrying (each call is retried).
+    Failed,
+    /// The participant does not take batches: the calls went alone.
+    Refused,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,6 +93,12 @@ impl Metrics {
     /// transient or permanent.
     pub fn observe_call(&self, op: &'static str, outcome: &'static str, took: Duration) {
         lock(&self.calls).entry((op, outcome)).or_default().observe(took);
+    }
+
+    /// Records one phase-two batch of `calls` calls.
+    pub fn observe_batch(&self, outcome: BatchOutcome, calls: usize) {
+        self.batches[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.batched_calls.fetch_add(calls as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of everything: the engine's counters, the number of flagged
@@ -121,6 +141,23 @@ impl Metrics {
                 ("result=\"failed\"", stats.phase_two_failures),
             ],
         );
+        let batches = |o: BatchOutcome| self.batches[o as usize].load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "tcc_phase_two_batches_total",
+            "Phase-two batches sent to participants, by result (refused: the calls went alone).",
+            &[
+                ("result=\"answered\"", batches(BatchOutcome::Answered)),
+                ("result=\"failed\"", batches(BatchOutcome::Failed)),
+                ("result=\"refused\"", batches(BatchOutcome::Refused)),
+            ],
+        );
+        counter(
+            &mut out,
+            "tcc_phase_two_batched_calls_total",
+            "Phase-two calls sent in batches.",
+            &[("", self.batched_calls.load(Ordering::Relaxed))],
+        );
         counter(
             &mut out,
             "tcc_phase_two_retries_total",
@@ -161,6 +198,9 @@ mod tests {
         m.observe_request("POST", "/v1/transactions", 200, Duration::from_micros(300));
         m.observe_request("POST", "/v1/transactions", 201, Duration::from_millis(3));
         m.observe_call("confirm", "ok", Duration::from_millis(20));
+        m.observe_batch(BatchOutcome::Answered, 7);
+        m.observe_batch(BatchOutcome::Answered, 3);
+        m.observe_batch(BatchOutcome::Refused, 1);
         for i in 0..100 {
             m.observe_request(&format!("FOO{i}"), "unmatched", 405, Duration::from_micros(1));
         }
@@ -170,6 +210,10 @@ mod tests {
             "tcc_transactions_begun_total 5",
             "tcc_transactions_finished_total{outcome=\"confirmed\"} 3",
             "tcc_flagged_transactions 1",
+            "tcc_phase_two_batches_total{result=\"answered\"} 2",
+            "tcc_phase_two_batches_total{result=\"failed\"} 0",
+            "tcc_phase_two_batches_total{result=\"refused\"} 1",
+            "tcc_phase_two_batched_calls_total 11",
             "tcc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\",le=\"0.0005\"} 1",
             "tcc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\",le=\"0.005\"} 2",
             "tcc_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\"} 2",

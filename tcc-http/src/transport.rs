@@ -158,7 +158,7 @@ impl HttpTransport {
         call: &BranchCall<'_>,
     ) -> Result<(), CallError> {
         if self.batching.max_calls > 1 {
-            match lane.call(&self.client, self.batching, call).await {
+            match lane.call(&self.client, &self.metrics, self.batching, call).await {
                 lane::Reply::Done(result) => return result,
                 lane::Reply::Alone => {}
             }
