@@ -5,9 +5,11 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
 use sled::transaction::{ConflictableTransactionResult, abort};
 use support::{BOTH, Tcc};
 use tcc_core::{Clock, SledBarrier, SystemClock};
@@ -42,6 +44,8 @@ struct Shop {
     _dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
     url: String,
+    /// Requests served, by phase (the last path segment).
+    requests: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Shop {
@@ -71,13 +75,30 @@ impl Shop {
                 add(c.tree(0), "free", 1)
             },
         );
-        let app = axum::Router::new().nest("/tcc", participant.router());
+        let requests = Arc::new(Mutex::new(HashMap::new()));
+        let app = axum::Router::new().nest("/tcc", participant.router()).layer(
+            axum::middleware::from_fn_with_state(
+                Arc::clone(&requests),
+                |State(seen): State<Arc<Mutex<HashMap<String, usize>>>>,
+                 req: axum::extract::Request,
+                 next: axum::middleware::Next| async move {
+                    let phase = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+                    *seen.lock().unwrap().entry(phase).or_default() += 1;
+                    next.run(req).await
+                },
+            ),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/tcc/hold", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Shop { db, _dir: dir, server, url }
+        Shop { db, _dir: dir, server, url, requests }
+    }
+
+    /// Requests served for `phase` (`try`, `confirm`, `cancel`, `batch`).
+    fn requests(&self, phase: &str) -> usize {
+        self.requests.lock().unwrap().get(phase).copied().unwrap_or(0)
     }
 
     /// (free, held, sold)
@@ -174,5 +195,52 @@ async fn a_rush_of_concurrent_customers_never_overbooks() {
         assert_eq!((ff + fs, hf + hs), (10, 7), "{mode:?}: inventory conserved");
         assert_eq!((fs, hs), (booked, booked), "{mode:?}: every sold seat has its room");
         assert_eq!(booked, 7, "{mode:?}: rooms are the bottleneck and all of them sold");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_bookings_is_confirmed_through_batches_all_or_nothing() {
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let flights = Arc::new(Shop::open(1_000).await);
+        let hotels = Arc::new(Shop::open(150).await);
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (client, f, h) = (tcc.client.clone(), flights.url.clone(), hotels.url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut gid = None;
+                let r = client
+                    .run(LONG, |tx| {
+                        gid = Some(tx.gid().clone());
+                        async move {
+                            tx.try_branch("flight", &f, b"{}".to_vec()).await?;
+                            tx.try_branch("hotel", &h, b"{}".to_vec()).await?;
+                            Ok(())
+                        }
+                    })
+                    .await;
+                (gid.unwrap(), r.is_ok())
+            }));
+        }
+        let mut booked = 0;
+        for t in tasks {
+            let (gid, ok) = t.await.unwrap();
+            let done = tcc.client.wait(&gid, LONG).await.unwrap();
+            assert_eq!(done.state, if ok { StateView::Confirmed } else { StateView::Cancelled }, "{mode:?}");
+            booked += u32::from(ok);
+        }
+        assert_eq!(booked, 150, "{mode:?}: every room sold, the rest refused");
+        assert_eq!(flights.ledger(), (850, 0, 150), "{mode:?}: (free, held, sold) of seats");
+        assert_eq!(hotels.ledger(), (0, 0, 150), "{mode:?}: (free, held, sold) of rooms");
+        // Phase two reached the participants in batches only: no single confirm or cancel.
+        for shop in [&flights, &hotels] {
+            assert_eq!((shop.requests("confirm"), shop.requests("cancel")), (0, 0), "{mode:?}");
+            assert!(shop.requests("batch") > 0, "{mode:?}");
+        }
+        eprintln!(
+            "{mode:?}: {} flight and {} hotel batches for 200 phase-two calls each",
+            flights.requests("batch"),
+            hotels.requests("batch")
+        );
     }
 }
