@@ -195,8 +195,11 @@ impl Driver {
                     }
                 }
                 Sent::Refused(why) => {
+                    // The URL without its query, which may carry something secret.
+                    let mut shown = self.lane.url.clone();
+                    shown.set_query(None);
                     info!(
-                        target_url = %self.lane.url, calls = count, reason = %why,
+                        target_url = %shown, calls = count, reason = %why,
                         "participant takes no phase-two batches; calling it one call at a time for a while"
                     );
                     let waiting = {
