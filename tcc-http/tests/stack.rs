@@ -12,8 +12,9 @@ use std::time::Duration;
 use axum::extract::State;
 use sled::transaction::{ConflictableTransactionResult, abort};
 use support::{BOTH, Tcc};
+use tcc_core::Gid;
 use tcc_core::{Clock, SledBarrier, SystemClock};
-use tcc_http::client::ClientError;
+use tcc_http::client::{ClientError, TccClient};
 use tcc_http::participant::{Call, Participant};
 use tcc_http::server::native::StateView;
 
@@ -116,6 +117,44 @@ impl Drop for Shop {
     }
 }
 
+/// One customer booking a seat at `flights` and a room at `hotels` in one transaction: its id and
+/// what the customer was told.
+async fn book(client: &TccClient, flights: &str, hotels: &str) -> (Gid, Result<(), ClientError>) {
+    let mut gid = None;
+    let r = client
+        .run(LONG, |tx| {
+            gid = Some(tx.gid().clone());
+            async move {
+                tx.try_branch("flight", flights, b"{}".to_vec()).await?;
+                tx.try_branch("hotel", hotels, b"{}".to_vec()).await?;
+                Ok(())
+            }
+        })
+        .await;
+    (gid.unwrap(), r)
+}
+
+/// `n` customers at once; how many booked, once every transaction has ended as its customer was
+/// told (confirmed if booked, else cancelled).
+async fn rush(tcc: &Tcc, flights: &Shop, hotels: &Shop, n: usize) -> u32 {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, f, h) = (tcc.client.clone(), flights.url.clone(), hotels.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let (gid, r) = book(&client, &f, &h).await;
+            (gid, r.is_ok())
+        }));
+    }
+    let mut booked = 0;
+    for t in tasks {
+        let (gid, ok) = t.await.unwrap();
+        let done = tcc.client.wait(&gid, LONG).await.unwrap();
+        assert_eq!(done.state, if ok { StateView::Confirmed } else { StateView::Cancelled });
+        booked += u32::from(ok);
+    }
+    booked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookings_are_all_or_nothing_and_inventory_is_conserved() {
     for mode in BOTH {
@@ -127,24 +166,12 @@ async fn bookings_are_all_or_nothing_and_inventory_is_conserved() {
         // Four customers one after another: two book, then the hotel is sold out and the seat each
         // held is released.
         for _ in 0..4 {
-            let (f, h) = (flights.url.clone(), hotels.url.clone());
-            let mut gid = None;
-            let r = tcc
-                .client
-                .run(LONG, |tx| {
-                    gid = Some(tx.gid().clone());
-                    async move {
-                        tx.try_branch("flight", &f, b"{}".to_vec()).await?;
-                        tx.try_branch("hotel", &h, b"{}".to_vec()).await?;
-                        Ok(())
-                    }
-                })
-                .await;
+            let (gid, r) = book(&tcc.client, &flights.url, &hotels.url).await;
             outcomes.push(r.map_err(|e| match e {
                 ClientError::Refused { message, .. } => message,
                 other => panic!("{other}"),
             }));
-            gids.push(gid.unwrap());
+            gids.push(gid);
         }
         assert_eq!(outcomes, [Ok(()), Ok(()), Err("sold out".into()), Err("sold out".into())], "{mode:?}");
         for (gid, outcome) in gids.iter().zip(&outcomes) {
@@ -162,33 +189,9 @@ async fn bookings_are_all_or_nothing_and_inventory_is_conserved() {
 async fn a_rush_of_concurrent_customers_never_overbooks() {
     for mode in BOTH {
         let tcc = Tcc::start(mode).await;
-        let flights = Arc::new(Shop::open(10).await);
-        let hotels = Arc::new(Shop::open(7).await);
-        let mut tasks = Vec::new();
-        for _ in 0..30 {
-            let (client, f, h) = (tcc.client.clone(), flights.url.clone(), hotels.url.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut gid = None;
-                let r = client
-                    .run(LONG, |tx| {
-                        gid = Some(tx.gid().clone());
-                        async move {
-                            tx.try_branch("flight", &f, b"{}".to_vec()).await?;
-                            tx.try_branch("hotel", &h, b"{}".to_vec()).await?;
-                            Ok(())
-                        }
-                    })
-                    .await;
-                (gid.unwrap(), r.is_ok())
-            }));
-        }
-        let mut booked = 0;
-        for t in tasks {
-            let (gid, ok) = t.await.unwrap();
-            let done = tcc.client.wait(&gid, LONG).await.unwrap();
-            assert_eq!(done.state, if ok { StateView::Confirmed } else { StateView::Cancelled }, "{mode:?}");
-            booked += u32::from(ok);
-        }
+        let flights = Shop::open(10).await;
+        let hotels = Shop::open(7).await;
+        let booked = rush(&tcc, &flights, &hotels, 30).await;
         let (ff, fh, fs) = flights.ledger();
         let (hf, hh, hs) = hotels.ledger();
         assert_eq!((fh, hh), (0, 0), "{mode:?}: nothing left held");
@@ -202,33 +205,9 @@ async fn a_rush_of_concurrent_customers_never_overbooks() {
 async fn a_crowd_of_bookings_is_confirmed_through_batches_all_or_nothing() {
     for mode in BOTH {
         let tcc = Tcc::start(mode).await;
-        let flights = Arc::new(Shop::open(1_000).await);
-        let hotels = Arc::new(Shop::open(150).await);
-        let mut tasks = Vec::new();
-        for _ in 0..200 {
-            let (client, f, h) = (tcc.client.clone(), flights.url.clone(), hotels.url.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut gid = None;
-                let r = client
-                    .run(LONG, |tx| {
-                        gid = Some(tx.gid().clone());
-                        async move {
-                            tx.try_branch("flight", &f, b"{}".to_vec()).await?;
-                            tx.try_branch("hotel", &h, b"{}".to_vec()).await?;
-                            Ok(())
-                        }
-                    })
-                    .await;
-                (gid.unwrap(), r.is_ok())
-            }));
-        }
-        let mut booked = 0;
-        for t in tasks {
-            let (gid, ok) = t.await.unwrap();
-            let done = tcc.client.wait(&gid, LONG).await.unwrap();
-            assert_eq!(done.state, if ok { StateView::Confirmed } else { StateView::Cancelled }, "{mode:?}");
-            booked += u32::from(ok);
-        }
+        let flights = Shop::open(1_000).await;
+        let hotels = Shop::open(150).await;
+        let booked = rush(&tcc, &flights, &hotels, 200).await;
         assert_eq!(booked, 150, "{mode:?}: every room sold, the rest refused");
         assert_eq!(flights.ledger(), (850, 0, 150), "{mode:?}: (free, held, sold) of seats");
         assert_eq!(hotels.ledger(), (0, 0, 150), "{mode:?}: (free, held, sold) of rooms");
