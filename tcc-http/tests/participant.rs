@@ -315,6 +315,16 @@ impl Fixture {
                 |_| Ok(()),
                 |_| Ok::<_, sled::transaction::ConflictableTransactionError<String>>(()),
             );
+        // `fragile`: its confirm panics on the request `boom`.
+        let participant = participant.operation_fn(
+            "fragile",
+            |_| Ok::<_, sled::transaction::ConflictableTransactionError<String>>(Vec::new()),
+            |c| {
+                assert!(c.request() != b"boom", "the business confirm panicked");
+                Ok(())
+            },
+            |_| Ok(()),
+        );
         let reserve = Arc::new(Reserve::default());
         let participant = participant.async_operation("reserve", ReserveOp(Arc::clone(&reserve)));
         let _ = reserve.meddler.set(participant.clone());
@@ -1259,4 +1269,19 @@ async fn a_malformed_batch_is_refused_whole_and_runs_nothing() {
     assert_eq!(answered.results[0], (200, "confirmed".to_owned()));
     assert!(answered.results[1..].iter().all(|r| r == &(200, "duplicate".to_owned())));
     assert_eq!(f.runs("hold_seat", "confirm"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_call_in_a_batch_fails_alone() {
+    let f = Fixture::start().await;
+    f.call("fragile", "try", "tx-1", "b", "fine").await.expect_ok("fresh");
+    f.call("fragile", "try", "tx-2", "b", "boom").await.expect_ok("fresh");
+    f.call("fragile", "try", "tx-3", "b", "fine").await.expect_ok("fresh");
+    let calls = [("confirm", "tx-1", "b"), ("confirm", "tx-2", "b"), ("confirm", "tx-3", "b")];
+    let answered = f.batch("fragile", &calls).await;
+    assert_eq!(answered.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&answered.body));
+    assert_eq!(answered.results, results(&[(200, "confirmed"), (500, "internal"), (200, "confirmed")]));
+    assert_eq!(f.state("tx-1", "b"), Some(BarrierState::Confirmed));
+    assert_eq!(f.state("tx-2", "b"), Some(BarrierState::Tried), "the panicking call changed nothing");
+    assert_eq!(f.state("tx-3", "b"), Some(BarrierState::Confirmed));
 }

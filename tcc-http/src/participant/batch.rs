@@ -39,27 +39,33 @@ pub(super) async fn serve(
                     .into_iter()
                     .map(|(ids, phase)| {
                         let (gid, branch) = (&ids.gid, &ids.branch);
-                        let done = match phase {
+                        // A business method that panics fails its own call only, as it would alone.
+                        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
                             Phase::Cancel => barrier
                                 .cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, &name)?))
                                 .map(Done::Cancel),
                             Phase::Confirm | Phase::Try => barrier
                                 .confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, &name)?))
                                 .map(Done::Confirm),
+                        }));
+                        let done = match done {
+                            Ok(done) => {
+                                flush |= needs_flush(&done);
+                                done.map_err(barrier_error)
+                            }
+                            Err(_) => {
+                                error!(gid = %gid, branch = %branch, "participant call panicked (batched)");
+                                Err(panicked())
+                            }
                         };
-                        flush |= needs_flush(&done);
-                        (ids, phase, done.map_err(barrier_error))
+                        (ids, phase, done)
                     })
                     .collect();
                 (results, flush)
             };
             tokio::task::spawn_blocking(run).await.map_err(|e| {
                 error!(error = %e, "participant batch panicked");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the participant failed handling the batch",
-                )
+                panicked()
             })?
         }
         Registered::Async(op) => {
@@ -95,11 +101,7 @@ pub(super) async fn serve(
             while let Some(joined) = tasks.join_next().await {
                 let group = joined.map_err(|e| {
                     error!(error = %e, "participant batch call panicked");
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the participant failed handling the batch",
-                    )
+                    panicked()
                 })?;
                 for (i, ids, phase, done) in group {
                     // Whatever read or wrote barrier state waits for the flush (as single calls do).
@@ -134,6 +136,11 @@ pub(super) async fn serve(
         })
         .collect();
     Ok((StatusCode::OK, Json(BatchAnswer { results })).into_response())
+}
+
+/// The answer to a call (or a batch) whose handling panicked, as a single call's.
+fn panicked() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the participant failed handling the call")
 }
 
 /// The calls of a batch, numbered, grouped by branch (each group in the batch's order).
