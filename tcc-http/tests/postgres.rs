@@ -19,7 +19,9 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
 use support::{Mode, Participant, eventually, fast_core};
+use tcc_core::Decision;
 use tcc_http::client::TccClient;
+use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
 use tcc_http::server::native::StateView;
 use tcc_http::server::{Launch, ServerConfig, StoreChoice};
 
@@ -125,15 +127,41 @@ async fn gated(
     State(g): State<Gated>,
     Path((_op, phase)): Path<(String, String)>,
     headers: HeaderMap,
-) -> String {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    g.calls.lock().unwrap().entry((h("tcc-gid"), h("tcc-branch"))).or_default().push(phase.clone());
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // A phase-two batch: each call recorded as its single call would be, answered behind the gate.
+    let batch = (phase == BATCH_PATH).then(|| serde_json::from_slice::<BatchRequest>(&body).ok()).flatten();
+    {
+        let mut calls = g.calls.lock().unwrap();
+        match &batch {
+            Some(batch) => {
+                for c in &batch.calls {
+                    let phase = match c.decision {
+                        Decision::Confirm => "confirm",
+                        Decision::Cancel => "cancel",
+                    };
+                    calls.entry((c.gid.clone(), c.branch.clone())).or_default().push(phase.to_owned());
+                }
+            }
+            None => {
+                let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                calls.entry((h("tcc-gid"), h("tcc-branch"))).or_default().push(phase.clone());
+            }
+        }
+    }
     if phase != "try" {
         let mut open = g.open.subscribe();
         // Bounded: a call still waiting after this answers anyway.
         let _ = tokio::time::timeout(LONG, open.wait_for(|o| *o)).await;
     }
-    format!("{phase} ok")
+    match batch {
+        Some(batch) => {
+            let done = || BatchResult { status: 200, outcome: Some("done".into()), error: None };
+            axum::Json(BatchAnswer { results: batch.calls.iter().map(|_| done()).collect() }).into_response()
+        }
+        None => format!("{phase} ok").into_response(),
+    }
 }
 
 impl Gated {
