@@ -902,25 +902,42 @@ async fn serve(
                     TryOutcome::Fresh(_) => Ok(out),
                 })
                 .map(Done::Try),
-            Job::Confirm => {
-                barrier.confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, &name)?)).map(Done::Confirm)
-            }
-            Job::Cancel => {
-                barrier.cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, &name)?)).map(Done::Cancel)
-            }
+            Job::Confirm => phase_two(&barrier, &*op, &name, &ids, Phase::Confirm),
+            Job::Cancel => phase_two(&barrier, &*op, &name, &ids, Phase::Cancel),
         };
         (ids, done)
     };
     let (ids, done) = tokio::task::spawn_blocking(run).await.map_err(|e| {
         error!(error = %e, "participant call panicked");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the participant failed handling the call",
-        )
+        panicked()
     })?;
     let flush = needs_flush(&done);
     answer(&participant, &ids, phase, flush, done.map_err(barrier_error)).await
+}
+
+/// The confirm (or, for [`Phase::Cancel`], the cancel) of a synchronous operation through the
+/// barrier, on the calling thread (sled blocks: call it on the blocking pool).
+fn phase_two(
+    barrier: &SledBarrier,
+    op: &dyn ErasedOperation,
+    name: &str,
+    ids: &Ids,
+    phase: Phase,
+) -> Result<Done, BarrierError<CallAbort>> {
+    let (gid, branch) = (&ids.gid, &ids.branch);
+    match phase {
+        Phase::Cancel => {
+            barrier.cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, name)?)).map(Done::Cancel)
+        }
+        Phase::Confirm | Phase::Try => {
+            barrier.confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, name)?)).map(Done::Confirm)
+        }
+    }
+}
+
+/// The answer to a call whose handling panicked.
+fn panicked() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the participant failed handling the call")
 }
 
 /// The request body, or the error its rejection means (413 over [`MAX_BODY`]).

@@ -117,6 +117,13 @@ pub struct BatchCall {
     pub decision: tcc_core::Decision,
 }
 
+impl BatchCall {
+    /// The phase path of the single call this stands for: [`CONFIRM_PATH`] or [`CANCEL_PATH`].
+    pub fn phase(&self) -> &'static str {
+        decision_text::phase(self.decision)
+    }
+}
+
 /// The answer to a [`BatchRequest`]: one result per call, in the request's order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchAnswer {
@@ -145,11 +152,15 @@ mod decision_text {
 
     use super::{CANCEL_PATH, CONFIRM_PATH};
 
-    pub fn serialize<S: Serializer>(d: &Decision, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match d {
+    pub fn phase(d: Decision) -> &'static str {
+        match d {
             Decision::Confirm => CONFIRM_PATH,
             Decision::Cancel => CANCEL_PATH,
-        })
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Decision, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(phase(*d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decision, D::Error> {

@@ -19,7 +19,6 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
 use support::{Mode, Participant, eventually, fast_core};
-use tcc_core::Decision;
 use tcc_http::client::TccClient;
 use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
 use tcc_http::server::native::StateView;
@@ -137,11 +136,7 @@ async fn gated(
         match &batch {
             Some(batch) => {
                 for c in &batch.calls {
-                    let phase = match c.decision {
-                        Decision::Confirm => "confirm",
-                        Decision::Cancel => "cancel",
-                    };
-                    calls.entry((c.gid.clone(), c.branch.clone())).or_default().push(phase.to_owned());
+                    calls.entry((c.gid.clone(), c.branch.clone())).or_default().push(c.phase().to_owned());
                 }
             }
             None => {

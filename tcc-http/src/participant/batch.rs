@@ -15,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use tcc_core::{BranchId, Decision, Gid, Timestamp};
 use tracing::{debug, error};
 
-use super::{Call, Done, Ids, Participant, Phase, Registered, barrier_error, needs_flush, not_flushed};
+use super::{
+    Done, Ids, Participant, Phase, Registered, barrier_error, needs_flush, not_flushed, panicked, phase_two,
+};
 use crate::error::ApiError;
 use crate::protocol::{BatchAnswer, BatchRequest, BatchResult, MAX_BATCH_CALLS};
 
@@ -38,15 +40,9 @@ pub(super) async fn serve(
                 let results: Vec<Ran> = calls
                     .into_iter()
                     .map(|(ids, phase)| {
-                        let (gid, branch) = (&ids.gid, &ids.branch);
                         // A business method that panics fails its own call only, as it would alone.
-                        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
-                            Phase::Cancel => barrier
-                                .cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, &name)?))
-                                .map(Done::Cancel),
-                            Phase::Confirm | Phase::Try => barrier
-                                .confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, &name)?))
-                                .map(Done::Confirm),
+                        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            phase_two(&barrier, &*op, &name, &ids, phase)
                         }));
                         let done = match done {
                             Ok(done) => {
@@ -54,7 +50,7 @@ pub(super) async fn serve(
                                 done.map_err(barrier_error)
                             }
                             Err(_) => {
-                                error!(gid = %gid, branch = %branch, "participant call panicked (batched)");
+                                error!(gid = %ids.gid, branch = %ids.branch, "participant call panicked (batched)");
                                 Err(panicked())
                             }
                         };
@@ -104,8 +100,7 @@ pub(super) async fn serve(
                     panicked()
                 })?;
                 for (i, ids, phase, done) in group {
-                    // Whatever read or wrote barrier state waits for the flush (as single calls do).
-                    flush |= done.as_ref().map_or_else(|e| e.status.as_u16() < 500, |_| true);
+                    flush |= super::staged_calls::needs_flush(&done);
                     if let Some(slot) = slots.get_mut(i) {
                         *slot = Some((ids, phase, done));
                     }
@@ -136,11 +131,6 @@ pub(super) async fn serve(
         })
         .collect();
     Ok((StatusCode::OK, Json(BatchAnswer { results })).into_response())
-}
-
-/// The answer to a call (or a batch) whose handling panicked, as a single call's.
-fn panicked() -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the participant failed handling the call")
 }
 
 /// The calls of a batch, numbered, grouped by branch (each group in the batch's order).

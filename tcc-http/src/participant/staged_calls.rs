@@ -162,9 +162,14 @@ pub(super) async fn serve(
         let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
         call(&participant, &name, &op, phase, &ids, try_deadline, body).await
     };
-    // Whatever read or wrote barrier state waits for the flush (as the synchronous path does).
-    let flush = done.as_ref().map_or_else(|e| e.status.as_u16() < 500, |_| true);
+    let flush = needs_flush(&done);
     answer(&participant, &ids, phase, flush, done).await
+}
+
+/// Whether answering `done` needs the flush first: whatever read or wrote barrier state does (as on
+/// the synchronous path), which is everything but a failure of the participant itself (5xx).
+pub(super) fn needs_flush(done: &Result<Done, ApiError>) -> bool {
+    done.as_ref().map_or_else(|e| e.status.as_u16() < 500, |_| true)
 }
 
 fn internal(message: impl Into<String>) -> ApiError {

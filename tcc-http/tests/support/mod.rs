@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use tcc_core::{Config, Decision, RetryPolicy};
+use tcc_core::{Config, RetryPolicy};
 use tcc_http::ErrorBody;
 use tcc_http::client::TccClient;
 use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
@@ -90,11 +90,7 @@ fn batch(shared: &Shared, body: &[u8]) -> Response {
         .calls
         .into_iter()
         .map(|c| {
-            let phase = match c.decision {
-                Decision::Confirm => "confirm",
-                Decision::Cancel => "cancel",
-            };
-            calls.push((c.gid, c.branch, phase.to_owned(), c.deadline.to_string()));
+            calls.push((c.gid.clone(), c.branch.clone(), c.phase().to_owned(), c.deadline.to_string()));
             match mode {
                 Mode::FailPhaseTwo => BatchResult {
                     status: 503,

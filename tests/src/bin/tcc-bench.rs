@@ -278,6 +278,14 @@ fn answer_batch(
     axum::Json(BatchAnswer { results }).into_response()
 }
 
+/// The HTTP settings of a coordinator of this run (embedded, or the child process serving one):
+/// the defaults, batching as `--batch-max-calls` and `--batches-in-flight` say.
+fn client_config(args: &Args) -> ClientConfig {
+    let batching =
+        Batching { max_calls: args.batch_max_calls as usize, in_flight: args.batches_in_flight as usize };
+    ClientConfig { batching, ..ClientConfig::default() }
+}
+
 /// A coordinator process for the standalone modes; killed when dropped.
 struct CoordinatorProcess {
     child: std::process::Child,
@@ -326,19 +334,20 @@ async fn spawn_coordinator_at(
         Some(bin) => {
             let mut c = std::process::Command::new(bin);
             c.args(["--listen", &listen, "--owner", owner]).env("TCC_STORE", store);
+            c.env("TCC_BATCH_MAX_CALLS", args.batch_max_calls.to_string());
+            c.env("TCC_BATCHES_IN_FLIGHT", args.batches_in_flight.to_string());
             c
         }
         None => {
             let mut c = std::process::Command::new(&me);
             c.arg("--serve-coordinator").arg(&listen).arg(store);
+            c.arg("--batch-max-calls").arg(args.batch_max_calls.to_string());
+            c.arg("--batches-in-flight").arg(args.batches_in_flight.to_string());
             c
         }
     };
     let log = std::env::var("TCC_BENCH_COORDINATOR_LOG").unwrap_or_else(|_| "error".to_owned());
-    cmd.env("RUST_LOG", log)
-        .env("TCC_BATCH_MAX_CALLS", args.batch_max_calls.to_string())
-        .env("TCC_BATCHES_IN_FLIGHT", args.batches_in_flight.to_string())
-        .stdout(std::process::Stdio::null());
+    cmd.env("RUST_LOG", log).stdout(std::process::Stdio::null());
     let child = cmd.spawn().map_err(|e| format!("starting the coordinator: {e}"))?;
     let proc = CoordinatorProcess { child, url: format!("http://{listen}"), _dir: dir };
     wait_healthy(&reqwest::Client::new(), &proc.url, limit).await?;
@@ -689,11 +698,7 @@ struct Bench {
 impl Bench {
     /// The HTTP settings of an embedded coordinator: the defaults, batching as `--batch-max-calls`.
     fn client_config(&self) -> ClientConfig {
-        let batching = Batching {
-            max_calls: self.args.batch_max_calls as usize,
-            in_flight: self.args.batches_in_flight as usize,
-        };
-        ClientConfig { batching, ..ClientConfig::default() }
+        client_config(&self.args)
     }
 
     fn targets(&self, branches: usize) -> Vec<String> {
@@ -1446,7 +1451,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(serve) = args.serve_coordinator.clone() {
-        return rt.block_on(serve_coordinator(serve));
+        return rt.block_on(serve_coordinator(serve, client_config(&args)));
     }
     if let Some(fill) = args.fill_history.clone() {
         return rt.block_on(fill_history(fill));
@@ -1465,7 +1470,7 @@ fn main() -> ExitCode {
 }
 
 /// The child-process coordinator of the standalone modes when no tcc-coordinator binary is found.
-async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
+async fn serve_coordinator(serve: Vec<String>, client: ClientConfig) -> ExitCode {
     let [listen, dir] = serve.as_slice() else { return ExitCode::from(2) };
     let launch = tcc_http::server::Launch {
         listen: listen.clone(),
@@ -1478,19 +1483,7 @@ async fn serve_coordinator(serve: Vec<String>) -> ExitCode {
         },
         core: tcc_core::Config::default(),
         server: Default::default(),
-        client: ClientConfig {
-            batching: Batching {
-                max_calls: std::env::var("TCC_BATCH_MAX_CALLS")
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(Batching::default().max_calls),
-                in_flight: std::env::var("TCC_BATCHES_IN_FLIGHT")
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(Batching::default().in_flight),
-            },
-            ..ClientConfig::default()
-        },
+        client,
     };
     match tcc_http::server::start(launch).await {
         Ok(running) => {
