@@ -72,7 +72,7 @@ impl Backend for Sled {
         let store = self.opened.lock().unwrap().iter().rev().find_map(Weak::upgrade).unwrap();
         store
             .db()
-            .open_tree("tcc_tx")
+            .open_tree("tcc_live")
             .unwrap()
             .insert(gid.as_str().as_bytes(), &b"\x01\xff\xff"[..])
             .unwrap();
@@ -188,8 +188,21 @@ async fn insert_refuses_an_existing_id_and_changes_nothing(b: &dyn Backend) {
     s.insert(&tx).await.unwrap();
     let other = bump(&tx, |t| t.deadline = Timestamp(5));
     assert!(matches!(s.insert(&other).await, Err(tcc_core::Error::AlreadyExists(_))));
-    assert_eq!(s.get(&tx.gid).await.unwrap(), Some(tx));
+    assert_eq!(s.get(&tx.gid).await.unwrap(), Some(tx.clone()));
     assert_eq!(s.get(&Gid::generate()).await.unwrap(), None);
+    // A finished transaction's id stays taken, whichever state the new record is in.
+    let done = bump(&tx, |t| {
+        t.state = TxState::Cancelled;
+        t.due_at = None;
+    });
+    assert_eq!(s.compare_and_set(1, &done).await.unwrap(), Cas::Stored);
+    for state in [TxState::Trying, TxState::Confirmed, TxState::Cancelled] {
+        let again = bump(&tx, |t| t.state = state);
+        assert!(matches!(s.insert(&again).await, Err(tcc_core::Error::AlreadyExists(_))), "{state:?}");
+    }
+    assert_eq!(s.get(&tx.gid).await.unwrap(), Some(done));
+    assert_eq!(s.count(TxState::Trying).await.unwrap(), 0);
+    assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
 }
 
 async fn every_field_of_a_record_round_trips(b: &dyn Backend) {
@@ -577,115 +590,141 @@ async fn unsynced_writes_are_visible_at_once_and_durable_once_synced(b: &dyn Bac
     }
 }
 
-#[tokio::test]
-async fn sled_index_entries_left_by_an_interrupted_change_are_ignored_and_cleaned() {
-    // A crash between writing a change's new index entries and swapping the record leaves entries
-    // the record does not use. They must never make a transaction due or listed in the wrong state.
-    let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
-    let tx = new_tx(10_000);
-    s.insert(&tx).await.unwrap();
-    let mut stale_due = 500u64.to_be_bytes().to_vec();
-    stale_due.extend_from_slice(tx.gid.as_str().as_bytes());
-    s.db().open_tree("tcc_due").unwrap().insert(&stale_due, &[][..]).unwrap();
-    let mut stale_state = vec![TxState::Flagged.code()];
-    stale_state.extend_from_slice(tx.gid.as_str().as_bytes());
-    s.db().open_tree("tcc_state").unwrap().insert(&stale_state, &[][..]).unwrap();
-
-    let mut stale_label = 700u64.to_be_bytes().to_vec();
-    stale_label.extend_from_slice(tx.gid.as_str().as_bytes());
-    s.db().open_tree("tcc_due").unwrap().insert(&stale_label, &[TxState::Confirming.code()][..]).unwrap();
-    let confirming =
-        s.list(&ListQuery { state: Some(TxState::Confirming), ..Default::default() }).await.unwrap();
-    assert!(confirming.items.is_empty(), "a left-over due entry does not list its record in its state");
-    let trying = s.list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
-    assert_eq!(trying.items.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&tx.gid], "listed once");
-
-    assert!(s.claim_due("a", Timestamp(800), Timestamp(900), 10).await.unwrap().is_empty());
-    assert!(!s.db().open_tree("tcc_due").unwrap().contains_key(&stale_due).unwrap(), "stale entry dropped");
-    assert_eq!(s.count(TxState::Flagged).await.unwrap(), 0);
-    let flagged = s.list(&ListQuery { state: Some(TxState::Flagged), ..Default::default() }).await.unwrap();
-    assert!(flagged.items.is_empty());
-    // The real entry still works.
-    assert_eq!(s.claim_due("a", Timestamp(10_000), Timestamp(20_000), 10).await.unwrap().len(), 1);
-}
-
-#[tokio::test]
-async fn sled_keeps_each_record_in_one_index() {
-    // An unfinished transaction is found through its due entry (which names its state), a final
-    // or flagged one through its state entry: never both, so a change writes one index.
-    let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
-    let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
-    let tx = new_tx(10_000);
-    s.insert(&tx).await.unwrap();
-    assert_eq!((due.len(), states.len()), (1, 0));
-    let (_, code) = due.iter().next().unwrap().unwrap();
-    assert_eq!(&code[..], &[TxState::Trying.code()][..]);
-    // A change of state that keeps the due time relabels the entry.
-    let cancelling = bump(&tx, |t| {
-        t.state = TxState::Cancelling;
-        t.decision = Some(Decision::Cancel);
-    });
-    assert_eq!(s.compare_and_set(1, &cancelling).await.unwrap(), Cas::Stored);
-    assert_eq!((due.len(), states.len()), (1, 0));
-    let (_, code) = due.iter().next().unwrap().unwrap();
-    assert_eq!(&code[..], &[TxState::Cancelling.code()][..]);
-    let tx = cancelling;
-    let done = bump(&tx, |t| {
-        t.state = TxState::Cancelled;
-        t.decision = Some(Decision::Cancel);
-        t.due_at = None;
-    });
-    assert_eq!(s.compare_and_set(2, &done).await.unwrap(), Cas::Stored);
-    assert_eq!((due.len(), states.len()), (0, 1));
-    let listed = s.list(&ListQuery { state: Some(TxState::Cancelled), ..Default::default() }).await.unwrap();
-    assert_eq!(listed.items, vec![done]);
-}
-
-#[tokio::test]
-async fn sled_moves_a_directory_of_the_earlier_index_layout_on_open() {
-    // Earlier versions kept a state entry for every record and nothing in due entries. Such a
-    // directory must list and count right at once and be moved to the current layout on open.
-    let dir = tempfile::tempdir().unwrap();
-    let (trying, cancelled) = (new_tx(10_000), {
-        let mut t = new_tx(10_000);
-        t.state = TxState::Cancelled;
-        t.decision = Some(Decision::Cancel);
-        t.due_at = None;
-        t
-    });
-    {
-        let s = SledStore::open(dir.path()).unwrap();
-        s.insert(&trying).await.unwrap();
-        s.insert(&cancelled).await.unwrap();
-        let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
-        let (k, _) = due.iter().next().unwrap().unwrap();
-        due.insert(k, &[][..]).unwrap();
-        let mut legacy = vec![TxState::Trying.code()];
-        legacy.extend_from_slice(trying.gid.as_str().as_bytes());
-        states.insert(legacy, &[][..]).unwrap();
-        // Older directories carry no note of their layout.
-        s.db().open_tree("tcc_meta").unwrap().clear().unwrap();
-        s.sync().await.unwrap();
-    }
-    let mut s = None;
+/// Opens the sled store in `dir`, waiting for a dropped one's flusher to let go of the lock.
+async fn open_sled(dir: &std::path::Path) -> SledStore {
     for _ in 0..1_000 {
-        if let Ok(opened) = SledStore::open(dir.path()) {
-            s = Some(opened);
-            break;
+        if let Ok(s) = SledStore::open(dir) {
+            return s;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let s = s.expect("the directory stayed locked");
-    let (due, states) = (s.db().open_tree("tcc_due").unwrap(), s.db().open_tree("tcc_state").unwrap());
-    assert_eq!((due.len(), states.len()), (1, 1), "the legacy state entry of the trying one is gone");
-    assert_eq!(&due.iter().next().unwrap().unwrap().1[..], &[TxState::Trying.code()][..]);
-    let page = s.list(&ListQuery { state: Some(TxState::Trying), ..Default::default() }).await.unwrap();
-    assert_eq!(page.items, vec![trying]);
+    panic!("the sled directory stayed locked");
+}
+
+fn finished(tx: &Transaction, state: TxState) -> Transaction {
+    bump(tx, |t| {
+        t.state = state;
+        t.decision = Some(if state == TxState::Confirmed { Decision::Confirm } else { Decision::Cancel });
+        t.due_at = None;
+    })
+}
+
+fn done_key(state: TxState, gid: &Gid) -> Vec<u8> {
+    [&[state.code()][..], gid.as_str().as_bytes()].concat()
+}
+
+#[tokio::test]
+async fn sled_keeps_unfinished_and_finished_records_apart() {
+    // Unfinished records are in `tcc_live`, which is all that opening reads; a final one moves to
+    // `tcc_done` under its state, so listing a final state reads only that state's records.
+    let dir = tempfile::tempdir().unwrap();
+    let (live, done, tx, end) = {
+        let s = open_sled(dir.path()).await;
+        let (live, done) = (s.db().open_tree("tcc_live").unwrap(), s.db().open_tree("tcc_done").unwrap());
+        let tx = new_tx(10_000);
+        s.insert(&tx).await.unwrap();
+        assert_eq!((live.len(), done.len()), (1, 0));
+        let cancelling = bump(&tx, |t| {
+            t.state = TxState::Cancelling;
+            t.decision = Some(Decision::Cancel);
+        });
+        assert_eq!(s.compare_and_set(1, &cancelling).await.unwrap(), Cas::Stored);
+        assert_eq!((live.len(), done.len()), (1, 0));
+        let end = finished(&cancelling, TxState::Cancelled);
+        assert_eq!(s.compare_and_set(2, &end).await.unwrap(), Cas::Stored);
+        assert_eq!((live.len(), done.len()), (0, 1));
+        assert!(done.contains_key(done_key(TxState::Cancelled, &tx.gid)).unwrap());
+        assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&end));
+        assert!(s.claim_due("a", Timestamp(u64::MAX - 1), Timestamp(u64::MAX), 10).await.unwrap().is_empty());
+        // A final record is final: a change of it stays where it is, under its state.
+        assert_eq!(s.compare_and_set(2, &end).await.unwrap(), Cas::Conflict(Some(end.clone())));
+        (live.len(), done.len(), tx, end)
+    };
+    assert_eq!((live, done), (0, 1));
+    let s = open_sled(dir.path()).await;
+    assert_eq!(s.get(&tx.gid).await.unwrap(), Some(end.clone()));
+    assert_eq!(listed(&s, TxState::Cancelled).await, vec![tx.gid.clone()]);
+    assert!(listed(&s, TxState::Cancelling).await.is_empty());
     assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
+    assert_eq!(s.count(TxState::Cancelling).await.unwrap(), 0);
+    assert!(s.claim_due("a", Timestamp(u64::MAX - 1), Timestamp(u64::MAX), 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sled_finishes_on_open_a_move_a_crash_interrupted() {
+    // Finishing writes the record into `tcc_done`, then removes it from `tcc_live`. A crash in
+    // between leaves both: the newer one must win on open, and the transaction must be neither due
+    // nor listed twice.
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, end) = {
+        let s = open_sled(dir.path()).await;
+        let tx = new_tx(100);
+        s.insert(&tx).await.unwrap();
+        let confirming = bump(&tx, |t| {
+            t.state = TxState::Confirming;
+            t.decision = Some(Decision::Confirm);
+        });
+        assert_eq!(s.compare_and_set(1, &confirming).await.unwrap(), Cas::Stored);
+        let end = finished(&confirming, TxState::Confirmed);
+        let bytes = tcc_core::store::codec::encode(&end).unwrap();
+        s.db().open_tree("tcc_done").unwrap().insert(done_key(TxState::Confirmed, &tx.gid), bytes).unwrap();
+        s.sync().await.unwrap();
+        (tx, end)
+    };
+    let s = open_sled(dir.path()).await;
+    assert_eq!(s.get(&tx.gid).await.unwrap(), Some(end));
+    assert!(!s.db().open_tree("tcc_live").unwrap().contains_key(tx.gid.as_str()).unwrap());
+    assert!(s.claim_due("a", Timestamp(u64::MAX - 1), Timestamp(u64::MAX), 10).await.unwrap().is_empty());
+    assert_eq!(s.count(TxState::Confirming).await.unwrap(), 0);
+    let all = s.list(&ListQuery::default()).await.unwrap();
+    assert_eq!(all.items.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&tx.gid], "listed once");
+}
+
+#[tokio::test]
+async fn sled_moves_a_directory_of_an_earlier_layout_on_open() {
+    // Earlier versions kept every record in `tcc_tx` beside on-disk due and state indexes. Such a
+    // directory must be moved on open, once, with every record served, due and listed as before.
+    let dir = tempfile::tempdir().unwrap();
+    let trying = new_tx(100);
+    let cancelled = finished(&new_tx(100), TxState::Cancelled);
+    let damaged = Gid::generate();
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let txs = db.open_tree("tcc_tx").unwrap();
+        for tx in [&trying, &cancelled] {
+            txs.insert(tx.gid.as_str(), tcc_core::store::codec::encode(tx).unwrap()).unwrap();
+        }
+        txs.insert(damaged.as_str(), &b"\x01\xff\xff"[..]).unwrap();
+        let mut due = 100u64.to_be_bytes().to_vec();
+        due.extend_from_slice(trying.gid.as_str().as_bytes());
+        db.open_tree("tcc_due").unwrap().insert(due, &[TxState::Trying.code()][..]).unwrap();
+        db.open_tree("tcc_state")
+            .unwrap()
+            .insert(done_key(TxState::Cancelled, &cancelled.gid), &[][..])
+            .unwrap();
+        db.open_tree("tcc_meta").unwrap().insert("index_layout", &[2u8][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let s = open_sled(dir.path()).await;
+    assert_eq!(s.get(&trying.gid).await.unwrap(), Some(trying.clone()));
+    assert_eq!(s.get(&cancelled.gid).await.unwrap(), Some(cancelled.clone()));
+    assert!(matches!(s.get(&damaged).await, Err(tcc_core::Error::Storage(_))), "still reported");
+    assert_eq!(listed(&s, TxState::Trying).await, vec![trying.gid.clone()]);
+    assert_eq!(listed(&s, TxState::Cancelled).await, vec![cancelled.gid.clone()]);
+    let got = s.claim_due("a", Timestamp(100), Timestamp(200), 10).await.unwrap();
+    assert_eq!(got.iter().map(|t| &t.gid).collect::<Vec<_>>(), vec![&trying.gid], "due as before");
+    let names: Vec<_> =
+        s.db().tree_names().into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect();
+    for old in ["tcc_tx", "tcc_due", "tcc_state"] {
+        assert!(!names.iter().any(|n| n == old), "{old} dropped");
+    }
     let note = s.db().open_tree("tcc_meta").unwrap().get("index_layout").unwrap();
-    assert_eq!(note.as_deref(), Some(&[2u8][..]), "moved once: the next open skips the move");
+    assert_eq!(note.as_deref(), Some(&[3u8][..]), "moved once: the next open skips the move");
+    s.sync().await.unwrap();
+    drop(s);
+    let s = open_sled(dir.path()).await;
+    assert_eq!(s.get(&cancelled.gid).await.unwrap(), Some(cancelled));
+    assert_eq!(s.count(TxState::Trying).await.unwrap(), 1);
 }
 
 /// CI sets `TCC_REQUIRE_POSTGRES=1`: a build without the PostgreSQL store must not pass for one
