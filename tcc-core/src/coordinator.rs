@@ -149,7 +149,9 @@ pub(crate) struct Inner {
     /// Rounds spawned and not finished, running or waiting for a permit: what the scheduler leaves
     /// room for before claiming more.
     pub(crate) pending_rounds: std::sync::atomic::AtomicUsize,
-    waiters: Mutex<HashMap<Gid, Vec<oneshot::Sender<()>>>>,
+    /// Callers of [`Coordinator::wait`], each handed the transaction as stored when it ends or is
+    /// flagged here.
+    waiters: Mutex<HashMap<Gid, Vec<oneshot::Sender<Transaction>>>>,
     tasks: Mutex<JoinSet<()>>,
     pub(crate) wake: Notify,
     pub(crate) stop: watch::Sender<bool>,
@@ -458,7 +460,9 @@ impl Coordinator {
             // Another process may finish it; look again now and then even without a wake-up.
             let nap = until.since(now).min(inner.config.poll_interval * 10);
             tokio::select! {
-                _ = rx => {}
+                // Woken by this process's own write: the transaction as it stored it, final or
+                // flagged, no need to read it back.
+                Ok(stored) = rx => return Ok(stored),
                 _ = inner.clock.sleep(nap) => {}
             }
         }
@@ -627,7 +631,7 @@ impl Inner {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(tx = %tx.gid, state = %state, "finished");
-                    self.notify(&tx.gid);
+                    self.notify(tx);
                 }
                 Effect::Flagged(error) => {
                     self.counters.flagged.fetch_add(1, Ordering::Relaxed);
@@ -638,7 +642,7 @@ impl Inner {
                         error = %error,
                         "phase two gave up; the transaction is flagged for an operator"
                     );
-                    self.notify(&tx.gid);
+                    self.notify(tx);
                 }
             }
         }
@@ -655,10 +659,11 @@ impl Inner {
         }
     }
 
-    fn notify(&self, gid: &Gid) {
-        if let Some(waiters) = lock(&self.waiters).remove(gid) {
+    /// Hands `tx` (final or flagged, as stored) to everyone waiting for it.
+    fn notify(&self, tx: &Transaction) {
+        if let Some(waiters) = lock(&self.waiters).remove(&tx.gid) {
             for w in waiters {
-                let _ = w.send(());
+                let _ = w.send(tx.clone());
             }
         }
     }
