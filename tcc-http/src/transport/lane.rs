@@ -77,6 +77,16 @@ impl State {
         Some((id, self.take(max)))
     }
 
+    /// When the first of the batches under way that have not stalled will have, if calls are
+    /// waiting and another batch may start then.
+    fn next_stall(&self) -> Option<Instant> {
+        if self.waiting.is_empty() || self.drivers.len() >= MAX_BATCHES {
+            return None;
+        }
+        let now = Instant::now();
+        self.drivers.iter().map(|(_, since)| *since + STALLED).filter(|at| *at > now).min()
+    }
+
     /// The next batch of driver `id`, or `None` (and the driver gone) when no call is waiting.
     fn next_batch(&mut self, id: u64, max: usize) -> Option<Batch> {
         if self.waiting.is_empty() {
@@ -146,14 +156,30 @@ impl Lane {
             st.waiting.push_back((batched, tx));
             st.start_driver(batching.in_flight, batching.max_calls)
         };
-        if let Some((id, batch)) = start {
-            let driver = Driver { lane: Arc::clone(self), metrics: Arc::clone(metrics), id, armed: true };
-            tokio::spawn(driver.run(client.clone(), batching.max_calls, batch));
+        let mut start = start;
+        let mut rx = rx;
+        loop {
+            if let Some((id, batch)) = start.take() {
+                let driver = Driver { lane: Arc::clone(self), metrics: Arc::clone(metrics), id, armed: true };
+                tokio::spawn(driver.run(client.clone(), batching.max_calls, batch));
+            }
+            // Calls are waiting behind batches under way: when the first of those turns stalled,
+            // a batch may start for them. Nobody else may come to start it (no new call), so this
+            // caller looks then, whether its own call is still waiting or already under way.
+            let Some(at) = self.state().next_stall() else { break };
+            tokio::select! {
+                reply = &mut rx => return reply.unwrap_or_else(|_| dropped()),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                    start = self.state().start_driver(batching.in_flight, batching.max_calls);
+                }
+            }
         }
-        rx.await.unwrap_or_else(|_| {
-            Reply::Done(Err(CallError::Transient("the batch carrying this call was dropped".into())))
-        })
+        rx.await.unwrap_or_else(|_| dropped())
     }
+}
+
+fn dropped() -> Reply {
+    Reply::Done(Err(CallError::Transient("the batch carrying this call was dropped".into())))
 }
 
 /// One of a lane's batches under way: sends batches while calls are waiting. Dropped without
@@ -500,6 +526,34 @@ mod tests {
         let slow = slow.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(slow.iter().all(Result::is_ok), "{slow:?}");
         assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 11);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_waiting_behind_a_batch_that_stalls_goes_without_another_call_arriving() {
+        // The call finds the one batch allowed under way (not stalled yet) and waits. No call
+        // comes after it, so nobody else would start the batch that carries it.
+        let (target, seen) = participant(Batches::Answer).await;
+        let t = transport(Batching { max_calls: 8, in_flight: 1 });
+        let slow = {
+            let (t, target) = (Arc::clone(&t), target.clone());
+            tokio::spawn(async move { confirm_all(&t, &target, &["slow-0".to_owned()]).await })
+        };
+        for _ in 0..1_000 {
+            if seen.batches.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(seen.batches.load(Ordering::SeqCst), 1, "the slow batch is under way");
+        let results = tokio::time::timeout(Duration::from_secs(60), confirm_all(&t, &target, &gids("ok", 1)))
+            .await
+            .unwrap_or_else(|_| panic!("the waiting call was never sent"));
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert!(!slow.is_finished(), "the slow batch is still under way");
+        seen.release.notify_one();
+        let slow = slow.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(slow.iter().all(Result::is_ok), "{slow:?}");
+        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
