@@ -499,61 +499,47 @@ mod tests {
         assert!(text.lines().any(|l| l == answered), "{text}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stalled_batch_does_not_hold_up_the_calls_after_it() {
+    /// On a target allowed one batch under way, a batch with a `slow` call (held by the
+    /// participant until released) is sent first, then `calls` after `pause`: each of them must be
+    /// answered while the slow batch still is not.
+    async fn calls_behind_a_slow_batch(pause: Duration, calls: &[String]) {
         let (target, seen) = participant(Batches::Answer).await;
         let t = transport(Batching { max_calls: 8, in_flight: 1 });
         let slow = {
             let (t, target) = (Arc::clone(&t), target.clone());
             tokio::spawn(async move { confirm_all(&t, &target, &["slow-0".to_owned()]).await })
         };
-        for _ in 0..1_000 {
-            if seen.batches.load(Ordering::SeqCst) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(seen.batches.load(Ordering::SeqCst), 1, "the slow batch is under way");
-        tokio::time::sleep(STALLED + Duration::from_millis(50)).await;
-        // The one batch allowed under way has stalled: these go in batches of their own.
-        let results =
-            tokio::time::timeout(Duration::from_secs(60), confirm_all(&t, &target, &gids("ok", 10)))
-                .await
-                .unwrap_or_else(|_| panic!("the calls waited for the stalled batch"));
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert!(!slow.is_finished(), "the slow batch is still under way");
-        seen.release.notify_one();
-        let slow = slow.await.unwrap_or_else(|e| panic!("{e}"));
-        assert!(slow.iter().all(Result::is_ok), "{slow:?}");
-        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 11);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_call_waiting_behind_a_batch_that_stalls_goes_without_another_call_arriving() {
-        // The call finds the one batch allowed under way (not stalled yet) and waits. No call
-        // comes after it, so nobody else would start the batch that carries it.
-        let (target, seen) = participant(Batches::Answer).await;
-        let t = transport(Batching { max_calls: 8, in_flight: 1 });
-        let slow = {
-            let (t, target) = (Arc::clone(&t), target.clone());
-            tokio::spawn(async move { confirm_all(&t, &target, &["slow-0".to_owned()]).await })
-        };
-        for _ in 0..1_000 {
+        for _ in 0..5_000 {
             if seen.batches.load(Ordering::SeqCst) == 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(seen.batches.load(Ordering::SeqCst), 1, "the slow batch is under way");
-        let results = tokio::time::timeout(Duration::from_secs(60), confirm_all(&t, &target, &gids("ok", 1)))
+        tokio::time::sleep(pause).await;
+        let results = tokio::time::timeout(Duration::from_secs(60), confirm_all(&t, &target, calls))
             .await
-            .unwrap_or_else(|_| panic!("the waiting call was never sent"));
+            .unwrap_or_else(|_| panic!("the calls waited for the slow batch"));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert!(!slow.is_finished(), "the slow batch is still under way");
         seen.release.notify_one();
         let slow = slow.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(slow.iter().all(Result::is_ok), "{slow:?}");
-        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.batched_calls.load(Ordering::SeqCst), calls.len() + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_batch_does_not_hold_up_the_calls_after_it() {
+        // The one batch allowed under way has stalled when these come: they go in batches of
+        // their own.
+        calls_behind_a_slow_batch(STALLED + Duration::from_millis(50), &gids("ok", 10)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_waiting_behind_a_batch_that_stalls_goes_without_another_call_arriving() {
+        // The call finds the one batch allowed under way (not stalled yet) and waits. No call
+        // comes after it, so nobody else would start the batch that carries it.
+        calls_behind_a_slow_batch(Duration::ZERO, &gids("ok", 1)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
