@@ -69,8 +69,9 @@ use tcc_http::target::AllowList;
 use tcc_http::transport::{Batching, ClientConfig, build_client};
 use tcc_tests::free_port;
 
-/// With the `mimalloc` feature, the same allocator as the `tcc-coordinator` binary built with it, for
-/// every mode alike (the in-process participants, the initiators and the embedded engine).
+/// With the `mimalloc` feature (on by default), the same allocator as the `tcc-coordinator` binary's
+/// default, for every mode alike (the in-process participants, the initiators and the embedded
+/// engine).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
