@@ -48,16 +48,9 @@ impl Sled {
 #[async_trait]
 impl Backend for Sled {
     async fn open(&self) -> Arc<dyn Store> {
-        // A dropped store's flusher thread releases the directory lock shortly after.
-        for _ in 0..1_000 {
-            if let Ok(s) = SledStore::open(self.dir.path()) {
-                let s = Arc::new(s);
-                self.opened.lock().unwrap().push(Arc::downgrade(&s));
-                return s;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("the sled directory stayed locked");
+        let s = Arc::new(open_sled(self.dir.path()).await);
+        self.opened.lock().unwrap().push(Arc::downgrade(&s));
+        s
     }
 
     async fn another(&self, first: &Arc<dyn Store>) -> Arc<dyn Store> {
@@ -590,7 +583,8 @@ async fn unsynced_writes_are_visible_at_once_and_durable_once_synced(b: &dyn Bac
     }
 }
 
-/// Opens the sled store in `dir`, waiting for a dropped one's flusher to let go of the lock.
+/// Opens the sled store in `dir`, waiting for a dropped one's flusher thread to release the
+/// directory lock (it does shortly after the store is dropped).
 async fn open_sled(dir: &std::path::Path) -> SledStore {
     for _ in 0..1_000 {
         if let Ok(s) = SledStore::open(dir) {

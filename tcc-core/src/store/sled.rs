@@ -423,58 +423,47 @@ impl SledStore {
         Ok(self.swap(Some((&bytes, Slot::Live)), &new)?.ok().map(|()| (new, changed)))
     }
 
+    /// Up to `take` records of one part of a tree, in id order, from after `after`: with `code`,
+    /// the part of `tcc_done` under that state code; without, the whole tree (`tcc_live`). Each
+    /// as its id's bytes (the key without the code) and its record's bytes.
+    fn part(
+        &self,
+        tree: &Tree,
+        code: Option<u8>,
+        after: Option<&Gid>,
+        take: usize,
+    ) -> Result<Vec<(IVec, IVec)>> {
+        let prefix: Vec<u8> = code.into_iter().collect();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded([&prefix[..], a.as_str().as_bytes()].concat()),
+            None => std::ops::Bound::Included(prefix.clone()),
+        };
+        let end = match code {
+            Some(c) => std::ops::Bound::Excluded(vec![c + 1]),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut found = Vec::new();
+        for kv in tree.range((start, end)).take(take) {
+            let (k, v) = kv?;
+            found.push((k.subslice(prefix.len(), k.len() - prefix.len()), v));
+        }
+        Ok(found)
+    }
+
     /// Every record in id order, from after `after`: the live tree and each final state's part of
     /// the done tree, merged. Reads at most `limit + 1` records from each.
     fn list_all(&self, after: Option<&Gid>, limit: usize) -> Result<Page> {
-        let mut found: Vec<(IVec, IVec)> = Vec::new();
-        let mut parts = vec![(&self.live, None)];
-        parts.extend(FINAL.map(|state| (&self.done, Some(state.code()))));
-        for (tree, code) in parts {
-            let prefix: Vec<u8> = code.into_iter().collect();
-            let start = match after {
-                Some(a) => std::ops::Bound::Excluded([&prefix[..], a.as_str().as_bytes()].concat()),
-                None => std::ops::Bound::Included(prefix.clone()),
-            };
-            let end = match code {
-                Some(c) => std::ops::Bound::Excluded(vec![c + 1]),
-                None => std::ops::Bound::Unbounded,
-            };
-            for kv in tree.range((start, end)).take(limit + 1) {
-                let (k, v) = kv?;
-                found.push((k.subslice(prefix.len(), k.len() - prefix.len()), v));
-            }
+        let mut found = self.part(&self.live, None, after, limit + 1)?;
+        for state in FINAL {
+            found.extend(self.part(&self.done, Some(state.code()), after, limit + 1)?);
         }
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let more = found.len() > limit;
-        let mut items = Vec::with_capacity(found.len().min(limit));
-        for (k, v) in found.into_iter().take(limit) {
-            let gid = gid_from(&k)?;
-            items.push(decode_for(&gid, &v)?);
-        }
-        let next = if more { items.last().map(|t| t.gid.clone()) } else { None };
-        Ok(Page { items, next })
+        decoded_page(found, limit)
     }
 
     /// The records in final `state`, in id order, from after `after`.
     fn list_done(&self, state: TxState, after: Option<&Gid>, limit: usize) -> Result<Page> {
-        let code = state.code();
-        let start = match after {
-            Some(a) => std::ops::Bound::Excluded(done_key(state, a)),
-            None => std::ops::Bound::Included(vec![code]),
-        };
-        let mut items = Vec::new();
-        let mut more = false;
-        for kv in self.done.range((start, std::ops::Bound::Excluded(vec![code + 1]))) {
-            let (k, v) = kv?;
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            let gid = gid_from(k.get(1..).unwrap_or_default())?;
-            items.push(decode_for(&gid, &v)?);
-        }
-        let next = if more { items.last().map(|t| t.gid.clone()) } else { None };
-        Ok(Page { items, next })
+        decoded_page(self.part(&self.done, Some(state.code()), after, limit + 1)?, limit)
     }
 
     /// The live records in `state`, in id order, from after `after`: the memory index names them
@@ -501,9 +490,25 @@ impl SledStore {
             }
             items.push(tx);
         }
-        let next = if more { items.last().map(|t| t.gid.clone()) } else { None };
-        Ok(Page { items, next })
+        Ok(page(items, more))
     }
+}
+
+/// A page of `items`, with more after them or not.
+fn page(items: Vec<Transaction>, more: bool) -> Page {
+    let next = if more { items.last().map(|t| t.gid.clone()) } else { None };
+    Page { items, next }
+}
+
+/// The page of the first `limit` of `found` (id bytes and record bytes, in id order), decoded.
+fn decoded_page(found: Vec<(IVec, IVec)>, limit: usize) -> Result<Page> {
+    let more = found.len() > limit;
+    let mut items = Vec::with_capacity(found.len().min(limit));
+    for (k, v) in found.into_iter().take(limit) {
+        let gid = gid_from(&k)?;
+        items.push(decode_for(&gid, &v)?);
+    }
+    Ok(page(items, more))
 }
 
 #[async_trait]

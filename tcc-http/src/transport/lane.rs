@@ -138,8 +138,8 @@ impl Lane {
         batching: Batching,
         call: &BranchCall<'_>,
     ) -> Reply {
-        let (tx, rx) = oneshot::channel();
-        let start = {
+        let (tx, mut rx) = oneshot::channel();
+        let mut start = {
             let mut st = self.state();
             if let Some(until) = st.alone_until {
                 if Instant::now() < until {
@@ -156,8 +156,6 @@ impl Lane {
             st.waiting.push_back((batched, tx));
             st.start_driver(batching.in_flight, batching.max_calls)
         };
-        let mut start = start;
-        let mut rx = rx;
         loop {
             if let Some((id, batch)) = start.take() {
                 let driver = Driver { lane: Arc::clone(self), metrics: Arc::clone(metrics), id, armed: true };
