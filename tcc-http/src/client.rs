@@ -37,9 +37,12 @@ use url::Url;
 
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, ErrorBody, GID_HEADER};
 use crate::server::Token;
+use crate::server::batch::{BatchOp, DecideOp};
 use crate::server::native::{BeginRequest, RegisterRequest, TransactionView};
 use crate::target::{AllowList, Target};
-use crate::transport::{ClientConfig, build_client, error_text};
+use crate::transport::{Batching, ClientConfig, build_client, error_text};
+
+mod batch;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,8 @@ enum Backend {
 struct Inner {
     backend: Backend,
     http: reqwest::Client,
+    /// A remote client's batches to its coordinator, when batching is on.
+    lanes: Option<batch::Lanes>,
 }
 
 /// The initiator's handle on a coordinator, embedded or remote. Cheap to clone; share one.
@@ -170,15 +175,34 @@ impl TccClient {
         token: Option<Token>,
         http: reqwest::Client,
     ) -> Result<TccClient, ClientError> {
+        TccClient::remote_batching(base_url, token, http, Batching::default())
+    }
+
+    /// [`remote_with`](TccClient::remote_with), folding concurrent begins, confirms and cancels
+    /// into `POST /v1/batch` requests as `batching` says ([`Batching::default`] there; `max_calls`
+    /// 1 sends every call alone). A batch goes at once when no other is under way, so a lone call
+    /// waits for nothing; calls made while `in_flight` batches are under way go together in the next
+    /// one, sharing one request and the coordinator's flushes. Each call gets the answer its own
+    /// request would have got. A coordinator without the batch route (an older version) is called
+    /// one call at a time.
+    pub fn remote_batching(
+        base_url: &str,
+        token: Option<Token>,
+        http: reqwest::Client,
+        batching: Batching,
+    ) -> Result<TccClient, ClientError> {
         let base = Url::parse(base_url).map_err(|e| ClientError::Invalid(format!("coordinator URL: {e}")))?;
-        Ok(TccClient { inner: Arc::new(Inner { backend: Backend::Remote { base, token }, http }) })
+        let lanes = batch::Lanes::new(&base, token.clone(), http.clone(), batching)?;
+        Ok(TccClient { inner: Arc::new(Inner { backend: Backend::Remote { base, token }, http, lanes }) })
     }
 
     /// A client of an engine running in this process. `allow` limits the participant URLs branches
     /// may be registered with, as the server's allow-list does; `http` calls participants' tries
     /// (share it with the engine's [`HttpTransport`](crate::transport::HttpTransport)).
     pub fn embedded(coordinator: Arc<Coordinator>, allow: AllowList, http: reqwest::Client) -> TccClient {
-        TccClient { inner: Arc::new(Inner { backend: Backend::Embedded { coordinator, allow }, http }) }
+        TccClient {
+            inner: Arc::new(Inner { backend: Backend::Embedded { coordinator, allow }, http, lanes: None }),
+        }
     }
 
     /// Opens an embedded engine on the sled directory `dir`, calling participants over HTTP, and a
@@ -292,7 +316,13 @@ impl TccClient {
                     call_timeout_ms: options.options.call_timeout_ms,
                     branches,
                 };
-                self.post("v1/transactions", &req).await?
+                match &self.inner.lanes {
+                    Some(lanes) => match lanes.call(BatchOp::Begin(req.clone()), Duration::ZERO).await {
+                        Some(answer) => answer?,
+                        None => self.post("v1/transactions", &req).await?,
+                    },
+                    None => self.post("v1/transactions", &req).await?,
+                }
             }
         };
         let gid: Gid = view
@@ -656,7 +686,15 @@ impl GlobalTx {
                 }
             }
             Backend::Remote { .. } => {
-                let query = wait.map_or(String::new(), |w| format!("?wait_ms={}", w.as_millis().max(1)));
+                let wait_ms = wait.map(|w| u64::try_from(w.as_millis().max(1)).unwrap_or(u64::MAX));
+                if let Some(lanes) = &self.client.inner.lanes {
+                    let op = DecideOp { gid: self.gid.to_string(), wait_ms };
+                    let op = if what == "confirm" { BatchOp::Confirm(op) } else { BatchOp::Cancel(op) };
+                    if let Some(answer) = lanes.call(op, wait.unwrap_or_default()).await {
+                        return answer;
+                    }
+                }
+                let query = wait_ms.map_or(String::new(), |ms| format!("?wait_ms={ms}"));
                 let path = format!("v1/transactions/{}/{what}{query}", self.gid);
                 // The wait happens on the server: give the request that much longer than usual.
                 let extra = wait.unwrap_or_default();

@@ -20,6 +20,7 @@
 pub mod client;
 pub mod dtm;
 pub mod error;
+mod lane;
 pub mod metrics;
 pub mod participant;
 pub mod protocol;

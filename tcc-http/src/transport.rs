@@ -137,7 +137,11 @@ impl HttpTransport {
                 Target::Native(url) => Route {
                     confirm: phase_url(&url, protocol::CONFIRM_PATH),
                     cancel: phase_url(&url, protocol::CANCEL_PATH),
-                    lane: Some(Arc::new(Lane::new(phase_url(&url, protocol::BATCH_PATH)))),
+                    lane: Some(Arc::new(Lane::new(lane::PhaseTwo {
+                        url: phase_url(&url, protocol::BATCH_PATH),
+                        client: self.client.clone(),
+                        metrics: Arc::clone(&self.metrics),
+                    }))),
                 },
                 Target::Dtm { confirm, cancel } => Route { confirm, cancel, lane: None },
             }))
@@ -159,9 +163,15 @@ impl HttpTransport {
         call: &BranchCall<'_>,
     ) -> Result<(), CallError> {
         if self.batching.max_calls > 1 {
-            match lane.call(&self.client, &self.metrics, self.batching, call).await {
-                lane::Reply::Done(result) => return result,
-                lane::Reply::Alone => {}
+            let batched = protocol::BatchCall {
+                gid: call.gid.to_string(),
+                branch: call.branch.id.to_string(),
+                deadline: call.deadline.0,
+                decision: call.decision,
+            };
+            match lane.call(self.batching, batched).await {
+                crate::lane::Reply::Done(result) => return result,
+                crate::lane::Reply::Alone => {}
             }
         }
         self.call_native(url, call).await
@@ -309,7 +319,7 @@ mod tests {
             assert_eq!(urls.confirm.as_str(), "http://127.0.0.1:9/tcc/seat/confirm");
             assert_eq!(urls.cancel.as_str(), "http://127.0.0.1:9/tcc/seat/cancel");
             assert_eq!(
-                urls.lane.as_ref().map(|l| l.url().as_str()),
+                urls.lane.as_ref().map(|l| l.carrier().url.as_str()),
                 Some("http://127.0.0.1:9/tcc/seat/batch")
             );
             assert!(t.resolve("http://169.254.169.254/latest").is_err(), "not allowed, cached or not");

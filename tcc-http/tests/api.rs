@@ -52,6 +52,7 @@ async fn mutating_calls_need_the_token_reads_do_not() {
         http.post(format!("{base}/v1/transactions/{gid}/cancel")),
         http.post(format!("{base}/v1/transactions/{gid}/retry")),
         http.post(format!("{base}/v1/transactions/{gid}/force")).json(&json!({"outcome": "cancel"})),
+        http.post(format!("{base}/v1/batch")).json(&json!({"ops": [{"begin": {"gid": gid}}]})),
         http.post(format!("{base}/api/dtmsvr/prepare")).json(&json!({"gid": gid, "trans_type": "tcc"})),
         http.post(format!("{base}/api/dtmsvr/registerBranch")).json(&json!({"gid": gid})),
         http.post(format!("{base}/api/dtmsvr/submit")).json(&json!({"gid": gid, "trans_type": "tcc"})),

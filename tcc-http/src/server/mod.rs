@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::protocol::MAX_BODY;
 use crate::target::AllowList;
 
+pub mod batch;
 pub mod native;
 mod ops;
 
@@ -158,11 +159,20 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes requests in flight.
+///
+/// Connections are set `TCP_NODELAY`: a batch's answer is written a line at a time, and with
+/// Nagle's algorithm each line after the first would wait for the client's delayed ACK.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 

@@ -10,6 +10,7 @@
 //! | cancel | `POST /v1/transactions/{gid}/cancel?wait_ms=` | the transaction |
 //! | operator retry | `POST /v1/transactions/{gid}/retry` | the transaction |
 //! | operator force | `POST /v1/transactions/{gid}/force` | the transaction |
+//! | several begins, confirms and cancels | `POST /v1/batch` | a line per operation (see [`super::batch`]) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/transactions/{gid}/cancel", post(cancel))
         .route("/v1/transactions/{gid}/retry", post(retry))
         .route("/v1/transactions/{gid}/force", post(force))
+        .route(super::batch::BATCH_PATH, post(super::batch::batch))
 }
 
 /// Begin a transaction.
@@ -147,7 +149,7 @@ pub struct WaitQuery {
 impl WaitQuery {
     /// Refuses what the document calls invalid: `wait_ms` is an int64 there (longer waits are cut
     /// to [`MAX_WAIT`] anyway).
-    fn check(self) -> Result<WaitQuery, ApiError> {
+    pub(crate) fn check(self) -> Result<WaitQuery, ApiError> {
         if self.wait_ms.is_some_and(|ms| i64::try_from(ms).is_err()) {
             return Err(ApiError::malformed(format!("wait_ms must be at most {}", i64::MAX)));
         }
@@ -360,6 +362,12 @@ pub async fn begin(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<BeginRequest>,
 ) -> Result<(StatusCode, ApiJson<TransactionView>), ApiError> {
+    let tx = begin_tx(&state, req).await?;
+    Ok((StatusCode::CREATED, view(&tx)))
+}
+
+/// Begins the transaction `req` asks for (the begin request, alone or in a batch).
+pub(crate) async fn begin_tx(state: &AppState, req: BeginRequest) -> Result<Transaction, ApiError> {
     let gid = req.gid.as_deref().map(parse_gid).transpose()?;
     let timeout = req.timeout_ms.map_or(state.config.default_timeout, Duration::from_millis);
     let options =
@@ -367,10 +375,9 @@ pub async fn begin(
     let branches = req
         .branches
         .into_iter()
-        .map(|b| new_branch(&state, b))
+        .map(|b| new_branch(state, b))
         .collect::<Result<Vec<NewBranch>, ApiError>>()?;
-    let tx = state.coordinator.begin_registered(gid, timeout, options, branches).await?;
-    Ok((StatusCode::CREATED, view(&tx)))
+    Ok(state.coordinator.begin_registered(gid, timeout, options, branches).await?)
 }
 
 /// A registration as the engine takes it: the id parsed, the URL checked against the allow-list.
@@ -408,17 +415,22 @@ pub async fn register(
     Ok(view(&tx))
 }
 
-async fn decided(
+/// Decides `gid` (a confirm or cancel, alone or in a batch), then waits as `wait` says.
+pub(crate) async fn decide_tx(
     state: &AppState,
-    tx: Transaction,
+    gid: &Gid,
+    decision: Decision,
     wait: WaitQuery,
-) -> Result<ApiJson<TransactionView>, ApiError> {
+) -> Result<Transaction, ApiError> {
+    let tx = match decision {
+        Decision::Confirm => state.coordinator.confirm(gid).await?,
+        Decision::Cancel => state.coordinator.cancel(gid).await?,
+    };
     match wait.wait_ms {
         Some(ms) if ms > 0 && !tx.state.is_final() => {
-            let waited = state.coordinator.wait(&tx.gid, Duration::from_millis(ms).min(MAX_WAIT)).await?;
-            Ok(view(&waited))
+            Ok(state.coordinator.wait(&tx.gid, Duration::from_millis(ms).min(MAX_WAIT)).await?)
         }
-        _ => Ok(view(&tx)),
+        _ => Ok(tx),
     }
 }
 
@@ -439,8 +451,7 @@ pub async fn confirm(
     ApiQuery(wait): ApiQuery<WaitQuery>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
     let wait = wait.check()?;
-    let tx = state.coordinator.confirm(&parse_gid(&gid)?).await?;
-    decided(&state, tx, wait).await
+    Ok(view(&decide_tx(&state, &parse_gid(&gid)?, Decision::Confirm, wait).await?))
 }
 
 /// Decides to cancel every branch. Refused once confirm was decided.
@@ -459,8 +470,7 @@ pub async fn cancel(
     ApiQuery(wait): ApiQuery<WaitQuery>,
 ) -> Result<ApiJson<TransactionView>, ApiError> {
     let wait = wait.check()?;
-    let tx = state.coordinator.cancel(&parse_gid(&gid)?).await?;
-    decided(&state, tx, wait).await
+    Ok(view(&decide_tx(&state, &parse_gid(&gid)?, Decision::Cancel, wait).await?))
 }
 
 /// One transaction.

@@ -1,258 +1,70 @@
-//! A native target's lane: the phase-two calls waiting to go to that target in a batch.
-//!
-//! A call finding fewer than [`Batching::in_flight`] batches under way starts one (carrying every
-//! call waiting by then, itself included); otherwise it waits, and the first batch to finish carries
-//! it next. Batches are sent from their own task, so a caller that stops waiting (the engine's
-//! per-call timeout) strands nobody else's call.
-//!
-//! A batch is answered when its slowest call is done. So that one slow call (a business confirm
-//! waiting on something) does not hold up every call to its target, a batch under way for longer
-//! than [`STALLED`] no longer counts against [`Batching::in_flight`]: the next call starts another
-//! batch, up to [`MAX_BATCHES`] under way.
+//! The phase-two lane of a native target: the confirms and cancels the coordinator owes one
+//! participant operation, folded into `POST {target}/batch` requests (see [`crate::lane`] for when
+//! batches go, and [`crate::protocol`] for the batch and its answer).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use reqwest::StatusCode;
-use tcc_core::transport::{BranchCall, CallError};
-use tokio::sync::oneshot;
-use tracing::info;
+use tcc_core::transport::CallError;
 
-use super::{Batching, classify, error_text, transport_error};
+use super::{classify, error_text, transport_error};
+use crate::lane::{Answer, Carrier, Reply};
 use crate::metrics::{BatchOutcome, Metrics};
 use crate::protocol::{BatchAnswer, BatchCall, BatchRequest, MAX_BODY};
 
-/// How long a target that refused a batch is called one call at a time before a batch is tried
-/// again (it may have been upgraded, or the refusal may have come from something in between).
-pub(super) const ALONE_FOR: Duration = Duration::from_secs(60);
+/// The lane of one participant operation.
+pub(super) type Lane = crate::lane::Lane<PhaseTwo>;
 
-/// How long a batch may be under way before it stops counting against [`Batching::in_flight`].
-pub(super) const STALLED: Duration = Duration::from_millis(200);
-
-/// Most batches under way to one target, stalled ones included.
-pub(super) const MAX_BATCHES: usize = 64;
-
-/// What became of a call handed to a lane.
+/// Sends a participant operation's batches of phase-two calls.
 #[derive(Debug)]
-pub(super) enum Reply {
-    /// The participant's answer to the call (or the failure of the batch that carried it).
-    Done(Result<(), CallError>),
-    /// The target takes no batches: make the call alone.
-    Alone,
+pub(super) struct PhaseTwo {
+    /// `{target}/batch`.
+    pub(super) url: url::Url,
+    pub(super) client: reqwest::Client,
+    pub(super) metrics: Arc<Metrics>,
 }
 
-/// The batches of one target.
-#[derive(Debug)]
-pub(super) struct Lane {
-    url: url::Url,
-    state: Mutex<State>,
-}
+impl Carrier for PhaseTwo {
+    type Call = BatchCall;
+    type Answer = Result<(), CallError>;
 
-#[derive(Debug, Default)]
-struct State {
-    waiting: VecDeque<(BatchCall, oneshot::Sender<Reply>)>,
-    /// The drivers sending batches: their number, and since when their current batch is under way.
-    drivers: Vec<(u64, Instant)>,
-    next_driver: u64,
-    /// Until when every call goes alone, after the target refused a batch.
-    alone_until: Option<Instant>,
-}
-
-/// A batch: its calls, and where each one's answer goes.
-type Batch = (Vec<BatchCall>, Vec<oneshot::Sender<Reply>>);
-
-impl State {
-    /// Starts a driver if fewer than `in_flight` batches are under way that have not stalled (and
-    /// fewer than [`MAX_BATCHES`] in all): its number and first batch.
-    fn start_driver(&mut self, in_flight: usize, max: usize) -> Option<(u64, Batch)> {
-        let now = Instant::now();
-        let moving = self.drivers.iter().filter(|(_, since)| now.duration_since(*since) < STALLED).count();
-        if moving >= in_flight.max(1) || self.drivers.len() >= MAX_BATCHES {
-            return None;
-        }
-        let id = self.next_driver;
-        self.next_driver += 1;
-        self.drivers.push((id, now));
-        Some((id, self.take(max)))
-    }
-
-    /// When the first of the batches under way that have not stalled will have, if calls are
-    /// waiting and another batch may start then.
-    fn next_stall(&self) -> Option<Instant> {
-        if self.waiting.is_empty() || self.drivers.len() >= MAX_BATCHES {
-            return None;
-        }
-        let now = Instant::now();
-        self.drivers.iter().map(|(_, since)| *since + STALLED).filter(|at| *at > now).min()
-    }
-
-    /// The next batch of driver `id`, or `None` (and the driver gone) when no call is waiting.
-    fn next_batch(&mut self, id: u64, max: usize) -> Option<Batch> {
-        if self.waiting.is_empty() {
-            self.drivers.retain(|(d, _)| *d != id);
-            return None;
-        }
-        if let Some(slot) = self.drivers.iter_mut().find(|(d, _)| *d == id) {
-            slot.1 = Instant::now();
-        }
-        Some(self.take(max))
-    }
-
-    /// The next batch: up to `max` of the waiting calls, oldest first, leaving out those nobody
-    /// waits for any more (the engine's per-call timeout gave up on them and will call again).
-    fn take(&mut self, max: usize) -> Batch {
-        let (mut calls, mut replies) = (Vec::new(), Vec::new());
-        while calls.len() < max {
-            let Some((call, reply)) = self.waiting.pop_front() else { break };
-            if !reply.is_closed() {
-                calls.push(call);
-                replies.push(reply);
-            }
-        }
-        (calls, replies)
-    }
-}
-
-impl Lane {
-    /// The lane of the target whose batch URL is `url`.
-    pub(super) fn new(url: url::Url) -> Lane {
-        Lane { url, state: Mutex::default() }
-    }
-
-    /// Where its batches go.
-    #[cfg(test)]
-    pub(super) fn url(&self) -> &url::Url {
-        &self.url
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Hands `call` to the lane and waits for what became of it.
-    pub(super) async fn call(
-        self: &Arc<Self>,
-        client: &reqwest::Client,
-        metrics: &Arc<Metrics>,
-        batching: Batching,
-        call: &BranchCall<'_>,
-    ) -> Reply {
-        let (tx, mut rx) = oneshot::channel();
-        let mut start = {
-            let mut st = self.state();
-            if let Some(until) = st.alone_until {
-                if Instant::now() < until {
-                    return Reply::Alone;
-                }
-                st.alone_until = None;
-            }
-            let batched = BatchCall {
-                gid: call.gid.to_string(),
-                branch: call.branch.id.to_string(),
-                deadline: call.deadline.0,
-                decision: call.decision,
-            };
-            st.waiting.push_back((batched, tx));
-            st.start_driver(batching.in_flight, batching.max_calls)
+    async fn send(&self, calls: Vec<BatchCall>, replies: &mut [Option<Answer<Self>>]) -> Result<(), String> {
+        let count = calls.len();
+        let sent = send(&self.client, &self.url, BatchRequest { calls }).await;
+        let outcome = match &sent {
+            Sent::Answers(_) => BatchOutcome::Answered,
+            Sent::Failed(_) => BatchOutcome::Failed,
+            Sent::Refused(_) => BatchOutcome::Refused,
         };
-        loop {
-            if let Some((id, batch)) = start.take() {
-                let driver = Driver { lane: Arc::clone(self), metrics: Arc::clone(metrics), id, armed: true };
-                tokio::spawn(driver.run(client.clone(), batching.max_calls, batch));
-            }
-            // Calls are waiting behind batches under way: when the first of those turns stalled,
-            // a batch may start for them. Nobody else may come to start it (no new call), so this
-            // caller looks then, whether its own call is still waiting or already under way.
-            let Some(at) = self.state().next_stall() else { break };
-            tokio::select! {
-                reply = &mut rx => return reply.unwrap_or_else(|_| dropped()),
-                () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
-                    start = self.state().start_driver(batching.in_flight, batching.max_calls);
-                }
-            }
-        }
-        rx.await.unwrap_or_else(|_| dropped())
-    }
-}
-
-fn dropped() -> Reply {
-    Reply::Done(Err(CallError::Transient("the batch carrying this call was dropped".into())))
-}
-
-/// One of a lane's batches under way: sends batches while calls are waiting. Dropped without
-/// finishing (a panic, the runtime shutting down), it gives its place back.
-struct Driver {
-    lane: Arc<Lane>,
-    metrics: Arc<Metrics>,
-    id: u64,
-    armed: bool,
-}
-
-impl Driver {
-    async fn run(mut self, client: reqwest::Client, max_calls: usize, mut batch: Batch) {
-        loop {
-            let (calls, replies) = batch;
-            let count = calls.len();
-            let sent = if count == 0 {
-                Sent::Answers(Vec::new())
-            } else {
-                send(&client, &self.lane.url, BatchRequest { calls }).await
-            };
-            let outcome = match &sent {
-                Sent::Answers(_) => BatchOutcome::Answered,
-                Sent::Failed(_) => BatchOutcome::Failed,
-                Sent::Refused(_) => BatchOutcome::Refused,
-            };
-            if count > 0 {
-                self.metrics.observe_batch(outcome, count);
-            }
-            match sent {
-                Sent::Answers(results) => {
-                    for (reply, result) in replies.into_iter().zip(results) {
+        self.metrics.observe_batch(outcome, count);
+        match sent {
+            Sent::Answers(results) => {
+                for (reply, result) in replies.iter_mut().zip(results) {
+                    if let Some(reply) = reply.take() {
                         let _ = reply.send(Reply::Done(result));
                     }
                 }
-                Sent::Failed(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Reply::Done(Err(e.clone())));
-                    }
-                }
-                Sent::Refused(why) => {
-                    // The URL without its query, which may carry something secret.
-                    let mut shown = self.lane.url.clone();
-                    shown.set_query(None);
-                    info!(
-                        target_url = %shown, calls = count, reason = %why,
-                        "participant takes no phase-two batches; calling it one call at a time for a while"
-                    );
-                    let waiting = {
-                        let mut st = self.lane.state();
-                        st.alone_until = Some(Instant::now() + ALONE_FOR);
-                        std::mem::take(&mut st.waiting)
-                    };
-                    for reply in replies.into_iter().chain(waiting.into_iter().map(|(_, reply)| reply)) {
-                        let _ = reply.send(Reply::Alone);
-                    }
-                }
+                Ok(())
             }
-            match self.lane.state().next_batch(self.id, max_calls) {
-                Some(next) => batch = next,
-                None => {
-                    self.armed = false;
-                    return;
+            Sent::Failed(e) => {
+                for reply in replies.iter_mut().filter_map(Option::take) {
+                    let _ = reply.send(Reply::Done(Err(e.clone())));
                 }
+                Ok(())
             }
+            Sent::Refused(why) => Err(why),
         }
     }
-}
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if self.armed {
-            let id = self.id;
-            self.lane.state().drivers.retain(|(d, _)| *d != id);
-        }
+    fn dropped() -> Result<(), CallError> {
+        Err(CallError::Transient("the batch carrying this call was dropped".into()))
+    }
+
+    fn destination(&self) -> String {
+        // The URL without its query, which may carry something secret.
+        let mut shown = self.url.clone();
+        shown.set_query(None);
+        shown.to_string()
     }
 }
 
@@ -336,8 +148,13 @@ mod tests {
     use tcc_core::transport::Transport;
     use tcc_core::{Branch, BranchState, Decision, Timestamp};
 
-    use super::super::{ClientConfig, HttpTransport, build_client};
+    use std::time::Duration;
+
+    use tcc_core::transport::BranchCall;
+
+    use super::super::{Batching, ClientConfig, HttpTransport, build_client};
     use super::*;
+    use crate::lane::STALLED;
     use crate::protocol::{BatchResult, ErrorBody};
     use crate::target::AllowList;
 

@@ -1,0 +1,185 @@
+//! `POST /v1/batch`: several begins, confirms and cancels in one request.
+//!
+//! An initiator process running many transactions at once folds its calls to the coordinator into
+//! batches ([`TccClient`](crate::client::TccClient) does this by itself), as the coordinator folds
+//! its phase-two calls to a participant. Each operation means exactly what its single request
+//! means and gets the answer that request would get; the operations of one batch run concurrently,
+//! and share flushes.
+//!
+//! The request is a JSON [`BatchOps`]. A well-formed batch is answered `200` with
+//! `application/x-ndjson`: one [`BatchLine`] per operation, each written as soon as that operation
+//! is done (so a confirm waiting for a slow phase two holds up no other answer), in the order they
+//! finish. A batch that does not parse, is over [`MAX_BATCH_OPS`] operations or
+//! [`MAX_BODY`](crate::protocol::MAX_BODY) bytes, or lacks the token is refused as a whole, with the
+//! usual error answer, and nothing in it is done. A client that stops reading (the connection
+//! drops) stops the waits of the operations not yet answered; what was decided stays decided.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tcc_core::{Decision, Transaction};
+use tokio::sync::mpsc;
+
+use super::AppState;
+use super::native::{self, BeginRequest, TransactionView, WaitQuery};
+use crate::error::{ApiError, ApiJson};
+
+/// Path of the batch route.
+pub const BATCH_PATH: &str = "/v1/batch";
+
+/// Most operations one batch may carry; a longer one is refused (422) as a whole.
+pub const MAX_BATCH_OPS: usize = 1024;
+
+/// A batch of operations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchOps {
+    /// The operations; each is answered by a [`BatchLine`] carrying its index here.
+    pub ops: Vec<BatchOp>,
+}
+
+/// One operation of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BatchOp {
+    /// `POST /v1/transactions` with this body: answered 201 and the transaction.
+    Begin(BeginRequest),
+    /// `POST /v1/transactions/{gid}/confirm?wait_ms=`: answered 200 and the transaction.
+    Confirm(DecideOp),
+    /// `POST /v1/transactions/{gid}/cancel?wait_ms=`: answered 200 and the transaction.
+    Cancel(DecideOp),
+}
+
+/// The transaction a confirm or cancel of a batch decides, and how long to wait for phase two.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideOp {
+    /// The transaction id.
+    pub gid: String,
+    /// As the single request's `wait_ms`: wait up to this many milliseconds (at most 60,000) for
+    /// phase two to finish. Not waiting when absent.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// The answer to one operation of a batch: one line of the answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchLine<B> {
+    /// The operation's index in [`BatchOps::ops`].
+    pub i: usize,
+    /// The status its single request would have been answered with.
+    pub status: u16,
+    /// The body that request would have had: the transaction, or an
+    /// [`ErrorBody`](crate::protocol::ErrorBody).
+    pub body: B,
+}
+
+/// Runs a batch (see the module's documentation).
+pub(crate) async fn batch(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<BatchOps>,
+) -> Result<Response, ApiError> {
+    let count = req.ops.len();
+    if count > MAX_BATCH_OPS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "limit_exceeded",
+            format!("a batch carries at most {MAX_BATCH_OPS} operations, not {count}"),
+        ));
+    }
+    let (lines, rx) = mpsc::channel(count.max(1));
+    for (i, op) in req.ops.into_iter().enumerate() {
+        let (state, lines) = (Arc::clone(&state), lines.clone());
+        tokio::spawn(async move {
+            let (started, route) = (Instant::now(), op.route());
+            let answered = tokio::select! {
+                answered = run(&state, op) => answered,
+                // Nobody reads the answer any more: stop waiting (a decision taken stays taken).
+                () = lines.closed() => return,
+            };
+            let status = answered.as_ref().map_or_else(|e| e.status, |(s, _)| *s);
+            state.metrics.observe_request("POST", route, status.as_u16(), started.elapsed());
+            let _ = lines.send(line(i, answered)).await;
+        });
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::new(Lines(rx))).into_response())
+}
+
+impl BatchOp {
+    /// The route of the operation's single request: each operation is counted in the request
+    /// metrics under it, as if it had come alone (the batch itself is counted under its own route).
+    fn route(&self) -> &'static str {
+        match self {
+            BatchOp::Begin(_) => "/v1/transactions",
+            BatchOp::Confirm(_) => "/v1/transactions/{gid}/confirm",
+            BatchOp::Cancel(_) => "/v1/transactions/{gid}/cancel",
+        }
+    }
+}
+
+async fn run(state: &AppState, op: BatchOp) -> Result<(StatusCode, Transaction), ApiError> {
+    match op {
+        BatchOp::Begin(req) => Ok((StatusCode::CREATED, native::begin_tx(state, req).await?)),
+        BatchOp::Confirm(op) => decide(state, op, Decision::Confirm).await,
+        BatchOp::Cancel(op) => decide(state, op, Decision::Cancel).await,
+    }
+}
+
+async fn decide(
+    state: &AppState,
+    op: DecideOp,
+    decision: Decision,
+) -> Result<(StatusCode, Transaction), ApiError> {
+    let wait = WaitQuery { wait_ms: op.wait_ms }.check()?;
+    let gid = native::parse_gid(&op.gid)?;
+    Ok((StatusCode::OK, native::decide_tx(state, &gid, decision, wait).await?))
+}
+
+/// One answer line: `{"i":I,"status":S,"body":B}` and a newline.
+fn line(i: usize, answered: Result<(StatusCode, Transaction), ApiError>) -> Bytes {
+    let (status, body) = match answered {
+        Ok((status, tx)) => (status, serde_json::to_vec(&TransactionView::from(&tx))),
+        Err(e) => (e.status, serde_json::to_vec(&e.body())),
+    };
+    // Neither body can fail to encode (no maps with non-string keys, no failing serializers).
+    let body = body.unwrap_or_else(|_| b"null".to_vec());
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.extend_from_slice(format!("{{\"i\":{i},\"status\":{},\"body\":", status.as_u16()).as_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(b"}\n");
+    Bytes::from(out)
+}
+
+/// The answer's body: the lines as the operations finish; ends when every operation has answered
+/// (every sender is gone). Lines finished together go in one frame, so one write.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Lines {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let Poll::Ready(first) = self.0.poll_recv(cx) else { return Poll::Pending };
+        let Some(first) = first else { return Poll::Ready(None) };
+        let Ok(second) = self.0.try_recv() else {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        };
+        let mut frame = Vec::with_capacity(4 * first.len());
+        frame.extend_from_slice(&first);
+        frame.extend_from_slice(&second);
+        while let Ok(more) = self.0.try_recv() {
+            frame.extend_from_slice(&more);
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(frame)))))
+    }
+}
