@@ -116,6 +116,16 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = Batching::default().in_flight as u64,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     batches_in_flight: u64,
+    /// Most begins, confirms and cancels the initiators' remote client sends its coordinator in one
+    /// `POST /v1/batch` (standalone modes); 1 sends every call alone, as tcc did before client
+    /// batching.
+    #[arg(long, value_name = "N", default_value_t = Batching::default().max_calls as u64,
+          value_parser = clap::value_parser!(u64).range(1..=tcc_http::server::batch::MAX_BATCH_OPS as u64))]
+    client_batch_max_calls: u64,
+    /// Batches under way from the initiators' remote client to its coordinator at once, per lane.
+    #[arg(long, value_name = "N", default_value_t = Batching::default().in_flight as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    client_batches_in_flight: u64,
     /// Also run `postgres_1` and `postgres_3`: standalone on the PostgreSQL store at this URL (each
     /// run on a fresh schema), with one coordinator process and with three sharing the database
     /// (initiators spread over them).
@@ -285,6 +295,16 @@ fn client_config(args: &Args) -> ClientConfig {
     let batching =
         Batching { max_calls: args.batch_max_calls as usize, in_flight: args.batches_in_flight as usize };
     ClientConfig { batching, ..ClientConfig::default() }
+}
+
+/// The initiators' client of the coordinator process at `url`, batching as
+/// `--client-batch-max-calls` and `--client-batches-in-flight` say.
+fn remote(args: &Args, url: &str, http: &reqwest::Client) -> Result<TccClient, String> {
+    let batching = Batching {
+        max_calls: args.client_batch_max_calls as usize,
+        in_flight: args.client_batches_in_flight as usize,
+    };
+    TccClient::remote_batching(url, None, http.clone(), batching).map_err(|e| e.to_string())
 }
 
 /// A coordinator process for the standalone modes; killed when dropped.
@@ -775,10 +795,7 @@ impl Bench {
                 let mut clients = Vec::new();
                 for i in 0..n {
                     let proc = spawn_coordinator(&self.args, store.as_deref(), &format!("bench-{i}")).await?;
-                    clients.push(
-                        TccClient::remote_with(&proc.url, None, self.http.clone())
-                            .map_err(|e| e.to_string())?,
-                    );
+                    clients.push(remote(&self.args, &proc.url, &self.http)?);
                     procs.push(proc);
                 }
                 let d = Driver::tcc(clients, targets, mode != "coordinator_only");
@@ -826,7 +843,7 @@ async fn unfinished(bench: &Bench, n: usize) -> Result<Unfinished, String> {
         .map_err(|e| format!("starting the coordinator: {e}"))?;
     let result = async {
         wait_healthy(&bench.http, &url, Duration::from_secs(30)).await?;
-        let client = TccClient::remote_with(&url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+        let client = remote(&bench.args, &url, &bench.http)?;
         let targets = bench.targets(2);
         let created = Instant::now();
         let next = Arc::new(AtomicU64::new(0));
@@ -949,7 +966,7 @@ async fn recover(bench: &Bench, n: usize) -> Result<Recovery, String> {
     let store = format!("sled:{}", dir.path().join("data").display());
     let first =
         spawn_coordinator_at(&bench.args, &store, "bench-recover-1", None, Duration::from_secs(60)).await?;
-    let client = TccClient::remote_with(&first.url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+    let client = remote(&bench.args, &first.url, &bench.http)?;
 
     // One deadline for all, planned for a set-up at RECOVER_SETUP_RATE plus a margin.
     let started = Instant::now();
@@ -1177,7 +1194,7 @@ async fn history(bench: &Bench, n: usize) -> Result<History, String> {
     let proc =
         spawn_coordinator_at(&bench.args, &store, "bench-history", None, Duration::from_secs(300)).await?;
     let open_ms = opening.elapsed().as_secs_f64() * 1000.0;
-    let client = TccClient::remote_with(&proc.url, None, bench.http.clone()).map_err(|e| e.to_string())?;
+    let client = remote(&bench.args, &proc.url, &bench.http)?;
     let filled = filled_runs("standalone", Driver::tcc(vec![client], targets.clone(), true)).await;
     proc.kill(); // the directory is free again once the process is gone
     let e2 = empty_run("standalone").await?;
