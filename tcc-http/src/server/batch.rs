@@ -95,10 +95,11 @@ pub(crate) async fn batch(
         ));
     }
     let (lines, rx) = mpsc::channel(count.max(1));
+    let quick = req.ops.iter().filter(|op| !op.waits()).count();
     for (i, op) in req.ops.into_iter().enumerate() {
         let (state, lines) = (Arc::clone(&state), lines.clone());
         tokio::spawn(async move {
-            let (started, route) = (Instant::now(), op.route());
+            let (started, route, waits) = (Instant::now(), op.route(), op.waits());
             let answered = tokio::select! {
                 answered = run(&state, op) => answered,
                 // Nobody reads the answer any more: stop waiting (a decision taken stays taken).
@@ -106,10 +107,11 @@ pub(crate) async fn batch(
             };
             let status = answered.as_ref().map_or_else(|e| e.status, |(s, _)| *s);
             state.metrics.observe_request("POST", route, status.as_u16(), started.elapsed());
-            let _ = lines.send(line(i, answered)).await;
+            let _ = lines.send((line(i, answered), waits)).await;
         });
     }
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::new(Lines(rx))).into_response())
+    let body = Lines { rx, ready: Vec::new(), yielded: false, quick };
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::new(body)).into_response())
 }
 
 impl BatchOp {
@@ -120,6 +122,14 @@ impl BatchOp {
             BatchOp::Begin(_) => "/v1/transactions",
             BatchOp::Confirm(_) => "/v1/transactions/{gid}/confirm",
             BatchOp::Cancel(_) => "/v1/transactions/{gid}/cancel",
+        }
+    }
+
+    /// Whether the operation waits for phase two (and so may take long).
+    fn waits(&self) -> bool {
+        match self {
+            BatchOp::Begin(_) => false,
+            BatchOp::Confirm(op) | BatchOp::Cancel(op) => op.wait_ms.is_some_and(|ms| ms > 0),
         }
     }
 }
@@ -158,8 +168,24 @@ fn line(i: usize, answered: Result<(StatusCode, Transaction), ApiError>) -> Byte
 }
 
 /// The answer's body: the lines as the operations finish; ends when every operation has answered
-/// (every sender is gone). Lines finished together go in one frame, so one write.
-struct Lines(mpsc::Receiver<Bytes>);
+/// (every sender is gone). Each line comes with whether its operation waited for phase two.
+///
+/// Lines finished together go in one frame, so one write, and the client reads them in one go:
+/// - The lines of the operations that do not wait (begins, decisions without `wait_ms`) are held
+///   until the last of them is done: they finish within a flush or two of each other.
+/// - After that, lines go as they come, but a ready line yields once first. The operations of a
+///   batch tend to finish in bunches (one flush answers all its writers, one phase-two batch all its
+///   calls) and each is woken on its own: the yield lets those woken with it add their lines.
+///
+/// Measured with `tcc-bench` (coordinator_only), these took the writes of a batch's answer from
+/// about 7.5 to 2.
+struct Lines {
+    rx: mpsc::Receiver<(Bytes, bool)>,
+    ready: Vec<u8>,
+    yielded: bool,
+    /// Operations that do not wait whose line has not come yet.
+    quick: usize,
+}
 
 impl http_body::Body for Lines {
     type Data = Bytes;
@@ -169,17 +195,70 @@ impl http_body::Body for Lines {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let Poll::Ready(first) = self.0.poll_recv(cx) else { return Poll::Pending };
-        let Some(first) = first else { return Poll::Ready(None) };
-        let Ok(second) = self.0.try_recv() else {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        let this = &mut *self;
+        let ended = loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some((line, waited))) => {
+                    this.ready.extend_from_slice(&line);
+                    if !waited {
+                        this.quick = this.quick.saturating_sub(1);
+                    }
+                }
+                Poll::Ready(None) => break true,
+                Poll::Pending => break false,
+            }
         };
-        let mut frame = Vec::with_capacity(4 * first.len());
-        frame.extend_from_slice(&first);
-        frame.extend_from_slice(&second);
-        while let Ok(more) = self.0.try_recv() {
-            frame.extend_from_slice(&more);
+        if this.ready.is_empty() {
+            return if ended { Poll::Ready(None) } else { Poll::Pending };
         }
-        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(frame)))))
+        if !ended {
+            if this.quick > 0 {
+                return Poll::Pending;
+            }
+            if !this.yielded {
+                this.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+        this.yielded = false;
+        let frame = Bytes::from(std::mem::take(&mut this.ready));
+        Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body as _;
+
+    use super::*;
+
+    fn poll(body: &mut Lines) -> Poll<Option<Vec<u8>>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(body).poll_frame(&mut cx).map(|frame| {
+            frame.map(|f| f.unwrap_or_else(|e| match e {}).into_data().unwrap_or_default().to_vec())
+        })
+    }
+
+    #[tokio::test]
+    async fn lines_finished_together_go_in_one_frame() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = Lines { rx, ready: Vec::new(), yielded: false, quick: 2 };
+        assert_eq!(poll(&mut body), Poll::Pending);
+        tx.send((Bytes::from_static(b"a\n"), false)).await.unwrap_or_else(|_| unreachable!());
+        assert_eq!(poll(&mut body), Poll::Pending, "held until the other quick operation is done");
+        tx.send((Bytes::from_static(b"b\n"), false)).await.unwrap_or_else(|_| unreachable!());
+        assert_eq!(poll(&mut body), Poll::Pending, "yields once");
+        assert_eq!(poll(&mut body), Poll::Ready(Some(b"a\nb\n".to_vec())));
+        // A waiting operation's line: after one yield, with whatever came meanwhile.
+        tx.send((Bytes::from_static(b"c\n"), true)).await.unwrap_or_else(|_| unreachable!());
+        assert_eq!(poll(&mut body), Poll::Pending);
+        tx.send((Bytes::from_static(b"d\n"), true)).await.unwrap_or_else(|_| unreachable!());
+        assert_eq!(poll(&mut body), Poll::Ready(Some(b"c\nd\n".to_vec())));
+        // The last line goes at once when nothing else can come.
+        tx.send((Bytes::from_static(b"e\n"), true)).await.unwrap_or_else(|_| unreachable!());
+        drop(tx);
+        assert_eq!(poll(&mut body), Poll::Ready(Some(b"e\n".to_vec())));
+        assert_eq!(poll(&mut body), Poll::Ready(None));
     }
 }
