@@ -580,8 +580,29 @@ impl Inner {
         event: &Event,
         durable: bool,
     ) -> Result<(Transaction, Vec<Effect>)> {
+        self.update_from(gid, None, event, durable).await
+    }
+
+    /// [`update_with`](Self::update_with), first trying the change on `likely`, the caller's copy
+    /// of the transaction, which saves reading it when it is still the stored one (phase two's
+    /// copy usually is). The compare-and-set refuses a stale copy; then, or when the event would
+    /// change nothing on it, the stored record is read as usual.
+    pub(crate) async fn update_from(
+        &self,
+        gid: &Gid,
+        mut likely: Option<&Transaction>,
+        event: &Event,
+        durable: bool,
+    ) -> Result<(Transaction, Vec<Effect>)> {
         for _ in 0..MAX_CAS_ROUNDS {
-            let current = self.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))?;
+            let read;
+            let (current, guessed) = match likely.take() {
+                Some(tx) => (tx, true),
+                None => {
+                    read = self.store.get(gid).await?.ok_or_else(|| Error::NotFound(gid.clone()))?;
+                    (&read, false)
+                }
+            };
             let (now, lease_until) = self.context();
             let ctx = Context {
                 now,
@@ -589,12 +610,17 @@ impl Inner {
                 lease_until,
                 max_branches: self.config.max_branches,
             };
-            match state::apply(&current, event, &ctx)? {
+            let transition = match state::apply(current, event, &ctx) {
+                // A refusal or no change, judged on a copy that may be stale: judge the stored one.
+                Err(_) | Ok(Transition::Unchanged) if guessed => continue,
+                other => other?,
+            };
+            match transition {
                 Transition::Unchanged => {
                     // What we answer from may not be flushed yet (another writer's change); make sure
                     // it is before acknowledging it.
                     self.store.sync().await?;
-                    return Ok((current, Vec::new()));
+                    return Ok((current.clone(), Vec::new()));
                 }
                 Transition::Changed(mut next, effects) => {
                     next.version = current.version + 1;

@@ -105,8 +105,9 @@ impl Inner {
         let event = Event::RoundFinished { done, failed, retry_at };
         // Recording a round's results is not an acknowledgement of anything: lost in a crash, the
         // round runs again and the participants answer it as a duplicate. So it does not wait for
-        // the flush, and waiters hear of a finished transaction one flush earlier.
-        match self.update_with(&tx.gid, &event, false).await {
+        // the flush, and waiters hear of a finished transaction one flush earlier. It starts from
+        // this round's copy, which is the stored record unless someone changed it meanwhile.
+        match self.update_from(&tx.gid, Some(&tx), &event, false).await {
             Ok((stored, effects)) => {
                 drop(_guard);
                 self.perform(&stored, effects);

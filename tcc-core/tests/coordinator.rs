@@ -732,3 +732,40 @@ async fn stopping_leaves_rounds_waiting_for_a_slot_to_the_next_start() {
     assert_eq!(gated.total.load(SeqCst), 3);
     tc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_records_its_results_on_the_stored_record_when_it_changed_during_the_round() {
+    // The round records its results starting from its own copy of the transaction, to save a read;
+    // a change stored meanwhile must make it read the record and keep that change.
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let store = std::sync::Arc::new(common::open_store(dir.path()).await);
+    let tc = tcc_core::Coordinator::open(
+        store.clone(),
+        std::sync::Arc::new(gated.clone()),
+        std::sync::Arc::new(tcc_core::SystemClock),
+        common::config(),
+    )
+    .await
+    .unwrap();
+    let gid = confirm_n(&tc, 1).await.remove(0);
+    let mut waited = 0;
+    while gated.now.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(waited < 5_000, "the round never called the participant");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        waited += 1;
+    }
+    use tcc_core::Store as _;
+    let during = store.get(&gid).await.unwrap().unwrap();
+    let mut changed = during.clone();
+    changed.options.retry_interval_ms = Some(4_321);
+    changed.version = during.version + 1;
+    assert_eq!(store.compare_and_set(during.version, &changed).await.unwrap(), tcc_core::store::Cas::Stored);
+    gated.release();
+    let done = tc.wait(&gid, MIN).await.unwrap();
+    assert_eq!(done.state, TxState::Confirmed);
+    assert_eq!(done.options.retry_interval_ms, Some(4_321), "the change made during the round was kept");
+    assert_eq!(done.version, changed.version + 1);
+    assert_eq!(store.get(&gid).await.unwrap(), Some(done));
+    tc.stop().await;
+}
