@@ -337,6 +337,7 @@ impl Coordinator {
             )));
         }
         let (now, lease_until) = self.inner.context();
+        let generated = gid.is_none();
         let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
         tx.options = options;
         let ctx = Context { now, owner: &c.owner, lease_until, max_branches: c.max_branches };
@@ -349,7 +350,11 @@ impl Coordinator {
             }
         }
         tx.version = 1;
-        self.inner.store.insert_unsynced(&tx).await?;
+        if generated {
+            self.inner.store.insert_generated_unsynced(&tx).await?;
+        } else {
+            self.inner.store.insert_unsynced(&tx).await?;
+        }
         self.inner.counters.begun.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(tx = %tx.gid, deadline = %tx.deadline, "begun");
         Ok(tx)

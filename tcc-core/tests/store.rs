@@ -181,7 +181,13 @@ async fn insert_refuses_an_existing_id_and_changes_nothing(b: &dyn Backend) {
     s.insert(&tx).await.unwrap();
     let other = bump(&tx, |t| t.deadline = Timestamp(5));
     assert!(matches!(s.insert(&other).await, Err(tcc_core::Error::AlreadyExists(_))));
+    // A store may skip looking for finished holders of a generated id, never overwrite a live one.
+    assert!(matches!(s.insert_generated_unsynced(&other).await, Err(tcc_core::Error::AlreadyExists(_))));
     assert_eq!(s.get(&tx.gid).await.unwrap(), Some(tx.clone()));
+    let generated = new_tx(100);
+    s.insert_generated_unsynced(&generated).await.unwrap();
+    s.sync().await.unwrap();
+    assert_eq!(s.get(&generated.gid).await.unwrap(), Some(generated.clone()));
     assert_eq!(s.get(&Gid::generate()).await.unwrap(), None);
     // A finished transaction's id stays taken, whichever state the new record is in.
     let done = bump(&tx, |t| {
@@ -194,7 +200,7 @@ async fn insert_refuses_an_existing_id_and_changes_nothing(b: &dyn Backend) {
         assert!(matches!(s.insert(&again).await, Err(tcc_core::Error::AlreadyExists(_))), "{state:?}");
     }
     assert_eq!(s.get(&tx.gid).await.unwrap(), Some(done));
-    assert_eq!(s.count(TxState::Trying).await.unwrap(), 0);
+    assert_eq!(s.count(TxState::Trying).await.unwrap(), 1, "the generated one");
     assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
 }
 

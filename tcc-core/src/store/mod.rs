@@ -87,6 +87,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn insert_unsynced(&self, tx: &Transaction) -> Result<()> {
         self.insert(tx).await
     }
+    /// [`insert_unsynced`](Store::insert_unsynced) of a transaction whose id was generated just now
+    /// ([`Gid::generate`], a UUIDv7: 74 random bits), so no transaction can hold it: a store may
+    /// skip the lookups that refuse an id already taken by a finished transaction. A store must
+    /// still not overwrite a record it comes across. The default is `insert_unsynced`.
+    async fn insert_generated_unsynced(&self, tx: &Transaction) -> Result<()> {
+        self.insert_unsynced(tx).await
+    }
 
     /// The stored transaction with this id.
     async fn get(&self, gid: &Gid) -> Result<Option<Transaction>>;

@@ -586,6 +586,19 @@ impl Store for SledStore {
         }
     }
 
+    async fn insert_generated_unsynced(&self, tx: &Transaction) -> Result<()> {
+        if tx.state.is_final() {
+            return self.insert_unsynced(tx).await;
+        }
+        let _g = self.stripe(&tx.gid);
+        // No look into `tcc_done` (two lookups) for an id nobody can hold; the swap still refuses
+        // to overwrite a live record.
+        match self.swap(None, tx)? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::AlreadyExists(tx.gid.clone())),
+        }
+    }
+
     async fn compare_and_set_unsynced(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
         self.swap_if(expected_version, tx)
     }
