@@ -7,6 +7,10 @@
 //! A branch is always registered *before* its try is sent, so that if the try's answer is lost the
 //! coordinator still knows to cancel it.
 //!
+//! A remote client shared by many tasks folds their begins, confirms and cancels into `POST
+//! /v1/batch` requests when they crowd (see [`TccClient::remote_batching`] and
+//! [`crate::server::batch`]); each call still gets the answer its own request would have had.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), tcc_http::client::ClientError> {
 //! use std::time::Duration;
