@@ -468,19 +468,27 @@ impl tcc_core::Store for Unflushed {
     }
 }
 
+/// A coordinator on `store` calling `transport`, on the system clock, with the tests' settings.
+async fn open_on(
+    store: std::sync::Arc<dyn tcc_core::Store>,
+    transport: std::sync::Arc<dyn tcc_core::transport::Transport>,
+) -> tcc_core::Coordinator {
+    tcc_core::Coordinator::open(
+        store,
+        transport,
+        std::sync::Arc::new(tcc_core::SystemClock),
+        common::config(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_flushes_the_phase_two_results_recorded_without_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let store = Unflushed::open(dir.path()).await;
     let mem = common::Mem::default();
-    let tc = tcc_core::Coordinator::open(
-        store.clone(),
-        std::sync::Arc::new(mem.clone()),
-        std::sync::Arc::new(tcc_core::SystemClock),
-        common::config(),
-    )
-    .await
-    .unwrap();
+    let tc = open_on(store.clone(), std::sync::Arc::new(mem.clone())).await;
     let tx = tc.begin(None, MIN).await.unwrap();
     tc.register(&tx.gid, "flight".parse().unwrap(), "mem://flight".into(), Vec::new()).await.unwrap();
     tc.confirm(&tx.gid).await.unwrap();
@@ -740,14 +748,7 @@ async fn a_round_records_its_results_on_the_stored_record_when_it_changed_during
     let dir = tempfile::tempdir().unwrap();
     let gated = Gated::default();
     let store = std::sync::Arc::new(common::open_store(dir.path()).await);
-    let tc = tcc_core::Coordinator::open(
-        store.clone(),
-        std::sync::Arc::new(gated.clone()),
-        std::sync::Arc::new(tcc_core::SystemClock),
-        common::config(),
-    )
-    .await
-    .unwrap();
+    let tc = open_on(store.clone(), std::sync::Arc::new(gated.clone())).await;
     let gid = confirm_n(&tc, 1).await.remove(0);
     let mut waited = 0;
     while gated.now.load(std::sync::atomic::Ordering::SeqCst) == 0 {
