@@ -7,9 +7,10 @@
 //! and share flushes.
 //!
 //! The request is a JSON [`BatchOps`]. A well-formed batch is answered `200` with
-//! `application/x-ndjson`: one [`BatchLine`] per operation, each written as soon as that operation
-//! is done (so a confirm waiting for a slow phase two holds up no other answer), in the order they
-//! finish. A batch that does not parse, is over [`MAX_BATCH_OPS`] operations or
+//! `application/x-ndjson`: one [`BatchLine`] per operation, in the order they finish, each written
+//! once that operation is done, so a confirm waiting for a slow phase two holds up no other answer.
+//! (The lines of the operations that do not wait are written together, when the last of them is
+//! done: they finish within a flush or two of each other, and one write is cheaper than many.) A batch that does not parse, is over [`MAX_BATCH_OPS`] operations or
 //! [`MAX_BODY`](crate::protocol::MAX_BODY) bytes, or lacks the token is refused as a whole, with the
 //! usual error answer, and nothing in it is done. A client that stops reading (the connection
 //! drops) stops the waits of the operations not yet answered; what was decided stays decided.
