@@ -38,8 +38,10 @@ pub struct ClientConfig {
     pub batching: Batching,
 }
 
-/// How the coordinator folds the phase-two calls it owes one native target into `POST
-/// {target}/batch` requests.
+/// How calls to one destination are folded into batches: the phase-two calls the coordinator owes
+/// one native target, into `POST {target}/batch` requests, and the begins, confirms and cancels of
+/// a remote [`TccClient`](crate::client::TccClient), into `POST /v1/batch` requests to its
+/// coordinator (see [`TccClient::remote_batching`](crate::client::TccClient::remote_batching)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
     /// Most calls in one batch; 1 sends every call alone (`POST {target}/confirm` or `/cancel`).
