@@ -67,3 +67,42 @@ fn every_mode_completes_and_the_json_has_its_keys() {
         assert!(v > 0.0, "{key} {v}");
     }
 }
+
+#[test]
+fn rounds_report_medians_and_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tcc-bench"))
+        .args(["--duration", "0.3", "--concurrency", "4", "--modes", "raw,embedded", "--rounds", "3"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows = |prefix: &str| stdout.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!((rows("round "), rows("raw "), rows("embedded ")), (3, 3 + 1, 3 + 1), "{stdout}");
+    assert!(stdout.contains("over 3 rounds"), "{stdout}");
+    let report = std::fs::read_to_string(&json).unwrap();
+    let list = |key: &str| -> Vec<f64> {
+        let rest =
+            report.split(&format!("\"{key}\": [")).nth(1).unwrap_or_else(|| panic!("{key} in {report}"));
+        rest.split(']').next().unwrap().split(", ").map(|v| v.parse().unwrap()).collect()
+    };
+    let (rates, ratios) = (list("embedded_tx_per_s_rounds"), list("embedded_ratio_rounds"));
+    assert_eq!((rates.len(), ratios.len(), list("raw_tx_per_s_rounds").len()), (3, 3, 3));
+    // The reported ratio is the median of the rounds' ratios.
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let reported: f64 = report
+        .split("\"embedded_ratio\": ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((reported - sorted[1]).abs() < 0.001, "{reported} is not the median of {ratios:?}");
+}

@@ -92,6 +92,12 @@ struct Args {
     /// Modes to run (comma-separated): raw, embedded, standalone, coordinator_only.
     #[arg(long, value_delimiter = ',', default_value = "raw,embedded,standalone,coordinator_only")]
     modes: Vec<String>,
+    /// Run the modes this many times, one after the other in each round (raw, embedded, ...,
+    /// raw, embedded, ...), and report each mode's median rate and the median of its per-round
+    /// ratio to the round's `raw`: on a shared, noisy machine one round's ratio can be off by more
+    /// than the differences worth measuring.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// After each mode (not the sweeps), measure it again open-loop at half the rate it reached:
     /// transactions started on a fixed schedule, latency from the scheduled start, at most 4096 in
     /// flight (more are dropped and counted as errors). Rows `<mode>@half`.
@@ -1292,6 +1298,18 @@ fn print_row(f: &Figures, raw: Option<f64>) {
     );
 }
 
+/// The median of `v` (the mean of the middle two for an even count), its lowest and its highest.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    (median, s[0], s[n - 1])
+}
+
 async fn bench(args: Args) -> Result<bool, String> {
     let participants = Participants::start().await.map_err(|e| e.to_string())?;
     let http = build_client(&ClientConfig::default()).map_err(|e| e.to_string())?;
@@ -1303,21 +1321,49 @@ async fn bench(args: Args) -> Result<bool, String> {
     );
     let mut main = Vec::new();
     let mut half = Vec::new();
-    let mut raw = None;
     let mut modes = bench.args.modes.clone();
     if bench.args.postgres.is_some() {
         modes.extend(["postgres_1".to_owned(), "postgres_3".to_owned()]);
     }
-    for mode in modes {
-        let (f, h) = bench.run_with(&mode, 2, c, bench.args.half_peak).await?;
-        if mode == "raw" {
-            raw = Some(f.tx_per_s());
+    // Per mode: its rate in each round, and its ratio to that round's raw.
+    let mut rounds: Vec<(String, Vec<f64>, Vec<f64>)> =
+        modes.iter().map(|m| (m.clone(), Vec::new(), Vec::new())).collect();
+    for round in 1..=bench.args.rounds {
+        if bench.args.rounds > 1 {
+            println!("round {round} of {}", bench.args.rounds);
         }
-        print_row(&f, raw);
-        main.push(f);
-        if let Some(h) = h {
-            print_row(&h, None);
-            half.push(h);
+        let mut raw = None;
+        for (mode, rates, ratios) in &mut rounds {
+            let (f, h) = bench.run_with(mode, 2, c, bench.args.half_peak).await?;
+            if mode == "raw" {
+                raw = Some(f.tx_per_s());
+            }
+            print_row(&f, raw);
+            rates.push(f.tx_per_s());
+            if let Some(r) = raw.filter(|r| *r > 0.0) {
+                ratios.push(f.tx_per_s() / r);
+            }
+            main.push(f);
+            if let Some(h) = h {
+                print_row(&h, None);
+                half.push(h);
+            }
+        }
+    }
+    if bench.args.rounds > 1 {
+        println!(
+            "over {} rounds: median tx/s (lowest, highest); median ratio to the round's raw (lowest, highest)",
+            bench.args.rounds
+        );
+        for (mode, rates, ratios) in &rounds {
+            let (r, lo, hi) = spread(rates);
+            let ratio = if ratios.is_empty() {
+                String::new()
+            } else {
+                let (q, qlo, qhi) = spread(ratios);
+                format!("; {q:.2}x ({qlo:.2}x, {qhi:.2}x)")
+            };
+            println!("{mode:<21} {r:>10.0} ({lo:.0}, {hi:.0}){ratio}");
         }
     }
     let mut extra = Vec::new();
@@ -1392,11 +1438,10 @@ async fn bench(args: Args) -> Result<bool, String> {
         }
         None => None,
     };
-    let rate = |m: &str| main.iter().find(|f| f.mode == m).map(Figures::tx_per_s);
-    let ratio = |m: &str| match (rate(m), raw) {
-        (Some(x), Some(r)) if r > 0.0 => Some(x / r),
-        _ => None,
-    };
+    // With one round, a mode's rate and its ratio to raw in that round; with more, the medians.
+    let of = |m: &str| rounds.iter().find(|(mode, _, _)| mode == m);
+    let rate = |m: &str| of(m).filter(|(_, r, _)| !r.is_empty()).map(|(_, r, _)| spread(r).0);
+    let ratio = |m: &str| of(m).filter(|(_, _, q)| !q.is_empty()).map(|(_, _, q)| spread(q).0);
     if let Some(path) = &bench.args.json {
         let num = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.3}"));
         let mut out = String::from("{\n");
@@ -1405,6 +1450,14 @@ async fn bench(args: Args) -> Result<bool, String> {
         }
         let _ = writeln!(out, "  \"embedded_ratio\": {},", num(ratio("embedded")));
         let _ = writeln!(out, "  \"standalone_ratio\": {},", num(ratio("standalone")));
+        let _ = writeln!(out, "  \"rounds\": {},", bench.args.rounds);
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
+        for (mode, rates, ratios) in &rounds {
+            let _ = writeln!(out, "  \"{mode}_tx_per_s_rounds\": [{}],", list(rates));
+            if mode != "raw" && !ratios.is_empty() {
+                let _ = writeln!(out, "  \"{mode}_ratio_rounds\": [{}],", list(ratios));
+            }
+        }
         for h in &half {
             let m = h.mode.trim_end_matches("@half");
             let _ = writeln!(out, "  \"{m}_half_peak_rate\": {:.1},", h.tx_per_s());
