@@ -277,6 +277,7 @@ async fn metrics_openapi_and_probes() {
         "/v1/transactions/{gid}",
         "/v1/transactions/{gid}/branches",
         "/v1/transactions/{gid}/force",
+        "/v1/batch",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }

@@ -84,11 +84,11 @@ async fn a_batch_answers_each_operation_as_its_own_request_would() {
         json!([
             {"begin": {"gid": "a"}},
             {"begin": {"gid": "a"}},
-            {"begin": {"gid": "bad id!"}},
+            {"begin": {"gid": "f", "timeout_ms": 90_000_000_000_u64}},
             {"confirm": {"gid": "nope"}},
-            {"confirm": {"gid": "b", "wait_ms": 20000}},
+            {"confirm": {"gid": "b", "wait_ms": 20000.0}},
             {"cancel": {"gid": "c", "wait_ms": 20000}},
-            {"confirm": {"gid": "d", "wait_ms": 9_223_372_036_854_775_808_u64}},
+            {"confirm": {"gid": "d", "wait_ms": 1}},
             {"begin": {"gid": "e", "branches": [{"branch": "x", "target": "http://169.254.169.254/x"}]}},
         ]),
     )
@@ -102,11 +102,11 @@ async fn a_batch_answers_each_operation_as_its_own_request_would() {
     assert_eq!(
         codes[2..],
         [
-            (400, "malformed"),
+            (422, "invalid_input"),
             (404, "not_found"),
             (200, "confirmed"),
             (200, "cancelled"),
-            (400, "malformed"),
+            (200, "confirmed"),
             (422, "participant_not_allowed"),
         ],
         "{answers:?}"
@@ -115,7 +115,7 @@ async fn a_batch_answers_each_operation_as_its_own_request_would() {
     assert_eq!((late[0].0, &late[0].1["code"]), (409, &json!("illegal_transition")), "{late:?}");
     assert!(answers[2].1["message"].is_string(), "errors have the one error shape");
     assert_eq!(hotel.phases("c"), ["cancel"]);
-    // What the refused operations named is as it was.
+    // What the refused operations named is as it was, or was never stored.
     let stored = everything(&http, &base).await;
     let states: Vec<(&str, &str)> = stored
         .as_array()
@@ -123,7 +123,7 @@ async fn a_batch_answers_each_operation_as_its_own_request_would() {
         .iter()
         .map(|t| (t["gid"].as_str().unwrap(), t["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(states, [("a", "trying"), ("b", "confirmed"), ("c", "cancelled"), ("d", "trying")]);
+    assert_eq!(states, [("a", "trying"), ("b", "confirmed"), ("c", "cancelled"), ("d", "confirmed")]);
     // Each operation is counted under its own request's route, and the batch under its own.
     assert_eq!(metric(&http, &base, &requests("/v1/batch")).await, 2);
     assert_eq!(metric(&http, &base, &requests("/v1/transactions")).await, 3 + 1);
@@ -146,6 +146,30 @@ async fn a_refused_batch_is_refused_whole_and_changes_nothing() {
             "malformed",
         ),
         (json!({"ops": [{"begin": {"gid": "z"}, "cancel": {"gid": "keep"}}]}), 400, "malformed"),
+        // An operation whose single request would be malformed makes the batch malformed.
+        (json!({"ops": [{"begin": {"gid": "z"}}, {"begin": {"gid": "bad id!"}}]}), 400, "malformed"),
+        (json!({"ops": [{"begin": {"gid": "z", "timeout_ms": 0}}]}), 400, "malformed"),
+        (
+            json!({"ops": [{"begin": {"gid": "z", "call_timeout_ms": 9_223_372_036_854_775_808_u64}}]}),
+            400,
+            "malformed",
+        ),
+        (
+            json!({"ops": [{"begin": {"branches": [{"branch": "b c", "target": "http://127.0.0.1:9/x"}]}}]}),
+            400,
+            "malformed",
+        ),
+        (
+            json!({"ops": [{"begin": {"gid": "z"}}, {"cancel": {"gid": "keep", "wait_ms": 9_223_372_036_854_775_808_u64}}]}),
+            400,
+            "malformed",
+        ),
+        (json!({"ops": [{"confirm": {"gid": "keep", "wait_ms": 1.5}}]}), 400, "malformed"),
+        (json!({"ops": [{"confirm": {"gid": "has space"}}]}), 400, "malformed"),
+        // serde reads a struct from an array of its fields too; the API takes objects only.
+        (json!({"ops": [{"begin": [null, null]}]}), 400, "malformed"),
+        (json!({"ops": [{"confirm": ["keep", 5]}]}), 400, "malformed"),
+        (json!({"ops": [{"begin": {"branches": [["b", "http://127.0.0.1:9/x", ""]]}}]}), 400, "malformed"),
         (json!({"ops": too_many}), 422, "limit_exceeded"),
     ];
     for (body, status, code) in cases {
@@ -324,4 +348,21 @@ async fn a_batch_answer_that_is_not_lines_fails_each_call_and_a_wrong_token_fail
     assert_eq!(everything(&http, &tcc.url()).await, json!([]), "nothing stored");
     let tx = tcc.client.begin(LONG).await.unwrap();
     assert_eq!(tcc.client.get(tx.gid()).await.unwrap().state, StateView::Trying);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_coordinator_would_find_malformed_goes_alone_and_batching_stays_on() {
+    let tcc = standalone().await;
+    let (base, http) = (tcc.url(), reqwest::Client::new());
+    let flight = Participant::start(Mode::Healthy).await;
+    // A zero timeout would get a whole batch refused (400): the client sends it alone, and it
+    // gets the begin's own answer.
+    let zero = tcc.client.begin(Duration::ZERO).await;
+    assert!(
+        matches!(&zero, Err(ClientError::Coordinator { status: 422, code, .. }) if code == "invalid_input"),
+        "{zero:?}"
+    );
+    assert_eq!(metric(&http, &base, &requests("/v1/batch")).await, 0);
+    crowd(&tcc.client, &flight.target("seat"), 10).await;
+    assert!(metric(&http, &base, &requests("/v1/batch")).await > 0, "batching is still on");
 }

@@ -230,6 +230,7 @@ async fn what_the_fuzz_found_is_refused_and_changes_nothing() {
         ("/v1/transactions", "\"keep\""),
         ("/v1/transactions/keep/branches", r#"["b", "http://127.0.0.1:9/x", ""]"#),
         ("/v1/transactions/keep/force", r#"["confirm"]"#),
+        ("/v1/transactions", r#"{"branches": [["b", "http://127.0.0.1:9/x", ""]]}"#),
         // Milliseconds are whole numbers.
         ("/v1/transactions", r#"{"timeout_ms": 1500.5}"#),
         ("/v1/transactions", r#"{"timeout_ms": -1.0}"#),

@@ -54,6 +54,10 @@ impl Lanes {
         op: BatchOp,
         wait: Duration,
     ) -> Option<Result<TransactionView, ClientError>> {
+        // An operation the coordinator would find malformed (a zero timeout, say) would get the
+        // whole batch refused, and batching turned off for a while: it goes alone, and gets its
+        // own answer.
+        op.check().ok()?;
         let lane = if wait.is_zero() { &self.quick } else { &self.waiting };
         match lane.call(self.batching, (op, wait)).await {
             Reply::Done(answer) => Some(answer),

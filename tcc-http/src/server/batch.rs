@@ -10,10 +10,16 @@
 //! `application/x-ndjson`: one [`BatchLine`] per operation, in the order they finish, each written
 //! once that operation is done, so a confirm waiting for a slow phase two holds up no other answer.
 //! (The lines of the operations that do not wait are written together, when the last of them is
-//! done: they finish within a flush or two of each other, and one write is cheaper than many.) A batch that does not parse, is over [`MAX_BATCH_OPS`] operations or
-//! [`MAX_BODY`](crate::protocol::MAX_BODY) bytes, or lacks the token is refused as a whole, with the
-//! usual error answer, and nothing in it is done. A client that stops reading (the connection
-//! drops) stops the waits of the operations not yet answered; what was decided stays decided.
+//! done: they finish within a flush or two of each other, and one write is cheaper than many.)
+//!
+//! A batch that does not parse is refused as a whole (400), with the usual error answer, and
+//! nothing in it is done; so is one holding an operation whose own request would be malformed (a
+//! bad id, a milliseconds option of 0 or past an int64: what the OpenAPI document calls invalid).
+//! So are a batch over [`MAX_BATCH_OPS`] operations (422) or [`MAX_BODY`](crate::protocol::MAX_BODY)
+//! bytes (413), and one without the token (401). What only the engine can judge (an unknown
+//! transaction, a timeout past the server's limit, a participant not allowed) is answered per
+//! operation. A client that stops reading (the connection drops) stops the waits of the
+//! operations not yet answered; what was decided stays decided.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,10 +33,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tcc_core::{Decision, Transaction};
 use tokio::sync::mpsc;
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::native::{self, BeginRequest, TransactionView, WaitQuery};
+use super::native::{self, BeginRequest, Id, TransactionView, WaitQuery};
 use crate::error::{ApiError, ApiJson};
+use crate::protocol::ErrorBody;
 
 /// Path of the batch route.
 pub const BATCH_PATH: &str = "/v1/batch";
@@ -39,34 +47,83 @@ pub const BATCH_PATH: &str = "/v1/batch";
 pub const MAX_BATCH_OPS: usize = 1024;
 
 /// A batch of operations.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchOps {
-    /// The operations; each is answered by a [`BatchLine`] carrying its index here.
+    /// The operations (at most 1,024); each is answered by a line carrying its index here.
+    #[schema(max_items = 1024)]
     pub ops: Vec<BatchOp>,
 }
 
-/// One operation of a batch.
+/// One operation of a batch: an object with one key, the operation's name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum BatchOp {
     /// `POST /v1/transactions` with this body: answered 201 and the transaction.
+    #[serde(deserialize_with = "native::object")]
     Begin(BeginRequest),
     /// `POST /v1/transactions/{gid}/confirm?wait_ms=`: answered 200 and the transaction.
+    #[serde(deserialize_with = "native::object")]
     Confirm(DecideOp),
     /// `POST /v1/transactions/{gid}/cancel?wait_ms=`: answered 200 and the transaction.
+    #[serde(deserialize_with = "native::object")]
     Cancel(DecideOp),
 }
 
+/// Written by hand: the derived schema lets an operation's object carry other keys besides the
+/// operation's name, which the server refuses.
+impl utoipa::PartialSchema for BatchOp {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Ref, Type};
+        let op = |name: &str, body: &str, doc: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(name, Ref::from_schema_name(body))
+                .required(name)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .description(Some(doc))
+        };
+        OneOfBuilder::new()
+            .item(op(
+                "begin",
+                "BeginRequest",
+                "`POST /v1/transactions` with this body: answered 201 and the transaction.",
+            ))
+            .item(op(
+                "confirm",
+                "DecideOp",
+                "`POST /v1/transactions/{gid}/confirm?wait_ms=`: answered 200 and the transaction.",
+            ))
+            .item(op(
+                "cancel",
+                "DecideOp",
+                "`POST /v1/transactions/{gid}/cancel?wait_ms=`: answered 200 and the transaction.",
+            ))
+            .description(Some("One operation of a batch: an object with one key, the operation's name."))
+            .into()
+    }
+}
+
+impl ToSchema for BatchOp {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        use utoipa::PartialSchema;
+        schemas.push((BeginRequest::name().into(), BeginRequest::schema()));
+        BeginRequest::schemas(schemas);
+        schemas.push((DecideOp::name().into(), DecideOp::schema()));
+        DecideOp::schemas(schemas);
+    }
+}
+
 /// The transaction a confirm or cancel of a batch decides, and how long to wait for phase two.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideOp {
     /// The transaction id.
+    #[schema(value_type = Id)]
     pub gid: String,
     /// As the single request's `wait_ms`: wait up to this many milliseconds (at most 60,000) for
     /// phase two to finish. Not waiting when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "native::whole_ms")]
     pub wait_ms: Option<u64>,
 }
 
@@ -82,7 +139,18 @@ pub struct BatchLine<B> {
     pub body: B,
 }
 
-/// Runs a batch (see the module's documentation).
+/// Runs several begins, confirms and cancels concurrently, answering each as its own request would
+/// be answered, one JSON line per operation: `{"i": INDEX, "status": STATUS, "body": TRANSACTION
+/// or ERROR}`, each as soon as it is done (the lines of operations that do not wait for phase two
+/// together, once the last of them is).
+#[utoipa::path(post, path = "/v1/batch", tag = "transactions", request_body = BatchOps,
+    responses(
+        (status = 200, description = "One line per operation, in the order they finish: `{\"i\": INDEX, \"status\": STATUS, \"body\": BODY}`, where STATUS and BODY are what the operation's single request would have been answered (a transaction, or an error body)", content_type = "application/x-ndjson"),
+        (status = 400, description = "Malformed batch: none of it runs", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Over 1,024 operations: none of them runs", body = ErrorBody),
+    ))]
 pub(crate) async fn batch(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<BatchOps>,
@@ -94,6 +162,9 @@ pub(crate) async fn batch(
             "limit_exceeded",
             format!("a batch carries at most {MAX_BATCH_OPS} operations, not {count}"),
         ));
+    }
+    for (i, op) in req.ops.iter().enumerate() {
+        op.check().map_err(|e| ApiError::malformed(format!("operation {i}: {}", e.message)))?;
     }
     let (lines, rx) = mpsc::channel(count.max(1));
     let quick = req.ops.iter().filter(|op| !op.waits()).count();
@@ -123,6 +194,38 @@ impl BatchOp {
             BatchOp::Begin(_) => "/v1/transactions",
             BatchOp::Confirm(_) => "/v1/transactions/{gid}/confirm",
             BatchOp::Cancel(_) => "/v1/transactions/{gid}/cancel",
+        }
+    }
+
+    /// Refuses what the OpenAPI document calls invalid, so that a batch holding such an operation
+    /// is refused whole, as one that does not parse: a malformed id, a milliseconds option of 0
+    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past the server's
+    /// limit, a participant URL not allowed, an unknown transaction) is answered per operation.
+    pub(crate) fn check(&self) -> Result<(), ApiError> {
+        match self {
+            BatchOp::Begin(req) => {
+                req.gid.as_deref().map(native::parse_gid).transpose()?;
+                for (name, ms) in [
+                    ("timeout_ms", req.timeout_ms),
+                    ("retry_interval_ms", req.retry_interval_ms),
+                    ("call_timeout_ms", req.call_timeout_ms),
+                ] {
+                    if ms.is_some_and(|ms| ms == 0 || i64::try_from(ms).is_err()) {
+                        return Err(ApiError::malformed(format!(
+                            "{name} must be between 1 and {}",
+                            i64::MAX
+                        )));
+                    }
+                }
+                for b in &req.branches {
+                    b.branch.parse::<tcc_core::BranchId>().map_err(|e| ApiError::malformed(e.to_string()))?;
+                }
+                Ok(())
+            }
+            BatchOp::Confirm(op) | BatchOp::Cancel(op) => {
+                native::parse_gid(&op.gid)?;
+                WaitQuery { wait_ms: op.wait_ms }.check().map(drop)
+            }
         }
     }
 

@@ -93,13 +93,40 @@ pub struct BeginRequest {
     /// branch and its request before the first try, one request and one flush instead of one per
     /// branch. Each follows the rules of `POST /v1/transactions/{gid}/branches`; one refused branch
     /// refuses the begin, and nothing is stored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects")]
     pub branches: Vec<RegisterRequest>,
+}
+
+/// A `T` read from a JSON object only. serde reads a struct from an array of its fields too, which
+/// the API does not take (its document says objects).
+pub(crate) fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct Object<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Object<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(Object(std::marker::PhantomData))
+}
+
+/// A list of `T`, each read from a JSON object only (see [`object`]).
+fn objects<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct Item<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Item<T> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Item<T>, D::Error> {
+            object(d).map(Item)
+        }
+    }
+    Ok(Vec::<Item<T>>::deserialize(d)?.into_iter().map(|Item(t)| t).collect())
 }
 
 /// A count of milliseconds in a request body: a JSON integer, or a number with no fractional part
 /// (`500.0`), which JSON Schema, and so the OpenAPI document, counts as an integer too.
-fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+pub(crate) fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
     if let Some(ms) = n.as_u64() {
         return Ok(Some(ms));
