@@ -135,7 +135,7 @@ pub struct BatchLine<B> {
     /// The status its single request would have been answered with.
     pub status: u16,
     /// The body that request would have had: the transaction, or an
-    /// [`ErrorBody`](crate::protocol::ErrorBody).
+    /// [`ErrorBody`].
     pub body: B,
 }
 
