@@ -175,6 +175,9 @@ impl SledStore {
     }
 
     /// Uses an already open sled database (for example one shared with an embedded participant).
+    /// One store per database: the store keeps the state and version of every live record in
+    /// memory and writes on their strength, so a second store over the same trees would not see
+    /// the first one's writes.
     pub fn with_db(db: sled::Db) -> Result<SledStore> {
         let live = db.open_tree(LIVE_TREE)?;
         let done = db.open_tree(DONE_TREE)?;
