@@ -320,11 +320,12 @@ impl TccClient {
                     call_timeout_ms: options.options.call_timeout_ms,
                     branches,
                 };
-                match &self.inner.lanes {
-                    Some(lanes) => match lanes.call(BatchOp::Begin(req.clone()), Duration::ZERO).await {
-                        Some(answer) => answer?,
-                        None => self.post("v1/transactions", &req).await?,
-                    },
+                let batched = match &self.inner.lanes {
+                    Some(lanes) => lanes.call(BatchOp::Begin(req.clone()), Duration::ZERO).await,
+                    None => None,
+                };
+                match batched {
+                    Some(answer) => answer?,
                     None => self.post("v1/transactions", &req).await?,
                 }
             }
@@ -461,13 +462,16 @@ impl TccClient {
                 ClientError::Unreachable(format!("unreadable answer from the coordinator: {e}"))
             });
         }
-        let text = error_text(res).await;
-        let body: ErrorBody = serde_json::from_str(&text).unwrap_or_else(|_| ErrorBody {
-            code: "unknown".into(),
-            message: text,
-            detail: None,
-        });
-        Err(ClientError::Coordinator { status: status.as_u16(), code: body.code, message: body.message })
+        Err(coordinator_error(status.as_u16(), error_text(res).await))
+    }
+}
+
+/// A coordinator's error answer as a [`ClientError`]: its error body's code and message, or, when
+/// the body is not one, the text itself. Single requests and batches read them alike.
+fn coordinator_error(status: u16, text: String) -> ClientError {
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => ClientError::Coordinator { status, code: body.code, message: body.message },
+        Err(_) => ClientError::Coordinator { status, code: "unknown".into(), message: text },
     }
 }
 

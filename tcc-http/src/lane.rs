@@ -74,6 +74,13 @@ pub(crate) trait Carrier: Send + Sync + 'static {
     fn destination(&self) -> String;
 }
 
+/// `url` without its query, which may carry something secret: a destination as the log shows it.
+pub(crate) fn without_query(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.to_string()
+}
+
 /// The batches of one destination.
 pub(crate) struct Lane<C: Carrier> {
     carrier: C,

@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use url::Url;
 
-use super::ClientError;
+use super::{ClientError, coordinator_error};
 use crate::lane::{Answer, Carrier, Lane, Reply};
-use crate::protocol::{ErrorBody, MAX_BODY};
+use crate::protocol::MAX_BODY;
 use crate::server::Token;
-use crate::server::batch::{BATCH_PATH, BatchOp, BatchOps};
+use crate::server::batch::{BATCH_PATH, BatchLine, BatchOp, BatchOps};
 use crate::server::native::TransactionView;
 use crate::transport::{Batching, ClientConfig, error_text, transport_error};
 
@@ -78,15 +77,6 @@ pub(super) struct ToCoordinator {
 /// Longest answer line read: one transaction, at most a request body's worth of payloads, encoded.
 const MAX_LINE: usize = 4 * MAX_BODY;
 
-/// One answer line, its body not decoded yet.
-#[derive(Deserialize)]
-struct Line<'a> {
-    i: usize,
-    status: u16,
-    #[serde(borrow)]
-    body: &'a RawValue,
-}
-
 impl Carrier for ToCoordinator {
     type Call = (BatchOp, Duration);
     type Answer = Result<TransactionView, ClientError>;
@@ -137,19 +127,7 @@ impl Carrier for ToCoordinator {
                 return Err(format!("the coordinator answered {status} to a batch"));
             }
             let text = error_text(res).await;
-            let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
-            fail_all(replies, &|| match &body {
-                Some(b) => ClientError::Coordinator {
-                    status: status.as_u16(),
-                    code: b.code.clone(),
-                    message: b.message.clone(),
-                },
-                None => ClientError::Coordinator {
-                    status: status.as_u16(),
-                    code: "unknown".into(),
-                    message: text.clone(),
-                },
-            });
+            fail_all(replies, &|| coordinator_error(status.as_u16(), text.clone()));
             return Ok(());
         }
         let mut buf: Vec<u8> = Vec::new();
@@ -190,16 +168,15 @@ impl Carrier for ToCoordinator {
     }
 
     fn destination(&self) -> String {
-        let mut shown = self.url.clone();
-        shown.set_query(None);
-        shown.to_string()
+        crate::lane::without_query(&self.url)
     }
 }
 
 /// Hands the answer on `line` to its caller; an error when the line is not an answer line.
 fn answer(line: &[u8], replies: &mut [Option<Answer<ToCoordinator>>]) -> Result<(), String> {
     let unreadable = |e: serde_json::Error| format!("unreadable batch answer from the coordinator: {e}");
-    let line: Line<'_> = serde_json::from_slice(line).map_err(unreadable)?;
+    // The body is decoded once the status says what it is.
+    let line: BatchLine<&RawValue> = serde_json::from_slice(line).map_err(unreadable)?;
     let count = replies.len();
     let reply = replies
         .get_mut(line.i)
@@ -210,12 +187,7 @@ fn answer(line: &[u8], replies: &mut [Option<Answer<ToCoordinator>>]) -> Result<
         serde_json::from_str::<TransactionView>(line.body.get())
             .map_err(|e| ClientError::Unreachable(format!("unreadable answer from the coordinator: {e}")))
     } else {
-        // As for a single request's error answer: the body's code, or the text itself.
-        let (code, message) = match serde_json::from_str::<ErrorBody>(line.body.get()) {
-            Ok(body) => (body.code, body.message),
-            Err(_) => ("unknown".to_owned(), line.body.get().to_owned()),
-        };
-        Err(ClientError::Coordinator { status: line.status, code, message })
+        Err(coordinator_error(line.status, line.body.get().to_owned()))
     };
     let _ = reply.send(Reply::Done(result));
     Ok(())

@@ -134,8 +134,7 @@ pub struct BatchLine<B> {
     pub i: usize,
     /// The status its single request would have been answered with.
     pub status: u16,
-    /// The body that request would have had: the transaction, or an
-    /// [`ErrorBody`].
+    /// The body that request would have had: the transaction, or an [`ErrorBody`].
     pub body: B,
 }
 
@@ -199,8 +198,9 @@ impl BatchOp {
 
     /// Refuses what the OpenAPI document calls invalid, so that a batch holding such an operation
     /// is refused whole, as one that does not parse: a malformed id, a milliseconds option of 0
-    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past the server's
-    /// limit, a participant URL not allowed, an unknown transaction) is answered per operation.
+    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past
+    /// the server's limit, a participant URL not allowed, an unknown transaction) is answered per
+    /// operation.
     pub(crate) fn check(&self) -> Result<(), ApiError> {
         match self {
             BatchOp::Begin(req) => {
@@ -251,7 +251,8 @@ async fn decide(
     op: DecideOp,
     decision: Decision,
 ) -> Result<(StatusCode, Transaction), ApiError> {
-    let wait = WaitQuery { wait_ms: op.wait_ms }.check()?;
+    // `wait_ms` was checked with the whole batch (`BatchOp::check`).
+    let wait = WaitQuery { wait_ms: op.wait_ms };
     let gid = native::parse_gid(&op.gid)?;
     Ok((StatusCode::OK, native::decide_tx(state, &gid, decision, wait).await?))
 }

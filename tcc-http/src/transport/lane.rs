@@ -61,10 +61,7 @@ impl Carrier for PhaseTwo {
     }
 
     fn destination(&self) -> String {
-        // The URL without its query, which may carry something secret.
-        let mut shown = self.url.clone();
-        shown.set_query(None);
-        shown.to_string()
+        crate::lane::without_query(&self.url)
     }
 }
 
