@@ -268,12 +268,17 @@ impl SledStore {
                 return Ok(Err(current.map(|b| decode_for(&new.gid, &b)).transpose()?));
             }
         }
+        self.note(new);
+        Ok(Ok(()))
+    }
+
+    /// Keeps the memory index in step with `new`, just stored: noted if live, gone if final.
+    fn note(&self, new: &Transaction) {
         let mut index = lock(&self.index);
-        match new_slot {
+        match Slot::of(new) {
             Slot::Live => index.set(new),
             Slot::Done(_) => index.remove(&new.gid),
         }
-        Ok(Ok(()))
     }
 
     /// The compare-and-set itself, without waiting for durability.
@@ -308,15 +313,32 @@ impl SledStore {
         match Slot::of(new) {
             Slot::Live => {
                 self.live.insert(key, bytes)?;
-                lock(&self.index).set(new);
             }
             Slot::Done(state) => {
                 self.done.insert(done_key(state, &new.gid), bytes)?;
                 self.live.remove(key)?;
-                lock(&self.index).remove(&new.gid);
             }
         }
+        self.note(new);
         Ok(())
+    }
+
+    /// Stores a new transaction, refusing an id taken in either tree (the swap itself checks the
+    /// new record's own place). A `generated` id, which nobody can hold, skips the two lookups
+    /// into `tcc_done` for a live record.
+    fn insert_new(&self, tx: &Transaction, generated: bool) -> Result<()> {
+        let _g = self.stripe(&tx.gid);
+        let taken_elsewhere = match Slot::of(tx) {
+            Slot::Live => !generated && self.read_done(&tx.gid)?.is_some(),
+            Slot::Done(_) => self.read(&tx.gid)?.is_some(),
+        };
+        if taken_elsewhere {
+            return Err(Error::AlreadyExists(tx.gid.clone()));
+        }
+        match self.swap(None, tx)? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::AlreadyExists(tx.gid.clone())),
+        }
     }
 
     /// Reports a live record that cannot be read, once, and leaves it for an operator.
@@ -574,32 +596,11 @@ impl Store for SledStore {
     }
 
     async fn insert_unsynced(&self, tx: &Transaction) -> Result<()> {
-        let _g = self.stripe(&tx.gid);
-        // The id may be taken in either tree; the swap itself checks the new record's own place.
-        let taken_elsewhere = match Slot::of(tx) {
-            Slot::Live => self.read_done(&tx.gid)?.is_some(),
-            Slot::Done(_) => self.read(&tx.gid)?.is_some(),
-        };
-        if taken_elsewhere {
-            return Err(Error::AlreadyExists(tx.gid.clone()));
-        }
-        match self.swap(None, tx)? {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Error::AlreadyExists(tx.gid.clone())),
-        }
+        self.insert_new(tx, false)
     }
 
     async fn insert_generated_unsynced(&self, tx: &Transaction) -> Result<()> {
-        if tx.state.is_final() {
-            return self.insert_unsynced(tx).await;
-        }
-        let _g = self.stripe(&tx.gid);
-        // No look into `tcc_done` (two lookups) for an id nobody can hold; the swap still refuses
-        // to overwrite a live record.
-        match self.swap(None, tx)? {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Error::AlreadyExists(tx.gid.clone())),
-        }
+        self.insert_new(tx, true)
     }
 
     async fn compare_and_set_unsynced(&self, expected_version: u64, tx: &Transaction) -> Result<Cas> {
