@@ -370,9 +370,7 @@ impl Coordinator {
         target: String,
         payload: Vec<u8>,
     ) -> Result<Transaction> {
-        self.check_branch(&target, &payload)?;
-        let (tx, _) = self.inner.update(gid, &Event::Register { id, target, payload }).await?;
-        Ok(tx)
+        self.register_with(gid, None, id, target, payload, true).await
     }
 
     /// [`register`](Self::register) without waiting for the flush; see
@@ -387,8 +385,25 @@ impl Coordinator {
         target: String,
         payload: Vec<u8>,
     ) -> Result<Transaction> {
+        self.register_with(gid, None, id, target, payload, false).await
+    }
+
+    /// [`register`](Self::register) (with `durable`) or [`register_deferred`](Self::register_deferred)
+    /// (without), judged first on `likely`, the caller's copy of the transaction, as
+    /// [`decide_and_wait`](Self::decide_and_wait) does: a current copy saves reading the record, a
+    /// stale one is caught by the store's compare-and-set and the record is read.
+    pub async fn register_with(
+        &self,
+        gid: &Gid,
+        likely: Option<&Transaction>,
+        id: BranchId,
+        target: String,
+        payload: Vec<u8>,
+        durable: bool,
+    ) -> Result<Transaction> {
         self.check_branch(&target, &payload)?;
-        let (tx, _) = self.inner.update_with(gid, &Event::Register { id, target, payload }, false).await?;
+        let event = Event::Register { id, target, payload };
+        let (tx, _) = self.inner.update_from(gid, likely, &event, durable).await?;
         Ok(tx)
     }
 
@@ -412,13 +427,63 @@ impl Coordinator {
     /// the background (see [`wait`](Self::wait)). Refused after the deadline, after a cancel, and for
     /// a transaction that is not trying any more, except that asking again is answered as before.
     pub async fn confirm(&self, gid: &Gid) -> Result<Transaction> {
-        self.inner.decide(gid, &Event::Confirm).await
+        self.inner.decide(gid, None, &Event::Confirm).await
     }
 
     /// Decides to cancel every branch. Returns once the decision is durable. Refused once confirm was
     /// decided.
     pub async fn cancel(&self, gid: &Gid) -> Result<Transaction> {
-        self.inner.decide(gid, &Event::Cancel).await
+        self.inner.decide(gid, None, &Event::Cancel).await
+    }
+
+    /// Decides as [`confirm`](Self::confirm) or [`cancel`](Self::cancel) would, then waits up to
+    /// `wait` for the transaction to be final or flagged, as [`wait`](Self::wait) would (a zero
+    /// `wait` answers at once with the decided transaction). Cheaper than the two calls: the waiter
+    /// is in place before the decision is stored, so a phase two that finishes at once is seen
+    /// without reading the record back.
+    ///
+    /// `likely`, when given, is the caller's copy of the transaction (as
+    /// [`begin_registered`](Self::begin_registered) or a registration returned it): the decision
+    /// is judged on it first, which saves reading the record when the copy is still the stored one
+    /// (the store's compare-and-set checks that by version). A stale copy (a branch registered
+    /// since, a cancel at the deadline), or one on which the decision would change nothing or be
+    /// refused, makes it read and judge the stored record, so the answer is the same either way.
+    pub async fn decide_and_wait(
+        &self,
+        gid: &Gid,
+        likely: Option<&Transaction>,
+        decision: Decision,
+        wait: Duration,
+    ) -> Result<Transaction> {
+        let event = match decision {
+            Decision::Confirm => Event::Confirm,
+            Decision::Cancel => Event::Cancel,
+        };
+        let inner = &self.inner;
+        if wait.is_zero() {
+            return inner.decide(gid, likely, &event).await;
+        }
+        let until = inner.clock.now() + wait;
+        let (tx, rx) = oneshot::channel();
+        lock(&inner.waiters).entry(gid.clone()).or_default().push(tx);
+        let decided = inner.decide(gid, likely, &event).await;
+        let decided = match decided {
+            Ok(t) if !(t.state.is_final() || t.state == TxState::Flagged) => t,
+            done => {
+                drop(rx);
+                inner.forget_waiters(gid);
+                return done;
+            }
+        };
+        let nap = until.since(inner.clock.now()).min(inner.config.poll_interval * 10);
+        tokio::select! {
+            // Woken by this process's own write of the final (or flagged) transaction.
+            Ok(stored) = rx => return Ok(stored),
+            _ = inner.clock.sleep(nap) => {}
+        }
+        // Not woken (another process may be finishing it, or phase two is slow): go on as `wait`
+        // does, looking at the record now and then (with no time left, once).
+        self.wait(&decided.gid, until.since(inner.clock.now())).await
     }
 
     /// The transaction as stored.
@@ -439,13 +504,13 @@ impl Coordinator {
     /// Operator action: run phase two again now with a fresh retry budget, for a flagged transaction
     /// (or one waiting for its next retry).
     pub async fn retry(&self, gid: &Gid) -> Result<Transaction> {
-        self.inner.decide(gid, &Event::OperatorRetry).await
+        self.inner.decide(gid, None, &Event::OperatorRetry).await
     }
 
     /// Operator action: declare a flagged transaction finished with `outcome`, after resolving its
     /// remaining branches by hand. Only the transaction's own decision can be forced.
     pub async fn force(&self, gid: &Gid, outcome: Decision) -> Result<Transaction> {
-        self.inner.decide(gid, &Event::OperatorForce(outcome)).await
+        self.inner.decide(gid, None, &Event::OperatorForce(outcome)).await
     }
 
     /// Waits until the transaction is final or flagged, or `timeout` passes (then returns it as it is).
@@ -570,15 +635,10 @@ impl Inner {
         (now, now + self.config.lease)
     }
 
-    /// Reads, applies `event`, stores with compare-and-set, re-applying on a lost race.
-    /// Returns the transaction as stored and the effects still to perform.
-    pub(crate) async fn update(&self, gid: &Gid, event: &Event) -> Result<(Transaction, Vec<Effect>)> {
-        self.update_with(gid, event, true).await
-    }
-
-    /// [`update`](Self::update); with `durable` false the change need not be on disk when this
-    /// returns (see [`Store::compare_and_set_unsynced`]): only for changes nobody is told of as a
-    /// durable fact, whose loss makes the work run again.
+    /// Reads, applies `event`, stores with compare-and-set, re-applying on a lost race. Returns the
+    /// transaction as stored and the effects still to perform. With `durable` false the change need
+    /// not be on disk when this returns (see [`Store::compare_and_set_unsynced`]): only for changes
+    /// nobody is told of as a durable fact, whose loss makes the work run again.
     pub(crate) async fn update_with(
         &self,
         gid: &Gid,
@@ -644,8 +704,15 @@ impl Inner {
         Err(Error::Conflict(gid.clone()))
     }
 
-    async fn decide(self: &Arc<Self>, gid: &Gid, event: &Event) -> Result<Transaction> {
-        let (tx, effects) = self.update(gid, event).await?;
+    /// Stores a decision durably (judged first on `likely`, see [`update_from`](Self::update_from))
+    /// and starts what it sets off.
+    async fn decide(
+        self: &Arc<Self>,
+        gid: &Gid,
+        likely: Option<&Transaction>,
+        event: &Event,
+    ) -> Result<Transaction> {
+        let (tx, effects) = self.update_from(gid, likely, event, true).await?;
         self.perform(&tx, effects);
         Ok(tx)
     }

@@ -392,12 +392,13 @@ impl Rig {
     }
 }
 
-/// A sled store that counts the writes not yet made durable by a sync.
+/// A sled store that counts the writes not yet made durable by a sync, and the records read.
 #[derive(Debug)]
 struct Unflushed {
     inner: tcc_core::SledStore,
     pending: std::sync::atomic::AtomicUsize,
     syncs: std::sync::atomic::AtomicUsize,
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Unflushed {
@@ -406,7 +407,11 @@ impl Unflushed {
             inner: common::open_store(dir).await,
             pending: Default::default(),
             syncs: Default::default(),
+            reads: Default::default(),
         })
+    }
+    fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn pending(&self) -> usize {
         self.pending.load(std::sync::atomic::Ordering::SeqCst)
@@ -426,6 +431,7 @@ impl tcc_core::Store for Unflushed {
         self.inner.insert_unsynced(tx).await
     }
     async fn get(&self, gid: &Gid) -> tcc_core::Result<Option<tcc_core::Transaction>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.get(gid).await
     }
     async fn compare_and_set(
@@ -769,4 +775,74 @@ async fn a_round_records_its_results_on_the_stored_record_when_it_changed_during
     assert_eq!(done.version, changed.version + 1);
     assert_eq!(store.get(&gid).await.unwrap(), Some(done));
     tc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_and_a_decision_judged_on_the_callers_current_copy_read_no_record() {
+    use tcc_core::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Unflushed::open(dir.path()).await;
+    let mem = common::Mem::default();
+    let tc = open_on(store.clone(), std::sync::Arc::new(mem.clone())).await;
+    let begun = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+    let before = store.reads();
+    let hotel = "hotel".parse().unwrap();
+    let tx = tc
+        .register_with(&begun.gid, Some(&begun), hotel, "mem://hotel".into(), b"h".to_vec(), true)
+        .await
+        .unwrap();
+    assert_eq!(tx.branches.len(), 2);
+    let decided = tc.decide_and_wait(&tx.gid, Some(&tx), Decision::Confirm, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        store.reads(),
+        before,
+        "the copies were current: neither the registration nor the decision read"
+    );
+    assert_eq!(decided.decision, Some(Decision::Confirm));
+    assert_eq!(decided.version, begun.version + 2);
+    // Waiting for another one: woken by phase two's own write.
+    let other = tc.begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+    let done = tc.decide_and_wait(&other.gid, Some(&other), Decision::Cancel, MIN).await.unwrap();
+    assert_eq!(done.state, TxState::Cancelled);
+    assert_eq!(store.get(&other.gid).await.unwrap(), Some(done));
+    let first = tc.wait(&tx.gid, MIN).await.unwrap();
+    assert_eq!(first.state, TxState::Confirmed);
+    for b in ["flight", "hotel"] {
+        assert_eq!(mem.effects(&tx.gid, b).confirms, 1);
+    }
+    assert_eq!(mem.effects(&other.gid, "flight").cancels, 1);
+    tc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_a_stale_copy_is_judged_on_the_stored_record() {
+    let rig = Rig::new().await;
+    let tx = rig.tc().begin_registered(None, MIN, Default::default(), planned(&["flight"])).await.unwrap();
+    // A branch registered after the copy was taken: the confirm must reach it too.
+    rig.tc()
+        .register(&tx.gid, "hotel".parse().unwrap(), "mem://hotel".into(), b"hotel".to_vec())
+        .await
+        .unwrap();
+    let decided = rig.tc().decide_and_wait(&tx.gid, Some(&tx), Decision::Confirm, MIN).await.unwrap();
+    assert_eq!(decided.state, TxState::Confirmed, "woken by phase two, the clock never moved");
+    assert_eq!(decided.branches.len(), 2);
+    assert!(all_branches(&decided, BranchState::Confirmed));
+    assert_eq!(rig.mem.effects(&tx.gid, "hotel").confirms, 1);
+    // A copy from before a cancel: confirming on it is refused, and nothing changes.
+    let cancelled = rig.tc().begin_registered(None, MIN, Default::default(), planned(&["a"])).await.unwrap();
+    rig.tc().cancel(&cancelled.gid).await.unwrap();
+    let err = rig
+        .tc()
+        .decide_and_wait(&cancelled.gid, Some(&cancelled), Decision::Confirm, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::IllegalTransition { .. }), "{err}");
+    let end = rig.settle(&cancelled.gid).await;
+    assert_eq!(end.state, TxState::Cancelled);
+    assert_eq!(rig.mem.effects(&cancelled.gid, "a").confirms, 0);
+    // Asking again on the stale copy is answered as asking again is.
+    let again =
+        rig.tc().decide_and_wait(&tx.gid, Some(&tx), Decision::Confirm, Duration::ZERO).await.unwrap();
+    assert_eq!(again.state, TxState::Confirmed);
+    assert_eq!(rig.mem.effects(&tx.gid, "flight").confirms, 1);
 }

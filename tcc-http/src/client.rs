@@ -36,7 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
-use tcc_core::{BranchId, Coordinator, Gid, Timestamp, TxOptions};
+use tcc_core::{BranchId, Coordinator, Decision, Gid, Timestamp, TxOptions};
 use url::Url;
 
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, ErrorBody, GID_HEADER};
@@ -283,6 +283,7 @@ impl TccClient {
             };
             planned.push(Planned { id, url, request: b.request.clone() });
         }
+        let mut stored = None;
         let view = match &self.inner.backend {
             Backend::Embedded { coordinator, .. } => {
                 // Made durable together with the first registration (or by the first planned try's
@@ -295,11 +296,12 @@ impl TccClient {
                         payload: p.request.clone(),
                     })
                     .collect();
-                TransactionView::from(
-                    &coordinator
-                        .begin_registered_deferred(options.gid, timeout, options.options, branches)
-                        .await?,
-                )
+                let tx = coordinator
+                    .begin_registered_deferred(options.gid, timeout, options.options, branches)
+                    .await?;
+                let view = TransactionView::from(&tx);
+                stored = Some(tx);
+                view
             }
             Backend::Remote { .. } => {
                 let branches = options
@@ -340,6 +342,7 @@ impl TccClient {
             deadline: Timestamp(view.deadline_ms),
             planned: Arc::new(planned),
             synced: Arc::default(),
+            stored: Arc::new(std::sync::Mutex::new(stored)),
         })
     }
 
@@ -485,6 +488,10 @@ pub struct GlobalTx {
     planned: Arc<Vec<Planned>>,
     /// Set once an embedded engine's deferred begin is known to be flushed.
     synced: Arc<std::sync::atomic::AtomicBool>,
+    /// An embedded engine's latest copy of the transaction as this initiator stored it (begin,
+    /// registrations): the decision is judged on it first, which saves reading the record when
+    /// nothing else changed it (see [`Coordinator::decide_from`]).
+    stored: Arc<std::sync::Mutex<Option<tcc_core::Transaction>>>,
 }
 
 /// A remote coordinator takes payloads as JSON text.
@@ -503,6 +510,21 @@ impl GlobalTx {
     /// The deadline sent with every try.
     pub fn deadline(&self) -> Timestamp {
         self.deadline
+    }
+
+    /// Takes the embedded engine's latest copy of the transaction, if this handle (or a clone) has
+    /// one; whoever takes it writes and keeps the next one.
+    fn likely(&self) -> Option<tcc_core::Transaction> {
+        self.stored.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+
+    /// Keeps `tx` as the embedded engine's latest copy, unless a newer one is kept already
+    /// (registrations from clones of this handle may finish in any order).
+    fn remember(&self, tx: tcc_core::Transaction) {
+        let mut stored = self.stored.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stored.as_ref().is_none_or(|s| s.version < tx.version) {
+            *stored = Some(tx);
+        }
     }
 
     /// Registers branch `branch` for the participant operation at `target` (its base URL), then
@@ -630,11 +652,11 @@ impl GlobalTx {
             Backend::Embedded { coordinator, allow } => {
                 let url = allow.check(target).map_err(crate::error::ApiError::participant_not_allowed)?;
                 let encoded = Target::Native(url.clone()).encode();
-                if durable {
-                    coordinator.register(&self.gid, id.clone(), encoded, payload.to_vec()).await?;
-                } else {
-                    coordinator.register_deferred(&self.gid, id.clone(), encoded, payload.to_vec()).await?;
-                }
+                let likely = self.likely();
+                let tx = coordinator
+                    .register_with(&self.gid, likely.as_ref(), id.clone(), encoded, payload.to_vec(), durable)
+                    .await?;
+                self.remember(tx);
                 Ok(url)
             }
             Backend::Remote { .. } => {
@@ -683,15 +705,12 @@ impl GlobalTx {
         let wait = wait.map(|w| w.min(crate::server::native::MAX_WAIT));
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, .. } => {
-                let tx = if what == "confirm" {
-                    coordinator.confirm(&self.gid).await?
-                } else {
-                    coordinator.cancel(&self.gid).await?
-                };
-                match wait {
-                    Some(w) if !tx.state.is_final() => Ok((&coordinator.wait(&self.gid, w).await?).into()),
-                    _ => Ok((&tx).into()),
-                }
+                let decision = if what == "confirm" { Decision::Confirm } else { Decision::Cancel };
+                let likely = self.likely();
+                let tx = coordinator
+                    .decide_and_wait(&self.gid, likely.as_ref(), decision, wait.unwrap_or_default())
+                    .await?;
+                Ok((&tx).into())
             }
             Backend::Remote { .. } => {
                 let wait_ms = wait.map(|w| u64::try_from(w.as_millis().max(1)).unwrap_or(u64::MAX));

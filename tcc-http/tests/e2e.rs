@@ -248,3 +248,28 @@ async fn a_disallowed_branch_at_begin_refuses_the_begin_and_stores_nothing() {
         assert!(flight.calls().is_empty(), "{mode:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_tried_at_once_from_clones_of_one_transaction_are_all_confirmed() {
+    // An embedded client judges each registration and the decision on its latest copy of the
+    // transaction; registrations racing from clones must still all reach the decision.
+    for mode in BOTH {
+        let tcc = Tcc::start(mode).await;
+        let p = Participant::start(Mode::Healthy).await;
+        let tx = tcc.client.begin(LONG).await.unwrap();
+        let tries = (0..6).map(|i| {
+            let (tx, target) = (tx.clone(), p.target("seat"));
+            async move { tx.try_branch(&format!("b{i}"), &target, b"1A".to_vec()).await }
+        });
+        for r in tcc_core::join::join_all(tries).await {
+            r.unwrap();
+        }
+        let done = tx.confirm_and_wait(LONG).await.unwrap();
+        assert_eq!(done.state, StateView::Confirmed, "{mode:?}");
+        assert_eq!(done.branches.len(), 6, "{mode:?}");
+        let mut confirmed: Vec<String> =
+            p.calls().into_iter().filter(|c| c.2 == "confirm").map(|c| c.1).collect();
+        confirmed.sort();
+        assert_eq!(confirmed, ["b0", "b1", "b2", "b3", "b4", "b5"], "{mode:?}");
+    }
+}

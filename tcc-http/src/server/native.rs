@@ -449,16 +449,8 @@ pub(crate) async fn decide_tx(
     decision: Decision,
     wait: WaitQuery,
 ) -> Result<Transaction, ApiError> {
-    let tx = match decision {
-        Decision::Confirm => state.coordinator.confirm(gid).await?,
-        Decision::Cancel => state.coordinator.cancel(gid).await?,
-    };
-    match wait.wait_ms {
-        Some(ms) if ms > 0 && !tx.state.is_final() => {
-            Ok(state.coordinator.wait(&tx.gid, Duration::from_millis(ms).min(MAX_WAIT)).await?)
-        }
-        _ => Ok(tx),
-    }
+    let wait = wait.wait_ms.map_or(Duration::ZERO, |ms| Duration::from_millis(ms).min(MAX_WAIT));
+    Ok(state.coordinator.decide_and_wait(gid, None, decision, wait).await?)
 }
 
 /// Decides to confirm every branch. Refused after the deadline and after a cancel.
