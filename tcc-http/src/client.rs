@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use tcc_core::{BranchId, Coordinator, Decision, Gid, Timestamp, TxOptions};
 use url::Url;
@@ -47,6 +46,7 @@ use crate::target::{AllowList, Target};
 use crate::transport::{Batching, ClientConfig, build_client, error_text};
 
 mod batch;
+mod tries;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ impl From<crate::error::ApiError> for ClientError {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Backend {
     Embedded { coordinator: Arc<Coordinator>, allow: AllowList },
     Remote { base: Url, token: Option<Token> },
@@ -124,7 +124,9 @@ struct Inner {
     backend: Backend,
     http: reqwest::Client,
     /// A remote client's batches to its coordinator, when batching is on.
-    lanes: Option<batch::Lanes>,
+    lanes: Option<Arc<batch::Lanes>>,
+    /// Batches of tries to participant operations, when batching them is on.
+    tries: Option<Arc<tries::TryLanes>>,
 }
 
 /// The initiator's handle on a coordinator, embedded or remote. Cheap to clone; share one.
@@ -196,16 +198,40 @@ impl TccClient {
         batching: Batching,
     ) -> Result<TccClient, ClientError> {
         let base = Url::parse(base_url).map_err(|e| ClientError::Invalid(format!("coordinator URL: {e}")))?;
-        let lanes = batch::Lanes::new(&base, token.clone(), http.clone(), batching)?;
-        Ok(TccClient { inner: Arc::new(Inner { backend: Backend::Remote { base, token }, http, lanes }) })
+        let lanes = batch::Lanes::new(&base, token.clone(), http.clone(), batching)?.map(Arc::new);
+        let tries = tries::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
+        let backend = Backend::Remote { base, token };
+        Ok(TccClient { inner: Arc::new(Inner { backend, http, lanes, tries }) })
     }
 
     /// A client of an engine running in this process. `allow` limits the participant URLs branches
     /// may be registered with, as the server's allow-list does; `http` calls participants' tries
     /// (share it with the engine's [`HttpTransport`](crate::transport::HttpTransport)).
     pub fn embedded(coordinator: Arc<Coordinator>, allow: AllowList, http: reqwest::Client) -> TccClient {
+        let tries = tries::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
+        let backend = Backend::Embedded { coordinator, allow };
+        TccClient { inner: Arc::new(Inner { backend, http, lanes: None, tries }) }
+    }
+
+    /// This client with its tries batched as `batching` says ([`Batching::default`] for a new
+    /// client; `max_calls` 1 sends every try alone).
+    ///
+    /// Tries that this client's tasks send one participant operation at once go together in one
+    /// `POST {target}/tries` (see [`crate::protocol`], "Batches of tries"), as the coordinator's
+    /// confirms and cancels go in phase-two batches: a lone try goes at once, as a batch of one;
+    /// tries made while `in_flight` batches are under way to that operation go in the next one, up
+    /// to `max_calls` (at most 128). Each try gets the answer its own request would have got. A try
+    /// whose request is not UTF-8 text or is over 1 KiB goes alone, and so does every try to an
+    /// operation that serves no batches of tries (a participant not run by this crate's runtime).
+    pub fn with_try_batching(&self, batching: Batching) -> TccClient {
+        let inner = &self.inner;
         TccClient {
-            inner: Arc::new(Inner { backend: Backend::Embedded { coordinator, allow }, http, lanes: None }),
+            inner: Arc::new(Inner {
+                backend: inner.backend.clone(),
+                http: inner.http.clone(),
+                lanes: inner.lanes.clone(),
+                tries: tries::TryLanes::new(inner.http.clone(), batching).map(Arc::new),
+            }),
         }
     }
 
@@ -570,9 +596,58 @@ impl GlobalTx {
         request: Vec<u8>,
         sync: bool,
     ) -> Result<Bytes, ClientError> {
+        let sent = self.deliver_try(id, target_url, request);
+        match &self.client.inner.backend {
+            // The embedded engine stored the registration without waiting for its flush: flush while
+            // the try travels, and answer only once both are done. Should the process die before
+            // the flush, the transaction cannot be confirmed, and the participant releases what the
+            // try held at its deadline plus grace.
+            Backend::Embedded { coordinator, .. } if sync => {
+                let (synced, sent) = tokio::join!(coordinator.sync(), sent);
+                synced?;
+                // Everything written before, the begin included, is on disk now.
+                self.synced.store(true, std::sync::atomic::Ordering::Release);
+                sent
+            }
+            _ => sent.await,
+        }
+    }
+
+    /// The try of branch `id` at `target_url`, in a batch of tries when they are on and the
+    /// operation takes them, else alone.
+    async fn deliver_try(
+        &self,
+        id: &BranchId,
+        target_url: &Url,
+        request: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
+        if let Some(lanes) = &self.client.inner.tries
+            && request.len() <= tries::MAX_BATCHED_REQUEST
+            && let Ok(text) = std::str::from_utf8(&request)
+        {
+            let call = protocol::TryCall {
+                gid: self.gid.to_string(),
+                branch: id.to_string(),
+                deadline: self.deadline.0,
+                request: text.to_owned(),
+            };
+            if let Some(answer) = lanes.call(target_url, call).await {
+                return answer;
+            }
+        }
+        self.try_alone(id, target_url, request).await
+    }
+
+    /// The try of branch `id` at `target_url`, in a request of its own.
+    async fn try_alone(
+        &self,
+        id: &BranchId,
+        target_url: &Url,
+        request: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
         let branch = id.as_str();
         let url = crate::transport::phase_url(target_url, protocol::TRY_PATH);
-        let send = self
+        let sent = self
             .client
             .inner
             .http
@@ -583,21 +658,8 @@ impl GlobalTx {
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .timeout(ClientConfig::default().request_timeout)
             .body(request)
-            .send();
-        let sent = match &self.client.inner.backend {
-            // The embedded engine stored the registration without waiting for its flush: flush while
-            // the try travels, and answer only once both are done. Should the process die before
-            // the flush, the transaction cannot be confirmed, and the participant releases what the
-            // try held at its deadline plus grace.
-            Backend::Embedded { coordinator, .. } if sync => {
-                let (synced, sent) = tokio::join!(coordinator.sync(), send);
-                synced?;
-                // Everything written before, the begin included, is on disk now.
-                self.synced.store(true, std::sync::atomic::Ordering::Release);
-                sent
-            }
-            _ => send.await,
-        };
+            .send()
+            .await;
         let res = sent.map_err(|e| ClientError::TryFailed {
             branch: branch.to_owned(),
             message: crate::transport::transport_error(&e).to_string(),
@@ -611,18 +673,7 @@ impl GlobalTx {
         }
         let text = error_text(res).await;
         let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
-        match (status, body) {
-            (StatusCode::CONFLICT | StatusCode::GONE, Some(b)) => Err(ClientError::Refused {
-                branch: branch.to_owned(),
-                code: b.code,
-                message: b.message,
-                detail: b.detail,
-            }),
-            (_, body) => Err(ClientError::TryFailed {
-                branch: branch.to_owned(),
-                message: format!("participant answered {status}: {}", body.map_or(text, |b| b.message)),
-            }),
-        }
+        Err(tries::try_error(branch, status, body, text))
     }
 
     /// Registers branch `branch` for the participant operation at `target` without calling its try,

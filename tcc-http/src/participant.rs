@@ -123,7 +123,7 @@ use tracing::{debug, error};
 use crate::error::ApiError;
 use crate::protocol::{
     BATCH_PATH, BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY,
-    REFUSED, TRY_PATH,
+    REFUSED, TRIES_PATH, TRY_PATH,
 };
 #[cfg(doc)]
 use crate::staged::TccContext;
@@ -133,6 +133,7 @@ use crate::staged::{AsyncOperation, StoreError, Trees, Versioned};
 
 mod batch;
 mod staged_calls;
+mod tries;
 
 pub use staged_calls::MAX_RUNS;
 
@@ -775,14 +776,17 @@ impl Done {
         }
     }
 
+    /// What the answer's body carries: a try's result, nothing for confirm and cancel.
+    fn into_result(self) -> Vec<u8> {
+        match self {
+            Done::Try(TryOutcome::Fresh(r) | TryOutcome::Duplicate(r)) => r,
+            Done::Confirm(_) | Done::Cancel(_) => Vec::new(),
+        }
+    }
+
     fn into_response(self) -> Response {
         let outcome = self.outcome();
-        let body = match self {
-            Done::Try(out) => match out {
-                TryOutcome::Fresh(r) | TryOutcome::Duplicate(r) => r,
-            },
-            Done::Confirm(_) | Done::Cancel(_) => Vec::new(),
-        };
+        let body = self.into_result();
         let mut res =
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
         res.headers_mut().insert(OUTCOME_HEADER, HeaderValue::from_static(outcome));
@@ -863,12 +867,13 @@ async fn serve(
         CONFIRM_PATH => Phase::Confirm,
         CANCEL_PATH => Phase::Cancel,
         BATCH_PATH => return batch::serve(participant, name, registered, read_body(body)?).await,
+        TRIES_PATH => return tries::serve(participant, name, registered, read_body(body)?).await,
         _ => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_phase",
                 format!(
-                    "no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH}, {CANCEL_PATH} or {BATCH_PATH}"
+                    "no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH}, {CANCEL_PATH}, {BATCH_PATH} or {TRIES_PATH}"
                 ),
             ));
         }
@@ -893,15 +898,8 @@ async fn serve(
 
     let barrier = participant.barrier.clone();
     let run = move || -> (Ids, Result<Done, BarrierError<CallAbort>>) {
-        let (gid, branch) = (&ids.gid, &ids.branch);
         let done = match job {
-            Job::Try { deadline, stored } => barrier
-                .try_op(gid, branch, deadline, &stored, |tx| op.try_(&Call::open_as(tx, &name)?))
-                .and_then(|out| match out {
-                    TryOutcome::Duplicate(_) => same_operation(&barrier, &ids, &name).map(|()| out),
-                    TryOutcome::Fresh(_) => Ok(out),
-                })
-                .map(Done::Try),
+            Job::Try { deadline, stored } => sync_try(&barrier, &*op, &name, &ids, deadline, &stored),
             Job::Confirm => phase_two(&barrier, &*op, &name, &ids, Phase::Confirm),
             Job::Cancel => phase_two(&barrier, &*op, &name, &ids, Phase::Cancel),
         };
@@ -913,6 +911,25 @@ async fn serve(
     })?;
     let flush = needs_flush(&done);
     answer(&participant, &ids, phase, flush, done.map_err(barrier_error)).await
+}
+
+/// The try of a synchronous operation through the barrier, on the calling thread (sled blocks:
+/// call it on the blocking pool). `stored` is the request as the barrier keeps it.
+fn sync_try(
+    barrier: &SledBarrier,
+    op: &dyn ErasedOperation,
+    name: &str,
+    ids: &Ids,
+    deadline: Timestamp,
+    stored: &[u8],
+) -> Result<Done, BarrierError<CallAbort>> {
+    barrier
+        .try_op(&ids.gid, &ids.branch, deadline, stored, |tx| op.try_(&Call::open_as(tx, name)?))
+        .and_then(|out| match out {
+            TryOutcome::Duplicate(_) => same_operation(barrier, ids, name).map(|()| out),
+            TryOutcome::Fresh(_) => Ok(out),
+        })
+        .map(Done::Try)
 }
 
 /// The confirm (or, for [`Phase::Cancel`], the cancel) of a synchronous operation through the

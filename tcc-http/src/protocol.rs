@@ -34,6 +34,19 @@
 //! anything else is read as a whole: 408, 425, 429, 5xx and transport errors are transient for every
 //! call in it; any other status (a participant that serves no batches answers 404) makes the
 //! coordinator send those calls one by one, and for a while every call to that target.
+//!
+//! ## Batches of tries
+//! An initiator with many transactions under way (the tcc client shared by its tasks) folds the
+//! tries it sends one operation at once into one request, `POST {target}/tries` with a JSON
+//! [`TryBatch`]. Each try in it means exactly what the single try with the same transaction id,
+//! branch id, deadline and request body means (the request travels as text: a try whose request is
+//! not UTF-8 is sent alone). The participant answers 200 with a [`TryBatchAnswer`]: one
+//! [`TryResult`] per try, in order, with the status the single try would have answered and its
+//! result body or its error body. The answer is given only once everything the batch changed is on
+//! disk. A batch answered with anything else is read as a whole, as a phase-two batch is: 408, 425,
+//! 429, 5xx and transport errors fail every try in it as they would fail a single try; any other
+//! status (a participant that serves no batches of tries answers 404) makes the initiator send
+//! those tries one by one, and for a while every try to that target.
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -54,6 +67,8 @@ pub const CANCEL_PATH: &str = "cancel";
 
 /// Path suffix of a phase-two batch under a branch target.
 pub const BATCH_PATH: &str = "batch";
+/// Path suffix of a batch of tries under a branch target.
+pub const TRIES_PATH: &str = "tries";
 /// Most calls one batch may carry; a participant answers 413 to a longer one.
 pub const MAX_BATCH_CALLS: usize = 1024;
 
@@ -143,6 +158,78 @@ pub struct BatchResult {
     /// Why the call was not done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+}
+
+/// The body of `POST {target}/tries`: tries of one operation.
+///
+/// ```
+/// use tcc_http::protocol::TryBatch;
+/// let body = r#"{"tries":[{"gid":"g1","branch":"b1","deadline":1700000000000,"request":"{\"seat\":\"1A\"}"}]}"#;
+/// let batch: TryBatch = serde_json::from_str(body).unwrap();
+/// assert_eq!(batch.tries[0].request, r#"{"seat":"1A"}"#);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TryBatch {
+    /// The tries, at most [`MAX_BATCH_CALLS`].
+    pub tries: Vec<TryCall>,
+}
+
+/// One try of a [`TryBatch`]: what the headers and the body of a single try say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TryCall {
+    /// The global transaction id (as in [`GID_HEADER`]).
+    pub gid: String,
+    /// The branch id (as in [`BRANCH_HEADER`]).
+    pub branch: String,
+    /// The transaction's deadline, in milliseconds since the unix epoch (as in [`DEADLINE_HEADER`]).
+    pub deadline: u64,
+    /// The try's request body.
+    pub request: String,
+}
+
+/// The answer to a [`TryBatch`]: one result per try, in the request's order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TryBatchAnswer {
+    /// The results.
+    pub results: Vec<TryResult>,
+}
+
+/// What one try of a batch came to: the status the single try would have answered, and its result
+/// (status 200) or its error body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TryResult {
+    /// The HTTP status of the single try.
+    pub status: u16,
+    /// The try's result, when it is UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The try's result, when it is not UTF-8 text: its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Vec<u8>>,
+    /// Why the try was not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl TryResult {
+    /// The result of a try that was done: `result` as text when it is UTF-8, else as bytes.
+    pub fn done(result: Vec<u8>) -> TryResult {
+        match String::from_utf8(result) {
+            Ok(text) => TryResult { status: 200, body: Some(text), bytes: None, error: None },
+            Err(e) => TryResult { status: 200, body: None, bytes: Some(e.into_bytes()), error: None },
+        }
+    }
+
+    /// The result bytes of a try that was done (empty when neither field is there).
+    pub fn result(self) -> Vec<u8> {
+        match (self.body, self.bytes) {
+            (Some(text), _) => text.into_bytes(),
+            (None, Some(bytes)) => bytes,
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 /// A decision on the wire: `"confirm"` or `"cancel"`, as the phase paths spell them.

@@ -134,8 +134,8 @@ pub(super) async fn serve(
 }
 
 /// The calls of a batch, numbered, grouped by branch (each group in the batch's order).
-fn by_branch(calls: Vec<(Ids, Phase)>) -> Vec<Vec<(usize, (Ids, Phase))>> {
-    let mut groups: Vec<Vec<(usize, (Ids, Phase))>> = Vec::new();
+pub(super) fn by_branch<T>(calls: Vec<(Ids, T)>) -> Vec<Vec<(usize, (Ids, T))>> {
+    let mut groups: Vec<Vec<(usize, (Ids, T))>> = Vec::new();
     let mut index: HashMap<(Gid, BranchId), usize> = HashMap::new();
     for (i, call) in calls.into_iter().enumerate() {
         let key = (call.0.gid.clone(), call.0.branch.clone());

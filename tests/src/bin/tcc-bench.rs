@@ -63,6 +63,7 @@ use clap::Parser;
 use tcc_http::client::{BeginOptions, PlannedBranch, TccClient};
 use tcc_http::protocol::{
     BRANCH_HEADER, BatchAnswer, BatchRequest, BatchResult, DEADLINE_HEADER, GID_HEADER, MAX_BATCH_CALLS,
+    TryBatch, TryBatchAnswer, TryResult,
 };
 use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
@@ -132,6 +133,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = Batching::default().in_flight as u64,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     client_batches_in_flight: u64,
+    /// Most tries the initiators' client (embedded and remote) sends one participant operation in
+    /// one `POST {target}/tries` (at most 128 are carried); 1 sends every try alone, as tcc did
+    /// before batching tries. Batches under way per operation: `--batches-in-flight`.
+    #[arg(long, value_name = "N", default_value_t = Batching::default().max_calls as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH_CALLS as u64))]
+    try_batch_max_calls: u64,
     /// Also run `postgres_1` and `postgres_3`: standalone on the PostgreSQL store at this URL (each
     /// run on a fresh schema), with one coordinator process and with three sharing the database
     /// (initiators spread over them).
@@ -220,6 +227,7 @@ impl Participants {
         let (c3, x3, f3) = (confirms.clone(), cancels.clone(), failing.clone());
         let app = Router::new()
             .route("/p/{n}/try", post(|| async { (StatusCode::OK, "held") }))
+            .route("/p/{n}/tries", post(|body: axum::body::Bytes| async move { answer_tries(&body) }))
             .route(
                 "/p/{n}/confirm",
                 post(move || {
@@ -266,6 +274,16 @@ impl Participants {
     }
 }
 
+/// The bench participants' answer to a batch of tries: every try held, as a single try is.
+fn answer_tries(body: &[u8]) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Ok(batch) = serde_json::from_slice::<TryBatch>(body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let results = batch.tries.iter().map(|_| TryResult::done(b"held".to_vec())).collect();
+    axum::Json(TryBatchAnswer { results }).into_response()
+}
+
 /// The bench participants' answer to a phase-two batch: every call done (counted), unless failing.
 fn answer_batch(
     body: &[u8],
@@ -310,7 +328,13 @@ fn remote(args: &Args, url: &str, http: &reqwest::Client) -> Result<TccClient, S
         max_calls: args.client_batch_max_calls as usize,
         in_flight: args.client_batches_in_flight as usize,
     };
-    TccClient::remote_batching(url, None, http.clone(), batching).map_err(|e| e.to_string())
+    let client = TccClient::remote_batching(url, None, http.clone(), batching).map_err(|e| e.to_string())?;
+    Ok(client.with_try_batching(try_batching(args)))
+}
+
+/// The initiators' batching of tries, as `--try-batch-max-calls` and `--batches-in-flight` say.
+fn try_batching(args: &Args) -> Batching {
+    Batching { max_calls: args.try_batch_max_calls as usize, in_flight: args.batches_in_flight as usize }
 }
 
 /// A coordinator process for the standalone modes; killed when dropped.
@@ -776,7 +800,8 @@ impl Bench {
                 let client =
                     TccClient::open_embedded_with(dir.path(), embedded_config(), allow, self.client_config())
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?
+                        .with_try_batching(try_batching(&self.args));
                 let d = Driver::tcc(vec![client.clone()], targets, true);
                 let f = self.drive(mode, branches, d, concurrency, half).await;
                 client.shutdown().await;
