@@ -16,7 +16,7 @@ use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
 use tcc_http::ErrorBody;
 use tcc_http::participant::{Call, MAX_RUNS, OUTCOME_HEADER, Operation, Participant, decode_stored_request};
 use tcc_http::protocol::{
-    BRANCH_HEADER, BatchAnswer, DEADLINE_HEADER, GID_HEADER, MAX_BATCH_CALLS, MAX_BODY,
+    BRANCH_HEADER, BatchAnswer, DEADLINE_HEADER, GID_HEADER, MAX_BATCH_CALLS, MAX_BODY, TryBatchAnswer,
 };
 use tcc_http::staged::{AsyncOperation, Disposition, Phase, StoreError, TccContext, TccError};
 use tokio::sync::oneshot;
@@ -1284,4 +1284,159 @@ async fn a_panicking_call_in_a_batch_fails_alone() {
     assert_eq!(f.state("tx-1", "b"), Some(BarrierState::Confirmed));
     assert_eq!(f.state("tx-2", "b"), Some(BarrierState::Tried), "the panicking call changed nothing");
     assert_eq!(f.state("tx-3", "b"), Some(BarrierState::Confirmed));
+}
+
+/// One try's answer, single or batched: its status, and its result text or its error code.
+type TryAnswer = (u16, String);
+
+impl Fixture {
+    /// `POST /tcc/{op}/tries` with this body: the status and, for a 200, each try's answer.
+    async fn tries_raw(&self, op: &str, body: Vec<u8>) -> (StatusCode, Vec<TryAnswer>) {
+        let res = self
+            .http
+            .post(format!("http://{}/tcc/{op}/tries", self.addr))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.bytes().await.unwrap();
+        if status != StatusCode::OK {
+            return (status, Vec::new());
+        }
+        let answer: TryBatchAnswer = serde_json::from_slice(&body).unwrap();
+        let answers = answer
+            .results
+            .into_iter()
+            .map(|r| match (r.status, r.error.clone()) {
+                (200, None) => (200, String::from_utf8(r.result()).unwrap()),
+                (status, Some(e)) => (status, e.code),
+                (status, None) => panic!("a {status} result without an error body"),
+            })
+            .collect();
+        (status, answers)
+    }
+
+    /// A batch of `(gid, branch, deadline, request)` tries for `op`.
+    async fn tries(&self, op: &str, tries: &[(&str, &str, u64, &str)]) -> (StatusCode, Vec<TryAnswer>) {
+        let tries: Vec<_> = tries
+            .iter()
+            .map(|(gid, branch, deadline, request)| {
+                serde_json::json!({ "gid": gid, "branch": branch, "deadline": deadline, "request": request })
+            })
+            .collect();
+        self.tries_raw(op, serde_json::to_vec(&serde_json::json!({ "tries": tries })).unwrap()).await
+    }
+
+    /// The same tries, one request each, in order.
+    async fn tries_alone(&self, op: &str, tries: &[(&str, &str, u64, &str)]) -> Vec<TryAnswer> {
+        let mut answers = Vec::new();
+        for (gid, branch, deadline, request) in tries {
+            let a = self.try_with_deadline(op, gid, branch, *deadline, request).await;
+            let status = a.status.as_u16();
+            answers.push(if status == 200 {
+                (200, String::from_utf8(a.body).unwrap())
+            } else {
+                (status, a.error().code)
+            });
+        }
+        answers
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_tries_answers_each_try_as_its_single_try_would() {
+    // The same tries, on two participants in the same state: one request each, and one batch.
+    let (alone, batched) = (Fixture::start().await, Fixture::start().await);
+    for f in [&alone, &batched] {
+        f.call("hold_seat", "try", "tx-other", "flight", "12Z").await.expect_ok("fresh");
+        f.call("hold_seat", "cancel", "tx-gone", "flight", "12B").await.expect_ok("empty");
+    }
+    let (deadline, now) = (alone.deadline(), alone.clock.now().0);
+    assert_eq!((deadline, now), (batched.deadline(), batched.clock.now().0));
+    let tries = [
+        ("tx-1", "flight", deadline, "12A"),
+        ("tx-1", "flight", deadline, "12A"),        // again: a duplicate
+        ("tx-2", "flight", deadline, "12Z"),        // taken: the business refuses
+        ("tx-gone", "flight", deadline, "12B"),     // after its cancel: suspended
+        ("tx-late", "flight", now, "12C"),          // at its deadline
+        ("tx-bad", "flight", deadline, "no seat!"), // refused by the operation's check
+        ("tx-3", "flight", deadline, "12D"),
+    ];
+    let expected: Vec<TryAnswer> = [
+        (200, "held 12A"),
+        (200, "held 12A"),
+        (409, "refused"),
+        (409, "suspended"),
+        (409, "deadline_passed"),
+        (400, "malformed"),
+        (200, "held 12D"),
+    ]
+    .iter()
+    .map(|(s, t)| (*s, (*t).to_owned()))
+    .collect();
+    assert_eq!(alone.tries_alone("hold_seat", &tries).await, expected);
+    let (status, answers) = batched.tries("hold_seat", &tries).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answers, expected);
+    // And they left the same state behind: each business try ran once.
+    for f in [&alone, &batched] {
+        assert_eq!(f.runs("hold_seat", "try"), 3);
+        assert_eq!(f.item("seats", "12A").as_deref(), Some("held:tx-1"));
+        assert_eq!(f.item("seats", "12D").as_deref(), Some("held:tx-3"));
+        assert_eq!((f.item("seats", "12B"), f.item("seats", "12C")), (None, None));
+        assert_eq!(f.state("tx-gone", "flight"), Some(BarrierState::CancelledEmpty));
+        assert_eq!(f.state("tx-late", "flight"), None);
+    }
+    // A batched try is confirmed as a single one is.
+    batched.call("hold_seat", "confirm", "tx-1", "flight", "").await.expect_ok("confirmed");
+    assert_eq!(batched.item("seats", "12A").as_deref(), Some("sold"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_tries_of_an_async_operation_runs_each_through_the_barrier() {
+    let f = Fixture::start().await;
+    f.set_stock("lamp", 1);
+    let d = f.deadline();
+    let lamp = serde_json::json!({ "item": "lamp" }).to_string();
+    // The first try of tx-1 panics: only that try fails, committing nothing; the next try of the
+    // same branch (run after it, in the batch's order) goes through.
+    f.reserve.panic_next.store(true, Ordering::SeqCst);
+    let (status, answers) =
+        f.tries("reserve", &[("tx-1", "shop", d, &lamp), ("tx-1", "shop", d, &lamp)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answers[0], (500, "internal".to_owned()));
+    assert_eq!(answers[1].0, 200);
+    let reserved: Reserved = serde_json::from_str(&answers[1].1).unwrap();
+    assert_eq!(reserved, Reserved { item: "lamp".into(), left: 0 });
+    // Sold out now: the next one is refused with the typed error, as alone.
+    let (_, answers) = f.tries("reserve", &[("tx-2", "shop", d, &lamp), ("tx-1", "shop", d, &lamp)]).await;
+    assert_eq!(answers[0], (409, "refused".to_owned()));
+    assert_eq!(answers[1], (200, serde_json::to_string(&reserved).unwrap()), "a duplicate answers as stored");
+    assert_eq!(f.stock("lamp"), Stock { free: 0, held: 1, sold: 0 });
+    assert_eq!(f.state("tx-1", "shop"), Some(BarrierState::Tried));
+    assert_eq!(f.state("tx-2", "shop"), None);
+    assert_eq!(f.reserve.runs(), (3, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_batch_of_tries_is_refused_whole_and_runs_nothing() {
+    let f = Fixture::start().await;
+    let d = f.deadline();
+    let (status, _) =
+        f.tries("hold_seat", &[("tx-1", "flight", d, "12A"), ("bad id!", "flight", d, "12B")]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for body in [&b"not json"[..], b"{\"tries\": 5}", b"{\"tries\": [], \"extra\": 1}", b""] {
+        assert_eq!(f.tries_raw("hold_seat", body.to_vec()).await.0, StatusCode::BAD_REQUEST, "{body:?}");
+    }
+    let many: Vec<_> = (0..=MAX_BATCH_CALLS)
+        .map(|i| serde_json::json!({ "gid": format!("tx-{i}"), "branch": "b", "deadline": d, "request": "12A" }))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({ "tries": many })).unwrap();
+    assert_eq!(f.tries_raw("hold_seat", body).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(f.total_runs(), 0);
+    assert_eq!(f.state("tx-1", "flight"), None);
+    // An empty batch is a batch: nothing to answer.
+    assert_eq!(f.tries("hold_seat", &[]).await, (StatusCode::OK, Vec::new()));
 }

@@ -23,6 +23,9 @@ use super::{
 use crate::error::ApiError;
 use crate::protocol::{MAX_BATCH_CALLS, TryBatch, TryBatchAnswer, TryResult};
 
+/// One try of a batch, run: its ids and what came of it.
+type Ran = (Ids, Result<Done, ApiError>);
+
 /// Serves one batch of tries for operation `name`.
 pub(super) async fn serve(
     participant: Arc<Participant>,
@@ -31,7 +34,7 @@ pub(super) async fn serve(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let tries = parse(&body)?;
-    let (results, flush): (Vec<(Ids, Result<Done, ApiError>)>, bool) = match registered {
+    let (results, flush): (Vec<Ran>, bool) = match registered {
         Registered::Sync(op) => {
             let barrier = participant.barrier.clone();
             let run = move || {
@@ -100,8 +103,7 @@ pub(super) async fn serve(
                     done
                 });
             }
-            let mut slots: Vec<Option<(Ids, Result<Done, ApiError>)>> =
-                std::iter::repeat_with(|| None).take(count).collect();
+            let mut slots: Vec<Option<Ran>> = std::iter::repeat_with(|| None).take(count).collect();
             let mut flush = false;
             while let Some(joined) = tasks.join_next().await {
                 let group = joined.map_err(|e| {

@@ -14,7 +14,9 @@ use axum::routing::post;
 use tcc_core::{Config, RetryPolicy};
 use tcc_http::ErrorBody;
 use tcc_http::client::TccClient;
-use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
+use tcc_http::protocol::{
+    BATCH_PATH, BatchAnswer, BatchRequest, BatchResult, TRIES_PATH, TryBatch, TryBatchAnswer, TryResult,
+};
 use tcc_http::server::{self, Launch, Running, ServerConfig, StoreChoice};
 use tcc_http::target::AllowList;
 
@@ -34,8 +36,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Shared {
     pub mode: Mutex<Mode>,
-    /// (gid, branch, phase, deadline header) of every call, in order (a batched call as its single
-    /// call would be).
+    /// (gid, branch, phase, deadline header) of every call, in order (a batched call or try as its
+    /// single call would be).
     pub calls: Mutex<Vec<(String, String, String, String)>>,
 }
 
@@ -57,6 +59,9 @@ async fn handle(
     let _ = op;
     if phase == BATCH_PATH {
         return batch(&shared, &body);
+    }
+    if phase == TRIES_PATH {
+        return tries(&shared, &body);
     }
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     shared.calls.lock().unwrap().push((h("tcc-gid"), h("tcc-branch"), phase.clone(), h("tcc-deadline")));
@@ -102,6 +107,36 @@ fn batch(shared: &Shared, body: &[u8]) -> Response {
         })
         .collect();
     axum::Json(BatchAnswer { results }).into_response()
+}
+
+/// A batch of tries: each try recorded as its single try would be, and answered as the mode says.
+fn tries(shared: &Shared, body: &[u8]) -> Response {
+    let mode = *shared.mode.lock().unwrap();
+    let Ok(batch) = serde_json::from_slice::<TryBatch>(body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut calls = shared.calls.lock().unwrap();
+    let results = batch
+        .tries
+        .into_iter()
+        .map(|t| {
+            calls.push((t.gid.clone(), t.branch.clone(), "try".to_owned(), t.deadline.to_string()));
+            match mode {
+                Mode::RefuseTry => TryResult {
+                    status: 409,
+                    body: None,
+                    bytes: None,
+                    error: Some(ErrorBody {
+                        code: "refused".into(),
+                        message: "sold out".into(),
+                        detail: None,
+                    }),
+                },
+                _ => TryResult::done(b"try ok".to_vec()),
+            }
+        })
+        .collect();
+    axum::Json(TryBatchAnswer { results }).into_response()
 }
 
 impl Participant {
