@@ -46,6 +46,15 @@
 //! above; the whole batch waits for one flush. A batch malformed anywhere (400) or of more than
 //! [`MAX_BATCH_CALLS`](crate::protocol::MAX_BATCH_CALLS) calls (413) runs none of them.
 //!
+//! `POST …/hold_seat/tries` takes tries in bulk, as a busy initiator's client sends them (see
+//! [`crate::protocol`], "Batches of tries"): each try is checked by the operation, runs through the
+//! barrier in its own transaction (tries of one branch in the batch's order, others concurrently
+//! for an async operation) and is answered in the batch's body with the status and code of the
+//! table above, or its result; a try whose business method panics fails alone (500). The whole
+//! batch waits for one flush. A batch that is not a batch of tries or holds a malformed id (400),
+//! or of more than [`MAX_BATCH_CALLS`](crate::protocol::MAX_BATCH_CALLS) tries (413), runs none of
+//! them.
+//!
 //! Every answer but 200 carries an [`ErrorBody`](crate::ErrorBody). A 200 also carries the
 //! [`OUTCOME_HEADER`] saying what happened (`fresh`, `duplicate`, `confirmed`, `cancelled`, `empty`,
 //! `expired`), for logs and tests; the coordinator does not need it.

@@ -31,7 +31,7 @@ struct Seen {
     batched: AtomicUsize,
     /// `POST /op/try` requests.
     singles: AtomicUsize,
-    /// Batches of tries answered 404 (by a participant that serves none).
+    /// Batches of tries refused: answered 404, or with something that is not a batch answer.
     not_found: AtomicUsize,
     /// While set, a batch of tries is answered 503 as a whole.
     failing: AtomicBool,
@@ -51,9 +51,20 @@ fn answer(gid: &str, request: &[u8]) -> TryResult {
     }
 }
 
-/// A participant operation at `{target}` that answers tries alone and, with `batches`, in batches
-/// (after a short pause, so that tries crowd). Confirm and cancel answer 200.
-async fn participant(batches: bool) -> (String, Arc<Seen>) {
+/// What a participant does with a batch of tries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Batches {
+    /// Answers each try (after a short pause, so that tries crowd).
+    Served,
+    /// 404, as a participant that serves none.
+    NotServed,
+    /// 200 with a body that is not a batch answer.
+    Garbage,
+}
+
+/// A participant operation at `{target}` that answers tries alone and, as `batches` says, in
+/// batches. Confirm and cancel answer 200.
+async fn participant(batches: Batches) -> (String, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let (s1, s2) = (Arc::clone(&seen), Arc::clone(&seen));
     let app = Router::new()
@@ -74,9 +85,16 @@ async fn participant(batches: bool) -> (String, Arc<Seen>) {
         .route(
             "/op/tries",
             post(move |axum::Json(batch): axum::Json<TryBatch>| async move {
-                if !batches {
-                    s2.not_found.fetch_add(1, Ordering::SeqCst);
-                    return StatusCode::NOT_FOUND.into_response();
+                match batches {
+                    Batches::Served => {}
+                    Batches::NotServed => {
+                        s2.not_found.fetch_add(1, Ordering::SeqCst);
+                        return StatusCode::NOT_FOUND.into_response();
+                    }
+                    Batches::Garbage => {
+                        s2.not_found.fetch_add(1, Ordering::SeqCst);
+                        return (StatusCode::OK, "not a batch answer").into_response();
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 if s2.failing.load(Ordering::SeqCst) {
@@ -132,7 +150,7 @@ fn refused(r: &Result<bytes::Bytes, ClientError>) -> (String, String, String, Op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_of_concurrent_transactions_share_requests_and_each_gets_its_own_answer() {
-    let (target, seen) = participant(true).await;
+    let (target, seen) = participant(Batches::Served).await;
     let dir = tempfile::tempdir().unwrap();
     let client = embedded(&dir).await;
     let request = |i: usize| if i.is_multiple_of(5) { b"refuse".to_vec() } else { b"seat".to_vec() };
@@ -162,7 +180,15 @@ async fn tries_of_concurrent_transactions_share_requests_and_each_gets_its_own_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_to_an_operation_without_batches_of_tries_go_alone() {
-    let (target, seen) = participant(false).await;
+    for kind in [Batches::NotServed, Batches::Garbage] {
+        alone_after_a_refused_batch(kind).await;
+    }
+}
+
+/// Against a participant answering batches of tries as `kind` says: every try goes alone and gets
+/// its answer (a try the refused batch carried may have run; alone, it is a duplicate).
+async fn alone_after_a_refused_batch(kind: Batches) {
+    let (target, seen) = participant(kind).await;
     let dir = tempfile::tempdir().unwrap();
     let client = embedded(&dir).await;
     let results = run_many(&client, &target, 10, |_| b"seat".to_vec()).await;
@@ -182,7 +208,7 @@ async fn tries_to_an_operation_without_batches_of_tries_go_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_whose_request_is_not_short_text_goes_alone() {
-    let (target, seen) = participant(true).await;
+    let (target, seen) = participant(Batches::Served).await;
     let dir = tempfile::tempdir().unwrap();
     let client = embedded(&dir).await;
     let results =
@@ -197,7 +223,7 @@ async fn a_try_whose_request_is_not_short_text_goes_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_tries_failing_whole_fails_each_try_and_batching_stays_on() {
-    let (target, seen) = participant(true).await;
+    let (target, seen) = participant(Batches::Served).await;
     let dir = tempfile::tempdir().unwrap();
     let client = embedded(&dir).await;
     seen.failing.store(true, Ordering::SeqCst);
