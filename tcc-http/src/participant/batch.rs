@@ -6,32 +6,86 @@
 //! any of it runs.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use tcc_core::barrier::{BarrierError, SledBarrier};
 use tcc_core::{BranchId, Decision, Gid, Timestamp};
 use tracing::{debug, error};
 
+use super::staged_calls::ErasedAsync;
 use super::{
-    Done, Ids, Participant, Phase, Registered, barrier_error, needs_flush, not_flushed, panicked, phase_two,
+    CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, barrier_error, needs_flush,
+    not_flushed, panicked, phase_two,
 };
 use crate::error::ApiError;
 use crate::protocol::{BatchAnswer, BatchRequest, BatchResult, MAX_BATCH_CALLS};
 
-/// One call of a batch, run: what it asked and what came of it.
-type Ran = (Ids, Phase, Result<Done, ApiError>);
+/// One call of a batch, run: its ids and what came of it.
+pub(super) type Ran = (Ids, Result<Done, ApiError>);
 
-/// Serves one batch for operation `name`.
-pub(super) async fn serve(
+/// One call of a batch (a phase-two call, or a try with its request): how it runs on each kind of
+/// operation, exactly as its single call would.
+pub(super) trait Batched: Send + 'static {
+    /// Runs on a synchronous operation, on the calling thread (the blocking pool): what the barrier
+    /// said, or an answer given without touching the barrier (`Err`: a request the operation
+    /// refuses).
+    fn run_sync(
+        self,
+        barrier: &SledBarrier,
+        op: &dyn ErasedOperation,
+        name: &str,
+        ids: &Ids,
+    ) -> Result<Result<Done, BarrierError<CallAbort>>, ApiError>;
+
+    /// Runs on an async operation; the caller holds the branch's lock.
+    fn run_async(
+        self,
+        participant: &Participant,
+        name: &str,
+        op: &Arc<dyn ErasedAsync>,
+        ids: &Ids,
+    ) -> impl Future<Output = Result<Done, ApiError>> + Send;
+}
+
+impl Batched for Phase {
+    fn run_sync(
+        self,
+        barrier: &SledBarrier,
+        op: &dyn ErasedOperation,
+        name: &str,
+        ids: &Ids,
+    ) -> Result<Result<Done, BarrierError<CallAbort>>, ApiError> {
+        Ok(phase_two(barrier, op, name, ids, self))
+    }
+
+    async fn run_async(
+        self,
+        participant: &Participant,
+        name: &str,
+        op: &Arc<dyn ErasedAsync>,
+        ids: &Ids,
+    ) -> Result<Done, ApiError> {
+        super::staged_calls::call(participant, name, op, self, ids, None, Bytes::new()).await
+    }
+}
+
+/// Runs the calls of a batch for operation `name` as their single calls would run, and waits for
+/// the flush that covers what they did: on a synchronous operation one after the other on the
+/// blocking pool, each in its own barrier transaction, a panicking business method failing its own
+/// call only (500); on an async operation concurrently, except that the calls of one branch run in
+/// the batch's order (each business method runs on its own task already). Returns each call's
+/// result, in the batch's order.
+pub(super) async fn run<C: Batched>(
     participant: Arc<Participant>,
     name: String,
     registered: Registered,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let calls = parse(&body)?;
+    calls: Vec<(Ids, C)>,
+) -> Result<Vec<Ran>, ApiError> {
     let (results, flush) = match registered {
         Registered::Sync(op) => {
             let barrier = participant.barrier.clone();
@@ -39,22 +93,23 @@ pub(super) async fn serve(
                 let mut flush = false;
                 let results: Vec<Ran> = calls
                     .into_iter()
-                    .map(|(ids, phase)| {
-                        // A business method that panics fails its own call only, as it would alone.
+                    .map(|(ids, call)| {
                         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            phase_two(&barrier, &*op, &name, &ids, phase)
+                            call.run_sync(&barrier, &*op, &name, &ids)
                         }));
                         let done = match done {
-                            Ok(done) => {
+                            Ok(Ok(done)) => {
                                 flush |= needs_flush(&done);
                                 done.map_err(barrier_error)
                             }
+                            // Answered without touching the barrier: nothing to flush.
+                            Ok(Err(e)) => Err(e),
                             Err(_) => {
                                 error!(gid = %ids.gid, branch = %ids.branch, "participant call panicked (batched)");
                                 Err(panicked())
                             }
                         };
-                        (ids, phase, done)
+                        (ids, done)
                     })
                     .collect();
                 (results, flush)
@@ -65,29 +120,18 @@ pub(super) async fn serve(
             })?
         }
         Registered::Async(op) => {
-            // Concurrently, as single calls would run, except that the calls of one branch run in
-            // the batch's order.
             let mut tasks = tokio::task::JoinSet::new();
             let count = calls.len();
             for group in by_branch(calls) {
                 let (participant, name, op) = (Arc::clone(&participant), name.clone(), Arc::clone(&op));
                 tasks.spawn(async move {
                     let mut done = Vec::with_capacity(group.len());
-                    for (i, (ids, phase)) in group {
+                    for (i, (ids, call)) in group {
                         let r = {
                             let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
-                            super::staged_calls::call(
-                                &participant,
-                                &name,
-                                &op,
-                                phase,
-                                &ids,
-                                None,
-                                Bytes::new(),
-                            )
-                            .await
+                            call.run_async(&participant, &name, &op, &ids).await
                         };
-                        done.push((i, ids, phase, r));
+                        done.push((i, ids, r));
                     }
                     done
                 });
@@ -99,10 +143,10 @@ pub(super) async fn serve(
                     error!(error = %e, "participant batch call panicked");
                     panicked()
                 })?;
-                for (i, ids, phase, done) in group {
+                for (i, ids, done) in group {
                     flush |= super::staged_calls::needs_flush(&done);
                     if let Some(slot) = slots.get_mut(i) {
-                        *slot = Some((ids, phase, done));
+                        *slot = Some((ids, done));
                     }
                 }
             }
@@ -112,9 +156,23 @@ pub(super) async fn serve(
     if flush {
         participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
     }
+    Ok(results)
+}
+
+/// Serves one batch for operation `name`.
+pub(super) async fn serve(
+    participant: Arc<Participant>,
+    name: String,
+    registered: Registered,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let calls = parse(&body)?;
+    let phases: Vec<Phase> = calls.iter().map(|(_, phase)| *phase).collect();
+    let results = run(participant, name, registered, calls).await?;
     let results = results
         .into_iter()
-        .map(|(ids, phase, done)| match done {
+        .zip(phases)
+        .map(|((ids, done), phase)| match done {
             Ok(done) => {
                 let outcome = done.outcome();
                 debug!(gid = %ids.gid, branch = %ids.branch, ?phase, outcome, "participant call (batched)");
