@@ -1074,18 +1074,23 @@ struct BatchAnswered {
 }
 
 impl Fixture {
-    /// `POST /tcc/{op}/batch` with this body.
-    async fn batch_raw(&self, op: &str, body: Vec<u8>) -> BatchAnswered {
+    /// `POST /tcc/{op}/{path}` with this JSON body: the status and the answer's body.
+    async fn post_json(&self, op: &str, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
         let res = self
             .http
-            .post(format!("http://{}/tcc/{op}/batch", self.addr))
+            .post(format!("http://{}/tcc/{op}/{path}", self.addr))
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await
             .unwrap();
         let status = res.status();
-        let body = res.bytes().await.unwrap().to_vec();
+        (status, res.bytes().await.unwrap().to_vec())
+    }
+
+    /// `POST /tcc/{op}/batch` with this body.
+    async fn batch_raw(&self, op: &str, body: Vec<u8>) -> BatchAnswered {
+        let (status, body) = self.post_json(op, "batch", body).await;
         let results = if status == StatusCode::OK {
             let answer: BatchAnswer = serde_json::from_slice(&body).unwrap();
             answer
@@ -1292,16 +1297,7 @@ type TryAnswer = (u16, String);
 impl Fixture {
     /// `POST /tcc/{op}/tries` with this body: the status and, for a 200, each try's answer.
     async fn tries_raw(&self, op: &str, body: Vec<u8>) -> (StatusCode, Vec<TryAnswer>) {
-        let res = self
-            .http
-            .post(format!("http://{}/tcc/{op}/tries", self.addr))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        let body = res.bytes().await.unwrap();
+        let (status, body) = self.post_json(op, "tries", body).await;
         if status != StatusCode::OK {
             return (status, Vec::new());
         }
