@@ -391,7 +391,8 @@ impl Coordinator {
     /// [`register`](Self::register) (with `durable`) or [`register_deferred`](Self::register_deferred)
     /// (without), judged first on `likely`, the caller's copy of the transaction, as
     /// [`decide_and_wait`](Self::decide_and_wait) does: a current copy saves reading the record, a
-    /// stale one is caught by the store's compare-and-set and the record is read.
+    /// stale one is caught by the store's compare-and-set and the record is read (pass a copy as the
+    /// engine returned it, unmodified).
     pub async fn register_with(
         &self,
         gid: &Gid,
@@ -448,6 +449,8 @@ impl Coordinator {
     /// (the store's compare-and-set checks that by version). A stale copy (a branch registered
     /// since, a cancel at the deadline), or one on which the decision would change nothing or be
     /// refused, makes it read and judge the stored record, so the answer is the same either way.
+    /// The compare-and-set checks the copy's version only: pass a copy as the engine returned it,
+    /// unmodified. A copy of another transaction is ignored.
     pub async fn decide_and_wait(
         &self,
         gid: &Gid,
@@ -655,10 +658,12 @@ impl Inner {
     pub(crate) async fn update_from(
         &self,
         gid: &Gid,
-        mut likely: Option<&Transaction>,
+        likely: Option<&Transaction>,
         event: &Event,
         durable: bool,
     ) -> Result<(Transaction, Vec<Effect>)> {
+        // A copy of another transaction is no copy of this one (the write would go to the other).
+        let mut likely = likely.filter(|tx| &tx.gid == gid);
         for _ in 0..MAX_CAS_ROUNDS {
             let read;
             let (current, guessed) = match likely.take() {

@@ -840,6 +840,15 @@ async fn a_decision_on_a_stale_copy_is_judged_on_the_stored_record() {
     let end = rig.settle(&cancelled.gid).await;
     assert_eq!(end.state, TxState::Cancelled);
     assert_eq!(rig.mem.effects(&cancelled.gid, "a").confirms, 0);
+    // A copy of another transaction is ignored: the decision is judged on this one's record, and
+    // the other is left alone.
+    let third = rig.tc().begin_registered(None, MIN, Default::default(), planned(&["b"])).await.unwrap();
+    let other = rig.tc().begin_registered(None, MIN, Default::default(), planned(&["b"])).await.unwrap();
+    let decided =
+        rig.tc().decide_and_wait(&other.gid, Some(&third), Decision::Cancel, Duration::ZERO).await.unwrap();
+    assert_eq!((&decided.gid, decided.decision), (&other.gid, Some(Decision::Cancel)));
+    assert_eq!(rig.tc().get(&third.gid).await.unwrap(), third, "the other transaction is untouched");
+    assert_eq!(rig.settle(&other.gid).await.state, TxState::Cancelled);
     // Asking again on the stale copy is answered as asking again is.
     let again =
         rig.tc().decide_and_wait(&tx.gid, Some(&tx), Decision::Confirm, Duration::ZERO).await.unwrap();

@@ -516,7 +516,7 @@ pub struct GlobalTx {
     synced: Arc<std::sync::atomic::AtomicBool>,
     /// An embedded engine's latest copy of the transaction as this initiator stored it (begin,
     /// registrations): the decision is judged on it first, which saves reading the record when
-    /// nothing else changed it (see [`Coordinator::decide_from`]).
+    /// nothing else changed it (see [`Coordinator::decide_and_wait`]).
     stored: Arc<std::sync::Mutex<Option<tcc_core::Transaction>>>,
 }
 

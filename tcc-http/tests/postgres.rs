@@ -20,7 +20,9 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use support::{Mode, Participant, eventually, fast_core};
 use tcc_http::client::TccClient;
-use tcc_http::protocol::{BATCH_PATH, BatchAnswer, BatchRequest, BatchResult};
+use tcc_http::protocol::{
+    BATCH_PATH, BatchAnswer, BatchRequest, BatchResult, TRIES_PATH, TryBatch, TryBatchAnswer, TryResult,
+};
 use tcc_http::server::native::StateView;
 use tcc_http::server::{Launch, ServerConfig, StoreChoice};
 
@@ -129,6 +131,18 @@ async fn gated(
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    // A batch of tries: each try recorded as its single try would be, answered at once.
+    if phase == TRIES_PATH {
+        let Ok(tries) = serde_json::from_slice::<TryBatch>(&body) else {
+            return axum::http::StatusCode::BAD_REQUEST.into_response();
+        };
+        let mut calls = g.calls.lock().unwrap();
+        for t in &tries.tries {
+            calls.entry((t.gid.clone(), t.branch.clone())).or_default().push("try".to_owned());
+        }
+        let results = tries.tries.iter().map(|_| TryResult::done(b"try ok".to_vec())).collect();
+        return axum::Json(TryBatchAnswer { results }).into_response();
+    }
     // A phase-two batch: each call recorded as its single call would be, answered behind the gate.
     let batch = (phase == BATCH_PATH).then(|| serde_json::from_slice::<BatchRequest>(&body).ok()).flatten();
     {
