@@ -4,6 +4,8 @@
 //! transaction, so one call's failure changes nothing of the others), and the whole batch waits for
 //! one flush before it is answered. A batch that is malformed anywhere is refused as a whole before
 //! any of it runs.
+//!
+//! [`run`] is the runner of both kinds of batch: phase-two calls here, tries in [`super::tries`].
 
 use std::collections::HashMap;
 use std::future::Future;
