@@ -210,30 +210,46 @@ pub(super) fn by_branch<T>(calls: Vec<(Ids, T)>) -> Vec<Vec<(usize, (Ids, T))>> 
     groups
 }
 
+/// Refuses a batch of more than [`MAX_BATCH_CALLS`] `items` (413; `items` names them, plural).
+pub(super) fn within_limit(count: usize, items: &str) -> Result<(), ApiError> {
+    if count > MAX_BATCH_CALLS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a batch carries at most {MAX_BATCH_CALLS} {items}, not {count}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The ids of `what` number `i` of a batch, checked as its single call's headers would be.
+pub(super) fn batched_ids(
+    what: &str,
+    i: usize,
+    gid: &str,
+    branch: &str,
+    deadline: u64,
+) -> Result<Ids, ApiError> {
+    let invalid = |field: &str, e: tcc_core::Error| ApiError::malformed(format!("{what} {i}: {field}: {e}"));
+    Ok(Ids {
+        gid: gid.parse().map_err(|e| invalid("gid", e))?,
+        branch: branch.parse().map_err(|e| invalid("branch", e))?,
+        deadline: Some(Timestamp(deadline)),
+    })
+}
+
 /// The calls of a batch body, each checked as its single call's headers would be; the first bad
 /// one refuses the whole batch.
 fn parse(body: &[u8]) -> Result<Vec<(Ids, Phase)>, ApiError> {
     let request: BatchRequest =
         serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("invalid batch: {e}")))?;
-    if request.calls.len() > MAX_BATCH_CALLS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a batch carries at most {MAX_BATCH_CALLS} calls, not {}", request.calls.len()),
-        ));
-    }
+    within_limit(request.calls.len(), "calls")?;
     request
         .calls
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            let invalid =
-                |what: &str, e: tcc_core::Error| ApiError::malformed(format!("call {i}: {what}: {e}"));
-            let ids = Ids {
-                gid: c.gid.parse().map_err(|e| invalid("gid", e))?,
-                branch: c.branch.parse().map_err(|e| invalid("branch", e))?,
-                deadline: Some(Timestamp(c.deadline)),
-            };
+            let ids = batched_ids("call", i, &c.gid, &c.branch, c.deadline)?;
             let phase = match c.decision {
                 Decision::Confirm => Phase::Confirm,
                 Decision::Cancel => Phase::Cancel,

@@ -13,18 +13,17 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tcc_core::Timestamp;
 use tcc_core::barrier::{BarrierError, SledBarrier};
 use tracing::debug;
 
-use super::batch::{Batched, run};
+use super::batch::{Batched, batched_ids, run, within_limit};
 use super::staged_calls::ErasedAsync;
 use super::{
     CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, encode_stored_request, sync_try,
     try_deadline,
 };
 use crate::error::ApiError;
-use crate::protocol::{MAX_BATCH_CALLS, TryBatch, TryBatchAnswer, TryResult};
+use crate::protocol::{TryBatch, TryBatchAnswer, TryResult};
 
 /// A try's request, as a batch carries it.
 struct TryRequest(Bytes);
@@ -85,25 +84,13 @@ pub(super) async fn serve(
 fn parse(body: &[u8]) -> Result<Vec<(Ids, TryRequest)>, ApiError> {
     let batch: TryBatch = serde_json::from_slice(body)
         .map_err(|e| ApiError::malformed(format!("invalid batch of tries: {e}")))?;
-    if batch.tries.len() > MAX_BATCH_CALLS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a batch carries at most {MAX_BATCH_CALLS} tries, not {}", batch.tries.len()),
-        ));
-    }
+    within_limit(batch.tries.len(), "tries")?;
     batch
         .tries
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            let invalid =
-                |what: &str, e: tcc_core::Error| ApiError::malformed(format!("try {i}: {what}: {e}"));
-            let ids = Ids {
-                gid: t.gid.parse().map_err(|e| invalid("gid", e))?,
-                branch: t.branch.parse().map_err(|e| invalid("branch", e))?,
-                deadline: Some(Timestamp(t.deadline)),
-            };
+            let ids = batched_ids("try", i, &t.gid, &t.branch, t.deadline)?;
             Ok((ids, TryRequest(Bytes::from(t.request.into_bytes()))))
         })
         .collect()
