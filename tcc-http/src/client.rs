@@ -622,18 +622,9 @@ impl GlobalTx {
         request: Vec<u8>,
     ) -> Result<Bytes, ClientError> {
         if let Some(lanes) = &self.client.inner.tries
-            && request.len() <= tries::MAX_BATCHED_REQUEST
-            && let Ok(text) = std::str::from_utf8(&request)
+            && let Some(answer) = lanes.call(target_url, &self.gid, id, self.deadline, &request).await
         {
-            let call = protocol::TryCall {
-                gid: self.gid.to_string(),
-                branch: id.to_string(),
-                deadline: self.deadline.0,
-                request: text.to_owned(),
-            };
-            if let Some(answer) = lanes.call(target_url, call).await {
-                return answer;
-            }
+            return answer;
         }
         self.try_alone(id, target_url, request).await
     }

@@ -232,6 +232,22 @@ fn without_url(e: &reqwest::Error) -> String {
     last.unwrap_or_else(|| e.to_string())
 }
 
+/// The whole body of a batch answer, or `Ok(None)` when it runs over `max` bytes (reading stops
+/// there); a transport failure on the way is the error.
+pub(crate) async fn bounded_body(
+    res: &mut reqwest::Response,
+    max: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = res.chunk().await? {
+        if bytes.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some(bytes))
+}
+
 /// At most [`MAX_ERROR_TEXT`] bytes of an error answer, as text.
 pub(crate) async fn error_text(mut res: reqwest::Response) -> String {
     let mut buf = Vec::new();

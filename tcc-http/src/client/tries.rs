@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
+use tcc_core::{BranchId, Gid, Timestamp};
 use url::Url;
 
 use super::ClientError;
@@ -19,14 +20,16 @@ use crate::lane::{Answer, Carrier, Lane, Reply};
 use crate::protocol::{
     ErrorBody, GONE, MAX_BODY, REFUSED, TRIES_PATH, TryBatch, TryBatchAnswer, TryCall, TryResult,
 };
-use crate::transport::{Batching, ClientConfig, classify, error_text, phase_url, transport_error};
+use crate::transport::{
+    Batching, ClientConfig, bounded_body, classify, error_text, phase_url, transport_error,
+};
 
 /// Most tries in one batch. With requests of at most [`MAX_BATCHED_REQUEST`] bytes (up to six times
 /// that once escaped as JSON text) and their ids, a batch stays under a participant's body limit.
 const MAX_TRIES: usize = 128;
 
 /// Longest request sent in a batch; a longer one goes alone.
-pub(super) const MAX_BATCHED_REQUEST: usize = 1024;
+const MAX_BATCHED_REQUEST: usize = 1024;
 
 /// Most operations given lanes; tries to further ones go alone.
 const MAX_LANES: usize = 1024;
@@ -52,12 +55,24 @@ impl TryLanes {
         })
     }
 
-    /// Sends `call` to the operation at `target` in a batch: its answer, or `None` when the caller
-    /// is to send it alone.
-    pub(super) async fn call(&self, target: &Url, call: TryCall) -> Option<Result<Bytes, ClientError>> {
-        if call.request.len() > MAX_BATCHED_REQUEST {
+    /// Sends the try of branch `branch` of transaction `gid` (deadline `deadline`) with `request` to
+    /// the operation at `target` in a batch: its answer, or `None` when the caller is to send it
+    /// alone (its request is not UTF-8 text or is longer than [`MAX_BATCHED_REQUEST`], or the
+    /// operation takes no batches of tries).
+    pub(super) async fn call(
+        &self,
+        target: &Url,
+        gid: &Gid,
+        branch: &BranchId,
+        deadline: Timestamp,
+        request: &[u8],
+    ) -> Option<Result<Bytes, ClientError>> {
+        if request.len() > MAX_BATCHED_REQUEST {
             return None;
         }
+        let request = std::str::from_utf8(request).ok()?.to_owned();
+        let call =
+            TryCall { gid: gid.to_string(), branch: branch.to_string(), deadline: deadline.0, request };
         let lane = self.lane(target)?;
         match lane.call(self.batching, call).await {
             Reply::Done(answer) => Some(answer),
@@ -167,20 +182,14 @@ impl Carrier for ToParticipant {
                 tcc_core::transport::CallError::Permanent(m) => Err(m),
             };
         }
-        let mut bytes = Vec::new();
-        loop {
-            match res.chunk().await {
-                Ok(Some(chunk)) if bytes.len() + chunk.len() <= MAX_ANSWER => bytes.extend_from_slice(&chunk),
-                Ok(Some(_)) => {
-                    return Err(format!("the answer to a batch of tries is over {MAX_ANSWER} bytes"));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    fail_all(replies, &transport_error(&e).to_string());
-                    return Ok(());
-                }
+        let bytes = match bounded_body(&mut res, MAX_ANSWER).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Err(format!("the answer to a batch of tries is over {MAX_ANSWER} bytes")),
+            Err(e) => {
+                fail_all(replies, &transport_error(&e).to_string());
+                return Ok(());
             }
-        }
+        };
         let answer: TryBatchAnswer = serde_json::from_slice(&bytes)
             .map_err(|e| format!("the answer to a batch of tries does not decode: {e}"))?;
         if answer.results.len() != branches.len() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use tcc_core::transport::CallError;
 
-use super::{classify, error_text, transport_error};
+use super::{bounded_body, classify, error_text, transport_error};
 use crate::lane::{Answer, Carrier, Reply};
 use crate::metrics::{BatchOutcome, Metrics};
 use crate::protocol::{BatchAnswer, BatchCall, BatchRequest, MAX_BODY};
@@ -99,15 +99,11 @@ async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -
             CallError::Permanent(m) => Sent::Refused(m),
         };
     }
-    let mut bytes = Vec::new();
-    loop {
-        match res.chunk().await {
-            Ok(Some(chunk)) if bytes.len() + chunk.len() <= MAX_BODY => bytes.extend_from_slice(&chunk),
-            Ok(Some(_)) => return Sent::Refused(format!("the batch answer is over {MAX_BODY} bytes")),
-            Ok(None) => break,
-            Err(e) => return Sent::Failed(transport_error(&e)),
-        }
-    }
+    let bytes = match bounded_body(&mut res, MAX_BODY).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Sent::Refused(format!("the batch answer is over {MAX_BODY} bytes")),
+        Err(e) => return Sent::Failed(transport_error(&e)),
+    };
     let answer: BatchAnswer = match serde_json::from_slice(&bytes) {
         Ok(answer) => answer,
         Err(e) => return Sent::Refused(format!("the batch answer does not decode: {e}")),
