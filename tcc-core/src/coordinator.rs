@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::model::{BranchId, Decision, Gid, Transaction, TxOptions, TxState};
+use crate::model::{BranchId, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
 use crate::retry::RetryPolicy;
 use crate::state::{self, Context, Effect, Event, Transition};
 use crate::store::{Cas, ListQuery, Page, Store};
@@ -467,26 +467,15 @@ impl Coordinator {
             return inner.decide(gid, likely, &event).await;
         }
         let until = inner.clock.now() + wait;
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.waiters).entry(gid.clone()).or_default().push(tx);
-        let decided = inner.decide(gid, likely, &event).await;
-        let decided = match decided {
-            Ok(t) if !(t.state.is_final() || t.state == TxState::Flagged) => t,
-            done => {
+        let rx = inner.waiter(gid);
+        match inner.decide(gid, likely, &event).await {
+            Ok(decided) => self.wait_until(gid, until, Some((decided, rx))).await,
+            Err(e) => {
                 drop(rx);
                 inner.forget_waiters(gid);
-                return done;
+                Err(e)
             }
-        };
-        let nap = until.since(inner.clock.now()).min(inner.config.poll_interval * 10);
-        tokio::select! {
-            // Woken by this process's own write of the final (or flagged) transaction.
-            Ok(stored) = rx => return Ok(stored),
-            _ = inner.clock.sleep(nap) => {}
         }
-        // Not woken (another process may be finishing it, or phase two is slow): go on as `wait`
-        // does, looking at the record now and then (with no time left, once).
-        self.wait(&decided.gid, until.since(inner.clock.now())).await
     }
 
     /// The transaction as stored.
@@ -518,12 +507,31 @@ impl Coordinator {
 
     /// Waits until the transaction is final or flagged, or `timeout` passes (then returns it as it is).
     pub async fn wait(&self, gid: &Gid, timeout: Duration) -> Result<Transaction> {
+        self.wait_until(gid, self.inner.clock.now() + timeout, None).await
+    }
+
+    /// [`wait`](Self::wait) until `until`. `known` is the transaction as this process has just
+    /// stored it, with a waiter put in place before that write: it stands for the first read.
+    async fn wait_until(
+        &self,
+        gid: &Gid,
+        until: Timestamp,
+        mut known: Option<(Transaction, oneshot::Receiver<Transaction>)>,
+    ) -> Result<Transaction> {
         let inner = &self.inner;
-        let until = inner.clock.now() + timeout;
         loop {
-            let (tx, rx) = oneshot::channel();
-            lock(&inner.waiters).entry(gid.clone()).or_default().push(tx);
-            let current = self.get(gid).await?;
+            let (current, rx) = match known.take() {
+                // Once the time is up the answer is the record as it is now: read it then.
+                Some((tx, rx))
+                    if tx.state.is_final() || tx.state == TxState::Flagged || inner.clock.now() < until =>
+                {
+                    (tx, rx)
+                }
+                _ => {
+                    let rx = inner.waiter(gid);
+                    (self.get(gid).await?, rx)
+                }
+            };
             let now = inner.clock.now();
             if current.state.is_final() || current.state == TxState::Flagged || now >= until {
                 drop(rx);
@@ -749,6 +757,13 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// A waiter for `gid`: it gets the transaction when this process stores it final or flagged.
+    fn waiter(&self, gid: &Gid) -> oneshot::Receiver<Transaction> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).entry(gid.clone()).or_default().push(tx);
+        rx
     }
 
     /// Drops waiters that stopped waiting, so the map does not keep them.
