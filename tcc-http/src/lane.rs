@@ -81,6 +81,17 @@ pub(crate) fn without_query(url: &url::Url) -> String {
     shown.to_string()
 }
 
+/// The reply of call `i` of a batch, taken out of `replies`: an error when the batch has no call
+/// `i`, or when that call was answered already.
+pub(crate) fn take_reply<R>(replies: &mut [Option<R>], i: usize) -> Result<R, String> {
+    let count = replies.len();
+    replies
+        .get_mut(i)
+        .ok_or_else(|| format!("answer for call {i} of a batch of {count}"))?
+        .take()
+        .ok_or_else(|| format!("call {i} of a batch answered twice"))
+}
+
 /// The batches of one destination.
 pub(crate) struct Lane<C: Carrier> {
     carrier: C,

@@ -22,6 +22,7 @@ pub mod dtm;
 pub mod error;
 mod lane;
 pub mod metrics;
+mod ndjson;
 pub mod participant;
 pub mod protocol;
 pub mod server;

@@ -43,15 +43,17 @@
 //! `POST …/hold_seat/batch` takes phase-two calls in bulk (see [`crate::protocol`], "Phase-two
 //! batches"): each call runs through the barrier exactly as its single call would, in its own
 //! barrier transaction, and is answered in the batch's body with the status and code of the table
-//! above; the whole batch waits for one flush. A batch malformed anywhere (400) or of more than
+//! above, once what it changed is on disk (one `application/x-ndjson` line per call as it finishes,
+//! when the request accepts that, as the tcc clients' do; else one JSON object once all are done).
+//! A batch malformed anywhere (400) or of more than
 //! [`MAX_BATCH_CALLS`](crate::protocol::MAX_BATCH_CALLS) calls (413) runs none of them.
 //!
 //! `POST …/hold_seat/tries` takes tries in bulk, as a busy initiator's client sends them (see
 //! [`crate::protocol`], "Batches of tries"): each try is checked by the operation, runs through the
 //! barrier in its own transaction (tries of one branch in the batch's order, others concurrently
 //! for an async operation) and is answered in the batch's body with the status and code of the
-//! table above, or its result; a try whose business method panics fails alone (500). The whole
-//! batch waits for one flush. A batch that is not a batch of tries or holds a malformed id (400),
+//! table above, or its result, streamed as a phase-two batch is; a try whose business method panics
+//! fails alone (500). A batch that is not a batch of tries or holds a malformed id (400),
 //! or of more than [`MAX_BATCH_CALLS`](crate::protocol::MAX_BATCH_CALLS) tries (413), runs none of
 //! them.
 //!
@@ -130,6 +132,7 @@ use tcc_core::{BranchId, Gid, Timestamp};
 use tracing::{debug, error};
 
 use crate::error::ApiError;
+use crate::ndjson;
 use crate::protocol::{
     BATCH_PATH, BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY,
     REFUSED, TRIES_PATH, TRY_PATH,
@@ -711,6 +714,7 @@ enum Phase {
 }
 
 /// The identity headers of a call.
+#[derive(Clone)]
 struct Ids {
     gid: Gid,
     branch: BranchId,
@@ -875,8 +879,14 @@ async fn serve(
         TRY_PATH => Phase::Try,
         CONFIRM_PATH => Phase::Confirm,
         CANCEL_PATH => Phase::Cancel,
-        BATCH_PATH => return batch::serve(participant, name, registered, read_body(body)?).await,
-        TRIES_PATH => return tries::serve(participant, name, registered, read_body(body)?).await,
+        BATCH_PATH => {
+            let stream = ndjson::accepted(&headers);
+            return batch::serve(participant, name, registered, read_body(body)?, stream).await;
+        }
+        TRIES_PATH => {
+            let stream = ndjson::accepted(&headers);
+            return tries::serve(participant, name, registered, read_body(body)?, stream).await;
+        }
         _ => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,

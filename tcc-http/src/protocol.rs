@@ -28,9 +28,10 @@
 //! `POST {target}/batch` with a JSON [`BatchRequest`]. Each call in it means exactly what the single
 //! call with the same transaction id, branch id and deadline means (a batch carries no payloads: a
 //! participant serving batches keeps what the try asked, as the tcc runtime's barrier does). The
-//! participant answers 200 with a [`BatchAnswer`]: one [`BatchResult`] per call, in order, each with
-//! the status and error body the single call would have answered, read by the rules above. The
-//! answer is given only once everything the batch changed is on disk. A batch answered with
+//! participant answers 200 with one [`BatchResult`] per call, each with the status and error body the
+//! single call would have answered, read by the rules above, in one of two forms (see "Streamed
+//! answers" below): a [`BatchAnswer`], or a stream of [`AnswerLine`]s. A call's result is given
+//! only once everything that call changed is on disk. A batch answered with
 //! anything else is read as a whole: 408, 425, 429, 5xx and transport errors are transient for every
 //! call in it; any other status (a participant that serves no batches answers 404) makes the
 //! coordinator send those calls one by one, and for a while every call to that target.
@@ -40,13 +41,27 @@
 //! tries it sends one operation at once into one request, `POST {target}/tries` with a JSON
 //! [`TryBatch`]. Each try in it means exactly what the single try with the same transaction id,
 //! branch id, deadline and request body means (the request travels as text: a try whose request is
-//! not UTF-8 is sent alone). The participant answers 200 with a [`TryBatchAnswer`]: one
-//! [`TryResult`] per try, in order, with the status the single try would have answered and its
-//! result body or its error body. The answer is given only once everything the batch changed is on
-//! disk. A batch answered with anything else is read as a whole, as a phase-two batch is: 408, 425,
+//! not UTF-8 is sent alone). The participant answers 200 with one [`TryResult`] per try, with the
+//! status the single try would have answered and its result body or its error body, in one of two
+//! forms (see "Streamed answers" below): a [`TryBatchAnswer`], or a stream of [`AnswerLine`]s. A
+//! try's result is given only once everything that try changed is on disk. A batch answered with
+//! anything else is read as a whole, as a phase-two batch is: 408, 425,
 //! 429, 5xx and transport errors fail every try in it as they would fail a single try; any other
 //! status (a participant that serves no batches of tries answers 404) makes the initiator send
 //! those tries one by one, and for a while every try to that target.
+//!
+//! ## Streamed answers
+//! The tcc clients send both kinds of batch with `Accept: application/x-ndjson, application/json`,
+//! and read either answer:
+//! - `application/json`: one object, `{"results": [...]}`, a result per call in the batch's order,
+//!   given once every call is done. Simple to write by hand; but one slow call holds up every
+//!   other call's answer.
+//! - `application/x-ndjson`: one [`AnswerLine`] per call, `{"i": INDEX, ...result}` and a newline,
+//!   in the order the calls finish, each written once what its call changed is on disk. The tcc
+//!   participant runtime answers so whenever the request accepts it: one slow business method then
+//!   holds up its own call's answer only. A call the stream ends without answering fails as a
+//!   call whose batch failed in transit; a line that does not decode, answers a call the batch
+//!   does not have, or answers one twice is read as an answer that is not a batch answer.
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -158,6 +173,24 @@ pub struct BatchResult {
     /// Why the call was not done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+}
+
+/// One line of a streamed batch answer (`application/x-ndjson`): the index of the call it answers
+/// in the batch, and that call's result ([`BatchResult`] or [`TryResult`]) beside it.
+///
+/// ```
+/// use tcc_http::protocol::{AnswerLine, BatchResult};
+/// let line: AnswerLine<BatchResult> =
+///     serde_json::from_str(r#"{"i":3,"status":200,"outcome":"confirmed"}"#).unwrap();
+/// assert_eq!((line.i, line.result.status), (3, 200));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnswerLine<T> {
+    /// The index of the call in the batch.
+    pub i: usize,
+    /// What the call came to.
+    #[serde(flatten)]
+    pub result: T,
 }
 
 /// The body of `POST {target}/tries`: tries of one operation.

@@ -1064,6 +1064,9 @@ async fn a_cancel_recorded_while_the_try_runs_discards_the_trys_staged_writes() 
     assert_eq!(f.participant.barrier().held(), 0);
 }
 
+/// The `Accept` header of the tcc clients' batches: a streamed answer, or a whole one.
+const STREAMED: &str = "application/x-ndjson, application/json";
+
 /// What `POST /tcc/{op}/batch` answered: the status and, for a 200, each call's (status, outcome or
 /// error code).
 #[derive(Debug)]
@@ -1074,18 +1077,58 @@ struct BatchAnswered {
 }
 
 impl Fixture {
-    /// `POST /tcc/{op}/{path}` with this JSON body: the status and the answer's body.
+    /// `POST /tcc/{op}/{path}` with this JSON body, asking for a streamed answer as the tcc
+    /// clients do: the status and the answer's body. A 200 must be streamed; its lines are checked
+    /// (each call answered once) and returned as the whole answer would be, `{"results": [...]}`
+    /// in the batch's order.
     async fn post_json(&self, op: &str, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let (status, content_type, body) = self.post_batch(op, path, body, STREAMED).await;
+        if status != StatusCode::OK {
+            return (status, body);
+        }
+        assert_eq!(content_type, "application/x-ndjson");
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
+        let mut slots: Vec<Option<serde_json::Value>> = Vec::new();
+        for line in text.lines() {
+            let mut line: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+            let i = usize::try_from(line.remove("i").unwrap().as_u64().unwrap()).unwrap();
+            if slots.len() <= i {
+                slots.resize(i + 1, None);
+            }
+            assert!(slots[i].is_none(), "call {i} answered twice: {text:?}");
+            slots[i] = Some(serde_json::Value::Object(line));
+        }
+        let results: Vec<serde_json::Value> = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| panic!("call {i} unanswered")))
+            .collect();
+        (status, serde_json::to_vec(&serde_json::json!({ "results": results })).unwrap())
+    }
+
+    /// `POST /tcc/{op}/{path}` with this JSON body and `Accept` header: the status, content type
+    /// and body of the answer.
+    async fn post_batch(
+        &self,
+        op: &str,
+        path: &str,
+        body: Vec<u8>,
+        accept: &str,
+    ) -> (StatusCode, String, Vec<u8>) {
         let res = self
             .http
             .post(format!("http://{}/tcc/{op}/{path}", self.addr))
             .header("content-type", "application/json")
+            .header("accept", accept)
             .body(body)
             .send()
             .await
             .unwrap();
         let status = res.status();
-        (status, res.bytes().await.unwrap().to_vec())
+        let content_type =
+            res.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        (status, content_type, res.bytes().await.unwrap().to_vec())
     }
 
     /// `POST /tcc/{op}/batch` with this body.
@@ -1435,4 +1478,117 @@ async fn a_malformed_batch_of_tries_is_refused_whole_and_runs_nothing() {
     assert_eq!(f.state("tx-1", "flight"), None);
     // An empty batch is a batch: nothing to answer.
     assert_eq!(f.tries("hold_seat", &[]).await, (StatusCode::OK, Vec::new()));
+}
+
+/// Reads the lines of a streamed answer as they come into `buf`, until it holds `count` lines, the
+/// answer ends, or `within` passes; returns the lines read so far, decoded.
+async fn streamed_lines(
+    res: &mut reqwest::Response,
+    buf: &mut String,
+    count: usize,
+    within: Duration,
+) -> Vec<serde_json::Value> {
+    let until = tokio::time::Instant::now() + within;
+    while buf.matches('\n').count() < count {
+        match tokio::time::timeout_at(until, res.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.push_str(std::str::from_utf8(&chunk).unwrap()),
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    buf.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The indexes the lines answer, and their statuses.
+fn answered(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
+    let mut seen: Vec<(u64, u64)> =
+        lines.iter().map(|l| (l["i"].as_u64().unwrap(), l["status"].as_u64().unwrap())).collect();
+    seen.sort_unstable();
+    seen
+}
+
+impl Fixture {
+    /// Sends a batch of tries for `op` asking for a streamed answer; the answer, its head read.
+    async fn tries_streamed(&self, op: &str, tries: &[(&str, String)]) -> reqwest::Response {
+        let deadline = self.deadline();
+        let tries: Vec<_> = tries
+            .iter()
+            .map(|(gid, request)| {
+                serde_json::json!({ "gid": gid, "branch": "b", "deadline": deadline, "request": request })
+            })
+            .collect();
+        let res = self
+            .http
+            .post(format!("http://{}/tcc/{op}/tries", self.addr))
+            .header("content-type", "application/json")
+            .header("accept", STREAMED)
+            .body(serde_json::to_vec(&serde_json::json!({ "tries": tries })).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-type"], "application/x-ndjson");
+        res
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_async_try_holds_up_only_its_own_answer_in_a_streamed_batch() {
+    let f = Fixture::start().await;
+    let items = ["a", "b", "c", "d"];
+    for item in items {
+        f.set_stock(item, 1);
+    }
+    // Whichever try reaches the pause first stays inside its business method until released.
+    let (started, wait_started) = oneshot::channel();
+    let (go, release) = oneshot::channel();
+    *f.reserve.pause.lock().unwrap() = Some(Pause { started, release });
+    let tries: Vec<(String, String)> = items
+        .iter()
+        .enumerate()
+        .map(|(n, item)| (format!("tx-{n}"), serde_json::json!({ "item": item }).to_string()))
+        .collect();
+    let tries: Vec<(&str, String)> = tries.iter().map(|(g, r)| (g.as_str(), r.clone())).collect();
+    let mut res = f.tries_streamed("reserve", &tries).await;
+    wait_started.await.unwrap();
+    let mut buf = String::new();
+    let early = streamed_lines(&mut res, &mut buf, 3, Duration::from_secs(60)).await;
+    assert_eq!(early.len(), 3, "the other tries are answered while one is paused: {buf:?}");
+    assert!(answered(&early).iter().all(|(_, status)| *status == 200), "{buf:?}");
+    // The paused one cannot have answered (its business method has not returned).
+    let still = streamed_lines(&mut res, &mut buf, 4, Duration::from_millis(200)).await;
+    assert_eq!(still.len(), 3, "{buf:?}");
+    go.send(()).unwrap();
+    let all = streamed_lines(&mut res, &mut buf, 4, Duration::from_secs(60)).await;
+    assert_eq!(answered(&all), vec![(0, 200), (1, 200), (2, 200), (3, 200)], "{buf:?}");
+    assert!(res.chunk().await.unwrap().is_none(), "the answer ends after the last call's line");
+    for (n, item) in items.iter().enumerate() {
+        assert_eq!(f.stock(item), Stock { free: 0, held: 1, sold: 0 });
+        assert_eq!(f.state(&format!("tx-{n}"), "b"), Some(BarrierState::Tried));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_not_asking_for_a_stream_is_answered_whole_in_order() {
+    let f = Fixture::start().await;
+    let d = f.deadline();
+    // Asking for JSON only, and not saying (an older client, or one written by hand).
+    for (n, accept) in ["application/json", "*/*"].into_iter().enumerate() {
+        let taken = format!("{n}Z");
+        f.call("hold_seat", "try", &format!("tx-taken-{n}"), "flight", &taken).await.expect_ok("fresh");
+        let tries = serde_json::json!({ "tries": [
+            { "gid": format!("tx-{n}-1"), "branch": "flight", "deadline": d, "request": format!("{n}A") },
+            { "gid": format!("tx-{n}-2"), "branch": "flight", "deadline": d, "request": taken },
+            { "gid": format!("tx-{n}-3"), "branch": "flight", "deadline": d, "request": format!("{n}B") },
+        ]});
+        let (status, content_type, answer) =
+            f.post_batch("hold_seat", "tries", serde_json::to_vec(&tries).unwrap(), accept).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "application/json");
+        let answer: TryBatchAnswer = serde_json::from_slice(&answer).unwrap();
+        let statuses: Vec<u16> = answer.results.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, vec![200, 409, 200], "{accept}");
+        assert_eq!(answer.results[0].body, Some(format!("held {n}A")));
+        assert_eq!(answer.results[2].body, Some(format!("held {n}B")));
+    }
 }

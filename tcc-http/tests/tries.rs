@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use serde_json::json;
 use tcc_http::client::{ClientError, TccClient};
-use tcc_http::protocol::{ErrorBody, TryBatch, TryBatchAnswer, TryResult};
+use tcc_http::protocol::{AnswerLine, ErrorBody, TryBatch, TryBatchAnswer, TryResult};
 use tcc_http::server::native::StateView;
 use tcc_http::target::AllowList;
 use tcc_http::transport::Batching;
@@ -56,6 +56,10 @@ fn answer(gid: &str, request: &[u8]) -> TryResult {
 enum Batches {
     /// Answers each try (after a short pause, so that tries crowd).
     Served,
+    /// The same, streamed (`application/x-ndjson`), the lines in reverse order.
+    Streamed,
+    /// Streamed, with a line for a try the batch does not have.
+    BadLine,
     /// 404, as a participant that serves none.
     NotServed,
     /// 200 with a body that is not a batch answer.
@@ -84,9 +88,17 @@ async fn participant(batches: Batches) -> (String, Arc<Seen>) {
         .route("/op/cancel", post(|| async { StatusCode::OK }))
         .route(
             "/op/tries",
-            post(move |axum::Json(batch): axum::Json<TryBatch>| async move {
+            post(move |headers: HeaderMap, axum::Json(batch): axum::Json<TryBatch>| async move {
                 match batches {
                     Batches::Served => {}
+                    Batches::Streamed => {
+                        assert!(headers["accept"].to_str().unwrap().contains("application/x-ndjson"));
+                    }
+                    Batches::BadLine => {
+                        s2.not_found.fetch_add(1, Ordering::SeqCst);
+                        let line = format!("{{\"i\":{},\"status\":200,\"body\":\"x\"}}\n", batch.tries.len());
+                        return ([("content-type", "application/x-ndjson")], line).into_response();
+                    }
                     Batches::NotServed => {
                         s2.not_found.fetch_add(1, Ordering::SeqCst);
                         return StatusCode::NOT_FOUND.into_response();
@@ -102,7 +114,16 @@ async fn participant(batches: Batches) -> (String, Arc<Seen>) {
                 }
                 s2.batches.fetch_add(1, Ordering::SeqCst);
                 s2.batched.fetch_add(batch.tries.len(), Ordering::SeqCst);
-                let results = batch.tries.iter().map(|t| answer(&t.gid, t.request.as_bytes())).collect();
+                let results: Vec<TryResult> =
+                    batch.tries.iter().map(|t| answer(&t.gid, t.request.as_bytes())).collect();
+                if batches == Batches::Streamed {
+                    let mut lines = String::new();
+                    for (i, result) in results.into_iter().enumerate().rev() {
+                        lines.push_str(&serde_json::to_string(&AnswerLine { i, result }).unwrap());
+                        lines.push('\n');
+                    }
+                    return ([("content-type", "application/x-ndjson")], lines).into_response();
+                }
                 axum::Json(TryBatchAnswer { results }).into_response()
             }),
         );
@@ -150,7 +171,15 @@ fn refused(r: &Result<bytes::Bytes, ClientError>) -> (String, String, String, Op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_of_concurrent_transactions_share_requests_and_each_gets_its_own_answer() {
-    let (target, seen) = participant(Batches::Served).await;
+    for kind in [Batches::Served, Batches::Streamed] {
+        shared_requests(kind).await;
+    }
+}
+
+/// Against a participant answering batches of tries as `kind` says (whole or streamed): tries of
+/// concurrent transactions share requests, and each gets its own answer.
+async fn shared_requests(kind: Batches) {
+    let (target, seen) = participant(kind).await;
     let dir = tempfile::tempdir().unwrap();
     let client = embedded(&dir).await;
     let request = |i: usize| if i.is_multiple_of(5) { b"refuse".to_vec() } else { b"seat".to_vec() };
@@ -180,7 +209,7 @@ async fn tries_of_concurrent_transactions_share_requests_and_each_gets_its_own_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_to_an_operation_without_batches_of_tries_go_alone() {
-    for kind in [Batches::NotServed, Batches::Garbage] {
+    for kind in [Batches::NotServed, Batches::Garbage, Batches::BadLine] {
         alone_after_a_refused_batch(kind).await;
     }
 }

@@ -13,7 +13,8 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use super::{ClientError, coordinator_error};
-use crate::lane::{Answer, Carrier, Lane, Reply};
+use crate::lane::{Answer, Carrier, Lane, Reply, take_reply};
+use crate::ndjson::{self, ReadError};
 use crate::protocol::MAX_BODY;
 use crate::server::Token;
 use crate::server::batch::{BATCH_PATH, BatchLine, BatchOp, BatchOps};
@@ -130,33 +131,13 @@ impl Carrier for ToCoordinator {
             fail_all(replies, &|| coordinator_error(status.as_u16(), text.clone()));
             return Ok(());
         }
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
-            let chunk = match res.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
-                Err(e) => {
-                    let e = transport_error(&e).to_string();
-                    fail_all(replies, &|| ClientError::Unreachable(e.clone()));
-                    return Ok(());
-                }
-            };
-            buf.extend_from_slice(&chunk);
-            let mut start = 0;
-            while let Some(end) = buf[start..].iter().position(|b| *b == b'\n').map(|n| start + n) {
-                if let Err(e) = answer(&buf[start..end], replies) {
-                    fail_all(replies, &|| ClientError::Unreachable(e.clone()));
-                    return Ok(());
-                }
-                start = end + 1;
+        match ndjson::read_lines(&mut res, MAX_LINE, |line| answer(line, replies)).await {
+            Ok(()) => {}
+            Err(ReadError::Transport(e)) => {
+                let e = transport_error(&e).to_string();
+                fail_all(replies, &|| ClientError::Unreachable(e.clone()));
             }
-            buf.drain(..start);
-            if buf.len() > MAX_LINE {
-                fail_all(replies, &|| {
-                    ClientError::Unreachable(format!("a batch answer line is over {MAX_LINE} bytes"))
-                });
-                return Ok(());
-            }
+            Err(ReadError::Line(e)) => fail_all(replies, &|| ClientError::Unreachable(e.clone())),
         }
         Ok(())
     }
@@ -177,12 +158,7 @@ fn answer(line: &[u8], replies: &mut [Option<Answer<ToCoordinator>>]) -> Result<
     let unreadable = |e: serde_json::Error| format!("unreadable batch answer from the coordinator: {e}");
     // The body is decoded once the status says what it is.
     let line: BatchLine<&RawValue> = serde_json::from_slice(line).map_err(unreadable)?;
-    let count = replies.len();
-    let reply = replies
-        .get_mut(line.i)
-        .ok_or_else(|| format!("the coordinator answered operation {} of {count}", line.i))?
-        .take()
-        .ok_or_else(|| format!("the coordinator answered operation {} twice", line.i))?;
+    let reply = take_reply(replies, line.i)?;
     let result = if (200..300).contains(&line.status) {
         serde_json::from_str::<TransactionView>(line.body.get())
             .map_err(|e| ClientError::Unreachable(format!("unreadable answer from the coordinator: {e}")))

@@ -16,9 +16,10 @@ use tcc_core::{BranchId, Gid, Timestamp};
 use url::Url;
 
 use super::ClientError;
-use crate::lane::{Answer, Carrier, Lane, Reply};
+use crate::lane::{Answer, Carrier, Lane, Reply, take_reply};
+use crate::ndjson::{self, ReadError};
 use crate::protocol::{
-    ErrorBody, GONE, MAX_BODY, REFUSED, TRIES_PATH, TryBatch, TryBatchAnswer, TryCall, TryResult,
+    AnswerLine, ErrorBody, GONE, MAX_BODY, REFUSED, TRIES_PATH, TryBatch, TryBatchAnswer, TryCall, TryResult,
 };
 use crate::transport::{
     Batching, ClientConfig, bounded_body, classify, error_text, phase_url, transport_error,
@@ -34,8 +35,12 @@ const MAX_BATCHED_REQUEST: usize = 1024;
 /// Most operations given lanes; tries to further ones go alone.
 const MAX_LANES: usize = 1024;
 
-/// Longest batch answer read: every try's result.
+/// Longest whole batch answer read: every try's result.
 const MAX_ANSWER: usize = 16 * MAX_BODY;
+
+/// Longest line of a streamed batch answer read: one try's result (at most a body's worth, up to
+/// six times that once escaped as JSON text).
+const MAX_LINE: usize = 6 * MAX_BODY + 1024;
 
 /// A client's lanes of tries, one per participant operation.
 #[derive(Debug)]
@@ -159,6 +164,7 @@ impl Carrier for ToParticipant {
             .http
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, ndjson::ACCEPT)
             .timeout(ClientConfig::default().request_timeout)
             .body(body)
             .send()
@@ -180,6 +186,25 @@ impl Carrier for ToParticipant {
                     Ok(())
                 }
                 tcc_core::transport::CallError::Permanent(m) => Err(m),
+            };
+        }
+        if ndjson::is_ndjson(&res) {
+            let read = ndjson::read_lines(&mut res, MAX_LINE, |line| {
+                let line: AnswerLine<TryResult> = serde_json::from_slice(line)
+                    .map_err(|e| format!("an answer line of a batch of tries does not decode: {e}"))?;
+                let branch = branches.get(line.i).map_or("", String::as_str);
+                let reply = take_reply(replies, line.i)?;
+                let _ = reply.send(Reply::Done(read_result(branch, line.result)));
+                Ok(())
+            })
+            .await;
+            return match read {
+                Ok(()) => Ok(()),
+                Err(ReadError::Transport(e)) => {
+                    fail_all(replies, &transport_error(&e).to_string());
+                    Ok(())
+                }
+                Err(ReadError::Line(why)) => Err(why),
             };
         }
         let bytes = match bounded_body(&mut res, MAX_ANSWER).await {

@@ -1,9 +1,10 @@
 //! Phase-two batches: `POST {operation}/batch` (see [`crate::protocol`], "Phase-two batches").
 //!
 //! Every call of a batch goes through the barrier exactly as the single call would (its own barrier
-//! transaction, so one call's failure changes nothing of the others), and the whole batch waits for
-//! one flush before it is answered. A batch that is malformed anywhere is refused as a whole before
-//! any of it runs.
+//! transaction, so one call's failure changes nothing of the others), and each call is answered once
+//! what it changed is on disk: streamed, one line per call as it finishes, when the request accepts
+//! `application/x-ndjson` (the tcc clients do), else all at once. A batch that is malformed
+//! anywhere is refused as a whole before any of it runs.
 //!
 //! [`run`] is the runner of both kinds of batch: phase-two calls here, tries in [`super::tries`].
 
@@ -12,11 +13,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use tcc_core::barrier::{BarrierError, SledBarrier};
 use tcc_core::{BranchId, Decision, Gid, Timestamp};
+use tokio::sync::mpsc;
 use tracing::{debug, error};
 
 use super::staged_calls::ErasedAsync;
@@ -25,10 +28,8 @@ use super::{
     not_flushed, panicked, phase_two,
 };
 use crate::error::ApiError;
-use crate::protocol::{BatchAnswer, BatchRequest, BatchResult, MAX_BATCH_CALLS};
-
-/// One call of a batch, run: its ids and what came of it.
-pub(super) type Ran = (Ids, Result<Done, ApiError>);
+use crate::ndjson;
+use crate::protocol::{AnswerLine, BatchRequest, BatchResult, MAX_BATCH_CALLS};
 
 /// One call of a batch (a phase-two call, or a try with its request): how it runs on each kind of
 /// operation, exactly as its single call would.
@@ -76,121 +77,229 @@ impl Batched for Phase {
     }
 }
 
-/// Runs the calls of a batch for operation `name` as their single calls would run, and waits for
-/// the flush that covers what they did: on a synchronous operation one after the other on the
-/// blocking pool, each in its own barrier transaction, a panicking business method failing its own
-/// call only (500); on an async operation concurrently, except that the calls of one branch run in
-/// the batch's order (each business method runs on its own task already). Returns each call's
-/// result, in the batch's order.
-pub(super) async fn run<C: Batched>(
+/// One call of a batch done: its index in the batch, what came of it, and whether answering it
+/// needs the flush first.
+type Ran = (usize, Result<Done, ApiError>, bool);
+
+/// Runs the calls of a batch for operation `name` as their single calls would run, and answers
+/// each once the flush that covers what it did is done. `result` turns what came of a call into
+/// its result in the answer.
+///
+/// On a synchronous operation the calls run one after the other on the blocking pool, each in its
+/// own barrier transaction, a panicking business method failing its own call only (500); on an
+/// async operation concurrently, except that the calls of one branch run in the batch's order (each
+/// business method runs on its own task already). Every call runs to its end even if the caller
+/// goes away.
+///
+/// With `stream`, the answer is `application/x-ndjson`: one [`AnswerLine`] per call, in the order
+/// they finish, those finished together after one flush in one write; so one slow call holds up no
+/// other's answer. Otherwise it is one JSON object, `{"results": [...]}`, in the batch's order,
+/// once every call is done.
+pub(super) async fn run<C, R, F>(
     participant: Arc<Participant>,
     name: String,
     registered: Registered,
     calls: Vec<(Ids, C)>,
-) -> Result<Vec<Ran>, ApiError> {
-    let (results, flush) = match registered {
+    stream: bool,
+    result: F,
+) -> Response
+where
+    C: Batched,
+    R: Serialize + Send + 'static,
+    F: Fn(&Ids, Result<Done, ApiError>) -> R + Send + 'static,
+{
+    let ids: Vec<Ids> = calls.iter().map(|(ids, _)| ids.clone()).collect();
+    let (done, ran) = mpsc::unbounded_channel::<Ran>();
+    match registered {
         Registered::Sync(op) => {
-            let barrier = participant.barrier.clone();
-            let run = move || {
-                let mut flush = false;
-                let results: Vec<Ran> = calls
-                    .into_iter()
-                    .map(|(ids, call)| {
-                        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            call.run_sync(&barrier, &*op, &name, &ids)
-                        }));
-                        let done = match done {
-                            Ok(Ok(done)) => {
-                                flush |= needs_flush(&done);
-                                done.map_err(barrier_error)
-                            }
-                            // Answered without touching the barrier: nothing to flush.
-                            Ok(Err(e)) => Err(e),
-                            Err(_) => {
-                                error!(gid = %ids.gid, branch = %ids.branch, "participant call panicked (batched)");
-                                Err(panicked())
-                            }
-                        };
-                        (ids, done)
-                    })
-                    .collect();
-                (results, flush)
-            };
-            tokio::task::spawn_blocking(run).await.map_err(|e| {
-                error!(error = %e, "participant batch panicked");
-                panicked()
-            })?
+            // One after the other on one thread: a synchronous business method runs inside a sled
+            // transaction, and sled runs one transaction at a time in a process anyway.
+            let (barrier, done) = (participant.barrier.clone(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                for (i, (ids, call)) in calls.into_iter().enumerate() {
+                    let (r, flush) = run_sync(&barrier, &*op, &name, &ids, call);
+                    let _ = done.send((i, r, flush));
+                }
+            });
         }
         Registered::Async(op) => {
-            let mut tasks = tokio::task::JoinSet::new();
-            let count = calls.len();
             for group in by_branch(calls) {
-                let (participant, name, op) = (Arc::clone(&participant), name.clone(), Arc::clone(&op));
-                tasks.spawn(async move {
-                    let mut done = Vec::with_capacity(group.len());
+                let (participant, name, op, done) =
+                    (Arc::clone(&participant), name.clone(), Arc::clone(&op), done.clone());
+                tokio::spawn(async move {
                     for (i, (ids, call)) in group {
                         let r = {
                             let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
                             call.run_async(&participant, &name, &op, &ids).await
                         };
-                        done.push((i, ids, r));
+                        let flush = super::staged_calls::needs_flush(&r);
+                        let _ = done.send((i, r, flush));
                     }
-                    done
                 });
             }
-            let mut slots: Vec<Option<Ran>> = std::iter::repeat_with(|| None).take(count).collect();
-            let mut flush = false;
-            while let Some(joined) = tasks.join_next().await {
-                let group = joined.map_err(|e| {
-                    error!(error = %e, "participant batch call panicked");
-                    panicked()
-                })?;
-                for (i, ids, done) in group {
-                    flush |= super::staged_calls::needs_flush(&done);
-                    if let Some(slot) = slots.get_mut(i) {
-                        *slot = Some((ids, done));
-                    }
-                }
-            }
-            (slots.into_iter().flatten().collect(), flush)
         }
-    };
-    if flush {
-        participant.durable().await.map_err(|e| not_flushed(e.to_string()))?;
     }
-    Ok(results)
+    drop(done);
+    let answer = Answer { participant, ids, ran, result };
+    if stream {
+        let (lines, rx) = mpsc::channel(answer.ids.len().max(1));
+        tokio::spawn(answer.stream(lines));
+        ([(header::CONTENT_TYPE, ndjson::CONTENT_TYPE)], Body::new(ndjson::Lines::new(rx, 0))).into_response()
+    } else {
+        answer.whole().await
+    }
 }
 
-/// Serves one batch for operation `name`.
+/// Runs one call of a batch on a synchronous operation: what came of it, and whether answering it
+/// needs the flush first.
+fn run_sync<C: Batched>(
+    barrier: &SledBarrier,
+    op: &dyn ErasedOperation,
+    name: &str,
+    ids: &Ids,
+    call: C,
+) -> (Result<Done, ApiError>, bool) {
+    let done =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.run_sync(barrier, op, name, ids)));
+    match done {
+        Ok(Ok(done)) => {
+            let flush = needs_flush(&done);
+            (done.map_err(barrier_error), flush)
+        }
+        // Answered without touching the barrier: nothing to flush.
+        Ok(Err(e)) => (Err(e), false),
+        Err(_) => {
+            error!(gid = %ids.gid, branch = %ids.branch, "participant call panicked (batched)");
+            (Err(panicked()), false)
+        }
+    }
+}
+
+/// What answers a batch: the calls' ids, and where the calls send what came of them.
+struct Answer<F> {
+    participant: Arc<Participant>,
+    ids: Vec<Ids>,
+    ran: mpsc::UnboundedReceiver<Ran>,
+    result: F,
+}
+
+impl<R: Serialize, F: Fn(&Ids, Result<Done, ApiError>) -> R> Answer<F> {
+    /// The next calls done (waiting for the first, then taking every other one there already),
+    /// after the flush that covers them; `None` once every call has answered. A failed flush fails
+    /// the calls that needed it (503, as their single calls would).
+    async fn next(&mut self) -> Option<Vec<(usize, R)>> {
+        let first = self.ran.recv().await?;
+        let mut ready = vec![first];
+        while let Ok(more) = self.ran.try_recv() {
+            ready.push(more);
+        }
+        let flushed = match ready.iter().any(|(_, _, flush)| *flush) {
+            true => self.participant.durable().await.map_err(|e| e.to_string()),
+            false => Ok(()),
+        };
+        let results = ready
+            .into_iter()
+            .filter_map(|(i, done, flush)| {
+                let done = match (&flushed, flush) {
+                    (Err(e), true) => Err(not_flushed(e.clone())),
+                    _ => done,
+                };
+                Some((i, (self.result)(self.ids.get(i)?, done)))
+            })
+            .collect();
+        Some(results)
+    }
+
+    /// The result of a call whose task ended without answering (it cannot, short of a bug: every
+    /// panic of a business method is caught and answered).
+    fn lost(&self, i: usize) -> Option<R> {
+        let ids = self.ids.get(i)?;
+        error!(gid = %ids.gid, branch = %ids.branch, "participant batch call ended without an answer");
+        Some((self.result)(ids, Err(panicked())))
+    }
+
+    /// Sends the answer lines on `lines` as calls finish; stops early when nobody reads them any
+    /// more (the calls still run to their end).
+    async fn stream(mut self, lines: mpsc::Sender<(Bytes, bool)>) {
+        let mut answered = vec![false; self.ids.len()];
+        while let Some(results) = self.next().await {
+            let mut chunk = Vec::new();
+            for (i, r) in results {
+                if let Some(seen) = answered.get_mut(i) {
+                    *seen = true;
+                }
+                line(&mut chunk, i, &r);
+            }
+            if lines.send((Bytes::from(chunk), true)).await.is_err() {
+                return;
+            }
+        }
+        let mut chunk = Vec::new();
+        for i in answered.iter().enumerate().filter(|(_, seen)| !**seen).map(|(i, _)| i) {
+            if let Some(r) = self.lost(i) {
+                line(&mut chunk, i, &r);
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = lines.send((Bytes::from(chunk), true)).await;
+        }
+    }
+
+    /// The whole answer, `{"results": [...]}` in the batch's order, once every call is done.
+    async fn whole(mut self) -> Response {
+        let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(self.ids.len()).collect();
+        while let Some(results) = self.next().await {
+            for (i, r) in results {
+                if let Some(slot) = slots.get_mut(i) {
+                    *slot = Some(r);
+                }
+            }
+        }
+        let results: Vec<R> =
+            slots.into_iter().enumerate().filter_map(|(i, r)| r.or_else(|| self.lost(i))).collect();
+        (StatusCode::OK, Json(Whole { results })).into_response()
+    }
+}
+
+/// A whole batch answer: [`BatchAnswer`](crate::protocol::BatchAnswer) or
+/// [`TryBatchAnswer`](crate::protocol::TryBatchAnswer).
+#[derive(Serialize)]
+struct Whole<R> {
+    results: Vec<R>,
+}
+
+/// Appends the answer line of call `i` to `out`.
+fn line<R: Serialize>(out: &mut Vec<u8>, i: usize, result: &R) {
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &AnswerLine { i, result }).is_err() {
+        // The results hold nothing that fails to encode; should one, the call failed.
+        out.truncate(start);
+        out.extend_from_slice(format!("{{\"i\":{i},\"status\":500}}").as_bytes());
+    }
+    out.push(b'\n');
+}
+
+/// Serves one batch of phase-two calls for operation `name`, streamed when `stream`.
 pub(super) async fn serve(
     participant: Arc<Participant>,
     name: String,
     registered: Registered,
     body: Bytes,
+    stream: bool,
 ) -> Result<Response, ApiError> {
     let calls = parse(&body)?;
-    let phases: Vec<Phase> = calls.iter().map(|(_, phase)| *phase).collect();
-    let results = run(participant, name, registered, calls).await?;
-    let results = results
-        .into_iter()
-        .zip(phases)
-        .map(|((ids, done), phase)| match done {
-            Ok(done) => {
-                let outcome = done.outcome();
-                debug!(gid = %ids.gid, branch = %ids.branch, ?phase, outcome, "participant call (batched)");
-                BatchResult { status: StatusCode::OK.as_u16(), outcome: Some(outcome.to_owned()), error: None }
-            }
-            Err(e) => {
-                debug!(gid = %ids.gid, branch = %ids.branch, ?phase, code = e.code, "participant call not done (batched)");
-                BatchResult {
-                    status: e.status.as_u16(),
-                    outcome: None,
-                    error: Some(e.body()),
-                }
-            }
-        })
-        .collect();
-    Ok((StatusCode::OK, Json(BatchAnswer { results })).into_response())
+    let result = |ids: &Ids, done: Result<Done, ApiError>| match done {
+        Ok(done) => {
+            let outcome = done.outcome();
+            debug!(gid = %ids.gid, branch = %ids.branch, outcome, "participant phase-two call (batched)");
+            BatchResult { status: StatusCode::OK.as_u16(), outcome: Some(outcome.to_owned()), error: None }
+        }
+        Err(e) => {
+            debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant phase-two call not done (batched)");
+            BatchResult { status: e.status.as_u16(), outcome: None, error: Some(e.body()) }
+        }
+    };
+    Ok(run(participant, name, registered, calls, stream, result).await)
 }
 
 /// The calls of a batch, numbered, grouped by branch (each group in the batch's order).

@@ -2,17 +2,15 @@
 //!
 //! Every try of a batch goes through the barrier exactly as the single try would: its request
 //! checked by the operation, its own barrier transaction, its own refusal, its own panic (a 500 for
-//! that try only); the batch runs as a phase-two batch does ([`super::batch::run`]) and waits for
-//! one flush before it is answered. A batch that is malformed as a batch (not JSON, a bad id) is
+//! that try only); the batch runs and is answered as a phase-two batch is ([`super::batch::run`]):
+//! each try once what it changed is on disk, streamed when the request accepts it. A batch that is malformed as a batch (not JSON, a bad id) is
 //! refused whole before any of it runs; a request the operation's check refuses is that try's own
 //! 400, as it would be alone.
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tcc_core::barrier::{BarrierError, SledBarrier};
 use tracing::debug;
 
@@ -23,7 +21,7 @@ use super::{
     try_deadline,
 };
 use crate::error::ApiError;
-use crate::protocol::{TryBatch, TryBatchAnswer, TryResult};
+use crate::protocol::{TryBatch, TryResult};
 
 /// A try's request, as a batch carries it.
 struct TryRequest(Bytes);
@@ -53,30 +51,27 @@ impl Batched for TryRequest {
     }
 }
 
-/// Serves one batch of tries for operation `name`.
+/// Serves one batch of tries for operation `name`, streamed when `stream`.
 pub(super) async fn serve(
     participant: Arc<Participant>,
     name: String,
     registered: Registered,
     body: Bytes,
+    stream: bool,
 ) -> Result<Response, ApiError> {
     let tries = parse(&body)?;
-    let results = run(participant, name, registered, tries)
-        .await?
-        .into_iter()
-        .map(|(ids, done)| match done {
-            Ok(done) => {
-                let outcome = done.outcome();
-                debug!(gid = %ids.gid, branch = %ids.branch, outcome, "participant try (batched)");
-                TryResult::done(done.into_result())
-            }
-            Err(e) => {
-                debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant try not done (batched)");
-                TryResult { status: e.status.as_u16(), body: None, bytes: None, error: Some(e.body()) }
-            }
-        })
-        .collect();
-    Ok((StatusCode::OK, Json(TryBatchAnswer { results })).into_response())
+    let result = |ids: &Ids, done: Result<Done, ApiError>| match done {
+        Ok(done) => {
+            let outcome = done.outcome();
+            debug!(gid = %ids.gid, branch = %ids.branch, outcome, "participant try (batched)");
+            TryResult::done(done.into_result())
+        }
+        Err(e) => {
+            debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant try not done (batched)");
+            TryResult { status: e.status.as_u16(), body: None, bytes: None, error: Some(e.body()) }
+        }
+    };
+    Ok(run(participant, name, registered, tries, stream, result).await)
 }
 
 /// The tries of a batch body, each with its ids checked as its single try's headers would be; the

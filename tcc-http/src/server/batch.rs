@@ -21,9 +21,7 @@
 //! operation. A client that stops reading (the connection drops) stops the waits of the
 //! operations not yet answered; what was decided stays decided.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -38,6 +36,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::native::{self, BeginRequest, Id, TransactionView, WaitQuery};
 use crate::error::{ApiError, ApiJson};
+use crate::ndjson::{self, Lines};
 use crate::protocol::ErrorBody;
 
 /// Path of the batch route.
@@ -181,8 +180,8 @@ pub(crate) async fn batch(
             let _ = lines.send((line(i, answered), waits)).await;
         });
     }
-    let body = Lines { rx, ready: Vec::new(), yielded: false, quick };
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::new(body)).into_response())
+    let body = Lines::new(rx, quick);
+    Ok(([(header::CONTENT_TYPE, ndjson::CONTENT_TYPE)], Body::new(body)).into_response())
 }
 
 impl BatchOp {
@@ -270,100 +269,4 @@ fn line(i: usize, answered: Result<(StatusCode, Transaction), ApiError>) -> Byte
     out.extend_from_slice(&body);
     out.extend_from_slice(b"}\n");
     Bytes::from(out)
-}
-
-/// The answer's body: the lines as the operations finish; ends when every operation has answered
-/// (every sender is gone). Each line comes with whether its operation waited for phase two.
-///
-/// Lines finished together go in one frame, so one write, and the client reads them in one go:
-/// - The lines of the operations that do not wait (begins, decisions without `wait_ms`) are held
-///   until the last of them is done: they finish within a flush or two of each other.
-/// - After that, lines go as they come, but a ready line yields once first. The operations of a
-///   batch tend to finish in bunches (one flush answers all its writers, one phase-two batch all its
-///   calls) and each is woken on its own: the yield lets those woken with it add their lines.
-///
-/// Measured with `tcc-bench` (coordinator_only, `perf stat`), these took the coordinator's `writev`
-/// calls from about 1.2 to 0.8 per transaction.
-struct Lines {
-    rx: mpsc::Receiver<(Bytes, bool)>,
-    ready: Vec<u8>,
-    yielded: bool,
-    /// Operations that do not wait whose line has not come yet.
-    quick: usize,
-}
-
-impl http_body::Body for Lines {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        let ended = loop {
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some((line, waited))) => {
-                    this.ready.extend_from_slice(&line);
-                    if !waited {
-                        this.quick = this.quick.saturating_sub(1);
-                    }
-                }
-                Poll::Ready(None) => break true,
-                Poll::Pending => break false,
-            }
-        };
-        if this.ready.is_empty() {
-            return if ended { Poll::Ready(None) } else { Poll::Pending };
-        }
-        if !ended {
-            if this.quick > 0 {
-                return Poll::Pending;
-            }
-            if !this.yielded {
-                this.yielded = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-        }
-        this.yielded = false;
-        let frame = Bytes::from(std::mem::take(&mut this.ready));
-        Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use http_body::Body as _;
-
-    use super::*;
-
-    fn poll(body: &mut Lines) -> Poll<Option<Vec<u8>>> {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        Pin::new(body).poll_frame(&mut cx).map(|frame| {
-            frame.map(|f| f.unwrap_or_else(|e| match e {}).into_data().unwrap_or_default().to_vec())
-        })
-    }
-
-    #[tokio::test]
-    async fn lines_finished_together_go_in_one_frame() {
-        let (tx, rx) = mpsc::channel(4);
-        let mut body = Lines { rx, ready: Vec::new(), yielded: false, quick: 2 };
-        assert_eq!(poll(&mut body), Poll::Pending);
-        tx.send((Bytes::from_static(b"a\n"), false)).await.unwrap_or_else(|_| unreachable!());
-        assert_eq!(poll(&mut body), Poll::Pending, "held until the other quick operation is done");
-        tx.send((Bytes::from_static(b"b\n"), false)).await.unwrap_or_else(|_| unreachable!());
-        assert_eq!(poll(&mut body), Poll::Pending, "yields once");
-        assert_eq!(poll(&mut body), Poll::Ready(Some(b"a\nb\n".to_vec())));
-        // A waiting operation's line: after one yield, with whatever came meanwhile.
-        tx.send((Bytes::from_static(b"c\n"), true)).await.unwrap_or_else(|_| unreachable!());
-        assert_eq!(poll(&mut body), Poll::Pending);
-        tx.send((Bytes::from_static(b"d\n"), true)).await.unwrap_or_else(|_| unreachable!());
-        assert_eq!(poll(&mut body), Poll::Ready(Some(b"c\nd\n".to_vec())));
-        // The last line goes at once when nothing else can come.
-        tx.send((Bytes::from_static(b"e\n"), true)).await.unwrap_or_else(|_| unreachable!());
-        drop(tx);
-        assert_eq!(poll(&mut body), Poll::Ready(Some(b"e\n".to_vec())));
-        assert_eq!(poll(&mut body), Poll::Ready(None));
-    }
 }

@@ -8,9 +8,10 @@ use reqwest::StatusCode;
 use tcc_core::transport::CallError;
 
 use super::{bounded_body, classify, error_text, transport_error};
-use crate::lane::{Answer, Carrier, Reply};
+use crate::lane::{Answer, Carrier, Reply, take_reply};
 use crate::metrics::{BatchOutcome, Metrics};
-use crate::protocol::{BatchAnswer, BatchCall, BatchRequest, MAX_BODY};
+use crate::ndjson::{self, ReadError};
+use crate::protocol::{AnswerLine, BatchAnswer, BatchCall, BatchRequest, BatchResult, MAX_BODY};
 
 /// The lane of one participant operation.
 pub(super) type Lane = crate::lane::Lane<PhaseTwo>;
@@ -30,22 +31,15 @@ impl Carrier for PhaseTwo {
 
     async fn send(&self, calls: Vec<BatchCall>, replies: &mut [Option<Answer<Self>>]) -> Result<(), String> {
         let count = calls.len();
-        let sent = send(&self.client, &self.url, BatchRequest { calls }).await;
+        let sent = send(&self.client, &self.url, BatchRequest { calls }, replies).await;
         let outcome = match &sent {
-            Sent::Answers(_) => BatchOutcome::Answered,
+            Sent::Answered => BatchOutcome::Answered,
             Sent::Failed(_) => BatchOutcome::Failed,
             Sent::Refused(_) => BatchOutcome::Refused,
         };
         self.metrics.observe_batch(outcome, count);
         match sent {
-            Sent::Answers(results) => {
-                for (reply, result) in replies.iter_mut().zip(results) {
-                    if let Some(reply) = reply.take() {
-                        let _ = reply.send(Reply::Done(result));
-                    }
-                }
-                Ok(())
-            }
+            Sent::Answered => Ok(()),
             Sent::Failed(e) => {
                 for reply in replies.iter_mut().filter_map(Option::take) {
                     let _ = reply.send(Reply::Done(Err(e.clone())));
@@ -67,16 +61,24 @@ impl Carrier for PhaseTwo {
 
 /// What sending a batch came to.
 enum Sent {
-    /// One result per call, in order.
-    Answers(Vec<Result<(), CallError>>),
-    /// The batch as a whole failed in a way worth retrying: so did each of its calls.
+    /// The participant answered the calls (each reply taken as its answer came).
+    Answered,
+    /// The batch failed in a way worth retrying: so did each of its calls not answered yet.
     Failed(CallError),
     /// The target does not take this batch (no batch route, or an answer that is not a batch
-    /// answer): its calls are to be made alone.
+    /// answer): its calls not answered yet are to be made alone.
     Refused(String),
 }
 
-async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -> Sent {
+/// Longest line of a streamed answer read: one call's result, with its error body.
+const MAX_LINE: usize = 64 * 1024;
+
+async fn send(
+    client: &reqwest::Client,
+    url: &url::Url,
+    request: BatchRequest,
+    replies: &mut [Option<Answer<PhaseTwo>>],
+) -> Sent {
     let count = request.calls.len();
     let body = match serde_json::to_vec(&request) {
         Ok(body) => body,
@@ -85,6 +87,7 @@ async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -
     let res = client
         .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::ACCEPT, ndjson::ACCEPT)
         .body(body)
         .send()
         .await;
@@ -99,6 +102,21 @@ async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -
             CallError::Permanent(m) => Sent::Refused(m),
         };
     }
+    if ndjson::is_ndjson(&res) {
+        let read = ndjson::read_lines(&mut res, MAX_LINE, |line| {
+            let line: AnswerLine<BatchResult> = serde_json::from_slice(line)
+                .map_err(|e| format!("a batch answer line does not decode: {e}"))?;
+            let reply = take_reply(replies, line.i)?;
+            let _ = reply.send(Reply::Done(call_result(line.result)));
+            Ok(())
+        })
+        .await;
+        return match read {
+            Ok(()) => Sent::Answered,
+            Err(ReadError::Transport(e)) => Sent::Failed(transport_error(&e)),
+            Err(ReadError::Line(why)) => Sent::Refused(why),
+        };
+    }
     let bytes = match bounded_body(&mut res, MAX_BODY).await {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return Sent::Refused(format!("the batch answer is over {MAX_BODY} bytes")),
@@ -111,23 +129,26 @@ async fn send(client: &reqwest::Client, url: &url::Url, request: BatchRequest) -
     if answer.results.len() != count {
         return Sent::Refused(format!("{} results answered for {count} calls", answer.results.len()));
     }
-    Sent::Answers(
-        answer
-            .results
-            .into_iter()
-            .map(|r| match StatusCode::from_u16(r.status) {
-                Ok(s) if s.is_success() => Ok(()),
-                Ok(s) => {
-                    let text = r.error.and_then(|e| serde_json::to_string(&e).ok()).unwrap_or_default();
-                    Err(classify(s, text))
-                }
-                Err(_) => Err(CallError::Permanent(format!(
-                    "participant answered status {} for a batched call",
-                    r.status
-                ))),
-            })
-            .collect(),
-    )
+    for (reply, result) in replies.iter_mut().zip(answer.results) {
+        if let Some(reply) = reply.take() {
+            let _ = reply.send(Reply::Done(call_result(result)));
+        }
+    }
+    Sent::Answered
+}
+
+/// One call's result in a batch answer, as its single answer would have been read.
+fn call_result(r: BatchResult) -> Result<(), CallError> {
+    match StatusCode::from_u16(r.status) {
+        Ok(s) if s.is_success() => Ok(()),
+        Ok(s) => {
+            let text = r.error.and_then(|e| serde_json::to_string(&e).ok()).unwrap_or_default();
+            Err(classify(s, text))
+        }
+        Err(_) => {
+            Err(CallError::Permanent(format!("participant answered status {} for a batched call", r.status)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +169,8 @@ mod tests {
     use super::super::{Batching, ClientConfig, HttpTransport, build_client};
     use super::*;
     use crate::lane::STALLED;
-    use crate::protocol::{BatchResult, ErrorBody};
+    use crate::ndjson;
+    use crate::protocol::ErrorBody;
     use crate::target::AllowList;
 
     /// What a test participant saw.
@@ -398,5 +420,83 @@ mod tests {
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert_eq!(seen.singles.load(Ordering::SeqCst), 10);
         assert_eq!(seen.batches.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_answer_reaches_each_call_as_its_line_comes() {
+        // Streams the lines of the calls whose gid starts `ok` at once, in reverse order, then
+        // those of `slow` calls once released; none for `lost` calls.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let released = Arc::clone(&release);
+        let app = axum::Router::new().route(
+            "/op/batch",
+            post(move |Json(req): Json<BatchRequest>| {
+                let released = Arc::clone(&released);
+                async move {
+                    let (lines, rx) = tokio::sync::mpsc::channel(8);
+                    tokio::spawn(async move {
+                        let line = |i: usize| {
+                            let result =
+                                BatchResult { status: 200, outcome: Some("confirmed".into()), error: None };
+                            let mut line = serde_json::to_vec(&AnswerLine { i, result }).unwrap_or_default();
+                            line.push(b'\n');
+                            (bytes::Bytes::from(line), true)
+                        };
+                        for (i, c) in req.calls.iter().enumerate().rev() {
+                            if c.gid.starts_with("ok") {
+                                let _ = lines.send(line(i)).await;
+                            }
+                        }
+                        released.notified().await;
+                        for (i, c) in req.calls.iter().enumerate() {
+                            if c.gid.starts_with("slow") {
+                                let _ = lines.send(line(i)).await;
+                            }
+                        }
+                    });
+                    let body = axum::body::Body::new(ndjson::Lines::new(rx, 0));
+                    ([(reqwest::header::CONTENT_TYPE, ndjson::CONTENT_TYPE)], body).into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let carrier = PhaseTwo {
+            url: format!("http://{addr}/op/batch").parse().unwrap_or_else(|e| panic!("{e}")),
+            client: build_client(&ClientConfig::default()).unwrap_or_else(|e| panic!("{e}")),
+            metrics: Arc::default(),
+        };
+        let gids = ["ok-0", "slow-1", "ok-2", "lost-3"];
+        let calls: Vec<BatchCall> = gids
+            .iter()
+            .map(|g| BatchCall {
+                gid: (*g).into(),
+                branch: "b".into(),
+                deadline: 1,
+                decision: Decision::Confirm,
+            })
+            .collect();
+        let (senders, mut receivers): (Vec<_>, Vec<_>) =
+            gids.iter().map(|_| tokio::sync::oneshot::channel()).unzip();
+        let sending = tokio::spawn(async move {
+            let mut replies: Vec<Option<Answer<PhaseTwo>>> = senders.into_iter().map(Some).collect();
+            let sent = carrier.send(calls, &mut replies).await;
+            (sent, replies.iter().map(Option::is_some).collect::<Vec<bool>>())
+        });
+        let answered =
+            |r: Result<Result<Reply<Result<(), CallError>>, _>, _>| matches!(r, Ok(Ok(Reply::Done(Ok(())))));
+        for i in [0, 2] {
+            let r = tokio::time::timeout(Duration::from_secs(60), &mut receivers[i]).await;
+            assert!(answered(r), "call {i} is answered while the slow one is not");
+        }
+        assert!(!sending.is_finished(), "the batch is still under way");
+        release.notify_one();
+        let r = tokio::time::timeout(Duration::from_secs(60), &mut receivers[1]).await;
+        assert!(answered(r), "the slow call is answered once its line comes");
+        let (sent, left) = sending.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sent, Ok(()));
+        // The call the answer ended without: left for the lane to fail as dropped in transit.
+        assert_eq!(left, vec![false, false, false, true]);
     }
 }
