@@ -51,6 +51,12 @@ pub struct Config {
     pub max_payload: usize,
     /// Longest branch target, in bytes.
     pub max_target: usize,
+    /// How long a finished (confirmed or cancelled) transaction is kept after it finished; `None`
+    /// keeps every one. Past it, the transaction is deleted in the background (a pass at least
+    /// every minute, see [`Coordinator::prune_finished`]): reading it finds nothing, and its id may
+    /// be taken again. Flagged and unfinished transactions are never deleted. Keep it longer than
+    /// any initiator may still ask about a transaction, or send a decision for it again.
+    pub retain_finished: Option<Duration>,
 }
 
 impl Default for Config {
@@ -66,6 +72,7 @@ impl Default for Config {
             max_branches: 128,
             max_payload: 1 << 20,
             max_target: 2048,
+            retain_finished: None,
         }
     }
 }
@@ -81,6 +88,9 @@ impl Config {
         }
         if self.max_rounds > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(Error::InvalidInput("max_rounds is too large".into()));
+        }
+        if self.retain_finished.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidInput("retain_finished must be positive".into()));
         }
         if self.poll_interval.is_zero() || self.claim_batch == 0 || self.max_rounds == 0 {
             return Err(Error::InvalidInput(
@@ -110,6 +120,9 @@ pub struct Stats {
     pub retries: u64,
     /// Transactions past their deadline cancelled by the sweep.
     pub expired: u64,
+    /// Finished transactions deleted past [`Config::retain_finished`] (or by
+    /// [`Coordinator::prune_finished`]).
+    pub pruned: u64,
 }
 
 /// A branch registered together with begin ([`Coordinator::begin_registered`]): what
@@ -134,6 +147,7 @@ pub(crate) struct Counters {
     pub(crate) phase_two_failures: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) expired: AtomicU64,
+    pub(crate) pruned: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -251,7 +265,20 @@ impl Coordinator {
         });
         let sched = inner.clone();
         inner.spawn(async move { sched.run_scheduler().await });
+        if let Some(retain) = inner.config.retain_finished {
+            let pruner = inner.clone();
+            inner.spawn(async move { pruner.run_pruner(retain).await });
+        }
         Ok(Coordinator { inner })
+    }
+
+    /// Deletes now every finished (confirmed or cancelled) transaction that finished more than
+    /// `older_than` ago, in one pass over the store: how many it deleted. Flagged and unfinished
+    /// transactions are never deleted; a deleted one is gone for good (reading it finds nothing,
+    /// its id may be taken again). With [`Config::retain_finished`] set, the engine runs such a
+    /// pass by itself, at least every minute.
+    pub async fn prune_finished(&self, older_than: Duration) -> Result<usize> {
+        self.inner.prune_pass(older_than).await
     }
 
     /// Begins a transaction that must be decided within `timeout`. `gid` lets a client choose the id
@@ -562,6 +589,7 @@ impl Coordinator {
             phase_two_failures: get(&c.phase_two_failures),
             retries: get(&c.retries),
             expired: get(&c.expired),
+            pruned: get(&c.pruned),
         }
     }
 

@@ -35,6 +35,12 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(ms))
     }
 
+    /// The instant `d` before `self`, saturating at the epoch.
+    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_sub(ms))
+    }
+
     /// How long from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))
@@ -244,7 +250,7 @@ impl TxState {
     }
 
     /// A one-byte code for store indexes; stable across versions.
-    pub fn code(self) -> u8 {
+    pub const fn code(self) -> u8 {
         match self {
             TxState::Trying => 1,
             TxState::Confirming => 2,

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::coordinator::Inner;
 use crate::error::{Error, Result};
@@ -17,6 +18,12 @@ use crate::state::{self, Context, Effect, Event, Transition};
 
 /// The fewest transactions a scheduler pass claims, even with every round slot taken.
 const MIN_CLAIM: usize = 16;
+
+/// Records one pruning call looks at before the pruner lets others run.
+const PRUNE_CHUNK: usize = 4096;
+
+/// The longest pause between two pruning passes.
+const MAX_PRUNE_PAUSE: Duration = Duration::from_secs(60);
 
 impl Inner {
     /// Runs until the coordinator stops.
@@ -43,6 +50,43 @@ impl Inner {
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    /// Deletes finished transactions older than `retain`, a pass every quarter of it (at least a
+    /// second, at most [`MAX_PRUNE_PAUSE`] apart), until the coordinator stops. The first pass runs
+    /// one pause after opening, so that it never competes with recovery.
+    pub(crate) async fn run_pruner(self: Arc<Self>, retain: Duration) {
+        let pause = (retain / 4).clamp(Duration::from_secs(1), MAX_PRUNE_PAUSE);
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.clock.sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+            if let Err(e) = self.prune_pass(retain).await {
+                tracing::error!(error = %e, "pruning finished transactions failed; trying again next pass");
+            }
+        }
+    }
+
+    /// One pass over the store deleting finished transactions that finished more than `older_than`
+    /// ago: how many it deleted.
+    pub(crate) async fn prune_pass(&self, older_than: Duration) -> Result<usize> {
+        let before = self.clock.now().saturating_sub(older_than);
+        let mut deleted = 0;
+        loop {
+            let pruned = self.store.prune_finished(before, PRUNE_CHUNK).await?;
+            deleted += pruned.deleted;
+            self.counters.pruned.fetch_add(pruned.deleted as u64, Ordering::Relaxed);
+            if !pruned.more {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, before = %before, "deleted finished transactions past their retention");
+        }
+        Ok(deleted)
     }
 
     /// Claims what is due, as much as there is room for in [`Config::max_rounds`](crate::Config),

@@ -855,3 +855,62 @@ async fn a_decision_on_a_stale_copy_is_judged_on_the_stored_record() {
     assert_eq!(again.state, TxState::Confirmed);
     assert_eq!(rig.mem.effects(&tx.gid, "flight").confirms, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_transactions_are_deleted_once_their_retention_has_passed_and_no_others() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    let mut rig = Rig::new().await;
+    rig.crash().await;
+    rig.open_with(tcc_core::Config { retain_finished: Some(HOUR), ..common::config() }).await;
+    let confirmed = rig.begin_with(&["flight"], MIN).await;
+    rig.tc().confirm(&confirmed).await.unwrap();
+    let cancelled = rig.begin_with(&["flight"], MIN).await;
+    rig.tc().cancel(&cancelled).await.unwrap();
+    rig.mem.set_fault("mem://hotel", Fault::Down);
+    let flagged = rig.begin_with(&["hotel"], MIN).await;
+    rig.tc().confirm(&flagged).await.unwrap();
+    for gid in [&confirmed, &cancelled, &flagged] {
+        rig.settle(gid).await;
+    }
+    assert_eq!(rig.tc().get(&flagged).await.unwrap().state, TxState::Flagged);
+    let trying = rig.begin_with(&["flight"], 10 * HOUR).await;
+    // Half the retention later (the pruner has run a pass by then): all still there.
+    let quarter = HOUR / 4;
+    for _ in 0..2 {
+        rig.clock.advance(quarter);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for gid in [&confirmed, &cancelled, &flagged, &trying] {
+        rig.tc().get(gid).await.unwrap();
+    }
+    assert_eq!(rig.tc().stats().pruned, 0);
+    // Past the retention: the finished ones go at the pruner's next pass.
+    let (c, x) = (confirmed.clone(), cancelled.clone());
+    let gone = rig
+        .run_until(quarter, 40, async move |tc: &tcc_core::Coordinator| {
+            matches!(tc.get(&c).await, Err(Error::NotFound(_)))
+                && matches!(tc.get(&x).await, Err(Error::NotFound(_)))
+        })
+        .await;
+    assert!(gone, "the finished transactions were never deleted");
+    assert_eq!(rig.tc().stats().pruned, 2);
+    assert_eq!(
+        rig.tc().get(&flagged).await.unwrap().state,
+        TxState::Flagged,
+        "flagged: kept for the operator"
+    );
+    assert_eq!(rig.tc().get(&trying).await.unwrap().state, TxState::Trying);
+    // An explicit pass with no retention at all still keeps what is not finished.
+    assert_eq!(rig.tc().prune_finished(Duration::ZERO).await.unwrap(), 0);
+    assert_eq!(rig.tc().count(TxState::Flagged).await.unwrap(), 1);
+    // A zero retention is refused.
+    rig.crash().await;
+    let refused = tcc_core::Coordinator::open(
+        std::sync::Arc::new(common::open_store(rig.dir.path()).await),
+        std::sync::Arc::new(rig.mem.clone()),
+        std::sync::Arc::new(rig.clock.clone()),
+        tcc_core::Config { retain_finished: Some(Duration::ZERO), ..common::config() },
+    )
+    .await;
+    assert!(matches!(refused, Err(Error::InvalidInput(_))), "{refused:?}");
+}

@@ -63,6 +63,21 @@ async fn a_schema_newer_than_this_build_is_refused() {
 }
 
 #[tokio::test]
+async fn a_version_1_schema_gets_the_index_of_finished_transactions_on_start() {
+    let Some(url) = pg::scratch_url().await else { return };
+    drop(PgStore::connect(&url).await.unwrap());
+    let db = pg::sql(&url).await;
+    let index = "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'tcc_tx_finished'";
+    // As a version-1 database was: no index of finished transactions.
+    db.batch_execute("DROP INDEX tcc_tx_finished; UPDATE tcc_schema SET version = 1").await.unwrap();
+    assert_eq!(db.query_one(index, &[]).await.unwrap().get::<_, i64>(0), 0);
+    drop(PgStore::connect(&url).await.unwrap());
+    assert_eq!(db.query_one(index, &[]).await.unwrap().get::<_, i64>(0), 1);
+    let version = db.query_one("SELECT version FROM tcc_schema", &[]).await.unwrap();
+    assert_eq!(version.get::<_, i32>(0), SCHEMA_VERSION);
+}
+
+#[tokio::test]
 async fn a_row_whose_columns_disagree_with_its_record_is_an_error() {
     let Some(url) = pg::scratch_url().await else { return };
     let s = PgStore::connect(&url).await.unwrap();

@@ -160,7 +160,73 @@ conformance!(
     a_damaged_record_is_reported_not_a_panic,
     group_commit_keeps_every_acknowledged_write_of_many_concurrent_writers,
     unsynced_writes_are_visible_at_once_and_durable_once_synced,
+    pruning_deletes_only_finished_transactions_older_than_the_cutoff,
 );
+
+async fn pruning_deletes_only_finished_transactions_older_than_the_cutoff(b: &dyn Backend) {
+    let s = b.open().await;
+    // `old` finished at 100, `recent` at 1,000; the cutoff is 500.
+    let at = |tx: Transaction, updated_at: u64| Transaction { updated_at: Timestamp(updated_at), ..tx };
+    let stored = |state: TxState, updated_at: u64| {
+        let tx = new_tx(10_000);
+        let tx = match state {
+            TxState::Confirmed | TxState::Cancelled => finished(&tx, state),
+            TxState::Trying => tx,
+            other => bump(&tx, |t| {
+                t.state = other;
+                t.decision = Some(Decision::Confirm);
+                t.due_at = (other != TxState::Flagged).then_some(Timestamp(20_000));
+            }),
+        };
+        at(tx, updated_at)
+    };
+    let old: Vec<Transaction> = (0..5)
+        .map(|i| stored(if i % 2 == 0 { TxState::Confirmed } else { TxState::Cancelled }, 100))
+        .collect();
+    let kept = vec![
+        stored(TxState::Confirmed, 1_000),
+        stored(TxState::Cancelled, 500),
+        stored(TxState::Flagged, 100),
+        stored(TxState::Trying, 100),
+        stored(TxState::Confirming, 100),
+        stored(TxState::Cancelling, 100),
+    ];
+    for tx in old.iter().chain(&kept) {
+        s.insert(tx).await.unwrap();
+    }
+    // Two records a call: the pass takes several calls, and deletes every old one.
+    let (mut deleted, mut calls) = (0, 0);
+    loop {
+        let pruned = s.prune_finished(Timestamp(500), 2).await.unwrap();
+        deleted += pruned.deleted;
+        calls += 1;
+        assert!(calls <= 100, "the pass never ends");
+        if !pruned.more {
+            break;
+        }
+    }
+    assert_eq!(deleted, old.len());
+    for tx in &old {
+        assert_eq!(s.get(&tx.gid).await.unwrap(), None, "{:?} finished before the cutoff", tx.state);
+    }
+    for tx in &kept {
+        assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(tx), "{:?} at {}", tx.state, tx.updated_at);
+    }
+    assert_eq!(s.count(TxState::Confirmed).await.unwrap(), 1);
+    assert_eq!(s.count(TxState::Cancelled).await.unwrap(), 1);
+    // The next pass finds nothing more; a deleted id may be taken again.
+    let again = s.prune_finished(Timestamp(500), 1_000).await.unwrap();
+    assert_eq!((again.deleted, again.more), (0, false));
+    let reused = Transaction { gid: old[0].gid.clone(), ..new_tx(10_000) };
+    s.insert(&reused).await.unwrap();
+    assert_eq!(s.get(&reused.gid).await.unwrap(), Some(reused));
+    // Gone for good: not back after a restart (once synced).
+    s.sync().await.unwrap();
+    drop(s);
+    let s = b.reopen().await;
+    assert_eq!(s.get(&old[1].gid).await.unwrap(), None);
+    assert_eq!(s.count(TxState::Confirmed).await.unwrap(), 1);
+}
 
 fn new_tx(deadline: u64) -> Transaction {
     let mut tx = tcc_core::state::begin(Gid::generate(), Timestamp(0), Timestamp(deadline));

@@ -134,6 +134,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "tcc_pruned_total",
+            "Finished transactions deleted past their retention.",
+            &[("", stats.pruned)],
+        );
+        counter(
+            &mut out,
             "tcc_phase_two_calls_total",
             "Phase-two calls to participants, by result.",
             &[

@@ -45,6 +45,37 @@ pub fn decode(bytes: &[u8]) -> Result<Transaction> {
     }
 }
 
+/// The start of a record in either format: the fields every format begins with, in order.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    _gid: &'a str,
+    state: TxState,
+    _decision: Option<Decision>,
+    _created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+/// The state of a record and when it last changed, read without decoding the rest (what pruning
+/// finished transactions looks at, over the whole history).
+///
+/// ```
+/// use tcc_core::store::codec::{encode, state_and_updated_at};
+/// let tx = tcc_core::state::begin(tcc_core::Gid::generate(), tcc_core::Timestamp(7), tcc_core::Timestamp(9));
+/// assert_eq!(state_and_updated_at(&encode(&tx).unwrap()).unwrap(), (tx.state, tx.updated_at));
+/// ```
+pub fn state_and_updated_at(bytes: &[u8]) -> Result<(TxState, Timestamp)> {
+    let damaged = |e: postcard::Error| Error::Storage(format!("damaged transaction record: {e}"));
+    match bytes.split_first() {
+        Some((&(FORMAT_V1 | FORMAT_V2), body)) => {
+            let (head, _) = postcard::take_from_bytes::<Head<'_>>(body).map_err(damaged)?;
+            Ok((head.state, head.updated_at))
+        }
+        Some((other, _)) => Err(Error::Storage(format!("unknown transaction record format {other}"))),
+        None => Err(Error::Storage("empty transaction record".to_owned())),
+    }
+}
+
 /// The format-1 layout: [`Transaction`] without `options`. Field order is the encoding: never
 /// change it.
 #[derive(Serialize, Deserialize)]

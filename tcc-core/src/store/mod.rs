@@ -45,6 +45,15 @@ pub const MAX_PAGE: usize = 1_000;
 /// What [`Store::claim_due_with`] calls on each claimed transaction.
 pub type ClaimChange<'a> = dyn for<'t> Fn(&'t Transaction) -> Option<Transaction> + Send + Sync + 'a;
 
+/// What one [`Store::prune_finished`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Finished transactions deleted.
+    pub deleted: usize,
+    /// Whether the store has more to look at (call again); `false` once a whole pass is done.
+    pub more: bool,
+}
+
 /// The result of a [`Store::compare_and_set`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cas {
@@ -167,4 +176,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Waits until every change made so far is durable.
     async fn sync(&self) -> Result<()>;
+
+    /// Deletes finished transactions (confirmed or cancelled; never an unfinished or flagged one)
+    /// last changed before `before`, working through at most about `limit` records per call: how
+    /// many it deleted, and whether to call again for the rest of the pass. A pass that starts
+    /// after a transaction was eligible deletes it. The deletions need not be durable when it
+    /// returns (a crash may bring some back, for the next pass). A deleted transaction is gone: a
+    /// read finds nothing, and its id may be taken again.
+    ///
+    /// The default deletes nothing: a store that keeps all history.
+    async fn prune_finished(&self, before: Timestamp, limit: usize) -> Result<Pruned> {
+        let _ = (before, limit);
+        Ok(Pruned::default())
+    }
 }

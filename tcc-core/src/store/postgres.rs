@@ -80,16 +80,17 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::codec::{decode, encode};
-use super::{Cas, ListQuery, MAX_PAGE, Page, Store};
+use super::{Cas, ListQuery, MAX_PAGE, Page, Pruned, Store};
 use crate::error::{Error, Result};
 use crate::join::join_all;
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// `MIGRATIONS[i]` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
 CREATE TABLE tcc_tx (
     gid         text COLLATE "C" PRIMARY KEY,
     state       smallint NOT NULL,
@@ -101,7 +102,15 @@ CREATE TABLE tcc_tx (
 );
 CREATE INDEX tcc_tx_due ON tcc_tx (due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX tcc_tx_state ON tcc_tx (state, gid);
-"#];
+"#,
+    // Finished (confirmed: 3, cancelled: 5) transactions by when they finished, for pruning.
+    r#"
+CREATE INDEX tcc_tx_finished ON tcc_tx (updated_at) WHERE state IN (3, 5);
+"#,
+];
+
+// The codes the index above names.
+const _: () = assert!(TxState::Confirmed.code() == 3 && TxState::Cancelled.code() == 5);
 
 const COLUMNS: &str = "gid, state, version, due_at, lease_owner, record";
 
@@ -269,6 +278,7 @@ struct Statements {
     list_state: Statement,
     count: Statement,
     claim: Statement,
+    prune: Statement,
     insert: Statement,
     cas: Statement,
     write_many: Statement,
@@ -301,6 +311,13 @@ upd AS (
 SELECT gid FROM ins UNION ALL SELECT gid FROM upd
 "#;
 
+/// Deletes up to `$2` finished transactions last changed before `$1`, oldest first (through the
+/// `tcc_tx_finished` index); rows another coordinator is deleting are skipped.
+const PRUNE: &str = "DELETE FROM tcc_tx WHERE gid IN (
+        SELECT gid FROM tcc_tx WHERE state IN (3, 5) AND updated_at < $1
+        ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED
+    ) AND state IN (3, 5)";
+
 fn claim_sql() -> String {
     let working =
         [TxState::Trying, TxState::Confirming, TxState::Cancelling].map(|s| s.code().to_string()).join(", ");
@@ -325,12 +342,13 @@ impl Statements {
         let list_state =
             format!("SELECT {COLUMNS} FROM tcc_tx WHERE state = $1 AND gid > $2 ORDER BY gid LIMIT $3");
         let claim = claim_sql();
-        let (get, list_all, list_state, count, claim, insert, cas, write_many) = tokio::try_join!(
+        let (get, list_all, list_state, count, claim, prune, insert, cas, write_many) = tokio::try_join!(
             client.prepare(&get),
             client.prepare(&list_all),
             client.prepare(&list_state),
             client.prepare("SELECT count(*) FROM tcc_tx WHERE state = $1"),
             client.prepare(&claim),
+            client.prepare(PRUNE),
             client.prepare(
                 "INSERT INTO tcc_tx (gid, state, version, due_at, lease_owner, updated_at, record)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (gid) DO NOTHING"
@@ -342,7 +360,7 @@ impl Statements {
             ),
             client.prepare(WRITE_MANY),
         )?;
-        Ok(Statements { get, list_all, list_state, count, claim, insert, cas, write_many })
+        Ok(Statements { get, list_all, list_state, count, claim, prune, insert, cas, write_many })
     }
 }
 
@@ -1118,6 +1136,15 @@ impl Store for PgStore {
             .await?;
         let n: i64 = row.try_get(0).map_err(|e| pg_error("count", &e))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn prune_finished(&self, before: Timestamp, limit: usize) -> Result<Pruned> {
+        let (before, n) = (ms(before), limit_param(limit.max(1)));
+        let deleted = self
+            .read("prune", false, |s| async move { s.client.execute(&s.st.prune, &[&before, &n]).await })
+            .await?;
+        let deleted = usize::try_from(deleted).unwrap_or(usize::MAX);
+        Ok(Pruned { deleted, more: deleted >= limit.max(1) })
     }
 
     async fn sync(&self) -> Result<()> {

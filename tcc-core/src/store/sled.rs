@@ -33,15 +33,16 @@
 //! open the directory (sled locks it).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use sled::{CompareAndSwapError, IVec, Tree};
 
-use super::codec::{decode, encode};
+use super::codec::{decode, encode, state_and_updated_at};
 use super::group_commit::GroupCommit;
-use super::{Cas, ClaimChange, ListQuery, MAX_PAGE, Page, Store};
+use super::{Cas, ClaimChange, ListQuery, MAX_PAGE, Page, Pruned, Store};
 use crate::error::{Error, Result};
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
@@ -85,6 +86,9 @@ pub struct SledStore {
     /// Live records that do not decode, already reported: skipped by claims (one damaged record
     /// must not stall recovery of the others) and logged once, not every poll.
     damaged: Mutex<HashSet<Gid>>,
+    /// How far the pruning pass over `tcc_done` has come: the last key it looked at (`None`: the
+    /// next call starts a pass).
+    pruned_to: Mutex<Option<IVec>>,
 }
 
 /// Where a record is kept.
@@ -185,8 +189,16 @@ impl SledStore {
         let commit =
             GroupCommit::start("tcc-store", move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
-        let store =
-            SledStore { db, live, done, commit, stripes, index: Mutex::default(), damaged: Mutex::default() };
+        let store = SledStore {
+            db,
+            live,
+            done,
+            commit,
+            stripes,
+            index: Mutex::default(),
+            damaged: Mutex::default(),
+            pruned_to: Mutex::default(),
+        };
         store.migrate()?;
         store.load()?;
         Ok(store)
@@ -683,6 +695,36 @@ impl Store for SledStore {
 
     async fn sync(&self) -> Result<()> {
         self.commit.durable().await
+    }
+
+    /// Walks `tcc_done` in key order, `limit` records a call, from where the last call stopped,
+    /// reading only the start of each record. A record that does not decode is left alone.
+    async fn prune_finished(&self, before: Timestamp, limit: usize) -> Result<Pruned> {
+        let limit = limit.max(1);
+        let from = lock(&self.pruned_to).clone();
+        let records = match &from {
+            Some(key) => self.done.range::<&[u8], _>((Bound::Excluded(key.as_ref()), Bound::Unbounded)),
+            None => self.done.iter(),
+        };
+        let (mut seen, mut deleted, mut last) = (0, 0, None);
+        for record in records.take(limit) {
+            let (key, bytes) = record?;
+            seen += 1;
+            if let Ok((state, updated_at)) = state_and_updated_at(&bytes) {
+                // Only a record that is still the one read goes (finished records do not change,
+                // so this is a belt over the braces).
+                if state.is_final()
+                    && updated_at < before
+                    && self.done.compare_and_swap(&key, Some(&bytes), None as Option<IVec>)?.is_ok()
+                {
+                    deleted += 1;
+                }
+            }
+            last = Some(key);
+        }
+        let more = seen == limit;
+        *lock(&self.pruned_to) = if more { last } else { None };
+        Ok(Pruned { deleted, more })
     }
 }
 

@@ -164,13 +164,18 @@ impl Rig {
     }
 
     pub async fn open(&mut self) {
+        self.open_with(config()).await;
+    }
+
+    /// Opens the engine with `config` (after a [`crash`](Rig::crash), or on a new rig).
+    pub async fn open_with(&mut self, config: Config) {
         assert!(self.tc.is_none());
         let store = open_store(self.dir.path()).await;
         let tc = Coordinator::open(
             Arc::new(store),
             Arc::new(self.mem.clone()),
             Arc::new(self.clock.clone()),
-            config(),
+            config,
         )
         .await
         .unwrap();

@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The tcc Try-Confirm-Cancel transaction coordinator.
 ///
 /// Serves the native JSON API (/v1, described at /openapi.json), the DTM-compatible API
-/// (/api/dtmsvr), /healthz, /readyz and /metrics. Durations take a unit: 500ms, 30s, 5m, 1h.
+/// (/api/dtmsvr), /healthz, /readyz and /metrics. Durations take a unit: 500ms, 30s, 5m, 1h, 7d.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -83,23 +83,28 @@ struct Args {
     /// backlog beyond it waits its turn.
     #[arg(long, env = "TCC_MAX_ROUNDS", default_value_t = 1024)]
     max_rounds: usize,
+    /// Delete finished (confirmed or cancelled) transactions this long after they finished, e.g. 7d
+    /// (default: keep them all). Flagged and unfinished ones are never deleted.
+    #[arg(long, env = "TCC_RETAIN_FINISHED", value_parser = parse_duration)]
+    retain_finished: Option<Duration>,
     /// This process's name in leases (must differ between processes sharing a store).
     #[arg(long, env = "TCC_OWNER")]
     owner: Option<String>,
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
+/// Parses `250ms`, `30s`, `5m`, `1h`, `7d` (a bare number is seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m, 1h or 7d"))?;
     let ms = match unit {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     };
     ms.map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
 }
@@ -119,10 +124,14 @@ fn launch(args: Args) -> Result<Launch, String> {
         lease: args.lease,
         max_timeout: args.max_timeout,
         max_rounds: args.max_rounds,
+        retain_finished: args.retain_finished,
         ..tcc_core::Config::default()
     };
     if let Some(owner) = args.owner {
         core.owner = owner;
+    }
+    if args.retain_finished.is_some_and(|d| d.is_zero()) {
+        return Err("--retain-finished must be positive (leave it out to keep every transaction)".into());
     }
     if args.default_timeout.is_zero() || args.default_timeout > args.max_timeout {
         return Err("--default-timeout must be positive and not above --max-timeout".into());
@@ -248,7 +257,8 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "ms", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "ms", "1w", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -277,6 +287,10 @@ mod tests {
         assert!(parse(&["--allow-participant", "ftp://x/"]).is_err());
         assert!(parse(&["--default-timeout", "48h"]).is_err());
         assert!(parse(&["--call-timeout", "soon"]).is_err());
+        assert!(parse(&["--retain-finished", "0s"]).is_err());
+        let kept = |extra: &[&str]| parse(extra).map(|l| l.core.retain_finished);
+        assert_eq!(kept(&[]), Ok(None));
+        assert_eq!(kept(&["--retain-finished", "7d"]), Ok(Some(Duration::from_secs(7 * 86_400))));
     }
 
     #[test]
