@@ -59,6 +59,12 @@ impl Lines {
     pub(crate) fn new(rx: mpsc::Receiver<(Bytes, bool)>, quick: usize) -> Lines {
         Lines { rx, ready: Vec::new(), yielded: false, quick }
     }
+
+    /// The body of `first`, then of the lines sent on `rx`: `first` goes in the first frame at
+    /// once (with whatever else is there by then), so that it leaves with the answer's head.
+    pub(crate) fn starting_with(rx: mpsc::Receiver<(Bytes, bool)>, first: Bytes) -> Lines {
+        Lines { rx, ready: first.to_vec(), yielded: true, quick: 0 }
+    }
 }
 
 impl http_body::Body for Lines {
@@ -166,6 +172,18 @@ mod tests {
         tx.send((Bytes::from_static(b"e\n"), true)).await.unwrap_or_else(|_| unreachable!());
         drop(tx);
         assert_eq!(poll(&mut body), Poll::Ready(Some(b"e\n".to_vec())));
+        assert_eq!(poll(&mut body), Poll::Ready(None));
+    }
+
+    #[tokio::test]
+    async fn a_first_line_given_goes_at_once_and_later_lines_as_they_come() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = Lines::starting_with(rx, Bytes::from_static(b"a\n"));
+        assert_eq!(poll(&mut body), Poll::Ready(Some(b"a\n".to_vec())), "no yield before the first frame");
+        assert_eq!(poll(&mut body), Poll::Pending);
+        tx.send((Bytes::from_static(b"b\n"), true)).await.unwrap_or_else(|_| unreachable!());
+        drop(tx);
+        assert_eq!(poll(&mut body), Poll::Ready(Some(b"b\n".to_vec())));
         assert_eq!(poll(&mut body), Poll::Ready(None));
     }
 }

@@ -59,7 +59,8 @@
 //! - `application/x-ndjson`: one [`AnswerLine`] per call, `{"i": INDEX, ...result}` and a newline,
 //!   in the order the calls finish, each written once what its call changed is on disk. The tcc
 //!   participant runtime answers so whenever the request accepts it: one slow business method then
-//!   holds up its own call's answer only. A call the stream ends without answering fails as a
+//!   holds up its own call's answer only. (It holds lines up to 10 ms for the rest of their batch,
+//!   so that a batch finishing together goes in one write, with the answer's head.) A call the stream ends without answering fails as a
 //!   call whose batch failed in transit; a line that does not decode, answers a call the batch
 //!   does not have, or answers one twice is read as an answer that is not a batch answer.
 
