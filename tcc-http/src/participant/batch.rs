@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,15 @@ use crate::protocol::{AnswerLine, BatchRequest, BatchResult, MAX_BATCH_CALLS};
 /// One call of a batch (a phase-two call, or a try with its request): how it runs on each kind of
 /// operation, exactly as its single call would.
 pub(super) trait Batched: Send + 'static {
+    /// What the answer says of one call: [`BatchResult`] or [`TryResult`](crate::protocol::TryResult).
+    type Result: Serialize + Send + 'static;
+
+    /// What the calls are, for the log.
+    const KIND: &'static str;
+
+    /// The call's result in the answer, from what came of it.
+    fn result(done: Result<Done, ApiError>) -> Self::Result;
+
     /// Runs on a synchronous operation, on the calling thread (the blocking pool): what the barrier
     /// said, or an answer given without touching the barrier (`Err`: a request the operation
     /// refuses).
@@ -57,6 +67,20 @@ pub(super) trait Batched: Send + 'static {
 }
 
 impl Batched for Phase {
+    type Result = BatchResult;
+    const KIND: &'static str = "phase-two call";
+
+    fn result(done: Result<Done, ApiError>) -> BatchResult {
+        match done {
+            Ok(done) => BatchResult {
+                status: StatusCode::OK.as_u16(),
+                outcome: Some(done.outcome().to_owned()),
+                error: None,
+            },
+            Err(e) => BatchResult { status: e.status.as_u16(), outcome: None, error: Some(e.body()) },
+        }
+    }
+
     fn run_sync(
         self,
         barrier: &SledBarrier,
@@ -89,8 +113,7 @@ const HOLD: Duration = Duration::from_millis(10);
 type Ran = (usize, Result<Done, ApiError>, bool);
 
 /// Runs the calls of a batch for operation `name` as their single calls would run, and answers
-/// each once the flush that covers what it did is done. `result` turns what came of a call into
-/// its result in the answer.
+/// each once the flush that covers what it did is done, with its [`Batched::result`].
 ///
 /// On a synchronous operation the calls run one after the other on the blocking pool, each in its
 /// own barrier transaction, a panicking business method failing its own call only (500); on an
@@ -102,19 +125,13 @@ type Ran = (usize, Result<Done, ApiError>, bool);
 /// they finish, those finished together after one flush in one write; so one slow call holds up no
 /// other's answer. Otherwise it is one JSON object, `{"results": [...]}`, in the batch's order,
 /// once every call is done.
-pub(super) async fn run<C, R, F>(
+pub(super) async fn run<C: Batched>(
     participant: Arc<Participant>,
     name: String,
     registered: Registered,
     calls: Vec<(Ids, C)>,
     stream: bool,
-    result: F,
-) -> Response
-where
-    C: Batched,
-    R: Serialize + Send + 'static,
-    F: Fn(&Ids, Result<Done, ApiError>) -> R + Send + Sync + 'static,
-{
+) -> Response {
     let ids: Vec<Ids> = calls.iter().map(|(ids, _)| ids.clone()).collect();
     let (done, ran) = mpsc::unbounded_channel::<Ran>();
     match registered {
@@ -147,7 +164,7 @@ where
         }
     }
     drop(done);
-    let answer = Answer { participant, ids, ran, result };
+    let answer = Answer::<C> { participant, ids, ran, calls: PhantomData };
     if stream {
         let (lines, mut rx) = mpsc::channel(answer.ids.len().max(1));
         tokio::spawn(answer.stream(lines));
@@ -189,12 +206,12 @@ fn run_sync<C: Batched>(
     }
 }
 
-/// What answers a batch: the calls' ids, and where the calls send what came of them.
-struct Answer<F> {
+/// What answers a batch of `C` calls: the calls' ids, and where the calls send what came of them.
+struct Answer<C> {
     participant: Arc<Participant>,
     ids: Vec<Ids>,
     ran: mpsc::UnboundedReceiver<Ran>,
-    result: F,
+    calls: PhantomData<fn() -> C>,
 }
 
 /// What came from the calls of a batch.
@@ -207,7 +224,7 @@ enum Ready {
     Ended,
 }
 
-impl<R: Serialize, F: Fn(&Ids, Result<Done, ApiError>) -> R> Answer<F> {
+impl<C: Batched> Answer<C> {
     /// Waits for calls done, until `due` if given.
     async fn ready(&mut self, due: Option<tokio::time::Instant>) -> Ready {
         let first = match due {
@@ -227,7 +244,7 @@ impl<R: Serialize, F: Fn(&Ids, Result<Done, ApiError>) -> R> Answer<F> {
 
     /// The results of calls done, after the flush that covers them (none is needed for none). A
     /// failed flush fails the calls that needed it (503, as their single calls would).
-    async fn flushed(&self, ready: Vec<Ran>) -> Vec<(usize, R)> {
+    async fn flushed(&self, ready: Vec<Ran>) -> Vec<(usize, C::Result)> {
         let flushed = match ready.iter().any(|(_, _, flush)| *flush) {
             true => self.participant.durable().await.map_err(|e| e.to_string()),
             false => Ok(()),
@@ -239,17 +256,30 @@ impl<R: Serialize, F: Fn(&Ids, Result<Done, ApiError>) -> R> Answer<F> {
                     (Err(e), true) => Err(not_flushed(e.clone())),
                     _ => done,
                 };
-                Some((i, (self.result)(self.ids.get(i)?, done)))
+                Some((i, Self::result(self.ids.get(i)?, done)))
             })
             .collect()
     }
 
     /// The result of a call whose task ended without answering (it cannot, short of a bug: every
     /// panic of a business method is caught and answered).
-    fn lost(&self, i: usize) -> Option<R> {
+    fn lost(&self, i: usize) -> Option<C::Result> {
         let ids = self.ids.get(i)?;
         error!(gid = %ids.gid, branch = %ids.branch, "participant batch call ended without an answer");
-        Some((self.result)(ids, Err(panicked())))
+        Some(Self::result(ids, Err(panicked())))
+    }
+
+    /// The result of the call `ids` in the answer, logged.
+    fn result(ids: &Ids, done: Result<Done, ApiError>) -> C::Result {
+        match &done {
+            Ok(done) => {
+                debug!(gid = %ids.gid, branch = %ids.branch, outcome = done.outcome(), "participant {} (batched)", C::KIND)
+            }
+            Err(e) => {
+                debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant {} not done (batched)", C::KIND)
+            }
+        }
+        C::result(done)
     }
 
     /// Sends the answer lines on `lines` as calls finish: the calls done wait up to [`HOLD`] for
@@ -308,13 +338,14 @@ impl<R: Serialize, F: Fn(&Ids, Result<Done, ApiError>) -> R> Answer<F> {
         while let Ready::Calls(ready) = self.ready(None).await {
             done.extend(ready);
         }
-        let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(self.ids.len()).collect();
+        let mut slots: Vec<Option<C::Result>> =
+            std::iter::repeat_with(|| None).take(self.ids.len()).collect();
         for (i, r) in self.flushed(done).await {
             if let Some(slot) = slots.get_mut(i) {
                 *slot = Some(r);
             }
         }
-        let results: Vec<R> =
+        let results: Vec<C::Result> =
             slots.into_iter().enumerate().filter_map(|(i, r)| r.or_else(|| self.lost(i))).collect();
         (StatusCode::OK, Json(Whole { results })).into_response()
     }
@@ -346,19 +377,7 @@ pub(super) async fn serve(
     body: Bytes,
     stream: bool,
 ) -> Result<Response, ApiError> {
-    let calls = parse(&body)?;
-    let result = |ids: &Ids, done: Result<Done, ApiError>| match done {
-        Ok(done) => {
-            let outcome = done.outcome();
-            debug!(gid = %ids.gid, branch = %ids.branch, outcome, "participant phase-two call (batched)");
-            BatchResult { status: StatusCode::OK.as_u16(), outcome: Some(outcome.to_owned()), error: None }
-        }
-        Err(e) => {
-            debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant phase-two call not done (batched)");
-            BatchResult { status: e.status.as_u16(), outcome: None, error: Some(e.body()) }
-        }
-    };
-    Ok(run(participant, name, registered, calls, stream, result).await)
+    Ok(run(participant, name, registered, parse(&body)?, stream).await)
 }
 
 /// The calls of a batch, numbered, grouped by branch (each group in the batch's order).

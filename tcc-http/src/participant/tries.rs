@@ -12,7 +12,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::response::Response;
 use tcc_core::barrier::{BarrierError, SledBarrier};
-use tracing::debug;
 
 use super::batch::{Batched, batched_ids, run, within_limit};
 use super::staged_calls::ErasedAsync;
@@ -27,6 +26,16 @@ use crate::protocol::{TryBatch, TryResult};
 struct TryRequest(Bytes);
 
 impl Batched for TryRequest {
+    type Result = TryResult;
+    const KIND: &'static str = "try";
+
+    fn result(done: Result<Done, ApiError>) -> TryResult {
+        match done {
+            Ok(done) => TryResult::done(done.into_result()),
+            Err(e) => TryResult { status: e.status.as_u16(), body: None, bytes: None, error: Some(e.body()) },
+        }
+    }
+
     fn run_sync(
         self,
         barrier: &SledBarrier,
@@ -59,19 +68,7 @@ pub(super) async fn serve(
     body: Bytes,
     stream: bool,
 ) -> Result<Response, ApiError> {
-    let tries = parse(&body)?;
-    let result = |ids: &Ids, done: Result<Done, ApiError>| match done {
-        Ok(done) => {
-            let outcome = done.outcome();
-            debug!(gid = %ids.gid, branch = %ids.branch, outcome, "participant try (batched)");
-            TryResult::done(done.into_result())
-        }
-        Err(e) => {
-            debug!(gid = %ids.gid, branch = %ids.branch, code = e.code, "participant try not done (batched)");
-            TryResult { status: e.status.as_u16(), body: None, bytes: None, error: Some(e.body()) }
-        }
-    };
-    Ok(run(participant, name, registered, tries, stream, result).await)
+    Ok(run(participant, name, registered, parse(&body)?, stream).await)
 }
 
 /// The tries of a batch body, each with its ids checked as its single try's headers would be; the
