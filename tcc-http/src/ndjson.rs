@@ -17,20 +17,24 @@ pub(crate) const CONTENT_TYPE: &str = "application/x-ndjson";
 /// The `Accept` header of a batch request: a streamed answer, or a whole one.
 pub(crate) const ACCEPT: &str = "application/x-ndjson, application/json";
 
+/// Whether `media` (a content type or one entry of `Accept`, parameters and all) names
+/// [`CONTENT_TYPE`].
+fn names_ndjson(media: &str) -> bool {
+    media.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(CONTENT_TYPE))
+}
+
 /// Whether `res` is a streamed batch answer (by its content type).
 pub(crate) fn is_ndjson(res: &reqwest::Response) -> bool {
-    res.headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(CONTENT_TYPE))
+    res.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(names_ndjson)
 }
 
 /// Whether a request's `Accept` header takes a streamed batch answer.
 pub(crate) fn accepted(headers: &http::HeaderMap) -> bool {
-    headers.get_all(http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(CONTENT_TYPE)))
-    })
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(names_ndjson))
 }
 
 /// An answer's body: the lines as they come; ends when every sender is gone. Each line comes with
