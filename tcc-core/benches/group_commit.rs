@@ -97,12 +97,12 @@ fn main() {
 /// Group commit around bare sled writes: a two-tree transaction (`txn`) or a single insert.
 async fn raw(writers: usize, secs: f64, txn: bool) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = sled::open(dir.path()).expect("sled");
+    let db = tcc_core::DurableDb::open(dir.path()).expect("sled");
     let t1 = db.open_tree("a").expect("t");
     let t2 = db.open_tree("b").expect("t");
     let fdb = db.clone();
     let gc = tcc_core::store::group_commit::GroupCommit::start("x", move || {
-        fdb.flush().map(|_| ()).map_err(|e| e.to_string())
+        fdb.flush().map_err(|e| e.to_string())
     })
     .expect("gc");
     let done = Arc::new(AtomicU64::new(0));

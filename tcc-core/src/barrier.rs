@@ -49,6 +49,7 @@ use sled::{Transactional, Tree};
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
+use crate::durable::DurableDb;
 use crate::model::{BranchId, Gid, Timestamp};
 
 /// Name of the sled tree holding one [`BarrierRecord`] per (global id, branch id).
@@ -572,7 +573,8 @@ pub type FlushHook = Arc<dyn Fn() -> Result<(), Box<dyn std::error::Error + Send
 /// crash would otherwise forget a confirm the coordinator counts as done.
 #[derive(Clone, Default)]
 pub enum Durability {
-    /// Each try, confirm and cancel calls `sled::Db::flush` before it returns, so `Ok` means on disk.
+    /// Each try, confirm and cancel calls [`DurableDb::flush`] (sled's flush, then `fdatasync`) before
+    /// it returns, so `Ok` means on stable storage.
     /// Duplicates and refusals flush too, because what they reply is based on a record that a
     /// concurrent call may have committed but not flushed yet. Simple; about one fsync per call.
     #[default]
@@ -581,7 +583,7 @@ pub enum Durability {
     /// shared with other writers to the same database, so concurrent calls share one fsync.
     Hook(FlushHook),
     /// Operations return once committed in memory; the caller must call [`SledBarrier::flush`] (or
-    /// flush the database some other way) before acknowledging anything.
+    /// [`DurableDb::flush`] on the same database) before acknowledging anything.
     Deferred,
 }
 
@@ -614,7 +616,7 @@ impl fmt::Debug for Durability {
 /// use tcc_core::{BranchId, Clock, Gid, SystemClock};
 /// use tcc_core::barrier::{CancelOutcome, ConfirmOutcome, SledBarrier};
 ///
-/// let db = sled::Config::new().temporary(true).open()?;
+/// let db = tcc_core::DurableDb::temporary()?;
 /// let seats = db.open_tree("seats")?;
 /// let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 /// let barrier = SledBarrier::open(&db, vec![seats.clone()], clock.clone(), Duration::from_secs(60))?;
@@ -650,7 +652,7 @@ impl fmt::Debug for Durability {
 /// ```
 #[derive(Clone)]
 pub struct SledBarrier {
-    db: sled::Db,
+    db: DurableDb,
     barrier: Tree,
     expiry: Tree,
     /// [barrier, expiry, business...]: the trees every operation's transaction covers.
@@ -696,7 +698,7 @@ impl SledBarrier {
     /// long after a try's deadline the participant waits for confirm or cancel before releasing the
     /// reservation itself; it should cover the coordinator's phase-two retries.
     pub fn open(
-        db: &sled::Db,
+        db: &DurableDb,
         business: Vec<Tree>,
         clock: Arc<dyn Clock>,
         grace: Duration,
@@ -736,7 +738,7 @@ impl SledBarrier {
 
     /// The database the barrier lives in (for [`sled::Db::generate_id`], say).
     pub fn db(&self) -> &sled::Db {
-        &self.db
+        self.db.db()
     }
 
     /// The business trees given to [`open`](SledBarrier::open), in that order.
@@ -975,17 +977,15 @@ impl SledBarrier {
         self.expiry.len()
     }
 
-    /// Flushes the database: for [`Durability::Deferred`], call this before acknowledging.
+    /// Makes every change so far durable ([`DurableDb::flush`]: sled's flush, then `fdatasync`): for
+    /// [`Durability::Deferred`], call this before acknowledging.
     pub fn flush(&self) -> Result<(), BarrierError> {
-        self.db.flush()?;
-        Ok(())
+        self.db.flush().map_err(|e| BarrierError::NotFlushed(Box::new(e)))
     }
 
     fn make_durable<E>(&self) -> Result<(), BarrierError<E>> {
         match &self.durability {
-            Durability::FlushEachOp => {
-                self.db.flush().map_err(|e| BarrierError::NotFlushed(Box::new(e)))?;
-            }
+            Durability::FlushEachOp => self.db.flush().map_err(|e| BarrierError::NotFlushed(Box::new(e)))?,
             Durability::Hook(hook) => hook().map_err(BarrierError::NotFlushed)?,
             Durability::Deferred => {}
         }

@@ -5,6 +5,7 @@
 //! - [`model`]: global transaction ids, branches, states and deadlines;
 //! - [`state`]: every transition of a transaction, as one pure function of (state, event);
 //! - [`Store`] with [`SledStore`], the embedded durable log with group commit;
+//! - [`DurableDb`]: a sled database whose flush reaches stable storage (fdatasync), for the store and the barrier;
 //! - [`Coordinator`]: the engine that records decisions and drives every branch to them;
 //! - [`Transport`](transport::Transport): the seam through which the engine calls participants (HTTP lives in `tcc-http`);
 //! - [`barrier`]: the participant-side barrier against duplicate calls, empty cancels and suspended tries;
@@ -13,6 +14,7 @@
 
 pub mod barrier;
 pub mod clock;
+pub mod durable;
 pub mod error;
 pub mod join;
 pub mod model;
@@ -20,6 +22,7 @@ pub mod state;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use durable::DurableDb;
 pub use error::{Error, Result};
 pub use model::{Branch, BranchId, BranchState, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
 pub mod coordinator;

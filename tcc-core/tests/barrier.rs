@@ -13,7 +13,7 @@ use tcc_core::barrier::{
     BARRIER_TREE, BarrierError, BarrierState, BusinessTx, CancelOutcome, ConfirmOutcome, Durability,
     EXPIRY_TREE, Refusal, SledBarrier, TryOutcome,
 };
-use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
+use tcc_core::{BranchId, Clock, DurableDb, Gid, ManualClock, Timestamp};
 
 type TestResult = Result<(), Box<dyn Error>>;
 type Biz<T> = ConflictableTransactionResult<T, String>;
@@ -23,7 +23,7 @@ const TTL: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(5);
 
 struct Fixture {
-    db: sled::Db,
+    db: DurableDb,
     biz: sled::Tree,
     clock: ManualClock,
     barrier: SledBarrier,
@@ -31,11 +31,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let db = sled::Config::new().temporary(true).open().expect("temporary sled db");
+        let db = DurableDb::temporary().expect("temporary sled db");
         Fixture::on(db)
     }
 
-    fn on(db: sled::Db) -> Fixture {
+    fn on(db: DurableDb) -> Fixture {
         let biz = db.open_tree("seats").expect("business tree");
         let clock = ManualClock::new(START);
         let barrier =
@@ -625,16 +625,16 @@ fn racing_try_and_cancel_never_leave_a_reservation_held() -> TestResult {
 
 /// Opens the database again. sled releases its directory lock when its background flusher thread
 /// notices the last handle is gone, a moment after the drop: try again for a bounded while.
-fn reopen(path: &std::path::Path) -> sled::Result<sled::Db> {
+fn reopen(path: &std::path::Path) -> std::io::Result<DurableDb> {
     let mut last = None;
     for _ in 0..500 {
-        match sled::open(path) {
+        match DurableDb::open(path) {
             Ok(db) => return Ok(db),
             Err(e) => last = Some(e),
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Err(last.unwrap_or(sled::Error::Unsupported("reopen".into())))
+    Err(last.unwrap_or_else(|| std::io::Error::other("reopen")))
 }
 
 #[test]
@@ -644,7 +644,7 @@ fn reopening_the_db_keeps_barrier_records() -> TestResult {
     let (confirmed, empty, held) = (branch("a"), branch("b"), branch("c"));
     let deadline;
     {
-        let fx = Fixture::on(sled::open(dir.path())?);
+        let fx = Fixture::on(DurableDb::open(dir.path())?);
         deadline = fx.deadline();
         for b in [&confirmed, &held] {
             fx.barrier.try_op(&gid, b, deadline, b"x", hold)?;

@@ -440,7 +440,7 @@ pub enum ParticipantError {
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let db = sled::Config::new().temporary(true).open()?;
+/// let db = tcc_core::DurableDb::temporary()?;
 /// let seats = db.open_tree("seats")?;
 /// let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 /// let grace = Duration::from_secs(60);

@@ -287,7 +287,7 @@ impl Phase {
 /// }
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let db = sled::Config::new().temporary(true).open()?;
+/// let db = tcc_core::DurableDb::temporary()?;
 /// let stock = db.open_tree("stock")?;
 /// let clock = Arc::new(tcc_core::SystemClock);
 /// let barrier = tcc_core::SledBarrier::open(&db, vec![stock], clock, Duration::from_secs(60))?;
@@ -763,8 +763,8 @@ mod tests {
         }
     }
 
-    fn fixture() -> (sled::Db, Arc<Trees>) {
-        let db = sled::Config::new().temporary(true).open().expect("db");
+    fn fixture() -> (tcc_core::DurableDb, Arc<Trees>) {
+        let db = tcc_core::DurableDb::temporary().expect("db");
         let seats = db.open_tree("seats").expect("tree");
         let trees = Arc::new(Trees::new(&db, &[seats]));
         (db, trees)

@@ -265,7 +265,7 @@ impl Served {
         stock: &[(&str, u32)],
         add: impl FnOnce(Participant) -> Participant,
     ) -> Served {
-        let db = sled::Config::new().temporary(true).open().unwrap();
+        let db = tcc_core::DurableDb::temporary().unwrap();
         let barrier = SledBarrier::open(
             &db,
             vec![db.open_tree(tree).unwrap()],

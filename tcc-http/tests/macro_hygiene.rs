@@ -65,7 +65,7 @@ fn generated_code_needs_no_prelude() {
     use ::core::iter::Iterator;
     use api::Flights;
 
-    let db = ::sled::Config::new().temporary(true).open().ok().unwrap_or_else(|| ::std::process::abort());
+    let db = ::tcc_core::DurableDb::temporary().ok().unwrap_or_else(|| ::std::process::abort());
     let barrier = ::tcc_core::SledBarrier::open(
         &db,
         ::std::vec::Vec::new(),

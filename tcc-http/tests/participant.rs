@@ -255,7 +255,7 @@ impl AsyncOperation for ReserveOp {
 /// One participant with three synchronous operations (`hold_seat`, `hold_room`, `blob`) and one
 /// async one (`reserve`) served on a loopback port under `/tcc`, on a manual clock.
 struct Fixture {
-    db: sled::Db,
+    db: tcc_core::DurableDb,
     clock: ManualClock,
     participant: Participant,
     addr: SocketAddr,
@@ -297,7 +297,7 @@ impl Fixture {
     }
 
     async fn start_with(group_commit: bool) -> Fixture {
-        let db = sled::Config::new().temporary(true).open().unwrap();
+        let db = tcc_core::DurableDb::temporary().unwrap();
         let trees = ["seats", "rooms", "calls"].map(|t| db.open_tree(t).unwrap()).to_vec();
         let clock = ManualClock::new(START);
         let barrier = SledBarrier::open(&db, trees, Arc::new(clock.clone()), GRACE).unwrap();

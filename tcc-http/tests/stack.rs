@@ -41,7 +41,7 @@ fn add(
 /// A service selling `stock` units: try moves one from free to held, confirm from held to sold,
 /// cancel from held back to free.
 struct Shop {
-    db: sled::Db,
+    db: tcc_core::DurableDb,
     _dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
     url: String,
@@ -52,7 +52,7 @@ struct Shop {
 impl Shop {
     async fn open(stock: u32) -> Shop {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = tcc_core::DurableDb::open(dir.path()).unwrap();
         let inventory = db.open_tree("inventory").unwrap();
         inventory.insert("free", &stock.to_be_bytes()).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

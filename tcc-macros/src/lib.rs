@@ -82,7 +82,7 @@ use proc_macro::TokenStream;
 ///
 /// # fn serve() -> Result<(), Box<dyn std::error::Error>> {
 /// // The participant: the implementation's operations on the barrier of its sled database...
-/// let db = sled::Config::new().temporary(true).open()?;
+/// let db = tcc_core::DurableDb::temporary()?;
 /// let barrier = tcc_core::SledBarrier::open(
 ///     &db,
 ///     vec![db.open_tree("seats")?],

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tcc_core::barrier::ExpiryTask;
-use tcc_core::{SledBarrier, SystemClock};
+use tcc_core::{DurableDb, SledBarrier, SystemClock};
 use tcc_http::participant::Participant;
 
 use crate::api::{Flights, Hotels};
@@ -46,8 +46,8 @@ impl Kind {
 /// Opens the service's database in `dir` (created if missing) and its participant, without serving
 /// it: what [`Service::start`] serves, and how a checker reads a stopped service's books and barrier
 /// records.
-pub fn open(kind: Kind, dir: &Path) -> Result<(sled::Db, Participant), StartError> {
-    let db = sled::open(dir)?;
+pub fn open(kind: Kind, dir: &Path) -> Result<(DurableDb, Participant), StartError> {
+    let db = DurableDb::open(dir)?;
     let trees = vec![db.open_tree(STOCK)?, db.open_tree(BOOKINGS)?];
     let barrier = SledBarrier::open(&db, trees, Arc::new(SystemClock), GRACE)?;
     let participant = Participant::new(barrier)?;
@@ -64,7 +64,7 @@ pub struct Service {
     kind: Kind,
     addr: SocketAddr,
     participant: Participant,
-    db: sled::Db,
+    db: DurableDb,
     serving: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     _expiry: ExpiryTask,
 }
@@ -140,7 +140,7 @@ impl Service {
     }
 
     /// Waits until every change is on disk (before reading the ledger from another handle).
-    pub fn flush(&self) -> sled::Result<usize> {
+    pub fn flush(&self) -> std::io::Result<()> {
         self.db.flush()
     }
 }

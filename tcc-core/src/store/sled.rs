@@ -43,6 +43,7 @@ use sled::{CompareAndSwapError, IVec, Tree};
 use super::codec::{decode, encode, state_and_updated_at};
 use super::group_commit::GroupCommit;
 use super::{Cas, ClaimChange, ListQuery, MAX_PAGE, Page, Pruned, Store};
+use crate::durable::DurableDb;
 use crate::error::{Error, Result};
 use crate::model::{Gid, Timestamp, Transaction, TxState};
 
@@ -77,7 +78,7 @@ pub const STRIPES: usize = 256;
 /// ```
 #[derive(Debug)]
 pub struct SledStore {
-    db: sled::Db,
+    db: DurableDb,
     live: Tree,
     done: Tree,
     commit: GroupCommit,
@@ -174,7 +175,7 @@ impl SledStore {
     /// the old trees are dropped. This reads the whole history once; it is safe to repeat if a
     /// crash interrupts it, and noted in the directory so that it runs once.
     pub fn open(path: impl AsRef<Path>) -> Result<SledStore> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = DurableDb::open(path).map_err(|e| Error::Storage(format!("cannot open the store: {e}")))?;
         SledStore::with_db(db)
     }
 
@@ -182,12 +183,11 @@ impl SledStore {
     /// One store per database: the store keeps the state and version of every live record in
     /// memory and writes on their strength, so a second store over the same trees would not see
     /// the first one's writes.
-    pub fn with_db(db: sled::Db) -> Result<SledStore> {
+    pub fn with_db(db: DurableDb) -> Result<SledStore> {
         let live = db.open_tree(LIVE_TREE)?;
         let done = db.open_tree(DONE_TREE)?;
         let flush_db = db.clone();
-        let commit =
-            GroupCommit::start("tcc-store", move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
+        let commit = GroupCommit::start("tcc-store", move || flush_db.flush().map_err(|e| e.to_string()))?;
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
         let store = SledStore {
             db,
@@ -206,7 +206,7 @@ impl SledStore {
 
     /// The underlying sled database.
     pub fn db(&self) -> &sled::Db {
-        &self.db
+        self.db.db()
     }
 
     fn stripe(&self, gid: &Gid) -> MutexGuard<'_, ()> {

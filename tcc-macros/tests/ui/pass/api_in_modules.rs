@@ -66,7 +66,7 @@ mod initiator {
 
 fn main() {
     use api::Hotels;
-    let db = sled::Config::new().temporary(true).open().unwrap();
+    let db = tcc_core::DurableDb::temporary().unwrap();
     let barrier = tcc_core::SledBarrier::open(
         &db,
         vec![],

@@ -73,7 +73,7 @@ async fn book(tx: &tcc_http::client::GlobalTx) -> Result<SeatHold, tcc_http::cli
 }
 
 fn main() {
-    let db = sled::Config::new().temporary(true).open().unwrap();
+    let db = tcc_core::DurableDb::temporary().unwrap();
     let barrier = tcc_core::SledBarrier::open(
         &db,
         vec![db.open_tree("seats").unwrap()],

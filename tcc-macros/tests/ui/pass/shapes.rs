@@ -76,7 +76,7 @@ async fn calls(tx: &tcc_http::client::GlobalTx) {
 fn assert_send<T: Send>(_: &T) {}
 
 fn main() {
-    let db = sled::Config::new().temporary(true).open().unwrap();
+    let db = tcc_core::DurableDb::temporary().unwrap();
     let barrier = tcc_core::SledBarrier::open(
         &db,
         vec![],
