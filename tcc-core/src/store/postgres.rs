@@ -383,6 +383,14 @@ async fn connect_client(config: &tokio_postgres::Config) -> Result<Client> {
     if mode == "off" {
         client.batch_execute("SET synchronous_commit TO on").await.map_err(|e| pg_error("connect", &e))?;
     }
+    // A server running with fsync off cannot be made durable from a session: say so, loudly.
+    let row = client.query_one("SHOW fsync", &[]).await.map_err(|e| pg_error("connect", &e))?;
+    let fsync: String = row.try_get(0).map_err(|e| pg_error("connect", &e))?;
+    if fsync == "off" {
+        tracing::error!(
+            "the PostgreSQL server runs with fsync off: a power cut can lose acknowledged decisions"
+        );
+    }
     Ok(client)
 }
 
@@ -1152,5 +1160,43 @@ impl Store for PgStore {
         // committed too, with synchronous_commit on: durable already. (The `*_unsynced` writes are
         // the durable ones here.)
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test database's URL, as for the integration tests (`tests/pg`): without it the test is
+    /// skipped, unless `TCC_REQUIRE_POSTGRES=1`.
+    fn test_url() -> Option<String> {
+        match std::env::var("TCC_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                assert!(
+                    std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
+                );
+                println!("skipped: TCC_TEST_POSTGRES_URL is not set");
+                None
+            }
+        }
+    }
+
+    /// A role or URL that turns `synchronous_commit` off would make the store acknowledge commits
+    /// before PostgreSQL flushed its WAL: the store's own connections turn it back on.
+    #[tokio::test]
+    async fn a_connection_asking_for_asynchronous_commit_gets_synchronous_commit() {
+        let Some(url) = test_url() else { return };
+        let mut config: tokio_postgres::Config = url.parse().expect("test URL");
+        config.options("-c synchronous_commit=off");
+        let (plain, conn) = config.connect(NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        let off: String = plain.query_one("SHOW synchronous_commit", &[]).await.expect("show").get(0);
+        assert_eq!(off, "off", "the test's own connection takes the option");
+
+        let client = connect_client(&config).await.expect("store connection");
+        let mode: String = client.query_one("SHOW synchronous_commit", &[]).await.expect("show").get(0);
+        assert_eq!(mode, "on");
     }
 }
