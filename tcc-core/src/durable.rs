@@ -225,6 +225,29 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![dir.path().join("d").join("db")]);
     }
 
+    /// The sync must come after sled wrote its buffers: a sync before sled's flush would leave the
+    /// last writes in the page cache only.
+    #[test]
+    fn the_log_is_synced_after_sled_wrote_the_flushed_values_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let marker = b"a-value-that-only-this-write-contains-0123456789".to_vec();
+        let (log, wanted) = (path.join("db"), marker.clone());
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let seen = found.clone();
+        let observer: SyncObserver = Arc::new(move |p: &Path| {
+            if p == log {
+                let bytes = std::fs::read(p).unwrap();
+                seen.lock().unwrap().push(bytes.windows(wanted.len()).any(|w| w == wanted.as_slice()));
+            }
+        });
+        let db = DurableDb::open_observed(&path, sled::Config::new(), Some(observer)).unwrap();
+        found.lock().unwrap().clear();
+        db.insert("k", marker).unwrap();
+        db.flush().unwrap();
+        assert_eq!(*found.lock().unwrap(), vec![true], "the synced log holds the value");
+    }
+
     #[test]
     fn opening_syncs_the_configuration_the_log_and_the_directories() {
         let dir = tempfile::tempdir().unwrap();
