@@ -87,6 +87,11 @@ struct Args {
     /// (default: keep them all). Flagged and unfinished ones are never deleted.
     #[arg(long, env = "TCC_RETAIN_FINISHED", value_parser = parse_duration)]
     retain_finished: Option<Duration>,
+    /// Most payload bytes the branches of one transaction may hold together (a registration past it
+    /// is refused with 422 and stores nothing), e.g. 4MiB, 512KiB or a number of bytes. Each
+    /// branch's payload is at most 1 MiB, and a transaction has at most 128 branches.
+    #[arg(long, env = "TCC_MAX_TX_PAYLOAD", default_value = "4MiB", value_parser = parse_size)]
+    max_tx_payload: usize,
     /// This process's name in leases (must differ between processes sharing a store).
     #[arg(long, env = "TCC_OWNER")]
     owner: Option<String>,
@@ -109,6 +114,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     ms.map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
 }
 
+/// Parses `4MiB`, `512KiB`, `1GiB` or a number of bytes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size like 4MiB, 512KiB or 65536"))?;
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or none for bytes)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn launch(args: Args) -> Result<Launch, String> {
     let token = args.token.map(Token::new).transpose()?;
     let allow = AllowList::new(&args.allow_participant)?;
@@ -125,6 +146,7 @@ fn launch(args: Args) -> Result<Launch, String> {
         max_timeout: args.max_timeout,
         max_rounds: args.max_rounds,
         retain_finished: args.retain_finished,
+        max_tx_payload: args.max_tx_payload,
         ..tcc_core::Config::default()
     };
     if let Some(owner) = args.owner {
@@ -264,6 +286,17 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["", "MiB", "4MB", "-1", "1.5MiB", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn every_flag_has_an_environment_variable() {
         use clap::CommandFactory;
         let cmd = Args::command();
@@ -291,6 +324,9 @@ mod tests {
         let kept = |extra: &[&str]| parse(extra).map(|l| l.core.retain_finished);
         assert_eq!(kept(&[]), Ok(None));
         assert_eq!(kept(&["--retain-finished", "7d"]), Ok(Some(Duration::from_secs(7 * 86_400))));
+        let cap = |extra: &[&str]| parse(extra).map(|l| l.core.max_tx_payload);
+        assert_eq!(cap(&[]), Ok(4 << 20));
+        assert_eq!(cap(&["--max-tx-payload", "256KiB"]), Ok(256 << 10));
     }
 
     #[test]
