@@ -286,15 +286,8 @@ struct TransBody {
 /// The raw body, with the body-limit rejection answered the DTM way.
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, DtmError> {
     body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            DtmError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body is over {} bytes", crate::protocol::MAX_BODY),
-            )
-        } else {
-            DtmError::malformed(r.body_text())
-        }
+        let e = crate::serve::body_rejection(&r, crate::protocol::MAX_BODY);
+        DtmError::new(e.status, e.code, e.message)
     })
 }
 

@@ -1015,7 +1015,14 @@ async fn dtmcli_confirm_failing_across_a_kill_9_is_retried_until_the_participant
     .await;
     let q = query(&gid).await;
     assert_eq!(q["transaction"]["tcc"]["flagged"], false, "{q}");
-    assert_eq!(p.ops(&gid, "a"), ["try", "confirm"]);
-    assert!(!p.ops(&gid, "flaky").iter().any(|o| o == "cancel"), "{:?}", p.ops(&gid, "flaky"));
+    // a may be confirmed again after the restart (a round's results are stored when it ends):
+    // confirm is idempotent at the participant. Nothing is ever cancelled.
+    for svc in ["a", "flaky"] {
+        let ops = p.ops(&gid, svc);
+        assert!(
+            ops[0] == "try" && ops.len() > 1 && ops[1..].iter().all(|o| o == "confirm"),
+            "{svc}: {ops:?}"
+        );
+    }
     drop(tc);
 }

@@ -92,6 +92,20 @@ struct Args {
     /// branch's payload is at most 1 MiB, and a transaction has at most 128 branches.
     #[arg(long, env = "TCC_MAX_TX_PAYLOAD", default_value = "4MiB", value_parser = parse_size)]
     max_tx_payload: usize,
+    /// Longest a client may take to send a request's whole header; the connection is closed past
+    /// it.
+    #[arg(long, env = "TCC_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request header (at least 8KiB); a larger one is answered 431 and the connection
+    /// closed.
+    #[arg(long, env = "TCC_MAX_HEADER_BYTES", default_value = "32KiB", value_parser = parse_size)]
+    max_header_bytes: usize,
+    /// Longest a request's body may take to arrive, whole; past it the request is answered 408.
+    #[arg(long, env = "TCC_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    body_read_timeout: Duration,
+    /// Most client connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, env = "TCC_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// This process's name in leases (must differ between processes sharing a store).
     #[arg(long, env = "TCC_OWNER")]
     owner: Option<String>,
@@ -158,6 +172,13 @@ fn launch(args: Args) -> Result<Launch, String> {
     if args.default_timeout.is_zero() || args.default_timeout > args.max_timeout {
         return Err("--default-timeout must be positive and not above --max-timeout".into());
     }
+    let limits = tcc_http::serve::Limits {
+        header_read_timeout: args.header_read_timeout,
+        max_header_bytes: args.max_header_bytes,
+        body_read_timeout: args.body_read_timeout,
+        max_connections: args.max_connections,
+    };
+    limits.validate()?;
     let store = match (args.store, args.data_dir) {
         (Some(_), Some(_)) => {
             return Err(
@@ -173,7 +194,7 @@ fn launch(args: Args) -> Result<Launch, String> {
         listen: args.listen,
         store,
         core,
-        server: ServerConfig { token, allow, default_timeout: args.default_timeout },
+        server: ServerConfig { token, allow, default_timeout: args.default_timeout, limits },
         client: ClientConfig {
             connect_timeout: args.connect_timeout,
             request_timeout: args.call_timeout,
@@ -324,6 +345,30 @@ mod tests {
         let kept = |extra: &[&str]| parse(extra).map(|l| l.core.retain_finished);
         assert_eq!(kept(&[]), Ok(None));
         assert_eq!(kept(&["--retain-finished", "7d"]), Ok(Some(Duration::from_secs(7 * 86_400))));
+        assert!(parse(&["--max-header-bytes", "4KiB"]).is_err());
+        assert!(parse(&["--max-connections", "0"]).is_err());
+        assert!(parse(&["--header-read-timeout", "0s"]).is_err());
+        let limits = |extra: &[&str]| parse(extra).map(|l| l.server.limits);
+        assert_eq!(limits(&[]), Ok(tcc_http::serve::Limits::default()));
+        let set = limits(&[
+            "--header-read-timeout",
+            "2s",
+            "--max-header-bytes",
+            "16KiB",
+            "--body-read-timeout",
+            "5s",
+            "--max-connections",
+            "64",
+        ]);
+        assert_eq!(
+            set,
+            Ok(tcc_http::serve::Limits {
+                header_read_timeout: Duration::from_secs(2),
+                max_header_bytes: 16 << 10,
+                body_read_timeout: Duration::from_secs(5),
+                max_connections: 64,
+            })
+        );
         let cap = |extra: &[&str]| parse(extra).map(|l| l.core.max_tx_payload);
         assert_eq!(cap(&[]), Ok(4 << 20));
         assert_eq!(cap(&["--max-tx-payload", "256KiB"]), Ok(256 << 10));
