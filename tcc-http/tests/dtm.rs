@@ -243,7 +243,10 @@ impl Participant {
         let app = Router::new().route("/{svc}/{op}", any(serve)).with_state(busi.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move {
+            let limits = tcc_http::serve::Limits::default();
+            tcc_http::serve::serve(listener, app, &limits, std::future::pending()).await
+        });
         Participant { url, busi }
     }
 
