@@ -247,6 +247,11 @@ impl IntoResponse for DtmError {
     }
 }
 
+/// An error as the DTM API answers it (a 4xx with `FAILURE`).
+pub(crate) fn error_answer(e: ApiError) -> Response {
+    DtmError::new(e.status, e.code, e.message).into_response()
+}
+
 /// `text` without DTM's result words, for answers and fields whose meaning they would change.
 fn neutral(text: &str) -> String {
     text.replace(RESULT_FAILURE, "failure").replace(RESULT_ONGOING, "ongoing")

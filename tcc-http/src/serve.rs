@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -154,6 +154,19 @@ pub async fn serve(
 /// carry it (`axum::middleware::map_response(json_errors)`), so they answer so however they are
 /// served.
 pub async fn json_errors(res: Response) -> Response {
+    match error_of(res).await {
+        Ok(res) => res,
+        Err((error, kept)) => {
+            let mut out = error.into_response();
+            out.headers_mut().extend(kept);
+            out
+        }
+    }
+}
+
+/// `res` itself when it needs nothing (a success, or an error already with a JSON body);
+/// otherwise the error it means, and the headers to keep (`Allow`, `WWW-Authenticate`).
+pub(crate) async fn error_of(res: Response) -> Result<Response, (ApiError, HeaderMap)> {
     let status = res.status();
     let is_json = res
         .headers()
@@ -161,14 +174,18 @@ pub async fn json_errors(res: Response) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json") || v.starts_with("application/problem+json"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return res;
+        return Ok(res);
     }
-    let allow = res.headers().get(header::ALLOW).cloned();
-    let auth = res.headers().get(header::WWW_AUTHENTICATE).cloned();
-    let (_, body) = res.into_parts();
-    // Error texts from axum are short; read no more than a few KiB of whatever it is.
-    let text = match http_body_util_limited(body, 4096).await {
-        Some(text) if !text.trim().is_empty() => text,
+    let (parts, body) = res.into_parts();
+    let mut kept = HeaderMap::new();
+    for name in [header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&name) {
+            kept.insert(name, v.clone());
+        }
+    }
+    // Error texts from axum and tower-http are short; read no more than a few KiB of one.
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(bytes) if !bytes.trim_ascii().is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
         _ => status.canonical_reason().unwrap_or("error").to_owned(),
     };
     let error = if status == StatusCode::REQUEST_TIMEOUT || is_body_timeout(&text) {
@@ -176,14 +193,7 @@ pub async fn json_errors(res: Response) -> Response {
     } else {
         ApiError::new(status, code_of(status), text)
     };
-    let mut out = error.into_response();
-    if let Some(allow) = allow {
-        out.headers_mut().insert(header::ALLOW, allow);
-    }
-    if let Some(auth) = auth {
-        out.headers_mut().insert(header::WWW_AUTHENTICATE, auth);
-    }
-    out
+    Err((error, kept))
 }
 
 /// The stable code of an error answer that had none, by its status.
@@ -231,12 +241,6 @@ pub(crate) fn body_rejection(r: &axum::extract::rejection::BytesRejection, limit
     } else {
         ApiError::malformed(text)
     }
-}
-
-/// At most `max` bytes of `body`, as text; `None` when it cannot be read.
-async fn http_body_util_limited(body: axum::body::Body, max: usize) -> Option<String> {
-    let bytes = axum::body::to_bytes(body, max).await.ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Serves `router` on a request it was handed as is (for tests of [`json_errors`]).

@@ -118,7 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         // A Content-Length past the limit is refused before any of the body is waited for.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
-        .layer(middleware::map_response(crate::serve::json_errors))
+        .layer(middleware::from_fn(error_bodies))
         .with_state(state)
 }
 
@@ -134,6 +134,21 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// Gives every error answer without the JSON error body the body (see
+/// [`json_errors`](crate::serve::json_errors)); under the DTM API, as a DTM error (a 4xx with
+/// `FAILURE`).
+async fn error_bodies(req: Request, next: Next) -> Response {
+    let dtm = req.uri().path().starts_with("/api/dtmsvr/");
+    match crate::serve::error_of(next.run(req).await).await {
+        Ok(res) => res,
+        Err((error, kept)) => {
+            let mut res = if dtm { crate::dtm::error_answer(error) } else { error.into_response() };
+            res.headers_mut().extend(kept);
+            res
+        }
+    }
 }
 
 /// Refuses mutating calls without the configured token.
