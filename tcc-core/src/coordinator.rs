@@ -49,6 +49,11 @@ pub struct Config {
     pub max_branches: usize,
     /// Largest branch payload, in bytes.
     pub max_payload: usize,
+    /// Most payload bytes one transaction's branches may hold together (4 MiB by default):
+    /// registering a branch that would take the sum past it is refused ([`Error::InvalidInput`])
+    /// and stores nothing. Every registration rewrites the whole record, so this bounds the memory
+    /// and disk one transaction can take, whatever its branch count.
+    pub max_tx_payload: usize,
     /// Longest branch target, in bytes.
     pub max_target: usize,
     /// How long a finished (confirmed or cancelled) transaction is kept after it finished; `None`
@@ -71,6 +76,7 @@ impl Default for Config {
             max_timeout: Duration::from_secs(24 * 3600),
             max_branches: 128,
             max_payload: 1 << 20,
+            max_tx_payload: 4 << 20,
             max_target: 2048,
             retain_finished: None,
         }
@@ -367,7 +373,13 @@ impl Coordinator {
         let generated = gid.is_none();
         let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
         tx.options = options;
-        let ctx = Context { now, owner: &c.owner, lease_until, max_branches: c.max_branches };
+        let ctx = Context {
+            now,
+            owner: &c.owner,
+            lease_until,
+            max_branches: c.max_branches,
+            max_tx_payload: c.max_tx_payload,
+        };
         for NewBranch { id, target, payload } in branches {
             self.check_branch(&target, &payload)?;
             if let Transition::Changed(next, _) =
@@ -715,6 +727,7 @@ impl Inner {
                 owner: &self.config.owner,
                 lease_until,
                 max_branches: self.config.max_branches,
+                max_tx_payload: self.config.max_tx_payload,
             };
             let transition = match state::apply(current, event, &ctx) {
                 // A refusal or no change, judged on a copy that may be stale: judge the stored one.

@@ -108,8 +108,13 @@ impl Inner {
         // a pass then waits for the poll interval or a freed slot.
         let limit = room.max(self.config.claim_batch.min(MIN_CLAIM));
         let (now, lease_until) = self.context();
-        let ctx =
-            Context { now, owner: &self.config.owner, lease_until, max_branches: self.config.max_branches };
+        let ctx = Context {
+            now,
+            owner: &self.config.owner,
+            lease_until,
+            max_branches: self.config.max_branches,
+            max_tx_payload: self.config.max_tx_payload,
+        };
         // A transaction still trying at its deadline is cancelled in the claim's own write (one
         // write, not a claim and then the decision); the effects wait here until it is stored.
         let decided: Mutex<HashMap<Gid, Vec<Effect>>> = Mutex::default();

@@ -93,6 +93,9 @@ pub struct Context<'a> {
     pub lease_until: Timestamp,
     /// Most branches a transaction may have; registering one more is refused.
     pub max_branches: usize,
+    /// Most payload bytes a transaction's branches may hold together; registering a branch that
+    /// would take the sum past it is refused.
+    pub max_tx_payload: usize,
 }
 
 /// The result of applying an event.
@@ -114,7 +117,8 @@ pub enum Transition {
 ///
 /// let now = Timestamp(1_000);
 /// let tx = tcc_core::state::begin(Gid::generate(), now, now + Duration::from_secs(10));
-/// let ctx = Context { now, owner: "me", lease_until: now + Duration::from_secs(5), max_branches: 8 };
+/// let lease_until = now + Duration::from_secs(5);
+/// let ctx = Context { now, owner: "me", lease_until, max_branches: 8, max_tx_payload: 1 << 20 };
 /// match apply(&tx, &Event::Confirm, &ctx).unwrap() {
 ///     Transition::Changed(next, _) => assert_eq!(next.state, TxState::Confirmed), // no branches
 ///     Transition::Unchanged => unreachable!(),
@@ -143,6 +147,16 @@ pub fn apply(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Trans
                 return Err(Error::InvalidInput(format!(
                     "a transaction has at most {} branches",
                     ctx.max_branches
+                )));
+            }
+            let held: usize = tx.branches.iter().map(|b| b.payload.len()).sum();
+            if held.saturating_add(payload.len()) > ctx.max_tx_payload {
+                return Err(Error::InvalidInput(format!(
+                    "a transaction's branches hold at most {} payload bytes together; {} holds {held} \
+                     and this branch brings {}",
+                    ctx.max_tx_payload,
+                    tx.gid,
+                    payload.len()
                 )));
             }
             let mut next = tx.clone();
@@ -312,7 +326,13 @@ mod tests {
     const DEADLINE: Timestamp = Timestamp(20_000);
 
     fn ctx(now: Timestamp) -> Context<'static> {
-        Context { now, owner: "node-a", lease_until: now + Duration::from_secs(5), max_branches: 3 }
+        Context {
+            now,
+            owner: "node-a",
+            lease_until: now + Duration::from_secs(5),
+            max_branches: 3,
+            max_tx_payload: 100,
+        }
     }
 
     fn bid(s: &str) -> BranchId {
@@ -384,6 +404,23 @@ mod tests {
         assert!(matches!(err, Error::InvalidInput(_)), "{err}");
         // Repeating a registration already there is still answered.
         assert_eq!(apply(&tx, &register("c"), &ctx(NOW)).unwrap(), Transition::Unchanged);
+    }
+
+    #[test]
+    fn registering_past_the_payload_cap_of_the_transaction_is_refused() {
+        // tx_in holds "a" and "b" (2 bytes); the cap is 100.
+        let tx = tx_in(TxState::Trying);
+        let big = |id: &str, n: usize| Event::Register {
+            id: bid(id),
+            target: "mem://x".into(),
+            payload: vec![b'x'; n],
+        };
+        let err = apply(&tx, &big("c", 99), &ctx(NOW)).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInput(m) if m.contains("at most 100 payload bytes")), "{err}");
+        let (next, _) = changed(apply(&tx, &big("c", 98), &ctx(NOW)).unwrap());
+        assert!(apply(&next, &big("d", 1), &ctx(NOW)).is_err());
+        // Repeating a registration already there is still answered.
+        assert_eq!(apply(&next, &big("c", 98), &ctx(NOW)).unwrap(), Transition::Unchanged);
     }
 
     #[test]

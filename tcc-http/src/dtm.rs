@@ -84,12 +84,12 @@
 //!
 //! | answer | result |
 //! |--------|--------|
-//! | 425, or a body containing `ONGOING` | transient: retried with backoff |
-//! | 409, or a body containing `FAILURE` | permanent: confirm and cancel must not fail, so the transaction is flagged for an operator (DTM would retry it forever) |
-//! | other 2xx | done |
-//! | 3xx | permanent (redirects are never followed) |
-//! | 5xx, 408, 429, timeouts, connection errors | transient |
-//! | other 4xx | permanent |
+//! | 2xx whose body contains neither `FAILURE` nor `ONGOING` | done |
+//! | anything else: 425 or `ONGOING`, 409 or `FAILURE` (whatever the status), 3xx (redirects are never followed), 4xx, 5xx, timeouts, connection errors | not done: retried with backoff under the retry policy; the transaction is flagged for an operator once the policy is spent |
+//!
+//! DTM's server reads an answer the same way (`getBranchResult` in `dtmsvr`) and treats only a
+//! saga action's `FAILURE` as final: a TCC confirm or cancel must not fail, so DTM calls it again
+//! until it succeeds. tcc retries it too, but not forever.
 //!
 //! At most 64 KiB of an answer is read.
 
@@ -247,6 +247,11 @@ impl IntoResponse for DtmError {
     }
 }
 
+/// An error as the DTM API answers it (a 4xx with `FAILURE`).
+pub(crate) fn error_answer(e: ApiError) -> Response {
+    DtmError::new(e.status, e.code, e.message).into_response()
+}
+
 /// `text` without DTM's result words, for answers and fields whose meaning they would change.
 fn neutral(text: &str) -> String {
     text.replace(RESULT_FAILURE, "failure").replace(RESULT_ONGOING, "ongoing")
@@ -286,15 +291,8 @@ struct TransBody {
 /// The raw body, with the body-limit rejection answered the DTM way.
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, DtmError> {
     body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            DtmError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body is over {} bytes", crate::protocol::MAX_BODY),
-            )
-        } else {
-            DtmError::malformed(r.body_text())
-        }
+        let e = crate::serve::body_rejection(&r, crate::protocol::MAX_BODY);
+        DtmError::new(e.status, e.code, e.message)
     })
 }
 
@@ -644,36 +642,28 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-/// What a participant's answer to `op` means, by DTM's conventions (see the module documentation).
+/// What a participant's answer to `op` means, by DTM's conventions (see the module documentation):
+/// a 2xx without `FAILURE` or `ONGOING` in its body is done; anything else is worth another try.
+/// DTM's server (`getBranchResult`) treats only a saga action's `FAILURE` as final: a TCC confirm or
+/// cancel must not fail, so one that answers otherwise is called again until it succeeds. tcc does
+/// the same under its retry policy, and flags the transaction only once the policy is spent.
 fn classify(op: &str, status: reqwest::StatusCode, body: &[u8]) -> Result<(), CallError> {
     let text = || {
         let end = body.len().min(MAX_ERROR_TEXT);
         String::from_utf8_lossy(&body[..end]).into_owned()
     };
-    if status == reqwest::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING) {
-        return Err(CallError::Transient(format!(
-            "participant answered {status} (ongoing) to {op}: {}",
-            text()
-        )));
-    }
-    if status == reqwest::StatusCode::CONFLICT || contains(body, RESULT_FAILURE) {
-        return Err(CallError::Permanent(format!(
-            "participant answered {status} (failure) to {op}, which must not fail: {}",
-            text()
-        )));
-    }
-    if status.is_success() {
+    let why = if status == reqwest::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING) {
+        " (ongoing)"
+    } else if status == reqwest::StatusCode::CONFLICT || contains(body, RESULT_FAILURE) {
+        " (failure, which a confirm or cancel must not answer)"
+    } else if status.is_redirection() {
+        " (a redirect; tcc never follows redirects)"
+    } else if status.is_success() {
         return Ok(());
-    }
-    if status.is_redirection() {
-        return Err(CallError::Permanent(format!(
-            "participant answered {status} (a redirect) to {op}; tcc never follows redirects"
-        )));
-    }
-    let message = format!("participant answered {status} to {op}: {}", text());
-    let transient =
-        status.is_server_error() || status.is_informational() || matches!(status.as_u16(), 408 | 429);
-    Err(if transient { CallError::Transient(message) } else { CallError::Permanent(message) })
+    } else {
+        ""
+    };
+    Err(CallError::Transient(format!("participant answered {status}{why} to {op}: {}", text())))
 }
 
 #[cfg(test)]
@@ -681,7 +671,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers_are_read_as_dtm_reads_them() {
+    fn only_a_success_is_final_everything_else_is_retried_as_dtm_retries_it() {
         use reqwest::StatusCode as S;
         let kind = |s: S, body: &str| match classify("confirm", s, body.as_bytes()) {
             Ok(()) => "ok",
@@ -691,23 +681,27 @@ mod tests {
         assert_eq!(kind(S::OK, r#"{"dtm_result":"SUCCESS"}"#), "ok");
         assert_eq!(kind(S::OK, ""), "ok");
         assert_eq!(kind(S::NO_CONTENT, ""), "ok");
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"FAILURE"}"#), "permanent");
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"ONGOING"}"#), "transient");
-        assert_eq!(kind(S::CONFLICT, ""), "permanent");
-        assert_eq!(kind(S::TOO_EARLY, ""), "transient");
-        // ONGOING is looked for first, as DTM does.
-        assert_eq!(kind(S::CONFLICT, "ONGOING"), "transient");
-        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "oops"), "transient");
-        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "FAILURE"), "permanent");
-        assert_eq!(kind(S::SERVICE_UNAVAILABLE, ""), "transient");
-        assert_eq!(kind(S::TOO_MANY_REQUESTS, ""), "transient");
-        assert_eq!(kind(S::REQUEST_TIMEOUT, ""), "transient");
-        assert_eq!(kind(S::FOUND, ""), "permanent");
-        assert_eq!(kind(S::TEMPORARY_REDIRECT, ""), "permanent");
-        assert_eq!(kind(S::NOT_FOUND, ""), "permanent");
-        assert_eq!(kind(S::BAD_REQUEST, ""), "permanent");
         // Lower case is not DTM's result word.
         assert_eq!(kind(S::OK, "no failure here"), "ok");
+        // A confirm or cancel that says FAILURE is retried (DTM retries it; tcc until its policy
+        // is spent), whatever the status.
+        assert_eq!(kind(S::OK, r#"{"dtm_result":"FAILURE"}"#), "transient");
+        assert_eq!(kind(S::CONFLICT, ""), "transient");
+        assert_eq!(kind(S::SERVICE_UNAVAILABLE, r#"{"dtm_result":"FAILURE"}"#), "transient");
+        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "FAILURE"), "transient");
+        assert_eq!(kind(S::OK, r#"{"dtm_result":"ONGOING"}"#), "transient");
+        assert_eq!(kind(S::TOO_EARLY, ""), "transient");
+        for other in [
+            S::INTERNAL_SERVER_ERROR,
+            S::TOO_MANY_REQUESTS,
+            S::REQUEST_TIMEOUT,
+            S::FOUND,
+            S::TEMPORARY_REDIRECT,
+            S::NOT_FOUND,
+            S::BAD_REQUEST,
+        ] {
+            assert_eq!(kind(other, "oops"), "transient", "{other}");
+        }
     }
 
     #[test]

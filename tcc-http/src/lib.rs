@@ -10,6 +10,8 @@
 //!   participants with;
 //! - [`client`]: what an initiator uses to begin, register and try branches, confirm and cancel, the
 //!   same whether the coordinator is embedded in its process or a `tcc-coordinator` server;
+//! - [`serve`](mod@serve): serving a router (the coordinator's, or a participant service's) with limits
+//!   against slow clients: header and body read timeouts, a bounded header buffer, a connection cap;
 //! - [`protocol`]: the wire protocol (paths, headers, status codes, the error body);
 //! - [`target`]: branch targets and the participant allow-list;
 //! - [`tcc`](macro@tcc): one trait defines a service's TCC operations; the attribute generates the
@@ -25,6 +27,7 @@ pub mod metrics;
 mod ndjson;
 pub mod participant;
 pub mod protocol;
+pub mod serve;
 pub mod server;
 pub mod staged;
 pub mod stub;

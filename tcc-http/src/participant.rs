@@ -630,6 +630,9 @@ impl Participant {
         Router::new()
             .route("/{operation}/{phase}", post(handle).fallback(method_not_allowed))
             .layer(DefaultBodyLimit::max(MAX_BODY))
+            // A Content-Length past the limit is refused before any of the body is waited for.
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
+            .layer(axum::middleware::map_response(crate::serve::json_errors))
             .with_state(Arc::new(self.clone()))
     }
 
@@ -978,17 +981,7 @@ fn panicked() -> ApiError {
 
 /// The request body, or the error its rejection means (413 over [`MAX_BODY`]).
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body is over {MAX_BODY} bytes"),
-            )
-        } else {
-            ApiError::malformed(r.body_text())
-        }
-    })
+    body.map_err(|r| crate::serve::body_rejection(&r, MAX_BODY))
 }
 
 /// The deadline of a try (its header is required), once its request passed the operation's

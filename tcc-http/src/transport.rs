@@ -328,6 +328,16 @@ mod tests {
     }
 
     #[test]
+    fn a_native_5xx_is_transient_whatever_its_body_says() {
+        use reqwest::StatusCode as S;
+        for body in [r#"{"dtm_result":"FAILURE"}"#, r#"{"code":"expired","message":"gone"}"#, "FAILURE"] {
+            for s in [S::INTERNAL_SERVER_ERROR, S::SERVICE_UNAVAILABLE, S::GATEWAY_TIMEOUT] {
+                assert!(matches!(classify(s, body.to_owned()), CallError::Transient(_)), "{s} {body}");
+            }
+        }
+    }
+
+    #[test]
     fn targets_are_resolved_once_and_a_refused_one_stays_refused() {
         let allow = AllowList::new(&[]).unwrap_or_else(|e| panic!("{e}"));
         let client = build_client(&ClientConfig::default()).unwrap_or_else(|e| panic!("{e}"));

@@ -218,6 +218,8 @@ enum Phase2 {
     Ongoing,
     /// 500 this many more times, then Ok.
     Fail500(u32),
+    /// 503 with a FAILURE body this many more times, then Ok.
+    Unavailable(u32),
     /// No answer until released (at most `SETTLE`).
     Block,
 }
@@ -241,7 +243,10 @@ impl Participant {
         let app = Router::new().route("/{svc}/{op}", any(serve)).with_state(busi.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move {
+            let limits = tcc_http::serve::Limits::default();
+            tcc_http::serve::serve(listener, app, &limits, std::future::pending()).await
+        });
         Participant { url, busi }
     }
 
@@ -323,8 +328,14 @@ async fn serve(
     let mode = {
         let mut modes = busi.modes.lock().unwrap();
         let mode = modes.get(&svc).copied().unwrap_or(Phase2::Ok);
-        if let Phase2::Fail500(n) = mode {
-            modes.insert(svc.clone(), if n > 1 { Phase2::Fail500(n - 1) } else { Phase2::Ok });
+        match mode {
+            Phase2::Fail500(n) => {
+                modes.insert(svc.clone(), if n > 1 { Phase2::Fail500(n - 1) } else { Phase2::Ok });
+            }
+            Phase2::Unavailable(n) => {
+                modes.insert(svc.clone(), if n > 1 { Phase2::Unavailable(n - 1) } else { Phase2::Ok });
+            }
+            _ => {}
         }
         mode
     };
@@ -336,6 +347,9 @@ async fn serve(
             (StatusCode::TOO_EARLY, axum::Json(json!({ "dtm_result": "ONGOING" }))).into_response()
         }
         Phase2::Fail500(_) => (StatusCode::INTERNAL_SERVER_ERROR, "busy").into_response(),
+        Phase2::Unavailable(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "dtm_result": "FAILURE" }))).into_response()
+        }
         Phase2::Block => {
             let _ = tokio::time::timeout(SETTLE, busi.release.notified()).await;
             success.into_response()
@@ -685,12 +699,26 @@ async fn wait_result_answers_once_phase_two_is_done() {
     tc.stop().await;
 }
 
+/// DTM's server calls a TCC confirm or cancel again whatever it answers unless it is a success;
+/// tcc does too, under its retry policy, and flags the transaction only once the policy is spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirm_answered_with_failure_flags_the_transaction() {
-    let tc = Tc::start().await;
+async fn a_confirm_answered_with_failure_is_retried_and_flagged_only_once_the_policy_is_spent() {
+    let mut core = fast_core();
+    core.retry.max_attempts = 3;
+    let tc = Tc::start_with(core, ServerConfig::default()).await;
     let p = Participant::start().await;
 
-    // 409: with wait_result, the submit says so (500: decided, not finished, not failed).
+    // 503 with FAILURE in the body, twice: retried, then confirmed; never flagged.
+    p.set("a", Phase2::Unavailable(2));
+    let gid = tc.prepare_with(json!({}), &p, &["a", "b"]).await;
+    assert_ok(tc.post("submit", json!({ "gid": gid, "trans_type": "tcc" })).await);
+    let q = tc.settle(&gid, "succeed").await;
+    assert_eq!(q["transaction"]["tcc"]["flagged"], false);
+    assert_eq!(p.ops(&gid, "a"), ["confirm", "confirm", "confirm"]);
+    assert_eq!(p.ops(&gid, "b"), ["confirm"]);
+
+    // 409 with FAILURE, every time: called once per round of the policy, then flagged. With
+    // wait_result, the submit says so (500: decided, not finished, not failed).
     p.set("a", Phase2::Refuse);
     let gid = tc.prepare_with(json!({}), &p, &["a", "b"]).await;
     let (status, body) =
@@ -709,16 +737,15 @@ async fn a_confirm_answered_with_failure_flags_the_transaction() {
     assert!(error.contains("409") && !error.contains("FAILURE"), "{error}");
     assert_eq!(rows(&q)[1], row("01", "confirm", "prepared"));
     assert_eq!(rows(&q)[3], row("02", "confirm", "succeed"));
-    // Flagged at once, not retried.
-    assert_eq!(p.ops(&gid, "a"), ["confirm"]);
+    assert_eq!(p.ops(&gid, "a"), ["confirm", "confirm", "confirm"]);
 
-    // FAILURE in a 200 body is a failure too.
+    // FAILURE in a 200 body: the same.
     p.set("a", Phase2::FailureIn200);
     let gid = tc.prepare_with(json!({}), &p, &["a"]).await;
     assert_ok(tc.post("submit", json!({ "gid": gid, "trans_type": "tcc" })).await);
     let q = tc.flagged(&gid).await;
     assert_eq!(q["transaction"]["status"], "submitted");
-    assert_eq!(p.ops(&gid, "a"), ["confirm"]);
+    assert_eq!(p.ops(&gid, "a"), ["confirm", "confirm", "confirm"]);
     tc.stop().await;
 }
 
@@ -833,6 +860,8 @@ async fn dtmcli_python_client_runs_its_tcc_transactions_on_tcc() {
 
     let tc = Tc::start().await;
     let p = Participant::start().await;
+    // flaky's confirm answers 503 FAILURE twice: retried, as DTM's server retries it.
+    p.set("flaky", Phase2::Unavailable(2));
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/scenarios.py");
     let out = support::run_bounded(
         tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
@@ -871,5 +900,132 @@ async fn dtmcli_python_client_runs_its_tcc_transactions_on_tcc() {
     assert_eq!(p.ops(&g, "b"), ["try", "cancel"]);
     let g = gid("query");
     assert_eq!(p.ops(&g, "a"), ["try", "confirm"]);
+    let g = gid("flaky_confirm");
+    assert_eq!(p.ops(&g, "a"), ["try", "confirm"]);
+    assert_eq!(p.ops(&g, "flaky"), ["try", "confirm", "confirm", "confirm"]);
     tc.stop().await;
+}
+
+/// A `tcc-coordinator` process on `store`, with quick retries and a retry policy that outlasts the
+/// test (a short lease, so that a restarted process takes over the work of a killed one soon).
+struct Process {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Process {
+    async fn spawn(port: u16, store: &str) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tcc-coordinator"))
+            .env_clear()
+            .env("TCC_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TCC_STORE", store)
+            .env("TCC_RETRY_INITIAL", "50ms")
+            .env("TCC_RETRY_MAX_BACKOFF", "200ms")
+            .env("TCC_RETRY_MAX_ATTEMPTS", "1000")
+            .env("TCC_LEASE", "3s")
+            .env("TCC_CALL_TIMEOUT", "2s")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut p = Process { child, url: format!("http://127.0.0.1:{port}") };
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        support::eventually("the coordinator to listen", SETTLE, async || {
+            assert!(p.child.try_wait().unwrap().is_none(), "the coordinator exited");
+            http.get(format!("{}/healthz", p.url)).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        p
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL on unix
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The unmodified `dtmcli` client submits a transaction whose confirm keeps answering 503 FAILURE;
+/// the coordinator is killed with `kill -9` while it still fails, and restarted on the same store
+/// (sled, or PostgreSQL with `TCC_TEST_STORE=postgres`). The confirm is retried before and after
+/// the restart, never flagged, and the transaction succeeds once the participant recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmcli_confirm_failing_across_a_kill_9_is_retried_until_the_participant_recovers() {
+    let Some(python) =
+        support::python_that_can("import dtmcli.tcc, dtmcli.utils", "dtmcli==1.7.7.0", "TCC_REQUIRE_DTMCLI")
+            .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = match support::test_store(dir.path()).await {
+        tcc_http::server::StoreChoice::Sled(d) => format!("sled:{}", d.display()),
+        tcc_http::server::StoreChoice::Postgres(url) => url,
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = Participant::start().await;
+    p.set("flaky", Phase2::Unavailable(u32::MAX));
+    let tc = Process::spawn(port, &store).await;
+    let dtm = format!("{}/api/dtmsvr", tc.url);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/scenarios.py");
+    let out = support::run_bounded(
+        tokio::process::Command::new(&python).arg(&script).arg(&dtm).arg(&p.url).arg("failing_confirm"),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("the scenario did not finish");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "scenarios.py failed ({}):\n{stdout}\n{stderr}", out.status);
+    let line: Value = serde_json::from_str(stdout.lines().next().unwrap_or_default()).unwrap();
+    let gid = line["gid"].as_str().unwrap().to_owned();
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let query = async |gid: &str| -> Value {
+        let res = http.get(format!("{dtm}/query?gid={gid}")).send().await.unwrap();
+        res.json().await.unwrap()
+    };
+    let confirms = || p.ops(&gid, "flaky").iter().filter(|o| *o == "confirm").count();
+    support::eventually("flaky's confirm to fail twice", SETTLE, async || confirms() >= 2).await;
+    let q = query(&gid).await;
+    assert_eq!(q["transaction"]["status"], "submitted", "{q}");
+    assert_eq!(q["transaction"]["tcc"]["flagged"], false, "{q}");
+    tc.kill9();
+
+    // Still failing after the restart: retried, still not flagged.
+    let before = confirms();
+    let tc = Process::spawn(port, &store).await;
+    support::eventually("the restarted coordinator to call confirm", SETTLE, async || {
+        confirms() >= before + 2
+    })
+    .await;
+    let q = query(&gid).await;
+    assert_eq!(
+        (&q["transaction"]["status"], &q["transaction"]["tcc"]["flagged"]),
+        (&json!("submitted"), &json!(false)),
+        "{q}"
+    );
+
+    p.set("flaky", Phase2::Ok);
+    support::eventually("the transaction to succeed", SETTLE, async || {
+        query(&gid).await["transaction"]["status"] == "succeed"
+    })
+    .await;
+    let q = query(&gid).await;
+    assert_eq!(q["transaction"]["tcc"]["flagged"], false, "{q}");
+    // a may be confirmed again after the restart (a round's results are stored when it ends):
+    // confirm is idempotent at the participant. Nothing is ever cancelled.
+    for svc in ["a", "flaky"] {
+        let ops = p.ops(&gid, svc);
+        assert!(
+            ops[0] == "try" && ops.len() > 1 && ops[1..].iter().all(|o| o == "confirm"),
+            "{svc}: {ops:?}"
+        );
+    }
+    drop(tc);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DTM TCC scenarios run with the unmodified PyPI client ``dtmcli==1.7.7.0`` against tcc.
 
-Usage: scenarios.py DTM_URL BUSI_URL
+Usage: scenarios.py DTM_URL BUSI_URL [SCENARIO...]
   (or the environment variables TCC_DTM_URL and TCC_BUSI_URL)
 
 DTM_URL is the coordinator's DTM-compatible API, e.g. http://127.0.0.1:36789/api/dtmsvr.
@@ -9,11 +9,16 @@ BUSI_URL is a participant serving, for SVC in ``a`` and ``b``:
   POST BUSI_URL/SVC/try      (called by dtmcli itself) refusing with 409 when the body has "try_fail": true
   POST BUSI_URL/SVC/confirm  (called by the coordinator)
   POST BUSI_URL/SVC/cancel   (called by the coordinator)
+and a service ``flaky`` whose confirm answers 503 {"dtm_result": "FAILURE"} for a while (as the test
+sets it up).
 tcc-http/tests/dtm.rs starts such participants and a coordinator, runs this script, and then checks
 what the participants were called with.
 
-Scenarios: success (both branches confirmed), try failure (every registered branch cancelled) and
-query (the shape of GET query). Each prints one JSON line {"scenario": ..., "gid": ...} on stdout;
+Scenarios: success (both branches confirmed), try_failure (every registered branch cancelled),
+query (the shape of GET query), flaky_confirm (a and flaky; flaky's confirm fails twice and is
+retried until the transaction succeeds) and, only when named, failing_confirm (the same, but it only
+submits: the test decides when flaky recovers, and kills the coordinator meanwhile). Without
+SCENARIO arguments the first four run. Each prints one JSON line {"scenario": ..., "gid": ...} on stdout;
 any failed check exits non-zero.
 """
 
@@ -140,6 +145,39 @@ def query_shape(dtm, busi):
     report("query", gid)
 
 
+def confirm_retried(dtm, busi, settled):
+    gid = utils.gen_gid(dtm)
+
+    def branches(t):
+        for svc in ("a", "flaky"):
+            body = {"scenario": "flaky_confirm", "svc": svc}
+            r = t.call_branch(body, busi + "/%s/try" % svc, busi + "/%s/confirm" % svc, busi + "/%s/cancel" % svc)
+            check(r.status_code == 200, "try of %s answered %d" % (svc, r.status_code))
+
+    # Submit answers once the decision is stored, whatever flaky's confirm answers.
+    ret = tcc.tcc_global_transaction(dtm, gid, branches)
+    check(ret == gid, "tcc_global_transaction returned %r, expected the gid %r" % (ret, gid))
+    if settled:
+        q = settle(dtm, gid, "succeed")
+        check(not q["transaction"]["tcc"]["flagged"], "flagged: %s" % q)
+        report("flaky_confirm", gid)
+    else:
+        q = query(dtm, gid)
+        check(q["transaction"]["status"] == "submitted", "after submit: %s" % q)
+        report("failing_confirm", gid)
+
+
+def flaky_confirm(dtm, busi):
+    confirm_retried(dtm, busi, True)
+
+
+def failing_confirm(dtm, busi):
+    confirm_retried(dtm, busi, False)
+
+
+SCENARIOS = {f.__name__: f for f in (success, try_failure, query_shape, flaky_confirm, failing_confirm)}
+
+
 def main():
     args = sys.argv[1:]
     dtm = args[0] if len(args) > 0 else os.environ.get("TCC_DTM_URL")
@@ -148,8 +186,11 @@ def main():
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     dtm, busi = dtm.rstrip("/"), busi.rstrip("/")
-    for scenario in (success, try_failure, query_shape):
-        scenario(dtm, busi)
+    names = args[2:] or ["success", "try_failure", "query_shape", "flaky_confirm"]
+    for name in names:
+        if name not in SCENARIOS:
+            fail("unknown scenario %r (known: %s)" % (name, ", ".join(SCENARIOS)))
+        SCENARIOS[name](dtm, busi)
     print("all DTM scenarios passed", file=sys.stderr)
 
 

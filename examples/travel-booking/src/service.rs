@@ -102,7 +102,12 @@ impl Service {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+            // Slow or hostile clients are cut off: header and body read timeouts, a bounded header
+            // buffer, a cap on connections (tcc_http::serve's defaults).
+            let limits = tcc_http::serve::Limits::default();
+            if let Err(e) = tcc_http::serve::serve(listener, app, &limits, shutdown).await {
+                eprintln!("serving stopped: {e}");
+            }
         });
         self.serving = Some((stop, task));
     }

@@ -87,6 +87,25 @@ struct Args {
     /// (default: keep them all). Flagged and unfinished ones are never deleted.
     #[arg(long, env = "TCC_RETAIN_FINISHED", value_parser = parse_duration)]
     retain_finished: Option<Duration>,
+    /// Most payload bytes the branches of one transaction may hold together (a registration past it
+    /// is refused with 422 and stores nothing), e.g. 4MiB, 512KiB or a number of bytes. Each
+    /// branch's payload is at most 1 MiB, and a transaction has at most 128 branches.
+    #[arg(long, env = "TCC_MAX_TX_PAYLOAD", default_value = "4MiB", value_parser = parse_size)]
+    max_tx_payload: usize,
+    /// Longest a client may take to send a request's whole header; the connection is closed past
+    /// it.
+    #[arg(long, env = "TCC_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request header (at least 8KiB); a larger one is answered 431 and the connection
+    /// closed.
+    #[arg(long, env = "TCC_MAX_HEADER_BYTES", default_value = "32KiB", value_parser = parse_size)]
+    max_header_bytes: usize,
+    /// Longest a request's body may take to arrive, whole; past it the request is answered 408.
+    #[arg(long, env = "TCC_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    body_read_timeout: Duration,
+    /// Most client connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, env = "TCC_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// This process's name in leases (must differ between processes sharing a store).
     #[arg(long, env = "TCC_OWNER")]
     owner: Option<String>,
@@ -109,6 +128,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     ms.map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
 }
 
+/// Parses `4MiB`, `512KiB`, `1GiB` or a number of bytes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size like 4MiB, 512KiB or 65536"))?;
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or none for bytes)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn launch(args: Args) -> Result<Launch, String> {
     let token = args.token.map(Token::new).transpose()?;
     let allow = AllowList::new(&args.allow_participant)?;
@@ -125,6 +160,7 @@ fn launch(args: Args) -> Result<Launch, String> {
         max_timeout: args.max_timeout,
         max_rounds: args.max_rounds,
         retain_finished: args.retain_finished,
+        max_tx_payload: args.max_tx_payload,
         ..tcc_core::Config::default()
     };
     if let Some(owner) = args.owner {
@@ -136,6 +172,13 @@ fn launch(args: Args) -> Result<Launch, String> {
     if args.default_timeout.is_zero() || args.default_timeout > args.max_timeout {
         return Err("--default-timeout must be positive and not above --max-timeout".into());
     }
+    let limits = tcc_http::serve::Limits {
+        header_read_timeout: args.header_read_timeout,
+        max_header_bytes: args.max_header_bytes,
+        body_read_timeout: args.body_read_timeout,
+        max_connections: args.max_connections,
+    };
+    limits.validate()?;
     let store = match (args.store, args.data_dir) {
         (Some(_), Some(_)) => {
             return Err(
@@ -151,7 +194,7 @@ fn launch(args: Args) -> Result<Launch, String> {
         listen: args.listen,
         store,
         core,
-        server: ServerConfig { token, allow, default_timeout: args.default_timeout },
+        server: ServerConfig { token, allow, default_timeout: args.default_timeout, limits },
         client: ClientConfig {
             connect_timeout: args.connect_timeout,
             request_timeout: args.call_timeout,
@@ -264,6 +307,17 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["", "MiB", "4MB", "-1", "1.5MiB", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn every_flag_has_an_environment_variable() {
         use clap::CommandFactory;
         let cmd = Args::command();
@@ -291,6 +345,33 @@ mod tests {
         let kept = |extra: &[&str]| parse(extra).map(|l| l.core.retain_finished);
         assert_eq!(kept(&[]), Ok(None));
         assert_eq!(kept(&["--retain-finished", "7d"]), Ok(Some(Duration::from_secs(7 * 86_400))));
+        assert!(parse(&["--max-header-bytes", "4KiB"]).is_err());
+        assert!(parse(&["--max-connections", "0"]).is_err());
+        assert!(parse(&["--header-read-timeout", "0s"]).is_err());
+        let limits = |extra: &[&str]| parse(extra).map(|l| l.server.limits);
+        assert_eq!(limits(&[]), Ok(tcc_http::serve::Limits::default()));
+        let set = limits(&[
+            "--header-read-timeout",
+            "2s",
+            "--max-header-bytes",
+            "16KiB",
+            "--body-read-timeout",
+            "5s",
+            "--max-connections",
+            "64",
+        ]);
+        assert_eq!(
+            set,
+            Ok(tcc_http::serve::Limits {
+                header_read_timeout: Duration::from_secs(2),
+                max_header_bytes: 16 << 10,
+                body_read_timeout: Duration::from_secs(5),
+                max_connections: 64,
+            })
+        );
+        let cap = |extra: &[&str]| parse(extra).map(|l| l.core.max_tx_payload);
+        assert_eq!(cap(&[]), Ok(4 << 20));
+        assert_eq!(cap(&["--max-tx-payload", "256KiB"]), Ok(256 << 10));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct ServerConfig {
     pub allow: AllowList,
     /// Timeout of a transaction begun without one.
     pub default_timeout: Duration,
+    /// Limits against slow or hostile clients: header and body read timeouts, the header buffer,
+    /// the connection cap (see [`crate::serve`]).
+    pub limits: crate::serve::Limits,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             token: None,
             allow: AllowList::new(&[]).unwrap_or_else(|_| unreachable!("an empty list is valid")),
             default_timeout: Duration::from_secs(60),
+            limits: crate::serve::Limits::default(),
         }
     }
 }
@@ -112,6 +116,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // A Content-Length past the limit is refused before any of the body is waited for.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
+        .layer(middleware::from_fn(error_bodies))
         .with_state(state)
 }
 
@@ -127,6 +134,21 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// Gives every error answer without the JSON error body the body (see
+/// [`json_errors`](crate::serve::json_errors)); under the DTM API, as a DTM error (a 4xx with
+/// `FAILURE`).
+async fn error_bodies(req: Request, next: Next) -> Response {
+    let dtm = req.uri().path().starts_with("/api/dtmsvr/");
+    match crate::serve::error_of(next.run(req).await).await {
+        Ok(res) => res,
+        Err((error, kept)) => {
+            let mut res = if dtm { crate::dtm::error_answer(error) } else { error.into_response() };
+            res.headers_mut().extend(kept);
+            res
+        }
+    }
 }
 
 /// Refuses mutating calls without the configured token.
@@ -158,22 +180,14 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     res
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes requests in flight.
-///
-/// Connections are set `TCP_NODELAY`: a batch's answer is written a line at a time, and with
-/// Nagle's algorithm each line after the first would wait for the client's delayed ACK.
+/// Serves `router` on `listener` with the default [`Limits`](crate::serve::Limits) until
+/// `shutdown` resolves, then finishes requests in flight; [`crate::serve::serve`] takes the limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    crate::serve::serve(listener, router, &crate::serve::Limits::default(), shutdown).await
 }
 
 /// Where a standalone coordinator keeps its transactions.
@@ -307,6 +321,7 @@ impl Running {
 /// store, in one process or many, each with its own [`Config::owner`](tcc_core::Config::owner).
 pub async fn start(launch: Launch) -> Result<Running, StartError> {
     let Launch { listen, store, core, server, mut client } = launch;
+    server.limits.validate().map_err(|e| tcc_core::Error::InvalidInput(format!("server limits: {e}")))?;
     // The engine bounds every phase-two call by its per-call timeout, which a transaction may raise
     // up to the lease: the client's own request timeout must not cut such calls short.
     client.request_timeout = client.request_timeout.max(core.lease);
@@ -327,8 +342,12 @@ pub async fn start(launch: Launch) -> Result<Running, StartError> {
     let state = Arc::new(AppState { coordinator: Arc::new(coordinator), config: server, metrics });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(state.clone());
-    let task = tokio::spawn(serve(listener, app, async move {
-        let _ = stopped.await;
-    }));
+    let limits = state.config.limits.clone();
+    let task = tokio::spawn(async move {
+        crate::serve::serve(listener, app, &limits, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
     Ok(Running { addr, state, stop, task })
 }

@@ -154,11 +154,11 @@ impl Participant {
         let app = Router::new().route("/tcc/{op}/{phase}", post(handle)).with_state(shared.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
+            let limits = tcc_http::serve::Limits::default();
+            let _ = tcc_http::serve::serve(listener, app, &limits, async move {
+                let _ = stopped.await;
+            })
+            .await;
         });
         Participant { addr, shared, stop: Some(stop), task: Some(task) }
     }
