@@ -90,7 +90,7 @@ async fn every_error_the_coordinator_answers_carries_the_json_error_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_the_participant_runtime_answers_carries_the_json_error_body() {
-    let db = sled::Config::new().temporary(true).open().unwrap();
+    let db = tcc_core::DurableDb::temporary().unwrap();
     let barrier =
         SledBarrier::open(&db, Vec::new(), Arc::new(tcc_core::SystemClock), Duration::from_secs(60)).unwrap();
     let participant = Participant::new(barrier).unwrap().operation_fn(
