@@ -42,15 +42,15 @@ pub use protocol::ErrorBody;
 pub use staged::{StoreError, TccContext, TccError};
 
 // What a service and an initiator need, reachable from this crate alone (see docs/getting-started.md).
+/// The `axum` this crate is built with: [`Participant::router`] is an `axum::Router` of this version.
+pub use axum;
 pub use client::{ClientError, GlobalTx, TccClient};
 pub use participant::{Participant, ParticipantError};
 pub use server::native::{StateView, TransactionView};
-pub use stub::TccCallError;
-pub use tcc_core::{BarrierError, Config, SledBarrier, SystemClock};
-/// The `axum` this crate is built with: [`Participant::router`] is an `axum::Router` of this version.
-pub use axum;
 /// The `sled` this crate is built with: [`SledBarrier::open`] takes a `sled::Db` of this version.
 pub use sled;
+pub use stub::TccCallError;
+pub use tcc_core::{BarrierError, Config, SledBarrier, SystemClock};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[doc = include_str!("../../README.md")]

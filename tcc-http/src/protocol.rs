@@ -64,6 +64,8 @@
 //!   call whose batch failed in transit; a line that does not decode, answers a call the batch
 //!   does not have, or answers one twice is read as an answer that is not a batch answer.
 
+pub mod coordinator;
+
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 

@@ -19,45 +19,11 @@ use crate::metrics::Metrics;
 use crate::protocol::MAX_BODY;
 use crate::target::AllowList;
 
+pub use crate::protocol::coordinator::Token;
+
 pub mod batch;
 pub mod native;
 mod ops;
-
-/// A secret bearer token. Its `Debug` never shows it, so it cannot reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    /// A token; empty ones are refused.
-    pub fn new(token: impl Into<String>) -> Result<Token, String> {
-        let t = token.into();
-        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("a token must be non-empty, without spaces or control characters".to_owned());
-        }
-        Ok(Token(t))
-    }
-
-    /// The secret, for building an `Authorization` header.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in time independent of where the first difference is.
-    fn matches(&self, presented: &[u8]) -> bool {
-        let mine = self.0.as_bytes();
-        let mut diff = mine.len() ^ presented.len();
-        for (i, b) in presented.iter().enumerate() {
-            diff |= usize::from(mine.get(i).copied().unwrap_or(0) ^ b);
-        }
-        diff == 0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
 
 /// Settings of the HTTP service around the engine.
 #[derive(Clone, Debug)]
