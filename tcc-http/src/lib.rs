@@ -3,7 +3,7 @@
 //! The HTTP side of tcc:
 //!
 //! - [`server`]: the coordinator as an axum service — the native JSON API, the DTM-compatible API
-//!   under `/api/dtmsvr` ([`dtm`]), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`;
+//!   under `/api/dtmsvr` ([`server::dtm`]), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`;
 //! - [`participant`]: the axum routes a participant serves its try/confirm/cancel endpoints with,
 //!   through the `tcc-core` barrier;
 //! - [`transport`]: the reqwest [`Transport`](tcc_core::transport::Transport) the engine calls
@@ -18,7 +18,6 @@
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod dtm;
 pub mod error;
 mod lane;
 pub mod metrics;

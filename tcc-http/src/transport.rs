@@ -287,7 +287,7 @@ impl Transport for HttpTransport {
                 };
                 match &route.lane {
                     Some(lane) => self.call_native_or_batched(url, lane, &call).await,
-                    None => crate::dtm::call_branch(&self.client, url, &call).await,
+                    None => crate::server::dtm::call_branch(&self.client, url, &call).await,
                 }
             }
         };

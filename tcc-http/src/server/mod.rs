@@ -22,6 +22,7 @@ use crate::target::AllowList;
 pub use crate::protocol::coordinator::Token;
 
 pub mod batch;
+pub mod dtm;
 pub mod native;
 mod ops;
 
@@ -71,7 +72,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(native::routes())
-        .nest("/api/dtmsvr", crate::dtm::routes())
+        .nest("/api/dtmsvr", dtm::routes())
         .merge(ops::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)

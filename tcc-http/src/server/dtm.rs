@@ -150,10 +150,10 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// use std::time::Duration;
 /// use tcc_core::{Decision, Gid, Timestamp, TxState};
 /// let mut tx = tcc_core::state::begin(Gid::generate(), Timestamp(0), Timestamp(1_000));
-/// assert_eq!(tcc_http::dtm::status(&tx), "prepared");
+/// assert_eq!(tcc_http::server::dtm::status(&tx), "prepared");
 /// tx.state = TxState::Flagged;
 /// tx.decision = Some(Decision::Cancel);
-/// assert_eq!(tcc_http::dtm::status(&tx), "aborting");
+/// assert_eq!(tcc_http::server::dtm::status(&tx), "aborting");
 /// ```
 pub fn status(tx: &Transaction) -> &'static str {
     match tx.state {
