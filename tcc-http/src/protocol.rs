@@ -65,6 +65,7 @@
 //!   does not have, or answers one twice is read as an answer that is not a batch answer.
 
 pub mod coordinator;
+pub mod dtm;
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use crate::target::{AllowList, Target};
 
+mod dtm;
 mod lane;
 use lane::Lane;
 
@@ -287,7 +288,7 @@ impl Transport for HttpTransport {
                 };
                 match &route.lane {
                     Some(lane) => self.call_native_or_batched(url, lane, &call).await,
-                    None => crate::server::dtm::call_branch(&self.client, url, &call).await,
+                    None => dtm::call_branch(&self.client, url, &call).await,
                 }
             }
         };

@@ -107,12 +107,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tcc_core::transport::{BranchCall, CallError};
 use tcc_core::{BranchId, BranchState, Decision, Gid, Transaction, TxOptions, TxState};
 use url::Url;
 
 use crate::error::ApiError;
-use crate::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
+use crate::protocol::dtm::{RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, TCC};
 use crate::server::AppState;
 use crate::target::Target;
 
@@ -127,20 +126,6 @@ pub const STATUS_ABORTING: &str = "aborting";
 /// DTM's status of a transaction whose branches are all cancelled (tcc: cancelled).
 pub const STATUS_FAILED: &str = "failed";
 
-/// The result word of a success.
-const RESULT_SUCCESS: &str = "SUCCESS";
-/// The result word of a failure; DTM clients look for it in bodies.
-const RESULT_FAILURE: &str = "FAILURE";
-/// The result word of an operation still in progress.
-const RESULT_ONGOING: &str = "ONGOING";
-
-/// The only transaction type served.
-const TCC: &str = "tcc";
-
-/// Most bytes of a participant's answer read.
-const MAX_ANSWER: usize = 64 * 1024;
-/// Most bytes of a participant's answer kept in an error message.
-const MAX_ERROR_TEXT: usize = 512;
 /// Longest a `wait_result` submit or abort waits.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -596,119 +581,9 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-// ---------------------------------------------------------------------------------------------
-// Calling branches
-
-/// Calls a DTM-style branch's confirm or cancel `url` the way DTM's server does (see the module
-/// documentation) and reads the answer by DTM's conventions. The engine bounds the call's duration.
-pub(crate) async fn call_branch(
-    client: &reqwest::Client,
-    url: &Url,
-    call: &BranchCall<'_>,
-) -> Result<(), CallError> {
-    let op = match call.decision {
-        Decision::Confirm => "confirm",
-        Decision::Cancel => "cancel",
-    };
-    let mut url = url.clone();
-    url.query_pairs_mut()
-        .append_pair("gid", call.gid.as_str())
-        .append_pair("trans_type", TCC)
-        .append_pair("branch_id", call.branch.id.as_str())
-        .append_pair("op", op);
-    let mut res = client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(GID_HEADER, call.gid.as_str())
-        .header(BRANCH_HEADER, call.branch.id.as_str())
-        .header(DEADLINE_HEADER, call.deadline.0.to_string())
-        .body(call.branch.payload.clone())
-        .send()
-        .await
-        .map_err(|e| crate::transport::transport_error(&e))?;
-    let status = res.status();
-    let mut body = Vec::new();
-    while body.len() < MAX_ANSWER {
-        match res.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            Ok(None) => break,
-            // Without the whole answer a success cannot be told from a failure: ask again.
-            Err(e) => return Err(crate::transport::transport_error(&e)),
-        }
-    }
-    body.truncate(MAX_ANSWER);
-    classify(op, status, &body)
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-/// What a participant's answer to `op` means, by DTM's conventions (see the module documentation).
-fn classify(op: &str, status: reqwest::StatusCode, body: &[u8]) -> Result<(), CallError> {
-    let text = || {
-        let end = body.len().min(MAX_ERROR_TEXT);
-        String::from_utf8_lossy(&body[..end]).into_owned()
-    };
-    if status == reqwest::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING) {
-        return Err(CallError::Transient(format!(
-            "participant answered {status} (ongoing) to {op}: {}",
-            text()
-        )));
-    }
-    if status == reqwest::StatusCode::CONFLICT || contains(body, RESULT_FAILURE) {
-        return Err(CallError::Permanent(format!(
-            "participant answered {status} (failure) to {op}, which must not fail: {}",
-            text()
-        )));
-    }
-    if status.is_success() {
-        return Ok(());
-    }
-    if status.is_redirection() {
-        return Err(CallError::Permanent(format!(
-            "participant answered {status} (a redirect) to {op}; tcc never follows redirects"
-        )));
-    }
-    let message = format!("participant answered {status} to {op}: {}", text());
-    let transient =
-        status.is_server_error() || status.is_informational() || matches!(status.as_u16(), 408 | 429);
-    Err(if transient { CallError::Transient(message) } else { CallError::Permanent(message) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_are_read_as_dtm_reads_them() {
-        use reqwest::StatusCode as S;
-        let kind = |s: S, body: &str| match classify("confirm", s, body.as_bytes()) {
-            Ok(()) => "ok",
-            Err(CallError::Transient(_)) => "transient",
-            Err(CallError::Permanent(_)) => "permanent",
-        };
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"SUCCESS"}"#), "ok");
-        assert_eq!(kind(S::OK, ""), "ok");
-        assert_eq!(kind(S::NO_CONTENT, ""), "ok");
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"FAILURE"}"#), "permanent");
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"ONGOING"}"#), "transient");
-        assert_eq!(kind(S::CONFLICT, ""), "permanent");
-        assert_eq!(kind(S::TOO_EARLY, ""), "transient");
-        // ONGOING is looked for first, as DTM does.
-        assert_eq!(kind(S::CONFLICT, "ONGOING"), "transient");
-        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "oops"), "transient");
-        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "FAILURE"), "permanent");
-        assert_eq!(kind(S::SERVICE_UNAVAILABLE, ""), "transient");
-        assert_eq!(kind(S::TOO_MANY_REQUESTS, ""), "transient");
-        assert_eq!(kind(S::REQUEST_TIMEOUT, ""), "transient");
-        assert_eq!(kind(S::FOUND, ""), "permanent");
-        assert_eq!(kind(S::TEMPORARY_REDIRECT, ""), "permanent");
-        assert_eq!(kind(S::NOT_FOUND, ""), "permanent");
-        assert_eq!(kind(S::BAD_REQUEST, ""), "permanent");
-        // Lower case is not DTM's result word.
-        assert_eq!(kind(S::OK, "no failure here"), "ok");
-    }
 
     #[test]
     fn flagged_transactions_keep_their_decision_word() {
