@@ -17,8 +17,8 @@ use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use crate::target::{AllowList, Target};
 
 mod dtm;
-mod lane;
-use lane::Lane;
+mod batch;
+use batch::Lane;
 
 /// Longest part of a participant's error answer kept for the operator.
 const MAX_ERROR_TEXT: usize = 512;
@@ -140,7 +140,7 @@ impl HttpTransport {
                 Target::Native(url) => Route {
                     confirm: phase_url(&url, protocol::CONFIRM_PATH),
                     cancel: phase_url(&url, protocol::CANCEL_PATH),
-                    lane: Some(Arc::new(Lane::new(lane::PhaseTwo {
+                    lane: Some(Arc::new(Lane::new(batch::PhaseTwo {
                         url: phase_url(&url, protocol::BATCH_PATH),
                         client: self.client.clone(),
                         metrics: Arc::clone(&self.metrics),
