@@ -9,7 +9,7 @@
 //!
 //! A remote client shared by many tasks folds their begins, confirms and cancels into `POST
 //! /v1/batch` requests when they crowd (see [`TccClient::remote_batching`] and
-//! [`crate::server::batch`]); each call still gets the answer its own request would have had.
+//! [`crate::protocol::coordinator`]); each call still gets the answer its own request would have had.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tcc_http::client::ClientError> {
@@ -38,10 +38,10 @@ use serde::de::DeserializeOwned;
 use tcc_core::{BranchId, Coordinator, Decision, Gid, Timestamp, TxOptions};
 use url::Url;
 
+use crate::protocol::coordinator::{
+    BatchOp, BeginRequest, DecideOp, MAX_WAIT, RegisterRequest, Token, TransactionView,
+};
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, ErrorBody, GID_HEADER};
-use crate::server::Token;
-use crate::server::batch::{BatchOp, DecideOp};
-use crate::server::native::{BeginRequest, RegisterRequest, TransactionView};
 use crate::target::{AllowList, Target};
 use crate::transport::{Batching, ClientConfig, build_client, error_text};
 
@@ -394,9 +394,9 @@ impl TccClient {
                     let tx = self.get(gid).await?;
                     let done = matches!(
                         tx.state,
-                        crate::server::native::StateView::Confirmed
-                            | crate::server::native::StateView::Cancelled
-                            | crate::server::native::StateView::Flagged
+                        crate::protocol::coordinator::StateView::Confirmed
+                            | crate::protocol::coordinator::StateView::Cancelled
+                            | crate::protocol::coordinator::StateView::Flagged
                     );
                     if done || tokio::time::Instant::now() >= until {
                         return Ok(tx);
@@ -744,7 +744,7 @@ impl GlobalTx {
         what: &str,
         wait: Option<Duration>,
     ) -> Result<TransactionView, ClientError> {
-        let wait = wait.map(|w| w.min(crate::server::native::MAX_WAIT));
+        let wait = wait.map(|w| w.min(MAX_WAIT));
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, .. } => {
                 let decision = if what == "confirm" { Decision::Confirm } else { Decision::Cancel };

@@ -45,7 +45,7 @@ pub use staged::{StoreError, TccContext, TccError};
 pub use axum;
 pub use client::{ClientError, GlobalTx, TccClient};
 pub use participant::{Participant, ParticipantError};
-pub use server::native::{StateView, TransactionView};
+pub use protocol::coordinator::{StateView, TransactionView};
 /// The `sled` this crate is built with: [`SledBarrier::open`] takes a `sled::Db` of this version.
 pub use sled;
 pub use stub::TccCallError;

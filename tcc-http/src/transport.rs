@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use crate::target::{AllowList, Target};
 
-mod dtm;
 mod batch;
+mod dtm;
 use batch::Lane;
 
 /// Longest part of a participant's error answer kept for the operator.
