@@ -106,7 +106,8 @@ pub const MAX_BODY: usize = 1 << 20;
 ///     serde_json::from_str(r#"{"code":"not_found","message":"transaction x not found"}"#).unwrap();
 /// assert_eq!(body.code, "not_found");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable machine-readable code, for example `not_found` or `illegal_transition`.
     pub code: String,

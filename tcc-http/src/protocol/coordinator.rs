@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tcc_core::{Branch, BranchState, Decision, Transaction, TxState};
+#[cfg(feature = "server")]
 use utoipa::ToSchema;
+
+#[cfg(feature = "client")]
+use crate::error::ApiError;
 
 /// Longest a confirm or cancel may wait for phase two to finish before answering.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -17,6 +21,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Id;
 
+#[cfg(feature = "server")]
 impl utoipa::PartialSchema for Id {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
@@ -30,31 +35,33 @@ impl utoipa::PartialSchema for Id {
     }
 }
 
+#[cfg(feature = "server")]
 impl ToSchema for Id {}
 
 /// Begin a transaction.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BeginRequest {
     /// The id to use; a time-ordered one is generated when absent. Letters, digits and `._:-`, 1 to
     /// 128 characters.
     #[serde(default)]
-    #[schema(value_type = Option<Id>)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Id>))]
     pub gid: Option<String>,
     /// Milliseconds until the deadline: a transaction not decided by then is cancelled. The server's
     /// default when absent. At most the server's `--max-timeout` (a day by default; 422 beyond).
     #[serde(default, deserialize_with = "whole_ms")]
-    #[schema(minimum = 1)]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
     pub timeout_ms: Option<u64>,
     /// Delay before the first phase-two retry of this transaction, in milliseconds (at most the
     /// server's `--max-timeout`; 422 beyond).
     #[serde(default, deserialize_with = "whole_ms")]
-    #[schema(minimum = 1)]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
     pub retry_interval_ms: Option<u64>,
     /// Longest one phase-two call of this transaction may take, in milliseconds (below the server's
     /// lease; 422 beyond).
     #[serde(default, deserialize_with = "whole_ms")]
-    #[schema(minimum = 1)]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
     pub call_timeout_ms: Option<u64>,
     /// Branches to register with the begin, in the same write: for an initiator that knows every
     /// branch and its request before the first try, one request and one flush instead of one per
@@ -107,11 +114,12 @@ pub(crate) fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<
 }
 
 /// Register a branch before calling its try.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// The branch id, unique within the transaction. Letters, digits and `._:-`, 1 to 128 characters.
-    #[schema(value_type = Id)]
+    #[cfg_attr(feature = "server", schema(value_type = Id))]
     pub branch: String,
     /// The base URL of the participant's operation: the coordinator posts to `{target}/confirm` and
     /// `{target}/cancel`. Must be allowed by the coordinator's participant allow-list.
@@ -123,7 +131,8 @@ pub struct RegisterRequest {
 }
 
 /// Force the outcome of a flagged transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ForceRequest {
     /// Must be the transaction's own decision.
@@ -131,7 +140,8 @@ pub struct ForceRequest {
 }
 
 /// A transaction's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StateView {
     /// Branches may be registered and tried; not decided yet.
@@ -175,7 +185,8 @@ impl From<StateView> for TxState {
 }
 
 /// A global decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionView {
     /// Confirm every branch.
@@ -203,7 +214,8 @@ impl From<DecisionView> for Decision {
 }
 
 /// A branch's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BranchStateView {
     /// Registered; phase two has not finished it.
@@ -215,7 +227,8 @@ pub enum BranchStateView {
 }
 
 /// One branch of a transaction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 pub struct BranchView {
     /// The branch id.
     pub branch: String,
@@ -230,7 +243,8 @@ pub struct BranchView {
 }
 
 /// A global transaction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 pub struct TransactionView {
     /// The id.
     pub gid: String,
@@ -285,7 +299,8 @@ impl From<&Transaction> for TransactionView {
 }
 
 /// A page of transactions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 pub struct ListView {
     /// The transactions, in id order.
     pub items: Vec<TransactionView>,
@@ -300,11 +315,12 @@ pub const BATCH_PATH: &str = "/v1/batch";
 pub const MAX_BATCH_OPS: usize = 1024;
 
 /// A batch of operations.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BatchOps {
     /// The operations (at most 1,024); each is answered by a line carrying its index here.
-    #[schema(max_items = 1024)]
+    #[cfg_attr(feature = "server", schema(max_items = 1024))]
     pub ops: Vec<BatchOp>,
 }
 
@@ -325,6 +341,7 @@ pub enum BatchOp {
 
 /// Written by hand: the derived schema lets an operation's object carry other keys besides the
 /// operation's name, which the server refuses.
+#[cfg(feature = "server")]
 impl utoipa::PartialSchema for BatchOp {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Ref, Type};
@@ -357,6 +374,7 @@ impl utoipa::PartialSchema for BatchOp {
     }
 }
 
+#[cfg(feature = "server")]
 impl ToSchema for BatchOp {
     fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
         use utoipa::PartialSchema;
@@ -367,12 +385,49 @@ impl ToSchema for BatchOp {
     }
 }
 
+#[cfg(feature = "client")]
+impl BatchOp {
+    /// Refuses what the OpenAPI document calls invalid, so that a batch holding such an operation
+    /// is refused whole, as one that does not parse: a malformed id, a milliseconds option of 0
+    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past
+    /// the server's limit, a participant URL not allowed, an unknown transaction) is answered per
+    /// operation.
+    pub(crate) fn check(&self) -> Result<(), ApiError> {
+        match self {
+            BatchOp::Begin(req) => {
+                req.gid.as_deref().map(parse_gid).transpose()?;
+                for (name, ms) in [
+                    ("timeout_ms", req.timeout_ms),
+                    ("retry_interval_ms", req.retry_interval_ms),
+                    ("call_timeout_ms", req.call_timeout_ms),
+                ] {
+                    if ms.is_some_and(|ms| ms == 0 || i64::try_from(ms).is_err()) {
+                        return Err(ApiError::malformed(format!(
+                            "{name} must be between 1 and {}",
+                            i64::MAX
+                        )));
+                    }
+                }
+                for b in &req.branches {
+                    b.branch.parse::<tcc_core::BranchId>().map_err(|e| ApiError::malformed(e.to_string()))?;
+                }
+                Ok(())
+            }
+            BatchOp::Confirm(op) | BatchOp::Cancel(op) => {
+                parse_gid(&op.gid)?;
+                check_wait_ms(op.wait_ms)
+            }
+        }
+    }
+}
+
 /// The transaction a confirm or cancel of a batch decides, and how long to wait for phase two.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DecideOp {
     /// The transaction id.
-    #[schema(value_type = Id)]
+    #[cfg_attr(feature = "server", schema(value_type = Id))]
     pub gid: String,
     /// As the single request's `wait_ms`: wait up to this many milliseconds (at most 60,000) for
     /// phase two to finish. Not waiting when absent.
@@ -411,6 +466,7 @@ impl Token {
     }
 
     /// Compares in time independent of where the first difference is.
+    #[cfg(feature = "server")]
     pub(crate) fn matches(&self, presented: &[u8]) -> bool {
         let mine = self.0.as_bytes();
         let mut diff = mine.len() ^ presented.len();
@@ -425,4 +481,20 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(***)")
     }
+}
+
+/// A transaction id from a request, or the 400 answer its malformation gets.
+#[cfg(feature = "client")]
+pub(crate) fn parse_gid(s: &str) -> Result<tcc_core::Gid, ApiError> {
+    s.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))
+}
+
+/// Refuses a `wait_ms` the document calls invalid: it is an int64 there (longer waits are cut to
+/// [`MAX_WAIT`] anyway).
+#[cfg(feature = "client")]
+pub(crate) fn check_wait_ms(wait_ms: Option<u64>) -> Result<(), ApiError> {
+    if wait_ms.is_some_and(|ms| i64::try_from(ms).is_err()) {
+        return Err(ApiError::malformed(format!("wait_ms must be at most {}", i64::MAX)));
+    }
+    Ok(())
 }

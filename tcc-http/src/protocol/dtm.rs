@@ -6,26 +6,26 @@
 use tcc_core::transport::CallError;
 
 /// The result word of a success.
-pub(crate) const RESULT_SUCCESS: &str = "SUCCESS";
+pub const RESULT_SUCCESS: &str = "SUCCESS";
 /// The result word of a failure; DTM clients look for it in bodies.
-pub(crate) const RESULT_FAILURE: &str = "FAILURE";
+pub const RESULT_FAILURE: &str = "FAILURE";
 /// The result word of an operation still in progress.
-pub(crate) const RESULT_ONGOING: &str = "ONGOING";
+pub const RESULT_ONGOING: &str = "ONGOING";
 
 /// The only transaction type served.
-pub(crate) const TCC: &str = "tcc";
+pub const TCC: &str = "tcc";
 
 /// Most bytes of a participant's answer read.
-pub(crate) const MAX_ANSWER: usize = 64 * 1024;
+pub const MAX_ANSWER: usize = 64 * 1024;
 /// Most bytes of a participant's answer kept in an error message.
-pub(crate) const MAX_ERROR_TEXT: usize = 512;
+pub const MAX_ERROR_TEXT: usize = 512;
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 /// What a participant's answer to `op` means, by DTM's conventions (see [`crate::server::dtm`], "Calling branches").
-pub(crate) fn classify(op: &str, status: http::StatusCode, body: &[u8]) -> Result<(), CallError> {
+pub fn classify(op: &str, status: http::StatusCode, body: &[u8]) -> Result<(), CallError> {
     let text = || {
         let end = body.len().min(MAX_ERROR_TEXT);
         String::from_utf8_lossy(&body[..end]).into_owned()

@@ -97,39 +97,6 @@ impl BatchOp {
         }
     }
 
-    /// Refuses what the OpenAPI document calls invalid, so that a batch holding such an operation
-    /// is refused whole, as one that does not parse: a malformed id, a milliseconds option of 0
-    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past
-    /// the server's limit, a participant URL not allowed, an unknown transaction) is answered per
-    /// operation.
-    pub(crate) fn check(&self) -> Result<(), ApiError> {
-        match self {
-            BatchOp::Begin(req) => {
-                req.gid.as_deref().map(native::parse_gid).transpose()?;
-                for (name, ms) in [
-                    ("timeout_ms", req.timeout_ms),
-                    ("retry_interval_ms", req.retry_interval_ms),
-                    ("call_timeout_ms", req.call_timeout_ms),
-                ] {
-                    if ms.is_some_and(|ms| ms == 0 || i64::try_from(ms).is_err()) {
-                        return Err(ApiError::malformed(format!(
-                            "{name} must be between 1 and {}",
-                            i64::MAX
-                        )));
-                    }
-                }
-                for b in &req.branches {
-                    b.branch.parse::<tcc_core::BranchId>().map_err(|e| ApiError::malformed(e.to_string()))?;
-                }
-                Ok(())
-            }
-            BatchOp::Confirm(op) | BatchOp::Cancel(op) => {
-                native::parse_gid(&op.gid)?;
-                WaitQuery { wait_ms: op.wait_ms }.check().map(drop)
-            }
-        }
-    }
-
     /// Whether the operation waits for phase two (and so may take long).
     fn waits(&self) -> bool {
         match self {

@@ -160,7 +160,9 @@ pub enum StoreChoice {
     /// The embedded sled store in this directory (created if missing). One process at a time.
     Sled(std::path::PathBuf),
     /// A PostgreSQL database (a connection URL), shared by every coordinator pointed at it; the
-    /// schema is created or migrated on start. See `tcc_core::store::postgres`.
+    /// schema is created or migrated on start. See `tcc_core::store::postgres`. Needs the `postgres`
+    /// feature.
+    #[cfg(feature = "postgres")]
     Postgres(String),
 }
 
@@ -169,6 +171,7 @@ impl StoreChoice {
     pub async fn open(&self) -> Result<Arc<dyn tcc_core::Store>, tcc_core::Error> {
         Ok(match self {
             StoreChoice::Sled(dir) => Arc::new(tcc_core::SledStore::open(dir)?),
+            #[cfg(feature = "postgres")]
             StoreChoice::Postgres(url) => Arc::new(tcc_core::store::PgStore::connect(url).await?),
         })
     }
@@ -186,8 +189,17 @@ impl std::str::FromStr for StoreChoice {
             return Ok(StoreChoice::Sled(dir.into()));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            tcc_core::store::postgres::check_url(s).map_err(|e| format!("the PostgreSQL store URL: {e}"))?;
-            return Ok(StoreChoice::Postgres(s.to_owned()));
+            #[cfg(feature = "postgres")]
+            {
+                tcc_core::store::postgres::check_url(s)
+                    .map_err(|e| format!("the PostgreSQL store URL: {e}"))?;
+                return Ok(StoreChoice::Postgres(s.to_owned()));
+            }
+            #[cfg(not(feature = "postgres"))]
+            return Err(
+                "this coordinator is built without the PostgreSQL store (tcc-http's `postgres` feature)"
+                    .to_owned(),
+            );
         }
         Err("a store is sled:DIR or postgres://USER@HOST:PORT/DB".to_owned())
     }
@@ -197,6 +209,7 @@ impl std::fmt::Display for StoreChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreChoice::Sled(dir) => write!(f, "sled:{}", dir.display()),
+            #[cfg(feature = "postgres")]
             StoreChoice::Postgres(url) => f.write_str(&tcc_core::store::postgres::describe_url(url)),
         }
     }

@@ -29,6 +29,7 @@ use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::protocol::ErrorBody;
 use crate::target::Target;
 
+pub(crate) use crate::protocol::coordinator::parse_gid;
 pub use crate::protocol::coordinator::{
     BeginRequest, BranchStateView, BranchView, DecisionView, ForceRequest, Id, ListView, MAX_WAIT,
     RegisterRequest, StateView, TransactionView,
@@ -60,9 +61,7 @@ impl WaitQuery {
     /// Refuses what the document calls invalid: `wait_ms` is an int64 there (longer waits are cut
     /// to [`MAX_WAIT`] anyway).
     pub(crate) fn check(self) -> Result<WaitQuery, ApiError> {
-        if self.wait_ms.is_some_and(|ms| i64::try_from(ms).is_err()) {
-            return Err(ApiError::malformed(format!("wait_ms must be at most {}", i64::MAX)));
-        }
+        crate::protocol::coordinator::check_wait_ms(self.wait_ms)?;
         Ok(self)
     }
 }
@@ -80,10 +79,6 @@ pub struct ListParams {
     /// At most this many (1 to 1000; 100 when absent).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
-}
-
-pub(crate) fn parse_gid(s: &str) -> Result<Gid, ApiError> {
-    s.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))
 }
 
 fn view(tx: &Transaction) -> ApiJson<TransactionView> {
