@@ -23,8 +23,8 @@ pub use crate::protocol::coordinator::Token;
 
 pub mod batch;
 pub mod dtm;
+mod monitoring;
 pub mod native;
-mod ops;
 
 /// Settings of the HTTP service around the engine.
 #[derive(Clone, Debug)]
@@ -73,7 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(native::routes())
         .nest("/api/dtmsvr", dtm::routes())
-        .merge(ops::routes())
+        .merge(monitoring::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
