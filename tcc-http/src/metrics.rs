@@ -210,7 +210,10 @@ mod registry {
 /// Without the `server` feature nothing renders metrics, so nothing is recorded.
 #[cfg(not(feature = "server"))]
 #[derive(Debug, Default)]
-pub struct Metrics;
+pub struct Metrics {
+    // Not a unit struct: built with `Metrics::default()` as the server's registry is.
+    _nothing: (),
+}
 
 #[cfg(not(feature = "server"))]
 impl Metrics {
