@@ -1,5 +1,5 @@
 //! The wire protocol between initiators, the coordinator and participants (the native one; the
-//! DTM-compatible one is in [`crate::server::dtm`]).
+//! DTM-compatible one is in `tcc_http::server::dtm`).
 //!
 //! A branch's *target* is the base URL of one TCC operation at a participant, for example
 //! `http://127.0.0.1:8081/tcc/flights/hold_seat`. Its three phases are

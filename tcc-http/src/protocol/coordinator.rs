@@ -1,6 +1,6 @@
 //! The coordinator's API as both sides see it: the request and answer bodies of the native API
 //! (`/v1`) and of its batches (`/v1/batch`), and the bearer token. The server
-//! ([`crate::server`]) serves them; the client ([`crate::client`]) sends and reads them.
+//! (`tcc_http::server`) serves them; the client (`tcc_http::client`) sends and reads them.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! DTM's conventions for calling a branch and reading its answer (see the module documentation of
-//! [`crate::server::dtm`], "Calling branches"): the result words and how an answer is classified.
+//! `tcc_http::server::dtm`, "Calling branches"): the result words and how an answer is classified.
 //! The coordinator's transport calls DTM-style branches with them; the DTM API answers with the
 //! same words.
 
@@ -24,7 +24,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-/// What a participant's answer to `op` means, by DTM's conventions (see [`crate::server::dtm`], "Calling branches").
+/// What a participant's answer to `op` means, by DTM's conventions (see `tcc_http::server::dtm`, "Calling branches").
 pub fn classify(op: &str, status: http::StatusCode, body: &[u8]) -> Result<(), CallError> {
     let text = || {
         let end = body.len().min(MAX_ERROR_TEXT);

@@ -9,7 +9,7 @@ use crate::protocol::dtm::{MAX_ANSWER, TCC, classify};
 use crate::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 
 /// Calls a DTM-style branch's confirm or cancel `url` the way DTM's server does (see
-/// [`crate::server::dtm`], "Calling branches") and reads the answer by DTM's conventions. The engine bounds the call's duration.
+/// `tcc_http::server::dtm`, "Calling branches") and reads the answer by DTM's conventions. The engine bounds the call's duration.
 pub(crate) async fn call_branch(
     client: &reqwest::Client,
     url: &Url,
