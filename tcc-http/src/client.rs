@@ -9,7 +9,7 @@
 //!
 //! A remote client shared by many tasks folds their begins, confirms and cancels into `POST
 //! /v1/batch` requests when they crowd (see [`TccClient::remote_batching`] and
-//! [`crate::server::batch`]); each call still gets the answer its own request would have had.
+//! [`crate::protocol::coordinator`]); each call still gets the answer its own request would have had.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tcc_http::client::ClientError> {
@@ -38,15 +38,15 @@ use serde::de::DeserializeOwned;
 use tcc_core::{BranchId, Coordinator, Decision, Gid, Timestamp, TxOptions};
 use url::Url;
 
+use crate::protocol::coordinator::{
+    BatchOp, BeginRequest, DecideOp, MAX_WAIT, RegisterRequest, Token, TransactionView,
+};
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, ErrorBody, GID_HEADER};
-use crate::server::Token;
-use crate::server::batch::{BatchOp, DecideOp};
-use crate::server::native::{BeginRequest, RegisterRequest, TransactionView};
 use crate::target::{AllowList, Target};
 use crate::transport::{Batching, ClientConfig, build_client, error_text};
 
-mod batch;
-mod tries;
+mod coordinator_batches;
+mod try_batches;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,9 +124,9 @@ struct Inner {
     backend: Backend,
     http: reqwest::Client,
     /// A remote client's batches to its coordinator, when batching is on.
-    lanes: Option<Arc<batch::Lanes>>,
+    lanes: Option<Arc<coordinator_batches::Lanes>>,
     /// Batches of tries to participant operations, when batching them is on.
-    tries: Option<Arc<tries::TryLanes>>,
+    tries: Option<Arc<try_batches::TryLanes>>,
 }
 
 /// The initiator's handle on a coordinator, embedded or remote. Cheap to clone; share one.
@@ -198,8 +198,9 @@ impl TccClient {
         batching: Batching,
     ) -> Result<TccClient, ClientError> {
         let base = Url::parse(base_url).map_err(|e| ClientError::Invalid(format!("coordinator URL: {e}")))?;
-        let lanes = batch::Lanes::new(&base, token.clone(), http.clone(), batching)?.map(Arc::new);
-        let tries = tries::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
+        let lanes =
+            coordinator_batches::Lanes::new(&base, token.clone(), http.clone(), batching)?.map(Arc::new);
+        let tries = try_batches::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
         let backend = Backend::Remote { base, token };
         Ok(TccClient { inner: Arc::new(Inner { backend, http, lanes, tries }) })
     }
@@ -208,7 +209,7 @@ impl TccClient {
     /// may be registered with, as the server's allow-list does; `http` calls participants' tries
     /// (share it with the engine's [`HttpTransport`](crate::transport::HttpTransport)).
     pub fn embedded(coordinator: Arc<Coordinator>, allow: AllowList, http: reqwest::Client) -> TccClient {
-        let tries = tries::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
+        let tries = try_batches::TryLanes::new(http.clone(), Batching::default()).map(Arc::new);
         let backend = Backend::Embedded { coordinator, allow };
         TccClient { inner: Arc::new(Inner { backend, http, lanes: None, tries }) }
     }
@@ -230,7 +231,7 @@ impl TccClient {
                 backend: inner.backend.clone(),
                 http: inner.http.clone(),
                 lanes: inner.lanes.clone(),
-                tries: tries::TryLanes::new(inner.http.clone(), batching).map(Arc::new),
+                tries: try_batches::TryLanes::new(inner.http.clone(), batching).map(Arc::new),
             }),
         }
     }
@@ -394,9 +395,9 @@ impl TccClient {
                     let tx = self.get(gid).await?;
                     let done = matches!(
                         tx.state,
-                        crate::server::native::StateView::Confirmed
-                            | crate::server::native::StateView::Cancelled
-                            | crate::server::native::StateView::Flagged
+                        crate::protocol::coordinator::StateView::Confirmed
+                            | crate::protocol::coordinator::StateView::Cancelled
+                            | crate::protocol::coordinator::StateView::Flagged
                     );
                     if done || tokio::time::Instant::now() >= until {
                         return Ok(tx);
@@ -664,7 +665,7 @@ impl GlobalTx {
         }
         let text = error_text(res).await;
         let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
-        Err(tries::try_error(branch, status, body, text))
+        Err(try_batches::try_error(branch, status, body, text))
     }
 
     /// Registers branch `branch` for the participant operation at `target` without calling its try,
@@ -744,7 +745,7 @@ impl GlobalTx {
         what: &str,
         wait: Option<Duration>,
     ) -> Result<TransactionView, ClientError> {
-        let wait = wait.map(|w| w.min(crate::server::native::MAX_WAIT));
+        let wait = wait.map(|w| w.min(MAX_WAIT));
         match &self.client.inner.backend {
             Backend::Embedded { coordinator, .. } => {
                 let decision = if what == "confirm" { Decision::Confirm } else { Decision::Cancel };

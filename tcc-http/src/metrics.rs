@@ -1,59 +1,13 @@
 //! Prometheus metrics: request latency by route, phase-two call latency by outcome, and the engine's
-//! counters, rendered as the Prometheus text format by [`Metrics::render`].
+//! counters, encoded by `prometheus-client` as OpenMetrics text in [`Metrics::render`].
+//!
+//! Only a coordinator server (the `server` feature) renders metrics; without it the same recording
+//! calls do nothing, so an initiator's embedded engine pays nothing for them.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+#[cfg(feature = "server")]
 use tcc_core::Stats;
-
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
-/// A latency histogram with fixed buckets.
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (b, c) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
-}
-
-/// The registry the server and the HTTP transport record into.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, String), Histogram>>,
-    calls: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
-    /// Phase-two batches sent: answered, failed as a whole, refused (the calls then went alone).
-    batches: [AtomicU64; 3],
-    batched_calls: AtomicU64,
-}
 
 /// What became of a phase-two batch, for [`Metrics::observe_batch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,135 +20,214 @@ pub enum BatchOutcome {
     Refused,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+impl BatchOutcome {
+    #[cfg(feature = "server")]
+    fn label(self) -> &'static str {
+        match self {
+            BatchOutcome::Answered => "answered",
+            BatchOutcome::Failed => "failed",
+            BatchOutcome::Refused => "refused",
+        }
+    }
 }
 
-/// Escapes a label value for the text format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+/// The Content-Type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-impl Metrics {
-    /// Records one HTTP request to the coordinator. `route` is the matched route pattern, never the
-    /// raw path, so label cardinality stays bounded.
-    pub fn observe_request(&self, method: &str, route: &str, status: u16, took: Duration) {
-        let class = format!("{}xx", status / 100);
-        // Clients choose the method (any token is a valid extension method): keep the label set
-        // fixed, so nobody can grow this map without bound.
-        let method = match method {
-            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
-            _ => "other",
-        };
-        lock(&self.requests).entry((method.to_owned(), route.to_owned(), class)).or_default().observe(took);
+#[cfg(feature = "server")]
+pub use registry::Metrics;
+
+#[cfg(feature = "server")]
+mod registry {
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::{ConstCounter, Counter};
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use prometheus_client::metrics::histogram::Histogram;
+    use prometheus_client::registry::Registry;
+
+    use super::{BatchOutcome, Duration, Stats};
+
+    /// Upper bounds of the latency buckets, in seconds.
+    const BUCKETS: [f64; 14] =
+        [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+    fn latency() -> Histogram {
+        Histogram::new(BUCKETS)
     }
 
-    /// Records one phase-two call to a participant: `op` is confirm or cancel, `outcome` ok,
-    /// transient or permanent.
-    pub fn observe_call(&self, op: &'static str, outcome: &'static str, took: Duration) {
-        lock(&self.calls).entry((op, outcome)).or_default().observe(took);
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct RequestLabels {
+        method: &'static str,
+        route: String,
+        status: String,
     }
 
-    /// Records one phase-two batch of `calls` calls.
-    pub fn observe_batch(&self, outcome: BatchOutcome, calls: usize) {
-        self.batches[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        self.batched_calls.fetch_add(calls as u64, Ordering::Relaxed);
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct CallLabels {
+        op: &'static str,
+        outcome: &'static str,
     }
 
-    /// The Prometheus text exposition of everything: the engine's counters, the number of flagged
-    /// transactions (`flagged`, read from the store) and the latency histograms.
-    pub fn render(&self, stats: &Stats, flagged: u64) -> String {
-        let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, rows: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in rows {
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{name} {v}");
-                } else {
-                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
-                }
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct ResultLabel {
+        result: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct OutcomeLabel {
+        outcome: &'static str,
+    }
+
+    /// The registry the server and the HTTP transport record into.
+    #[derive(Debug)]
+    pub struct Metrics {
+        requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
+        calls: Family<CallLabels, Histogram, fn() -> Histogram>,
+        batches: Family<ResultLabel, Counter>,
+        batched_calls: Counter,
+    }
+
+    impl Default for Metrics {
+        fn default() -> Metrics {
+            let batches = Family::<ResultLabel, Counter>::default();
+            // Every result shows, at 0 until it happens.
+            for o in [BatchOutcome::Answered, BatchOutcome::Failed, BatchOutcome::Refused] {
+                let _ = batches.get_or_create(&ResultLabel { result: o.label() });
             }
-        };
-        counter(&mut out, "tcc_transactions_begun_total", "Transactions begun.", &[("", stats.begun)]);
-        counter(
-            &mut out,
-            "tcc_transactions_finished_total",
-            "Transactions finished, by outcome.",
-            &[
-                ("outcome=\"confirmed\"", stats.confirmed),
-                ("outcome=\"cancelled\"", stats.cancelled),
-                ("outcome=\"flagged\"", stats.flagged),
-            ],
-        );
-        counter(
-            &mut out,
-            "tcc_deadline_cancellations_total",
-            "Transactions cancelled because their deadline passed while trying.",
-            &[("", stats.expired)],
-        );
-        counter(
-            &mut out,
-            "tcc_pruned_total",
-            "Finished transactions deleted past their retention.",
-            &[("", stats.pruned)],
-        );
-        counter(
-            &mut out,
-            "tcc_phase_two_calls_total",
-            "Phase-two calls to participants, by result.",
-            &[
-                ("result=\"ok\"", stats.phase_two_calls.saturating_sub(stats.phase_two_failures)),
-                ("result=\"failed\"", stats.phase_two_failures),
-            ],
-        );
-        let batches = |o: BatchOutcome| self.batches[o as usize].load(Ordering::Relaxed);
-        counter(
-            &mut out,
-            "tcc_phase_two_batches_total",
-            "Phase-two batches sent to participants, by result (refused: the calls went alone).",
-            &[
-                ("result=\"answered\"", batches(BatchOutcome::Answered)),
-                ("result=\"failed\"", batches(BatchOutcome::Failed)),
-                ("result=\"refused\"", batches(BatchOutcome::Refused)),
-            ],
-        );
-        counter(
-            &mut out,
-            "tcc_phase_two_batched_calls_total",
-            "Phase-two calls sent in batches.",
-            &[("", self.batched_calls.load(Ordering::Relaxed))],
-        );
-        counter(
-            &mut out,
-            "tcc_phase_two_retries_total",
-            "Phase-two rounds that were retries.",
-            &[("", stats.retries)],
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tcc_flagged_transactions Transactions waiting for an operator.\n\
-             # TYPE tcc_flagged_transactions gauge\ntcc_flagged_transactions {flagged}"
-        );
+            Metrics {
+                requests: Family::new_with_constructor(latency),
+                calls: Family::new_with_constructor(latency),
+                batches,
+                batched_calls: Counter::default(),
+            }
+        }
+    }
 
-        let name = "tcc_http_request_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Coordinator API latency.\n# TYPE {name} histogram");
-        for ((method, route, class), h) in lock(&self.requests).iter() {
-            let labels = format!("method=\"{method}\",route=\"{}\",status=\"{class}\"", escape(route));
-            h.render(&mut out, name, &labels);
+    impl Metrics {
+        /// Records one HTTP request to the coordinator. `route` is the matched route pattern, never
+        /// the raw path, so label cardinality stays bounded.
+        pub fn observe_request(&self, method: &str, route: &str, status: u16, took: Duration) {
+            // Clients choose the method (any token is a valid extension method): keep the label set
+            // fixed, so nobody can grow the family without bound.
+            let method = match method {
+                "GET" => "GET",
+                "HEAD" => "HEAD",
+                "POST" => "POST",
+                "PUT" => "PUT",
+                "PATCH" => "PATCH",
+                "DELETE" => "DELETE",
+                "OPTIONS" => "OPTIONS",
+                _ => "other",
+            };
+            let labels =
+                RequestLabels { method, route: route.to_owned(), status: format!("{}xx", status / 100) };
+            self.requests.get_or_create(&labels).observe(took.as_secs_f64());
         }
-        let name = "tcc_phase_two_call_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Latency of phase-two calls to participants.\n# TYPE {name} histogram"
-        );
-        for ((op, outcome), h) in lock(&self.calls).iter() {
-            h.render(&mut out, name, &format!("op=\"{op}\",outcome=\"{outcome}\""));
+
+        /// Records one phase-two call to a participant: `op` is confirm or cancel, `outcome` ok,
+        /// transient or permanent.
+        pub fn observe_call(&self, op: &'static str, outcome: &'static str, took: Duration) {
+            self.calls.get_or_create(&CallLabels { op, outcome }).observe(took.as_secs_f64());
         }
-        out
+
+        /// Records one phase-two batch of `calls` calls.
+        pub fn observe_batch(&self, outcome: BatchOutcome, calls: usize) {
+            self.batches.get_or_create(&ResultLabel { result: outcome.label() }).inc();
+            self.batched_calls.inc_by(calls as u64);
+        }
+
+        /// Everything as OpenMetrics text (served as [`CONTENT_TYPE`](super::CONTENT_TYPE)): the
+        /// engine's counters, the number of flagged transactions (`flagged`, read from the store) and
+        /// the latency histograms.
+        pub fn render(&self, stats: &Stats, flagged: u64) -> String {
+            let mut registry = Registry::default();
+            // prometheus-client adds the `_total` of a counter's samples and the full stop of a help.
+            registry.register("tcc_transactions_begun", "Transactions begun", ConstCounter::new(stats.begun));
+            let finished = Family::<OutcomeLabel, Counter>::default();
+            for (outcome, n) in
+                [("confirmed", stats.confirmed), ("cancelled", stats.cancelled), ("flagged", stats.flagged)]
+            {
+                finished.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+            }
+            registry.register("tcc_transactions_finished", "Transactions finished, by outcome", finished);
+            registry.register(
+                "tcc_deadline_cancellations",
+                "Transactions cancelled because their deadline passed while trying",
+                ConstCounter::new(stats.expired),
+            );
+            registry.register(
+                "tcc_pruned",
+                "Finished transactions deleted past their retention",
+                ConstCounter::new(stats.pruned),
+            );
+            let calls = Family::<ResultLabel, Counter>::default();
+            let failed = stats.phase_two_failures;
+            calls
+                .get_or_create(&ResultLabel { result: "ok" })
+                .inc_by(stats.phase_two_calls.saturating_sub(failed));
+            calls.get_or_create(&ResultLabel { result: "failed" }).inc_by(failed);
+            registry.register("tcc_phase_two_calls", "Phase-two calls to participants, by result", calls);
+            registry.register(
+                "tcc_phase_two_batches",
+                "Phase-two batches sent to participants, by result (refused: the calls went alone)",
+                self.batches.clone(),
+            );
+            registry.register(
+                "tcc_phase_two_batched_calls",
+                "Phase-two calls sent in batches",
+                self.batched_calls.clone(),
+            );
+            registry.register(
+                "tcc_phase_two_retries",
+                "Phase-two rounds that were retries",
+                ConstCounter::new(stats.retries),
+            );
+            registry.register(
+                "tcc_flagged_transactions",
+                "Transactions waiting for an operator",
+                ConstGauge::new(i64::try_from(flagged).unwrap_or(i64::MAX)),
+            );
+            registry.register(
+                "tcc_http_request_duration_seconds",
+                "Coordinator API latency",
+                self.requests.clone(),
+            );
+            registry.register(
+                "tcc_phase_two_call_duration_seconds",
+                "Latency of phase-two calls to participants",
+                self.calls.clone(),
+            );
+            let mut out = String::new();
+            // Writing into a String cannot fail.
+            let _ = encode(&mut out, &registry);
+            out
+        }
     }
 }
 
-#[cfg(test)]
+/// Without the `server` feature nothing renders metrics, so nothing is recorded.
+#[cfg(not(feature = "server"))]
+#[derive(Debug, Default)]
+pub struct Metrics {
+    // Not a unit struct: built with `Metrics::default()` as the server's registry is.
+    _nothing: (),
+}
+
+#[cfg(not(feature = "server"))]
+impl Metrics {
+    /// Records nothing: only a server renders metrics.
+    pub fn observe_request(&self, _method: &str, _route: &str, _status: u16, _took: Duration) {}
+
+    /// Records nothing: only a server renders metrics.
+    pub fn observe_call(&self, _op: &'static str, _outcome: &'static str, _took: Duration) {}
+
+    /// Records nothing: only a server renders metrics.
+    pub fn observe_batch(&self, _outcome: BatchOutcome, _calls: usize) {}
+}
+
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 
@@ -220,13 +253,16 @@ mod tests {
             "tcc_phase_two_batches_total{result=\"failed\"} 0",
             "tcc_phase_two_batches_total{result=\"refused\"} 1",
             "tcc_phase_two_batched_calls_total 11",
-            "tcc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\",le=\"0.0005\"} 1",
-            "tcc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\",le=\"0.005\"} 2",
+            // prometheus-client writes `le` first; the order of labels carries no meaning.
+            "tcc_http_request_duration_seconds_bucket{le=\"0.0005\",method=\"POST\",route=\"/v1/transactions\",status=\"2xx\"} 1",
+            "tcc_http_request_duration_seconds_bucket{le=\"0.005\",method=\"POST\",route=\"/v1/transactions\",status=\"2xx\"} 2",
             "tcc_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/transactions\",status=\"2xx\"} 2",
             "tcc_phase_two_call_duration_seconds_count{op=\"confirm\",outcome=\"ok\"} 1",
             "tcc_http_request_duration_seconds_count{method=\"other\",route=\"unmatched\",status=\"4xx\"} 100",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+        assert_eq!(text.lines().last(), Some("# EOF"), "OpenMetrics text ends so: {text}");
+        assert!(text.contains("# TYPE tcc_transactions_begun counter\n"), "{text}");
     }
 }

@@ -143,11 +143,11 @@ use crate::staged::TccContext;
 use crate::staged::TccError;
 use crate::staged::{AsyncOperation, StoreError, Trees, Versioned};
 
-mod batch;
-mod staged_calls;
-mod tries;
+mod async_calls;
+mod phase_two_batches;
+mod try_batches;
 
-pub use staged_calls::MAX_RUNS;
+pub use async_calls::MAX_RUNS;
 
 /// Response header of a 200 saying what the call did: `fresh` or `duplicate` (try), `confirmed` or
 /// `duplicate` (confirm), `cancelled`, `empty`, `duplicate` or `expired` (cancel).
@@ -400,7 +400,7 @@ where
 #[derive(Clone)]
 enum Registered {
     Sync(Arc<dyn ErasedOperation>),
-    Async(Arc<dyn staged_calls::ErasedAsync>),
+    Async(Arc<dyn async_calls::ErasedAsync>),
 }
 
 type Operations = HashMap<String, Registered>;
@@ -500,7 +500,7 @@ pub struct Participant {
     ops: Arc<Operations>,
     group_commit: Option<GroupCommit>,
     trees: Arc<Trees>,
-    locks: Arc<staged_calls::BranchLocks>,
+    locks: Arc<async_calls::BranchLocks>,
 }
 
 impl fmt::Debug for Participant {
@@ -563,7 +563,7 @@ impl Participant {
     /// # Panics
     /// As [`operation`](Participant::operation).
     pub fn async_operation(self, name: &str, op: impl AsyncOperation) -> Participant {
-        self.register(name, Registered::Async(Arc::new(staged_calls::AsyncOp(op))))
+        self.register(name, Registered::Async(Arc::new(async_calls::AsyncOp(op))))
     }
 
     fn register(mut self, name: &str, op: Registered) -> Participant {
@@ -651,7 +651,7 @@ impl Participant {
                 .map_err(|e| ParticipantError::Panicked(e.to_string()))?
                 .map_err(|e| ParticipantError::Barrier(e.widen()))?;
             for due in &batch {
-                if staged_calls::expire_one(self, due).await? {
+                if async_calls::expire_one(self, due).await? {
                     released += 1;
                 }
             }
@@ -884,11 +884,11 @@ async fn serve(
         CANCEL_PATH => Phase::Cancel,
         BATCH_PATH => {
             let stream = ndjson::accepted(&headers);
-            return batch::serve(participant, name, registered, read_body(body)?, stream).await;
+            return phase_two_batches::serve(participant, name, registered, read_body(body)?, stream).await;
         }
         TRIES_PATH => {
             let stream = ndjson::accepted(&headers);
-            return tries::serve(participant, name, registered, read_body(body)?, stream).await;
+            return try_batches::serve(participant, name, registered, read_body(body)?, stream).await;
         }
         _ => {
             return Err(ApiError::new(
@@ -905,7 +905,7 @@ async fn serve(
     let op = match registered {
         Registered::Sync(op) => op,
         Registered::Async(op) => {
-            return staged_calls::serve(participant, name, op, phase, ids, body).await;
+            return async_calls::serve(participant, name, op, phase, ids, body).await;
         }
     };
     let job = match phase {

@@ -1,5 +1,5 @@
 //! The wire protocol between initiators, the coordinator and participants (the native one; the
-//! DTM-compatible one is in [`crate::dtm`]).
+//! DTM-compatible one is in `tcc_http::server::dtm`).
 //!
 //! A branch's *target* is the base URL of one TCC operation at a participant, for example
 //! `http://127.0.0.1:8081/tcc/flights/hold_seat`. Its three phases are
@@ -64,6 +64,9 @@
 //!   call whose batch failed in transit; a line that does not decode, answers a call the batch
 //!   does not have, or answers one twice is read as an answer that is not a batch answer.
 
+pub mod coordinator;
+pub mod dtm;
+
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
@@ -103,7 +106,8 @@ pub const MAX_BODY: usize = 1 << 20;
 ///     serde_json::from_str(r#"{"code":"not_found","message":"transaction x not found"}"#).unwrap();
 /// assert_eq!(body.code, "not_found");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable machine-readable code, for example `not_found` or `illegal_transition`.
     pub code: String,

@@ -16,8 +16,9 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use crate::target::{AllowList, Target};
 
-mod lane;
-use lane::Lane;
+mod dtm;
+mod phase_two_batches;
+use phase_two_batches::Lane;
 
 /// Longest part of a participant's error answer kept for the operator.
 const MAX_ERROR_TEXT: usize = 512;
@@ -139,7 +140,7 @@ impl HttpTransport {
                 Target::Native(url) => Route {
                     confirm: phase_url(&url, protocol::CONFIRM_PATH),
                     cancel: phase_url(&url, protocol::CANCEL_PATH),
-                    lane: Some(Arc::new(Lane::new(lane::PhaseTwo {
+                    lane: Some(Arc::new(Lane::new(phase_two_batches::PhaseTwo {
                         url: phase_url(&url, protocol::BATCH_PATH),
                         client: self.client.clone(),
                         metrics: Arc::clone(&self.metrics),
@@ -287,7 +288,7 @@ impl Transport for HttpTransport {
                 };
                 match &route.lane {
                     Some(lane) => self.call_native_or_batched(url, lane, &call).await,
-                    None => crate::dtm::call_branch(&self.client, url, &call).await,
+                    None => dtm::call_branch(&self.client, url, &call).await,
                 }
             }
         };

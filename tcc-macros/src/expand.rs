@@ -58,7 +58,7 @@ pub fn with_errors(error: syn::Error, item: TokenStream) -> TokenStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use syn::{ImplItem, Item, TraitItem};
+    use syn::{ImplItem, Item, TraitItem, TraitItemFn};
 
     fn flights(extra: TokenStream) -> TokenStream {
         quote! {
@@ -92,9 +92,14 @@ mod tests {
     #[test]
     fn a_service_becomes_a_send_trait_with_into_participant_and_a_client_stub() {
         let file = expand_ok(quote!(), flights(quote!()));
-        let [Item::Trait(service), Item::Struct(client), Item::Impl(client_impl)] = file.items.as_slice()
-        else {
-            panic!("expected the trait, the client struct and its impl: {}", text(&file));
+        // The client stub comes wrapped in `client_side! { ... }`, kept by tcc-http's `client` feature.
+        let [Item::Trait(service), Item::Macro(client_side)] = file.items.as_slice() else {
+            panic!("expected the trait and the client side: {}", text(&file));
+        };
+        assert!(client_side.mac.path.to_token_stream().to_string().ends_with("__private :: client_side"));
+        let client_file: syn::File = syn::parse2(client_side.mac.tokens.clone()).expect("client side items");
+        let [Item::Struct(client), Item::Impl(client_impl)] = client_file.items.as_slice() else {
+            panic!("expected the client struct and its impl: {}", text(&client_file));
         };
         assert_eq!(service.ident, "Flights");
         assert_eq!(client.ident, "FlightsClient");
@@ -102,11 +107,20 @@ mod tests {
         assert!(bounds.contains("Send") && bounds.contains("Sync") && bounds.contains("'static"), "{bounds}");
         assert!(!service.attrs.iter().any(|a| a.path().is_ident("tcc")));
 
+        // `into_participant` comes wrapped in `participant_side! { ... }`, kept by tcc-http's
+        // `participant` feature.
         let methods: Vec<(String, bool)> = service
             .items
             .iter()
             .filter_map(|i| match i {
                 TraitItem::Fn(f) => Some((f.sig.ident.to_string(), f.sig.asyncness.is_some())),
+                TraitItem::Macro(m)
+                    if m.mac.path.to_token_stream().to_string().ends_with("participant_side") =>
+                {
+                    let f: TraitItemFn =
+                        syn::parse2(m.mac.tokens.clone()).expect("the participant side's method");
+                    Some((f.sig.ident.to_string(), f.sig.asyncness.is_some()))
+                }
                 _ => None,
             })
             .collect();

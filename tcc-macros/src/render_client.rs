@@ -63,7 +63,8 @@ pub fn render(s: &Service) -> TokenStream {
         "A client of the participant serving [`{service}`] at `base_url`, the prefix its router is nested \
          under (for example `http://127.0.0.1:8081/tcc/flights`): operation `op` is called at `{{base_url}}/op`."
     );
-    quote! {
+    // Only when tcc-http has the client side (its `client` feature).
+    quote! { #krate::__private::client_side! {
         #[doc = #doc]
         #[derive(::core::clone::Clone, ::core::fmt::Debug)]
         #vis struct #client {
@@ -95,5 +96,5 @@ pub fn render(s: &Service) -> TokenStream {
 
             #(#methods)*
         }
-    }
+    } }
 }

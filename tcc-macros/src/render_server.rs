@@ -162,14 +162,17 @@ pub fn render(s: &Service) -> TokenStream {
         #vis #trait_token #ident: #(#supertraits +)* ::core::marker::Send + ::core::marker::Sync + 'static {
             #(#methods)*
 
-            #[doc = #into_doc]
-            fn #into(self, participant: #krate::__private::Participant) -> #krate::__private::Participant
-            where
-                Self: ::core::marker::Sized,
-            {
-                #(#adapter_items)*
-                let this = ::std::sync::Arc::new(self);
-                participant #(#registrations)*
+            // Only when tcc-http serves participants (its `participant` feature).
+            #krate::__private::participant_side! {
+                #[doc = #into_doc]
+                fn #into(self, participant: #krate::__private::Participant) -> #krate::__private::Participant
+                where
+                    Self: ::core::marker::Sized,
+                {
+                    #(#adapter_items)*
+                    let this = ::std::sync::Arc::new(self);
+                    participant #(#registrations)*
+                }
             }
         }
     }

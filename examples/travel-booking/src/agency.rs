@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use tcc_http::client::{ClientError, TccClient};
-use tcc_http::server::native::{StateView, TransactionView};
 use tcc_http::stub::TccCallError;
+use tcc_http::{StateView, TransactionView};
 
 use crate::api::{BookingError, FlightsClient, Hold, HoldRequest, HotelsClient};
 

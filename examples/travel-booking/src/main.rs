@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use tcc_http::StateView;
 use tcc_http::client::TccClient;
-use tcc_http::server::native::StateView;
 use travel_booking::agency::{Agency, Outcome, Trip};
 use travel_booking::ledger;
 use travel_booking::service::{Kind, Service};
@@ -309,7 +309,7 @@ async fn wait_for_attempts(
     tcc: &TccClient,
     gid: &tcc_core::Gid,
     attempts: u32,
-) -> Result<tcc_http::server::native::TransactionView, String> {
+) -> Result<tcc_http::TransactionView, String> {
     for _ in 0..600 {
         let tx = tcc.get(gid).await.map_err(|e| e.to_string())?;
         if tx.attempts >= attempts || tx.state != StateView::Confirming {

@@ -28,114 +28,16 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use tcc_core::{Decision, Transaction};
 use tokio::sync::mpsc;
-use utoipa::ToSchema;
 
 use super::AppState;
-use super::native::{self, BeginRequest, Id, TransactionView, WaitQuery};
+use super::native::{self, TransactionView, WaitQuery};
 use crate::error::{ApiError, ApiJson};
 use crate::ndjson::{self, Lines};
 use crate::protocol::ErrorBody;
 
-/// Path of the batch route.
-pub const BATCH_PATH: &str = "/v1/batch";
-
-/// Most operations one batch may carry; a longer one is refused (422) as a whole.
-pub const MAX_BATCH_OPS: usize = 1024;
-
-/// A batch of operations.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchOps {
-    /// The operations (at most 1,024); each is answered by a line carrying its index here.
-    #[schema(max_items = 1024)]
-    pub ops: Vec<BatchOp>,
-}
-
-/// One operation of a batch: an object with one key, the operation's name.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum BatchOp {
-    /// `POST /v1/transactions` with this body: answered 201 and the transaction.
-    #[serde(deserialize_with = "native::object")]
-    Begin(BeginRequest),
-    /// `POST /v1/transactions/{gid}/confirm?wait_ms=`: answered 200 and the transaction.
-    #[serde(deserialize_with = "native::object")]
-    Confirm(DecideOp),
-    /// `POST /v1/transactions/{gid}/cancel?wait_ms=`: answered 200 and the transaction.
-    #[serde(deserialize_with = "native::object")]
-    Cancel(DecideOp),
-}
-
-/// Written by hand: the derived schema lets an operation's object carry other keys besides the
-/// operation's name, which the server refuses.
-impl utoipa::PartialSchema for BatchOp {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Ref, Type};
-        let op = |name: &str, body: &str, doc: &str| {
-            ObjectBuilder::new()
-                .schema_type(Type::Object)
-                .property(name, Ref::from_schema_name(body))
-                .required(name)
-                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
-                .description(Some(doc))
-        };
-        OneOfBuilder::new()
-            .item(op(
-                "begin",
-                "BeginRequest",
-                "`POST /v1/transactions` with this body: answered 201 and the transaction.",
-            ))
-            .item(op(
-                "confirm",
-                "DecideOp",
-                "`POST /v1/transactions/{gid}/confirm?wait_ms=`: answered 200 and the transaction.",
-            ))
-            .item(op(
-                "cancel",
-                "DecideOp",
-                "`POST /v1/transactions/{gid}/cancel?wait_ms=`: answered 200 and the transaction.",
-            ))
-            .description(Some("One operation of a batch: an object with one key, the operation's name."))
-            .into()
-    }
-}
-
-impl ToSchema for BatchOp {
-    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
-        use utoipa::PartialSchema;
-        schemas.push((BeginRequest::name().into(), BeginRequest::schema()));
-        BeginRequest::schemas(schemas);
-        schemas.push((DecideOp::name().into(), DecideOp::schema()));
-        DecideOp::schemas(schemas);
-    }
-}
-
-/// The transaction a confirm or cancel of a batch decides, and how long to wait for phase two.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DecideOp {
-    /// The transaction id.
-    #[schema(value_type = Id)]
-    pub gid: String,
-    /// As the single request's `wait_ms`: wait up to this many milliseconds (at most 60,000) for
-    /// phase two to finish. Not waiting when absent.
-    #[serde(default, deserialize_with = "native::whole_ms")]
-    pub wait_ms: Option<u64>,
-}
-
-/// The answer to one operation of a batch: one line of the answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BatchLine<B> {
-    /// The operation's index in [`BatchOps::ops`].
-    pub i: usize,
-    /// The status its single request would have been answered with.
-    pub status: u16,
-    /// The body that request would have had: the transaction, or an [`ErrorBody`].
-    pub body: B,
-}
+pub use crate::protocol::coordinator::{BATCH_PATH, BatchLine, BatchOp, BatchOps, DecideOp, MAX_BATCH_OPS};
 
 /// Runs several begins, confirms and cancels concurrently, answering each as its own request would
 /// be answered, one JSON line per operation: `{"i": INDEX, "status": STATUS, "body": TRANSACTION
@@ -192,39 +94,6 @@ impl BatchOp {
             BatchOp::Begin(_) => "/v1/transactions",
             BatchOp::Confirm(_) => "/v1/transactions/{gid}/confirm",
             BatchOp::Cancel(_) => "/v1/transactions/{gid}/cancel",
-        }
-    }
-
-    /// Refuses what the OpenAPI document calls invalid, so that a batch holding such an operation
-    /// is refused whole, as one that does not parse: a malformed id, a milliseconds option of 0
-    /// or past an int64, a `wait_ms` past an int64. What only the engine can judge (a timeout past
-    /// the server's limit, a participant URL not allowed, an unknown transaction) is answered per
-    /// operation.
-    pub(crate) fn check(&self) -> Result<(), ApiError> {
-        match self {
-            BatchOp::Begin(req) => {
-                req.gid.as_deref().map(native::parse_gid).transpose()?;
-                for (name, ms) in [
-                    ("timeout_ms", req.timeout_ms),
-                    ("retry_interval_ms", req.retry_interval_ms),
-                    ("call_timeout_ms", req.call_timeout_ms),
-                ] {
-                    if ms.is_some_and(|ms| ms == 0 || i64::try_from(ms).is_err()) {
-                        return Err(ApiError::malformed(format!(
-                            "{name} must be between 1 and {}",
-                            i64::MAX
-                        )));
-                    }
-                }
-                for b in &req.branches {
-                    b.branch.parse::<tcc_core::BranchId>().map_err(|e| ApiError::malformed(e.to_string()))?;
-                }
-                Ok(())
-            }
-            BatchOp::Confirm(op) | BatchOp::Cancel(op) => {
-                native::parse_gid(&op.gid)?;
-                WaitQuery { wait_ms: op.wait_ms }.check().map(drop)
-            }
         }
     }
 

@@ -19,45 +19,12 @@ use crate::metrics::Metrics;
 use crate::protocol::MAX_BODY;
 use crate::target::AllowList;
 
+pub use crate::protocol::coordinator::Token;
+
 pub mod batch;
+pub mod dtm;
+mod monitoring;
 pub mod native;
-mod ops;
-
-/// A secret bearer token. Its `Debug` never shows it, so it cannot reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    /// A token; empty ones are refused.
-    pub fn new(token: impl Into<String>) -> Result<Token, String> {
-        let t = token.into();
-        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("a token must be non-empty, without spaces or control characters".to_owned());
-        }
-        Ok(Token(t))
-    }
-
-    /// The secret, for building an `Authorization` header.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in time independent of where the first difference is.
-    fn matches(&self, presented: &[u8]) -> bool {
-        let mine = self.0.as_bytes();
-        let mut diff = mine.len() ^ presented.len();
-        for (i, b) in presented.iter().enumerate() {
-            diff |= usize::from(mine.get(i).copied().unwrap_or(0) ^ b);
-        }
-        diff == 0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
 
 /// Settings of the HTTP service around the engine.
 #[derive(Clone, Debug)]
@@ -109,8 +76,8 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(native::routes())
-        .nest("/api/dtmsvr", crate::dtm::routes())
-        .merge(ops::routes())
+        .nest("/api/dtmsvr", dtm::routes())
+        .merge(monitoring::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -144,7 +111,7 @@ async fn error_bodies(req: Request, next: Next) -> Response {
     match crate::serve::error_of(next.run(req).await).await {
         Ok(res) => res,
         Err((error, kept)) => {
-            let mut res = if dtm { crate::dtm::error_answer(error) } else { error.into_response() };
+            let mut res = if dtm { dtm::error_answer(error) } else { error.into_response() };
             res.headers_mut().extend(kept);
             res
         }
@@ -207,7 +174,9 @@ pub enum StoreChoice {
     /// The embedded sled store in this directory (created if missing). One process at a time.
     Sled(std::path::PathBuf),
     /// A PostgreSQL database (a connection URL), shared by every coordinator pointed at it; the
-    /// schema is created or migrated on start. See `tcc_core::store::postgres`.
+    /// schema is created or migrated on start. See `tcc_core::store::postgres`. Needs the `postgres`
+    /// feature.
+    #[cfg(feature = "postgres")]
     Postgres(String),
 }
 
@@ -216,6 +185,7 @@ impl StoreChoice {
     pub async fn open(&self) -> Result<Arc<dyn tcc_core::Store>, tcc_core::Error> {
         Ok(match self {
             StoreChoice::Sled(dir) => Arc::new(tcc_core::SledStore::open(dir)?),
+            #[cfg(feature = "postgres")]
             StoreChoice::Postgres(url) => Arc::new(tcc_core::store::PgStore::connect(url).await?),
         })
     }
@@ -233,8 +203,17 @@ impl std::str::FromStr for StoreChoice {
             return Ok(StoreChoice::Sled(dir.into()));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            tcc_core::store::postgres::check_url(s).map_err(|e| format!("the PostgreSQL store URL: {e}"))?;
-            return Ok(StoreChoice::Postgres(s.to_owned()));
+            #[cfg(feature = "postgres")]
+            {
+                tcc_core::store::postgres::check_url(s)
+                    .map_err(|e| format!("the PostgreSQL store URL: {e}"))?;
+                return Ok(StoreChoice::Postgres(s.to_owned()));
+            }
+            #[cfg(not(feature = "postgres"))]
+            return Err(
+                "this coordinator is built without the PostgreSQL store (tcc-http's `postgres` feature)"
+                    .to_owned(),
+            );
         }
         Err("a store is sled:DIR or postgres://USER@HOST:PORT/DB".to_owned())
     }
@@ -244,6 +223,7 @@ impl std::fmt::Display for StoreChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreChoice::Sled(dir) => write!(f, "sled:{}", dir.display()),
+            #[cfg(feature = "postgres")]
             StoreChoice::Postgres(url) => f.write_str(&tcc_core::store::postgres::describe_url(url)),
         }
     }

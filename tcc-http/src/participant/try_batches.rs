@@ -2,7 +2,7 @@
 //!
 //! Every try of a batch goes through the barrier exactly as the single try would: its request
 //! checked by the operation, its own barrier transaction, its own refusal, its own panic (a 500 for
-//! that try only); the batch runs and is answered as a phase-two batch is ([`super::batch::run`]):
+//! that try only); the batch runs and is answered as a phase-two batch is ([`super::phase_two_batches::run`]):
 //! each try once what it changed is on disk, streamed when the request accepts it. A batch that is malformed as a batch (not JSON, a bad id) is
 //! refused whole before any of it runs; a request the operation's check refuses is that try's own
 //! 400, as it would be alone.
@@ -13,8 +13,8 @@ use axum::body::Bytes;
 use axum::response::Response;
 use tcc_core::barrier::{BarrierError, SledBarrier};
 
-use super::batch::{Batched, batched_ids, run, within_limit};
-use super::staged_calls::ErasedAsync;
+use super::async_calls::ErasedAsync;
+use super::phase_two_batches::{Batched, batched_ids, run, within_limit};
 use super::{
     CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, encode_stored_request, sync_try,
     try_deadline,
@@ -56,7 +56,7 @@ impl Batched for TryRequest {
         ids: &Ids,
     ) -> Result<Done, ApiError> {
         let deadline = try_deadline(ids, op.check(&self.0))?;
-        super::staged_calls::call(participant, name, op, Phase::Try, ids, Some(deadline), self.0).await
+        super::async_calls::call(participant, name, op, Phase::Try, ids, Some(deadline), self.0).await
     }
 }
 

@@ -1,4 +1,4 @@
-//! The phase-two lane of a native target: the confirms and cancels the coordinator owes one
+//! Phase-two batches: the lane of a native target, the confirms and cancels the coordinator owes one
 //! participant operation, folded into `POST {target}/batch` requests (see [`crate::lane`] for when
 //! batches go, and [`crate::protocol`] for the batch and its answer).
 

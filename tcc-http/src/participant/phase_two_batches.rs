@@ -24,7 +24,7 @@ use tcc_core::{BranchId, Decision, Gid, Timestamp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::staged_calls::ErasedAsync;
+use super::async_calls::ErasedAsync;
 use super::{
     CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, barrier_error, needs_flush,
     not_flushed, panicked, phase_two,
@@ -98,7 +98,7 @@ impl Batched for Phase {
         op: &Arc<dyn ErasedAsync>,
         ids: &Ids,
     ) -> Result<Done, ApiError> {
-        super::staged_calls::call(participant, name, op, self, ids, None, Bytes::new()).await
+        super::async_calls::call(participant, name, op, self, ids, None, Bytes::new()).await
     }
 }
 
@@ -156,7 +156,7 @@ pub(super) async fn run<C: Batched>(
                             let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
                             call.run_async(&participant, &name, &op, &ids).await
                         };
-                        let flush = super::staged_calls::needs_flush(&r);
+                        let flush = super::async_calls::needs_flush(&r);
                         let _ = done.send((i, r, flush));
                     }
                 });

@@ -1,5 +1,5 @@
 //! A remote client's calls to its coordinator, folded into `POST /v1/batch` requests (see
-//! [`crate::server::batch`] for the batch and its answer, [`crate::lane`] for when batches go).
+//! [`crate::protocol::coordinator`] for the batch and its answer, [`crate::lane`] for when batches go).
 //!
 //! Two lanes: calls answered once their write is on disk (begin; confirm and cancel without
 //! waiting), and confirms and cancels that wait for phase two. A batch is done when its last answer
@@ -16,9 +16,7 @@ use super::{ClientError, coordinator_error};
 use crate::lane::{Answer, Carrier, Lane, Reply, take_reply};
 use crate::ndjson::{self, ReadError};
 use crate::protocol::MAX_BODY;
-use crate::server::Token;
-use crate::server::batch::{BATCH_PATH, BatchLine, BatchOp, BatchOps};
-use crate::server::native::TransactionView;
+use crate::protocol::coordinator::{BATCH_PATH, BatchLine, BatchOp, BatchOps, Token, TransactionView};
 use crate::transport::{Batching, ClientConfig, error_text, transport_error};
 
 /// A remote client's two lanes to its coordinator.

@@ -72,12 +72,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiE
     Ok("ready")
 }
 
-/// Prometheus metrics in the text exposition format.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", body = String, content_type = "text/plain")))]
+/// Prometheus metrics as OpenMetrics text.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", body = String, content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let flagged = state.coordinator.count(TxState::Flagged).await?;
     let text = state.metrics.render(&state.coordinator.stats(), flagged);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text))
 }
 
 /// This document.

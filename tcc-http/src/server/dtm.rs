@@ -107,12 +107,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tcc_core::transport::{BranchCall, CallError};
 use tcc_core::{BranchId, BranchState, Decision, Gid, Transaction, TxOptions, TxState};
 use url::Url;
 
 use crate::error::ApiError;
-use crate::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
+use crate::protocol::dtm::{RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, TCC};
 use crate::server::AppState;
 use crate::target::Target;
 
@@ -127,20 +126,6 @@ pub const STATUS_ABORTING: &str = "aborting";
 /// DTM's status of a transaction whose branches are all cancelled (tcc: cancelled).
 pub const STATUS_FAILED: &str = "failed";
 
-/// The result word of a success.
-const RESULT_SUCCESS: &str = "SUCCESS";
-/// The result word of a failure; DTM clients look for it in bodies.
-const RESULT_FAILURE: &str = "FAILURE";
-/// The result word of an operation still in progress.
-const RESULT_ONGOING: &str = "ONGOING";
-
-/// The only transaction type served.
-const TCC: &str = "tcc";
-
-/// Most bytes of a participant's answer read.
-const MAX_ANSWER: usize = 64 * 1024;
-/// Most bytes of a participant's answer kept in an error message.
-const MAX_ERROR_TEXT: usize = 512;
 /// Longest a `wait_result` submit or abort waits.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -150,10 +135,10 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// use std::time::Duration;
 /// use tcc_core::{Decision, Gid, Timestamp, TxState};
 /// let mut tx = tcc_core::state::begin(Gid::generate(), Timestamp(0), Timestamp(1_000));
-/// assert_eq!(tcc_http::dtm::status(&tx), "prepared");
+/// assert_eq!(tcc_http::server::dtm::status(&tx), "prepared");
 /// tx.state = TxState::Flagged;
 /// tx.decision = Some(Decision::Cancel);
-/// assert_eq!(tcc_http::dtm::status(&tx), "aborting");
+/// assert_eq!(tcc_http::server::dtm::status(&tx), "aborting");
 /// ```
 pub fn status(tx: &Transaction) -> &'static str {
     match tx.state {
@@ -594,115 +579,9 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-// ---------------------------------------------------------------------------------------------
-// Calling branches
-
-/// Calls a DTM-style branch's confirm or cancel `url` the way DTM's server does (see the module
-/// documentation) and reads the answer by DTM's conventions. The engine bounds the call's duration.
-pub(crate) async fn call_branch(
-    client: &reqwest::Client,
-    url: &Url,
-    call: &BranchCall<'_>,
-) -> Result<(), CallError> {
-    let op = match call.decision {
-        Decision::Confirm => "confirm",
-        Decision::Cancel => "cancel",
-    };
-    let mut url = url.clone();
-    url.query_pairs_mut()
-        .append_pair("gid", call.gid.as_str())
-        .append_pair("trans_type", TCC)
-        .append_pair("branch_id", call.branch.id.as_str())
-        .append_pair("op", op);
-    let mut res = client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(GID_HEADER, call.gid.as_str())
-        .header(BRANCH_HEADER, call.branch.id.as_str())
-        .header(DEADLINE_HEADER, call.deadline.0.to_string())
-        .body(call.branch.payload.clone())
-        .send()
-        .await
-        .map_err(|e| crate::transport::transport_error(&e))?;
-    let status = res.status();
-    let mut body = Vec::new();
-    while body.len() < MAX_ANSWER {
-        match res.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            Ok(None) => break,
-            // Without the whole answer a success cannot be told from a failure: ask again.
-            Err(e) => return Err(crate::transport::transport_error(&e)),
-        }
-    }
-    body.truncate(MAX_ANSWER);
-    classify(op, status, &body)
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-/// What a participant's answer to `op` means, by DTM's conventions (see the module documentation):
-/// a 2xx without `FAILURE` or `ONGOING` in its body is done; anything else is worth another try.
-/// DTM's server (`getBranchResult`) treats only a saga action's `FAILURE` as final: a TCC confirm or
-/// cancel must not fail, so one that answers otherwise is called again until it succeeds. tcc does
-/// the same under its retry policy, and flags the transaction only once the policy is spent.
-fn classify(op: &str, status: reqwest::StatusCode, body: &[u8]) -> Result<(), CallError> {
-    let text = || {
-        let end = body.len().min(MAX_ERROR_TEXT);
-        String::from_utf8_lossy(&body[..end]).into_owned()
-    };
-    let why = if status == reqwest::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING) {
-        " (ongoing)"
-    } else if status == reqwest::StatusCode::CONFLICT || contains(body, RESULT_FAILURE) {
-        " (failure, which a confirm or cancel must not answer)"
-    } else if status.is_redirection() {
-        " (a redirect; tcc never follows redirects)"
-    } else if status.is_success() {
-        return Ok(());
-    } else {
-        ""
-    };
-    Err(CallError::Transient(format!("participant answered {status}{why} to {op}: {}", text())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_a_success_is_final_everything_else_is_retried_as_dtm_retries_it() {
-        use reqwest::StatusCode as S;
-        let kind = |s: S, body: &str| match classify("confirm", s, body.as_bytes()) {
-            Ok(()) => "ok",
-            Err(CallError::Transient(_)) => "transient",
-            Err(CallError::Permanent(_)) => "permanent",
-        };
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"SUCCESS"}"#), "ok");
-        assert_eq!(kind(S::OK, ""), "ok");
-        assert_eq!(kind(S::NO_CONTENT, ""), "ok");
-        // Lower case is not DTM's result word.
-        assert_eq!(kind(S::OK, "no failure here"), "ok");
-        // A confirm or cancel that says FAILURE is retried (DTM retries it; tcc until its policy
-        // is spent), whatever the status.
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"FAILURE"}"#), "transient");
-        assert_eq!(kind(S::CONFLICT, ""), "transient");
-        assert_eq!(kind(S::SERVICE_UNAVAILABLE, r#"{"dtm_result":"FAILURE"}"#), "transient");
-        assert_eq!(kind(S::INTERNAL_SERVER_ERROR, "FAILURE"), "transient");
-        assert_eq!(kind(S::OK, r#"{"dtm_result":"ONGOING"}"#), "transient");
-        assert_eq!(kind(S::TOO_EARLY, ""), "transient");
-        for other in [
-            S::INTERNAL_SERVER_ERROR,
-            S::TOO_MANY_REQUESTS,
-            S::REQUEST_TIMEOUT,
-            S::FOUND,
-            S::TEMPORARY_REDIRECT,
-            S::NOT_FOUND,
-            S::BAD_REQUEST,
-        ] {
-            assert_eq!(kind(other, "oops"), "transient", "{other}");
-        }
-    }
 
     #[test]
     fn flagged_transactions_keep_their_decision_word() {
