@@ -372,8 +372,14 @@ mod tests {
     fn registering_the_same_branch_twice_is_idempotent_but_different_details_are_refused() {
         let tx = tx_in(TxState::Trying);
         assert_eq!(apply(&tx, &register("a"), &ctx(NOW)).unwrap(), Transition::Unchanged);
-        let other = Event::Register { id: bid("a"), target: "mem://elsewhere".into(), payload: vec![] };
-        assert!(matches!(apply(&tx, &other, &ctx(NOW)), Err(Error::InvalidInput(_))));
+        // Either detail differing alone makes it another registration, not a retry.
+        let other_target =
+            Event::Register { id: bid("a"), target: "mem://elsewhere".into(), payload: b"a".to_vec() };
+        let other_payload =
+            Event::Register { id: bid("a"), target: "mem://a".into(), payload: b"other".to_vec() };
+        for other in [other_target, other_payload] {
+            assert!(matches!(apply(&tx, &other, &ctx(NOW)), Err(Error::InvalidInput(_))), "{other:?}");
+        }
     }
 
     #[test]
