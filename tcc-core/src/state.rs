@@ -392,8 +392,14 @@ mod tests {
     fn registering_the_same_branch_twice_is_idempotent_but_different_details_are_refused() {
         let tx = tx_in(TxState::Trying);
         assert_eq!(apply(&tx, &register("a"), &ctx(NOW)).unwrap(), Transition::Unchanged);
-        let other = Event::Register { id: bid("a"), target: "mem://elsewhere".into(), payload: vec![] };
-        assert!(matches!(apply(&tx, &other, &ctx(NOW)), Err(Error::InvalidInput(_))));
+        // Either detail differing alone makes it another registration, not a retry.
+        let other_target =
+            Event::Register { id: bid("a"), target: "mem://elsewhere".into(), payload: b"a".to_vec() };
+        let other_payload =
+            Event::Register { id: bid("a"), target: "mem://a".into(), payload: b"other".to_vec() };
+        for other in [other_target, other_payload] {
+            assert!(matches!(apply(&tx, &other, &ctx(NOW)), Err(Error::InvalidInput(_))), "{other:?}");
+        }
     }
 
     #[test]
@@ -553,11 +559,55 @@ mod tests {
         assert_eq!(tx.last_error.as_deref(), Some("branch b: boom"));
     }
 
+    /// A transaction flagged after deciding `decision`: branch b failed for good.
+    fn flagged(decision: Decision) -> Transaction {
+        let tx = tx_in(TxState::Trying);
+        let ev = if decision == Decision::Confirm { Event::Confirm } else { Event::Cancel };
+        let tx = changed(apply(&tx, &ev, &ctx(NOW)).unwrap()).0;
+        let ev =
+            Event::RoundFinished { done: vec![], failed: vec![(bid("b"), "boom".into())], retry_at: None };
+        changed(apply(&tx, &ev, &ctx(NOW)).unwrap()).0
+    }
+
     #[test]
     fn flagged_transactions_keep_their_decision_for_repeated_requests() {
-        let tx = tx_in(TxState::Flagged);
-        assert_eq!(apply(&tx, &Event::Cancel, &ctx(NOW)).unwrap(), Transition::Unchanged);
-        assert!(apply(&tx, &Event::Confirm, &ctx(NOW)).is_err());
+        for decision in [Decision::Confirm, Decision::Cancel] {
+            let tx = flagged(decision);
+            assert_eq!((tx.state, tx.decision), (TxState::Flagged, Some(decision)));
+            let (same, opposite): (&[Event], &[Event]) = match decision {
+                Decision::Confirm => (&[Event::Confirm], &[Event::Cancel, Event::DeadlineReached]),
+                Decision::Cancel => (&[Event::Cancel, Event::DeadlineReached], &[Event::Confirm]),
+            };
+            for ev in same {
+                assert_eq!(
+                    apply(&tx, ev, &ctx(DEADLINE)).unwrap(),
+                    Transition::Unchanged,
+                    "{decision} {ev:?}"
+                );
+            }
+            for ev in opposite {
+                let err = apply(&tx, ev, &ctx(DEADLINE)).unwrap_err();
+                assert!(matches!(err, Error::IllegalTransition { .. }), "{decision} {ev:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_illegal_transition_names_what_was_asked() {
+        let tx = tx_in(TxState::Cancelled);
+        for (ev, action) in [
+            (register("c"), "cannot register a branch on transaction"),
+            (Event::Confirm, "cannot confirm transaction"),
+            (Event::OperatorRetry, "cannot retry transaction"),
+            (Event::OperatorForce(Decision::Cancel), "cannot force transaction"),
+        ] {
+            let err = apply(&tx, &ev, &ctx(NOW)).unwrap_err().to_string();
+            assert!(err.starts_with(action) && err.ends_with("it is cancelled"), "{ev:?}: {err}");
+        }
+        let err = apply(&tx_in(TxState::Trying), &Event::DeadlineReached, &ctx(NOW)).unwrap_err();
+        assert!(err.to_string().starts_with("cannot expire transaction"), "{err}");
+        let err = apply(&tx_in(TxState::Trying), &Event::OperatorRetry, &ctx(NOW)).unwrap_err();
+        assert!(err.to_string().starts_with("cannot retry transaction"), "{err}");
     }
 
     #[test]

@@ -330,6 +330,61 @@ fn barrier_record_and_business_write_commit_together() -> TestResult {
 }
 
 #[test]
+fn the_barrier_reports_its_grace_and_business_trees() -> TestResult {
+    let fx = Fixture::new();
+    assert_eq!(fx.barrier.grace(), GRACE);
+    let names: Vec<Vec<u8>> = fx.barrier.business_trees().iter().map(|t| t.name().to_vec()).collect();
+    assert_eq!(names, [b"seats".to_vec()]);
+    Ok(())
+}
+
+#[test]
+fn business_methods_see_every_business_tree_in_order() -> TestResult {
+    let db = sled::Config::new().temporary(true).open()?;
+    let (seats, meals) = (db.open_tree("seats")?, db.open_tree("meals")?);
+    let clock = ManualClock::new(START);
+    let barrier = SledBarrier::open(&db, vec![seats.clone(), meals.clone()], Arc::new(clock.clone()), GRACE)?;
+    let (gid, b) = (Gid::generate(), branch("flight"));
+    let deadline = clock.now() + TTL;
+    barrier.try_op(&gid, &b, deadline, b"12A", |tx| -> Biz<Vec<u8>> {
+        let trees = tx.trees();
+        if trees.len() != 2 {
+            return abort(format!("{} business trees", trees.len()));
+        }
+        trees[0].insert("12A", "held")?;
+        trees[1].insert("12A", "vegetarian")?;
+        Ok(Vec::new())
+    })?;
+    assert_eq!(seats.get("12A")?.as_deref(), Some(&b"held"[..]));
+    assert_eq!(meals.get("12A")?.as_deref(), Some(&b"vegetarian"[..]));
+    Ok(())
+}
+
+#[test]
+fn only_tried_is_not_final() {
+    use BarrierState::*;
+    let finals: Vec<bool> =
+        [Tried, Confirmed, Cancelled, CancelledEmpty, Expired].map(|s| s.is_final()).into();
+    assert_eq!(finals, [false, true, true, true, true]);
+}
+
+#[test]
+fn errors_name_their_refusal_and_only_refusals_do() -> TestResult {
+    let fx = Fixture::new();
+    let (gid, b) = (Gid::generate(), branch("flight"));
+    let refused = fx.barrier.confirm(&gid, &b, sell).expect_err("no try ran");
+    assert_eq!(refused.refusal(), Some(Refusal::NotTried));
+    assert_eq!(refused.code(), "not_tried");
+    let failed = fx
+        .barrier
+        .try_op(&gid, &b, fx.deadline(), b"12A", |_| -> Biz<Vec<u8>> { abort("sold out".to_string()) })
+        .expect_err("the business try aborts");
+    assert_eq!(failed.refusal(), None);
+    assert_eq!(failed.code(), "business");
+    Ok(())
+}
+
+#[test]
 fn business_methods_get_the_stored_try_request() -> TestResult {
     let fx = Fixture::new();
     let (gid, b) = (Gid::generate(), branch("flight"));
@@ -458,6 +513,28 @@ fn expiry_releases_more_reservations_than_one_sweep_batch() -> TestResult {
     assert_eq!(fx.barrier.expire_due(release)?, n as usize);
     assert_eq!(fx.barrier.held(), 0);
     assert_eq!(fx.runs("cancel"), n);
+    Ok(())
+}
+
+#[test]
+fn a_sweep_ends_after_a_short_page_even_when_more_falls_due_meanwhile() -> TestResult {
+    // Each release takes a full second on the participant's clock, making the next reservation
+    // due. A sweep that went on paging after a short page would chase them all; this one releases
+    // what was due when its page was read, and leaves the rest to the next sweep.
+    let fx = Fixture::new().with_deferred();
+    let gid = Gid::generate();
+    for i in 0..3u64 {
+        let deadline = fx.deadline() + Duration::from_secs(i);
+        fx.barrier.try_op(&gid, &branch(&format!("b{i}")), deadline, b"x", hold)?;
+    }
+    fx.clock.advance(TTL + GRACE);
+    let slow_release = |tx: &BusinessTx<'_>| {
+        fx.clock.advance(Duration::from_secs(1));
+        release(tx)
+    };
+    assert_eq!(fx.barrier.expire_due(slow_release)?, 1, "one page, read once");
+    assert_eq!(fx.barrier.held(), 2);
+    assert_eq!(fx.state(&gid, &branch("b1")), Some(BarrierState::Tried));
     Ok(())
 }
 
@@ -769,6 +846,23 @@ async fn background_expiry_loop_releases_reservations_on_the_clock() -> TestResu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_expiry_task_stops_the_loop() -> TestResult {
+    let fx = Fixture::new();
+    let (gid, b) = (Gid::generate(), branch("flight"));
+    fx.barrier.try_op(&gid, &b, fx.deadline(), b"12A", hold)?;
+    let task = fx.barrier.spawn_expiry(Duration::from_secs(1), release);
+    wait_until(|| fx.clock.sleepers() == 1).await;
+    drop(task);
+    // The loop's sleep is dropped with the loop; a loop still running would keep it.
+    wait_until(|| fx.clock.sleepers() == 0).await;
+    fx.clock.advance(TTL + GRACE);
+    tokio::task::yield_now().await;
+    assert_eq!(fx.state(&gid, &b), Some(BarrierState::Tried), "nobody sweeps after the drop");
+    assert_eq!(fx.runs("cancel"), 0);
+    Ok(())
+}
+
 /// Polls (in real time, briefly) until a background effect is visible; the clock is never real.
 async fn wait_until(mut done: impl FnMut() -> bool) {
     for _ in 0..1_000 {
@@ -819,6 +913,7 @@ proptest! {
         let (gid, b) = (Gid::generate(), branch("flight"));
         let deadline = fx.deadline();
         let mut emptied = false;
+        let mut expired = false;
         for c in calls {
             match c {
                 Call::Try => match fx.barrier.try_op(&gid, &b, deadline, b"12A", hold) {
@@ -834,7 +929,7 @@ proptest! {
                     Ok(_) | Err(BarrierError::Refused(Refusal::AlreadyConfirmed)) => {}
                     Err(e) => return Err(TestCaseError::fail(e.to_string())),
                 },
-                Call::Sweep => { fx.barrier.expire_due(release)?; }
+                Call::Sweep => expired |= fx.barrier.expire_due(release)? > 0,
                 Call::Wait(ms) => fx.clock.advance(Duration::from_millis(ms)),
             }
             let (tries, confirms, cancels) = (fx.runs("try"), fx.runs("confirm"), fx.runs("cancel"));
@@ -848,8 +943,8 @@ proptest! {
                 (0, _, _) if emptied => Some(BarrierState::CancelledEmpty),
                 (0, _, _) => None,
                 (_, 1, _) => Some(BarrierState::Confirmed),
-                // Cancelled by a cancel or by the participant's own expiry: either is a release.
-                (_, _, 1) if state == Some(BarrierState::Expired) => state,
+                // Released by the participant's own expiry (a sweep that released it) or by a cancel.
+                (_, _, 1) if expired => Some(BarrierState::Expired),
                 (_, _, 1) => Some(BarrierState::Cancelled),
                 _ => Some(BarrierState::Tried),
             };

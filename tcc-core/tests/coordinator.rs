@@ -331,15 +331,19 @@ async fn crash_while_calls_are_in_flight_repeats_them_after_restart() {
     rig.mem.set_fault("mem://hotel", Fault::Hang);
     let gid = rig.begin_with(&["flight", "hotel"], MIN).await;
     rig.tc().confirm(&gid).await.unwrap();
-    for _ in 0..500 {
+    for _ in 0..2_000 {
         if rig.mem.calls().len() == 2 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert_eq!(rig.mem.calls().len(), 2, "both calls are in flight");
+    // The flight confirmed, but the round waits for the hanging hotel: nothing of it is stored yet.
+    assert_eq!(rig.mem.effects(&gid, "flight").confirms, 1);
+    let mid = rig.tc().get(&gid).await.unwrap();
+    assert_eq!(mid.state, TxState::Confirming);
+    assert!(all_branches(&mid, BranchState::Registered), "{mid:?}");
     rig.crash().await;
-    let mid = rig.tc.as_ref().map(|_| ()).is_none();
-    assert!(mid);
     rig.mem.set_fault("mem://hotel", Fault::Healthy);
     rig.open().await;
     let tx = rig.settle(&gid).await;
@@ -597,11 +601,11 @@ async fn the_deadline_sweep_expires_a_batch_with_one_flush_not_one_per_transacti
     tc.stop().await;
 }
 
-/// Branch calls that wait for a gate, counting how many are in flight at most.
-#[derive(Clone, Debug, Default)]
+/// Branch calls that wait for a gate, counting how many are in flight at most. The gate lets calls
+/// through one at a time ([`Gated::let_one_through`]) or all from now on ([`Gated::release`]).
+#[derive(Clone, Debug)]
 struct Gated {
-    gate: std::sync::Arc<tokio::sync::Notify>,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    passes: std::sync::Arc<tokio::sync::Semaphore>,
     now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -614,17 +618,20 @@ impl tcc_core::transport::Transport for Gated {
         _: tcc_core::transport::BranchCall<'_>,
     ) -> Result<(), tcc_core::transport::CallError> {
         use std::sync::atomic::Ordering::SeqCst;
+        /// Counts the call out however it ends (answered, or dropped by a timeout or a stop).
+        struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
         self.total.fetch_add(1, SeqCst);
         let n = self.now.fetch_add(1, SeqCst) + 1;
+        let _in_flight = InFlight(&self.now);
         self.max.fetch_max(n, SeqCst);
-        while !self.open.load(SeqCst) {
-            let notified = self.gate.notified();
-            if self.open.load(SeqCst) {
-                break;
-            }
-            notified.await;
+        if let Ok(pass) = self.passes.acquire().await {
+            pass.forget();
         }
-        self.now.fetch_sub(1, SeqCst);
         Ok(())
     }
 }
@@ -636,7 +643,13 @@ impl Gated {
             std::sync::Arc::new(common::open_store(dir).await),
             std::sync::Arc::new(self.clone()),
             std::sync::Arc::new(tcc_core::SystemClock),
-            tcc_core::Config { max_rounds, ..common::config() },
+            // Calls wait at the gate as long as the test says: no call timeout cuts them short.
+            tcc_core::Config {
+                max_rounds,
+                retry: tcc_core::RetryPolicy { call_timeout: Duration::from_secs(600), ..common::policy() },
+                lease: Duration::from_secs(1_200),
+                ..common::config()
+            },
         )
         .await
         .unwrap()
@@ -644,8 +657,34 @@ impl Gated {
 
     /// Lets every call through, now and from now on.
     fn release(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.gate.notify_waiters();
+        self.passes.close();
+    }
+
+    /// Lets one call through, now or when it comes.
+    fn let_one_through(&self) {
+        self.passes.add_permits(1);
+    }
+
+    /// Waits (in real time, boundedly) until exactly `n` calls are in flight.
+    async fn until_in_flight(&self, n: usize) {
+        for _ in 0..2_000 {
+            if self.now.load(std::sync::atomic::Ordering::SeqCst) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never {n} calls in flight (now {})", self.now.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
+
+impl Default for Gated {
+    fn default() -> Gated {
+        Gated {
+            passes: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+            now: Default::default(),
+            max: Default::default(),
+            total: Default::default(),
+        }
     }
 }
 
@@ -667,20 +706,17 @@ async fn no_more_than_max_rounds_run_at_once() {
     let gated = Gated::default();
     let tc = gated.coordinator(dir.path(), 3).await;
     let gids = confirm_n(&tc, 10).await;
-    // Let every round that can start, start.
-    for _ in 0..50 {
-        if gated.now.load(SeqCst) >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // One call finishes at a time; each time, the slot it frees goes to exactly one waiting round.
+    // (Without the cap all ten would be in flight and "3" would never be seen again: the wait fails.)
+    for left in (1..=10).rev() {
+        gated.until_in_flight(left.min(3)).await;
+        gated.let_one_through();
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(gated.max.load(SeqCst), 3, "rounds in flight at most");
-    gated.release();
     for gid in &gids {
         assert_eq!(tc.wait(gid, MIN).await.unwrap().state, TxState::Confirmed);
     }
-    assert_eq!(gated.max.load(SeqCst), 3);
+    assert_eq!(gated.max.load(SeqCst), 3, "rounds in flight at most");
+    assert_eq!(gated.total.load(SeqCst), 10);
     tc.stop().await;
 }
 
@@ -721,12 +757,7 @@ async fn stopping_leaves_rounds_waiting_for_a_slot_to_the_next_start() {
     let gated = Gated::default();
     let tc = std::sync::Arc::new(gated.coordinator(dir.path(), 1).await);
     let gids = confirm_n(&tc, 3).await;
-    for _ in 0..500 {
-        if gated.now.load(SeqCst) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gated.until_in_flight(1).await;
     // One round is in the participant, two wait for the slot. Stopping lets the first finish and
     // does not start the others.
     let stopper = tc.clone();

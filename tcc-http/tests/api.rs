@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Mode, Participant, Tcc, Where};
+use tcc_core::{Clock, ManualClock, SystemClock};
 use tcc_http::server::{ServerConfig, Token};
 
 const TOKEN: &str = "s3cret-Token-for-tests";
@@ -199,15 +200,17 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_after_the_deadline_is_refused_with_422() {
-    // A scheduler that looks rarely, so the deadline passes before the sweep cancels.
+    // The engine's clock moves only when the test moves it, and its scheduler sleeps an hour of it:
+    // the deadline passes and no sweep can run before the confirm.
+    let clock = ManualClock::new(SystemClock.now());
     let core = tcc_core::Config { poll_interval: Duration::from_secs(3600), ..support::fast_core() };
-    let tcc = Tcc::start_with(Where::Standalone, core, ServerConfig::default()).await;
+    let tcc = Tcc::start_on_clock(Where::Standalone, core, ServerConfig::default(), clock.clone()).await;
     let http = reqwest::Client::new();
     let base = tcc.url();
     let (status, _) =
         send(http.post(format!("{base}/v1/transactions")).json(&json!({"gid":"late","timeout_ms":50}))).await;
     assert_eq!(status, 201);
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    clock.advance(Duration::from_millis(50));
     assert_eq!(
         refusal(http.post(format!("{base}/v1/transactions/late/confirm"))).await,
         (422, "deadline_passed".into())

@@ -302,7 +302,7 @@ async fn a_coordinator_without_the_batch_route_is_called_one_call_at_a_time() {
                 )
             }),
         )
-        .fallback_service(tcc_http::server::router(Arc::clone(&tcc.server.as_ref().unwrap().state)));
+        .fallback_service(tcc_http::server::router(Arc::clone(tcc.server.as_ref().unwrap().state())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });

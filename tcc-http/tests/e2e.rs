@@ -6,6 +6,8 @@ mod support;
 
 use std::time::Duration;
 
+use tcc_core::{Clock, ManualClock};
+
 use support::{BOTH, Mode, Participant, Tcc, Where, eventually};
 use tcc_http::client::ClientError;
 use tcc_http::server::native::StateView;
@@ -135,11 +137,22 @@ async fn a_failing_confirm_is_flagged_not_retried_forever_and_an_operator_can_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_passing_while_trying_cancels() {
     for mode in BOTH {
-        let tcc = Tcc::start(mode).await;
+        // The engine's clock moves only when the test moves it: the try always lands before the
+        // deadline, and the deadline passes exactly when the test says.
+        let clock = ManualClock::new(tcc_core::SystemClock.now());
+        let tcc = Tcc::start_on_clock(mode, support::fast_core(), Default::default(), clock.clone()).await;
         let flight = Participant::start(Mode::Healthy).await;
         let tx = tcc.client.begin(Duration::from_millis(300)).await.unwrap();
         tx.try_branch("flight", &flight.target("seat"), b"1A".to_vec()).await.unwrap();
-        // The initiator goes quiet; the coordinator's deadline sweep cancels.
+        assert_eq!(tcc.client.get(tx.gid()).await.unwrap().state, StateView::Trying, "{mode:?}");
+        // The initiator goes quiet; at the deadline the coordinator's sweep cancels. (The clock
+        // goes on in small steps, so a scheduler that went to sleep during the first step wakes.)
+        clock.advance(Duration::from_millis(300));
+        eventually("the deadline sweep cancels", LONG, async || {
+            clock.advance(Duration::from_millis(10));
+            tcc.client.get(tx.gid()).await.unwrap().state == StateView::Cancelled
+        })
+        .await;
         let done = tcc.client.wait(tx.gid(), LONG).await.unwrap();
         assert_eq!(done.state, StateView::Cancelled, "{mode:?}");
         assert_eq!(flight.phases(tx.gid().as_str()), ["try", "cancel"], "{mode:?}");

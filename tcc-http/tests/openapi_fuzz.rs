@@ -20,8 +20,8 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use serde_json::{Value, json};
 use support::{Mode, Participant, fast_core};
-use tcc_core::{Config, RetryPolicy};
-use tcc_http::server::{Launch, Running, ServerConfig, Token};
+use tcc_core::{Clock, Config, ManualClock, RetryPolicy, SystemClock};
+use tcc_http::server::{Launch, ServerConfig, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "fuzz-token-0123456789";
@@ -30,7 +30,7 @@ const TOKEN: &str = "fuzz-token-0123456789";
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 struct Coordinator {
-    running: Running,
+    running: support::Server,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -57,6 +57,16 @@ impl Coordinator {
         })
         .await
         .unwrap();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        Coordinator { running: support::Server::Started(running), http, _dir: dir }
+    }
+
+    /// The same coordinator with its engine on `clock`, which only the test moves.
+    async fn start_on_clock(core: Config, clock: ManualClock) -> Coordinator {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerConfig { token: Some(Token::new(TOKEN).unwrap()), ..ServerConfig::default() };
+        let running =
+            support::Server::on_clock(support::test_store(dir.path()).await, core, server, clock).await;
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         Coordinator { running, http, _dir: dir }
     }
@@ -275,13 +285,15 @@ async fn what_the_fuzz_found_is_refused_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_after_the_deadline_is_422_and_stores_nothing() {
-    // A scheduler that looks rarely, so the deadline passes before the sweep cancels.
-    let tc =
-        Coordinator::start_with(Config { poll_interval: Duration::from_secs(3600), ..fast_core() }).await;
+    // The engine's clock moves only when the test moves it, and its scheduler sleeps an hour of it:
+    // the deadline passes and no sweep can run before the registration.
+    let clock = ManualClock::new(SystemClock.now());
+    let core = Config { poll_interval: Duration::from_secs(3600), ..fast_core() };
+    let tc = Coordinator::start_on_clock(core, clock.clone()).await;
     let p = Participant::start(Mode::Healthy).await;
     let (status, body) = tc.post("/v1/transactions", r#"{"gid":"late","timeout_ms":50}"#).await;
     assert_eq!(status, 201, "{body}");
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    clock.advance(Duration::from_millis(50));
     let branch = json!({ "branch": "b1", "target": p.target("op") }).to_string();
     let (status, body) = tc.post("/v1/transactions/late/branches", &branch).await;
     assert_eq!((status, &body["code"]), (422, &json!("deadline_passed")), "{body}");

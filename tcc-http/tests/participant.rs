@@ -261,6 +261,37 @@ struct Fixture {
     addr: SocketAddr,
     http: reqwest::Client,
     reserve: Arc<Reserve>,
+    waiting: WaitSignal,
+}
+
+/// Where the next cancel to stop and wait inside the participant reports it (see [`report_waiting`]).
+type WaitSignal = Arc<Mutex<Option<oneshot::Sender<()>>>>;
+
+/// A layer in front of the participant's router: a cancel's body is read whole first, so that the
+/// first time the participant's handler has to wait is at the branch lock (extracting the path,
+/// headers and a whole body never waits); then the first `Pending` of the handler reports, once, to
+/// the [`WaitSignal`] set by [`Fixture::next_cancel_waits`].
+async fn report_waiting(
+    axum::extract::State(signal): axum::extract::State<WaitSignal>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !req.uri().path().ends_with("/cancel") {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let mut handler = std::pin::pin!(next.run(axum::extract::Request::from_parts(parts, body.into())));
+    std::future::poll_fn(|cx| {
+        let polled = handler.as_mut().poll(cx);
+        if polled.is_pending()
+            && let Some(waiting) = signal.lock().unwrap().take()
+        {
+            let _ = waiting.send(());
+        }
+        polled
+    })
+    .await
 }
 
 /// The answer to one call.
@@ -328,12 +359,22 @@ impl Fixture {
         let reserve = Arc::new(Reserve::default());
         let participant = participant.async_operation("reserve", ReserveOp(Arc::clone(&reserve)));
         let _ = reserve.meddler.set(participant.clone());
-        let app = axum::Router::new().nest("/tcc", participant.router());
+        let waiting = WaitSignal::default();
+        let app = axum::Router::new()
+            .nest("/tcc", participant.router())
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&waiting), report_waiting));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        Fixture { db, clock, participant, addr, http, reserve }
+        Fixture { db, clock, participant, addr, http, reserve, waiting }
+    }
+
+    /// Resolves once the next cancel is inside the participant's handler and has to wait there.
+    fn next_cancel_waits(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        *self.waiting.lock().unwrap() = Some(tx);
+        rx
     }
 
     fn deadline(&self) -> u64 {
@@ -918,10 +959,14 @@ async fn a_cancel_arriving_while_the_try_runs_waits_for_it_and_then_cancels_it()
     let f = Arc::new(Fixture::start().await);
     f.set_stock("lamp", 1);
     let (tried, go) = f.paused_try("lamp").await;
+    let waits = f.next_cancel_waits();
     let cancelled = {
         let f = Arc::clone(&f);
         tokio::spawn(async move { f.reserve("cancel", "tx-1", "shop", "lamp").await })
     };
+    // The cancel has arrived and waits (for the branch the paused try holds) before the try goes on.
+    waits.await.unwrap();
+    assert_eq!(f.reserve.runs(), (1, 0, 0), "the cancel ran nothing while the try was paused");
     go.send(()).unwrap();
     tried.await.unwrap().expect_ok("fresh");
     // Not an empty cancel: the cancel ran after the try, on what it held.

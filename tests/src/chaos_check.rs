@@ -261,6 +261,7 @@ mod tests {
                 }),
             ),
             ("never registered", Box::new(|w| w.txs[1].branches.truncate(1))),
+            ("confirmed without a hotels branch", Box::new(|w| w.txs[0].branches.truncate(1))),
             (
                 "in total",
                 Box::new(|w| {
@@ -271,6 +272,29 @@ mod tests {
                 "still has 1 units held",
                 Box::new(|w| {
                     w.books[1].stock.insert("H1".into(), Stock { free: 3, held: 1, sold: 1 });
+                }),
+            ),
+            (
+                "seat sold without its room",
+                Box::new(|w| {
+                    // The hotel released the room of a sold trip, its stock counting it back.
+                    let gid = w.txs[0].gid.to_string();
+                    w.books[1].bookings.insert(gid, Booking::Released { item: "H1".into() });
+                    w.books[1].stock.insert("H1".into(), Stock { free: 5, held: 0, sold: 0 });
+                }),
+            ),
+            (
+                "room sold without its seat",
+                Box::new(|w| {
+                    let gid = w.txs[0].gid.to_string();
+                    w.books[0].bookings.insert(gid, Booking::Released { item: "F1".into() });
+                    w.books[0].stock.insert("F1".into(), Stock { free: 5, held: 0, sold: 0 });
+                }),
+            ),
+            (
+                "1 bookings sold but the stock counts 2 sold",
+                Box::new(|w| {
+                    w.books[0].stock.insert("F1".into(), Stock { free: 3, held: 0, sold: 2 });
                 }),
             ),
             (

@@ -741,6 +741,16 @@ mod tests {
             let _ = decode_for(&Gid::generate(), &bytes);
         }
 
+        /// Damaged copies of real records, which get past the format byte (random bytes rarely do):
+        /// an error naming the transaction, or a transaction.
+        #[test]
+        fn damaged_records_are_errors_naming_the_transaction(bytes in crate::store::codec::fuzz::damaged_record()) {
+            let gid = Gid::generate();
+            if let Err(e) = decode_for(&gid, &bytes) {
+                prop_assert!(e.to_string().contains(gid.as_str()), "{}", e);
+            }
+        }
+
         #[test]
         fn done_keys_give_back_their_id(gid in "[A-Za-z0-9_.:-]{1,128}") {
             let gid: Gid = gid.parse().expect("valid");

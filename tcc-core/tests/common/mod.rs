@@ -24,6 +24,8 @@ pub enum Fault {
     Permanent,
     /// Calls never answer.
     Hang,
+    /// The next n calls take effect but their answer is lost: the caller sees a transient error.
+    AnswerLost(u32),
 }
 
 /// What a participant has done for one branch.
@@ -80,6 +82,7 @@ impl Mem {
 #[async_trait]
 impl Transport for Mem {
     async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError> {
+        let mut answer_lost = false;
         let outcome = {
             let mut st = self.state.lock().unwrap();
             st.calls.push((call.gid.clone(), call.branch.id.clone(), call.decision));
@@ -94,6 +97,12 @@ impl Transport for Mem {
                 Fault::Down => Some(Err(CallError::Transient("connection refused".into()))),
                 Fault::Permanent => Some(Err(CallError::Permanent("reservation expired".into()))),
                 Fault::Hang => None,
+                Fault::AnswerLost(n) => {
+                    let next = if n > 1 { Fault::AnswerLost(n - 1) } else { Fault::Healthy };
+                    st.faults.insert(call.branch.target.clone(), next);
+                    answer_lost = true;
+                    Some(Ok(()))
+                }
             }
         };
         match outcome {
@@ -117,6 +126,9 @@ impl Transport for Mem {
                 if mixed {
                     let v = format!("{} branch {} got both confirm and cancel", call.gid, call.branch.id);
                     st.violations.push(v);
+                }
+                if answer_lost {
+                    return Err(CallError::Transient("connection reset after the request was sent".into()));
                 }
                 Ok(())
             }

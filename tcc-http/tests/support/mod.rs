@@ -11,13 +11,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use tcc_core::{Config, RetryPolicy};
+use tcc_core::{Config, ManualClock, RetryPolicy};
 use tcc_http::ErrorBody;
 use tcc_http::client::TccClient;
 use tcc_http::protocol::{
     BATCH_PATH, BatchAnswer, BatchRequest, BatchResult, TRIES_PATH, TryBatch, TryBatchAnswer, TryResult,
 };
-use tcc_http::server::{self, Launch, Running, ServerConfig, StoreChoice};
+use tcc_http::server::{self, AppState, Launch, Running, ServerConfig, StoreChoice};
 use tcc_http::target::AllowList;
 
 /// How a [`Participant`] answers.
@@ -226,8 +226,85 @@ pub const BOTH: [Where; 2] = [Where::Embedded, Where::Standalone];
 #[derive(Debug)]
 pub struct Tcc {
     pub client: TccClient,
-    pub server: Option<Running>,
+    pub server: Option<Server>,
     pub dir: tempfile::TempDir,
+}
+
+/// A standalone coordinator: started by [`server::start`], or served the same way with its engine on
+/// a clock the test moves by hand ([`Server::on_clock`]).
+#[derive(Debug)]
+pub enum Server {
+    Started(Running),
+    OnClock {
+        addr: SocketAddr,
+        state: Arc<AppState>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    },
+}
+
+impl Server {
+    /// What [`server::start`] does (the router on a loopback port, the engine calling participants
+    /// over HTTP), with the engine on `clock`: deadlines pass when the test says, never because
+    /// the machine was slow, and the scheduler runs only when its sleep on `clock` ends.
+    pub async fn on_clock(
+        store: StoreChoice,
+        core: Config,
+        server: ServerConfig,
+        clock: ManualClock,
+    ) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let coordinator = Arc::new(engine(store, core, server.allow.clone(), clock).await.0);
+        let metrics = Arc::new(tcc_http::metrics::Metrics::default());
+        let state = Arc::new(AppState { coordinator, config: server, metrics });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, server::router(state.clone()), async move {
+            let _ = stopped.await;
+        }));
+        Server::OnClock { addr, state, stop, task }
+    }
+
+    /// The served state (engine, settings, metrics).
+    pub fn state(&self) -> &Arc<AppState> {
+        match self {
+            Server::Started(running) => &running.state,
+            Server::OnClock { state, .. } => state,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Server::Started(running) => running.url(),
+            Server::OnClock { addr, .. } => format!("http://{addr}"),
+        }
+    }
+
+    pub async fn stop(self) -> std::io::Result<()> {
+        match self {
+            Server::Started(running) => running.stop().await,
+            Server::OnClock { stop, task, .. } => {
+                let _ = stop.send(());
+                task.await.map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
+/// An engine on `store` and `clock` calling participants over HTTP (the URLs `allow` permits), and
+/// the HTTP client it calls them with.
+async fn engine(
+    store: StoreChoice,
+    core: Config,
+    allow: AllowList,
+    clock: ManualClock,
+) -> (tcc_core::Coordinator, reqwest::Client) {
+    let http = tcc_http::transport::build_client(&Default::default()).unwrap();
+    let metrics = Arc::new(tcc_http::metrics::Metrics::default());
+    let transport = tcc_http::transport::HttpTransport::new(http.clone(), allow, metrics);
+    let store = store.open().await.unwrap();
+    let tc = tcc_core::Coordinator::open(store, Arc::new(transport), Arc::new(clock), core).await.unwrap();
+    (tc, http)
 }
 
 impl Tcc {
@@ -271,6 +348,25 @@ impl Tcc {
                 })
                 .await
                 .unwrap();
+                let client = TccClient::remote(&running.url(), token).unwrap();
+                Tcc { client, server: Some(Server::Started(running)), dir }
+            }
+        }
+    }
+
+    /// A coordinator in `mode` whose engine runs on `clock`, which only the test moves.
+    pub async fn start_on_clock(mode: Where, core: Config, server: ServerConfig, clock: ManualClock) -> Tcc {
+        let dir = tempfile::tempdir().unwrap();
+        match mode {
+            Where::Embedded => {
+                let allow = server.allow.clone();
+                let (tc, http) = engine(test_store(dir.path()).await, core, allow.clone(), clock).await;
+                Tcc { client: TccClient::embedded(Arc::new(tc), allow, http), server: None, dir }
+            }
+            Where::Standalone => {
+                let token = server.token.clone();
+                let store = test_store(&dir.path().join("store")).await;
+                let running = Server::on_clock(store, core, server, clock).await;
                 let client = TccClient::remote(&running.url(), token).unwrap();
                 Tcc { client, server: Some(running), dir }
             }
