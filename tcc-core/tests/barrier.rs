@@ -340,7 +340,7 @@ fn the_barrier_reports_its_grace_and_business_trees() -> TestResult {
 
 #[test]
 fn business_methods_see_every_business_tree_in_order() -> TestResult {
-    let db = sled::Config::new().temporary(true).open()?;
+    let db = DurableDb::temporary()?;
     let (seats, meals) = (db.open_tree("seats")?, db.open_tree("meals")?);
     let clock = ManualClock::new(START);
     let barrier = SledBarrier::open(&db, vec![seats.clone(), meals.clone()], Arc::new(clock.clone()), GRACE)?;

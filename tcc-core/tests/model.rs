@@ -109,7 +109,7 @@ fn bump(tx: &BusinessTx<'_>, method: &str) -> Biz<()> {
 
 impl Participants {
     fn new(clock: &ManualClock) -> Participants {
-        let db = sled::Config::new().temporary(true).open().unwrap();
+        let db = tcc_core::DurableDb::temporary().unwrap();
         let runs = db.open_tree("runs").unwrap();
         // No expiry sweep runs: a participant releasing a reservation on its own is a separate
         // guarantee (the barrier tests), and would make a late confirm a flagged transaction.

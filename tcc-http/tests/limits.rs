@@ -150,7 +150,7 @@ async fn a_transaction_past_its_payload_cap_is_422_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_never_finished_is_cut_off_and_its_connection_closed() {
     let tc = coordinator(short()).await;
-    let addr = tc.server.as_ref().unwrap().addr;
+    let addr = tc.server.as_ref().unwrap().addr();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nX-Pad: aaaa").await.unwrap();
     assert!(until_closed(&mut tcp).await.is_some(), "a connection with half a header is still open");
@@ -162,7 +162,7 @@ async fn a_header_never_finished_is_cut_off_and_its_connection_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_past_the_buffer_is_refused_with_431() {
     let tc = coordinator(short()).await;
-    let addr = tc.server.as_ref().unwrap().addr;
+    let addr = tc.server.as_ref().unwrap().addr();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let pad = "a".repeat(100 << 10);
     // The server may close before it has read it all: a failed write is part of the refusal.
@@ -183,7 +183,7 @@ async fn a_header_past_the_buffer_is_refused_with_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_never_arrives_is_answered_408_with_the_error_body_and_stores_nothing() {
     let tc = coordinator(short()).await;
-    let addr = tc.server.as_ref().unwrap().addr;
+    let addr = tc.server.as_ref().unwrap().addr();
     for path in ["/v1/transactions", "/v1/batch", "/api/dtmsvr/prepare"] {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let head = format!(
@@ -226,7 +226,7 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     let limits = Limits { max_connections: 2, header_read_timeout: Duration::from_secs(60), ..short() };
     let tc = coordinator(limits).await;
     let url = format!("{}/healthz", tc.url());
-    let addr = tc.server.as_ref().unwrap().addr;
+    let addr = tc.server.as_ref().unwrap().addr();
     let fresh = || reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
     // Two idle connections take the two places.
     let first = TcpStream::connect(addr).await.unwrap();

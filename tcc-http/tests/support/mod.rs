@@ -274,9 +274,14 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
         match self {
-            Server::Started(running) => running.url(),
-            Server::OnClock { addr, .. } => format!("http://{addr}"),
+            Server::Started(running) => running.addr,
+            Server::OnClock { addr, .. } => *addr,
         }
     }
 
