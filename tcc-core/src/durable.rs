@@ -281,6 +281,33 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![path.join("db")], "a synced blob is not synced again");
     }
 
+    /// What sled left in `blobs/` decides: a name that vanished before its sync (sled's garbage
+    /// collection) is skipped, anything else that cannot be synced fails the flush, so nothing is
+    /// acknowledged on a sync that did not happen.
+    #[test]
+    fn a_blob_gone_before_its_sync_is_skipped_and_one_that_cannot_be_opened_fails_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let (db, _) = observed(&path);
+        let blobs = path.join("blobs");
+        std::os::unix::fs::symlink(blobs.join("nowhere"), blobs.join("1")).unwrap();
+        db.flush().unwrap();
+        std::fs::remove_file(blobs.join("1")).unwrap();
+        std::os::unix::fs::symlink(blobs.join("2"), blobs.join("2")).unwrap(); // a loop: ELOOP
+        assert!(db.flush().is_err(), "a blob that cannot be synced was skipped");
+    }
+
+    #[test]
+    fn a_missing_blobs_directory_has_nothing_to_sync_and_an_unreadable_one_fails_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let (db, _) = observed(&path);
+        std::fs::remove_dir(path.join("blobs")).unwrap();
+        db.flush().unwrap();
+        std::fs::write(path.join("blobs"), b"not a directory").unwrap();
+        assert!(db.flush().is_err(), "a blobs directory that cannot be read was ignored");
+    }
+
     #[test]
     fn a_temporary_database_flushes_without_files() {
         let db = DurableDb::temporary().unwrap();

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sled::transaction::ConflictableTransactionResult;
-use tcc_core::barrier::{BarrierState, BusinessTx, CancelOutcome, ConfirmOutcome, SledBarrier};
+use tcc_core::barrier::{BarrierState, BusinessTx, CancelOutcome, ConfirmOutcome, Durability, SledBarrier};
 use tcc_core::durable::SyncObserver;
 use tcc_core::store::Cas;
 use tcc_core::{
@@ -205,4 +205,29 @@ fn the_expiry_sweep_syncs_what_it_released_and_an_idle_sweep_syncs_nothing() {
     log.push(Event::Answered(0));
     log.assert_each_answer_follows_a_sync(1, &file);
     assert_eq!(barrier.get(&gid, &a).unwrap().map(|r| r.state), Some(BarrierState::Expired));
+}
+
+/// With [`Durability::Deferred`] (how the participant runtime's group commit uses the barrier),
+/// operations do not sync and [`SledBarrier::flush`] does: it is what the runtime waits on before
+/// answering.
+#[test]
+fn a_deferred_barrier_syncs_on_flush_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::default();
+    let db = log.open(dir.path());
+    let clock = ManualClock::new(common::START);
+    let seats = db.open_tree("seats").unwrap();
+    let barrier = SledBarrier::open(&db, vec![seats], Arc::new(clock.clone()), Duration::from_secs(5))
+        .unwrap()
+        .with_durability(Durability::Deferred);
+    let file = dir.path().join("db");
+    let (gid, a): (Gid, BranchId) = (Gid::generate(), "a".parse().unwrap());
+
+    let before = log.syncs_of(&file);
+    assert!(barrier.try_op(&gid, &a, clock.now() + Duration::from_secs(10), b"1A", hold).unwrap().is_fresh());
+    assert_eq!(log.syncs_of(&file), before, "a deferred try synced by itself");
+    log.push(Event::Call(0));
+    barrier.flush().unwrap();
+    log.push(Event::Answered(0));
+    log.assert_each_answer_follows_a_sync(1, &file);
 }
