@@ -369,17 +369,10 @@ impl Coordinator {
                 c.max_timeout.as_secs()
             )));
         }
-        let (now, lease_until) = self.inner.context();
+        let ctx = self.inner.context();
         let generated = gid.is_none();
-        let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), now, now + timeout);
+        let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), ctx.now, ctx.now + timeout);
         tx.options = options;
-        let ctx = Context {
-            now,
-            owner: &c.owner,
-            lease_until,
-            max_branches: c.max_branches,
-            max_tx_payload: c.max_tx_payload,
-        };
         for NewBranch { id, target, payload } in branches {
             self.check_branch(&target, &payload)?;
             if let Transition::Changed(next, _) =
@@ -681,9 +674,16 @@ impl Inner {
         });
     }
 
-    pub(crate) fn context(&self) -> (crate::model::Timestamp, crate::model::Timestamp) {
+    pub(crate) fn context(&self) -> Context<'_> {
         let now = self.clock.now();
-        (now, now + self.config.lease)
+        let c = &self.config;
+        Context {
+            now,
+            owner: &c.owner,
+            lease_until: now + c.lease,
+            max_branches: c.max_branches,
+            max_tx_payload: c.max_tx_payload,
+        }
     }
 
     /// Reads, applies `event`, stores with compare-and-set, re-applying on a lost race. Returns the
@@ -721,14 +721,7 @@ impl Inner {
                     (&read, false)
                 }
             };
-            let (now, lease_until) = self.context();
-            let ctx = Context {
-                now,
-                owner: &self.config.owner,
-                lease_until,
-                max_branches: self.config.max_branches,
-                max_tx_payload: self.config.max_tx_payload,
-            };
+            let ctx = self.context();
             let transition = match state::apply(current, event, &ctx) {
                 // A refusal or no change, judged on a copy that may be stale: judge the stored one.
                 Err(_) | Ok(Transition::Unchanged) if guessed => continue,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::coordinator::Inner;
 use crate::error::{Error, Result};
 use crate::model::{Gid, Transaction, TxState};
-use crate::state::{self, Context, Effect, Event, Transition};
+use crate::state::{self, Effect, Event, Transition};
 
 /// The fewest transactions a scheduler pass claims, even with every round slot taken.
 const MIN_CLAIM: usize = 16;
@@ -107,14 +107,8 @@ impl Inner {
         // a few are claimed each pass, so deadlines keep expiring and retries keep falling due; such
         // a pass then waits for the poll interval or a freed slot.
         let limit = room.max(self.config.claim_batch.min(MIN_CLAIM));
-        let (now, lease_until) = self.context();
-        let ctx = Context {
-            now,
-            owner: &self.config.owner,
-            lease_until,
-            max_branches: self.config.max_branches,
-            max_tx_payload: self.config.max_tx_payload,
-        };
+        let ctx = self.context();
+        let (now, lease_until) = (ctx.now, ctx.lease_until);
         // A transaction still trying at its deadline is cancelled in the claim's own write (one
         // write, not a claim and then the decision); the effects wait here until it is stored.
         let decided: Mutex<HashMap<Gid, Vec<Effect>>> = Mutex::default();

@@ -242,21 +242,11 @@ impl Harness {
     }
 
     /// Moves the clock in `step`s, letting tasks run, until `done` holds (at most `max` steps).
-    async fn run_until<F>(&self, step: Duration, max: usize, mut done: F) -> bool
+    async fn run_until<F>(&self, step: Duration, max: usize, done: F) -> bool
     where
         F: AsyncFnMut(&Coordinator) -> bool,
     {
-        for _ in 0..max {
-            if done(self.tc()).await {
-                return true;
-            }
-            self.clock.advance(step);
-            for _ in 0..5 {
-                tokio::task::yield_now().await;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        done(self.tc()).await
+        common::run_until(self.tc(), &self.clock, step, max, done).await
     }
 }
 

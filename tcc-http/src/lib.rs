@@ -44,7 +44,6 @@ pub mod error;
 mod lane;
 #[cfg(feature = "client")]
 pub mod metrics;
-#[cfg(any(feature = "participant", feature = "server"))]
 pub mod serve;
 // Both sides stream batch answers: the participant writes them, the client reads them.
 #[cfg(any(feature = "client", feature = "participant"))]

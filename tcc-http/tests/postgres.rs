@@ -31,19 +31,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_tcc-coordinator");
 
 /// A fresh schema's URL in the test database, or `None` after saying the test is skipped.
 async fn scratch_url() -> Option<String> {
-    match std::env::var("TCC_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => {
-            Some(tcc_core::store::postgres::create_scratch_schema(&url, "tcc_test").await.unwrap())
-        }
-        _ => {
-            assert!(
-                std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
-            );
-            println!("skipped: TCC_TEST_POSTGRES_URL is not set (a postgres:// URL of a test database)");
-            None
-        }
-    }
+    let url = tcc_core::store::postgres::test_database_url()?;
+    Some(tcc_core::store::postgres::create_scratch_schema(&url, "tcc_test").await.unwrap())
 }
 
 fn free_port() -> u16 {

@@ -917,6 +917,24 @@ pub fn describe_url(url: &str) -> String {
     }
 }
 
+/// The test database named by `TCC_TEST_POSTGRES_URL`, for the PostgreSQL tests of this workspace:
+/// `None`, after printing that the test is skipped, when it is not set. With
+/// `TCC_REQUIRE_POSTGRES=1` (CI sets it) a missing URL panics instead, so no test is skipped there.
+#[doc(hidden)]
+pub fn test_database_url() -> Option<String> {
+    match std::env::var("TCC_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
+            );
+            println!("skipped: TCC_TEST_POSTGRES_URL is not set (a postgres:// URL of a test database)");
+            None
+        }
+    }
+}
+
 /// Creates a new empty schema `PREFIX_<unique>` in the database at `url` and returns a URL whose
 /// connections work in it (through `options=-c search_path=...`). For tests and benchmarks that
 /// share one database but must not see each other's transactions. `url` must be a URL
@@ -1167,27 +1185,11 @@ impl Store for PgStore {
 mod tests {
     use super::*;
 
-    /// The test database's URL, as for the integration tests (`tests/pg`): without it the test is
-    /// skipped, unless `TCC_REQUIRE_POSTGRES=1`.
-    fn test_url() -> Option<String> {
-        match std::env::var("TCC_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => Some(url),
-            _ => {
-                assert!(
-                    std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                    "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
-                );
-                println!("skipped: TCC_TEST_POSTGRES_URL is not set");
-                None
-            }
-        }
-    }
-
     /// A role or URL that turns `synchronous_commit` off would make the store acknowledge commits
     /// before PostgreSQL flushed its WAL: the store's own connections turn it back on.
     #[tokio::test]
     async fn a_connection_asking_for_asynchronous_commit_gets_synchronous_commit() {
-        let Some(url) = test_url() else { return };
+        let Some(url) = test_database_url() else { return };
         let mut config: tokio_postgres::Config = url.parse().expect("test URL");
         config.options("-c synchronous_commit=off");
         let (plain, conn) = config.connect(NoTls).await.expect("connect");

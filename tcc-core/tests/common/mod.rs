@@ -223,21 +223,11 @@ impl Rig {
     }
 
     /// Moves the clock in `step`s, letting tasks run, until `done` holds (at most `max` steps).
-    pub async fn run_until<F>(&self, step: Duration, max: usize, mut done: F) -> bool
+    pub async fn run_until<F>(&self, step: Duration, max: usize, done: F) -> bool
     where
         F: AsyncFnMut(&Coordinator) -> bool,
     {
-        for _ in 0..max {
-            if done(self.tc()).await {
-                return true;
-            }
-            self.clock.advance(step);
-            for _ in 0..5 {
-                tokio::task::yield_now().await;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        done(self.tc()).await
+        run_until(self.tc(), &self.clock, step, max, done).await
     }
 
     pub async fn settle(&self, gid: &Gid) -> tcc_core::Transaction {
@@ -254,6 +244,30 @@ impl Rig {
 }
 
 /// Opens a sled store, retrying briefly while a dropped predecessor releases the directory lock.
+/// Moves `clock` in `step`s, letting `tc`'s tasks run, until `done` holds (at most `max` steps).
+pub async fn run_until<F>(
+    tc: &Coordinator,
+    clock: &ManualClock,
+    step: Duration,
+    max: usize,
+    mut done: F,
+) -> bool
+where
+    F: AsyncFnMut(&Coordinator) -> bool,
+{
+    for _ in 0..max {
+        if done(tc).await {
+            return true;
+        }
+        clock.advance(step);
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done(tc).await
+}
+
 pub async fn open_store(path: &std::path::Path) -> SledStore {
     for _ in 0..200 {
         match SledStore::open(path) {

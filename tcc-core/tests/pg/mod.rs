@@ -3,22 +3,13 @@
 //! `TCC_REQUIRE_POSTGRES=1` (CI sets it), which turns the skip into a failure.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use tcc_core::store::postgres::create_scratch_schema;
+use tcc_core::store::postgres::{create_scratch_schema, test_database_url};
 
 /// A URL of a fresh, empty schema in the test database, or `None` (after saying so) when there is
 /// no test database.
 pub async fn scratch_url() -> Option<String> {
-    match std::env::var("TCC_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(create_scratch_schema(&url, "tcc_test").await.unwrap()),
-        _ => {
-            assert!(
-                std::env::var("TCC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "TCC_REQUIRE_POSTGRES=1 but TCC_TEST_POSTGRES_URL is not set"
-            );
-            println!("skipped: TCC_TEST_POSTGRES_URL is not set (a postgres:// URL of a test database)");
-            None
-        }
-    }
+    let url = test_database_url()?;
+    Some(create_scratch_schema(&url, "tcc_test").await.unwrap())
 }
 
 /// A plain connection, for a test to look at or tamper with the tables directly.
