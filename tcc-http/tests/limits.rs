@@ -147,6 +147,18 @@ async fn a_transaction_past_its_payload_cap_is_422_and_nothing_is_stored() {
     drop(tc);
 }
 
+/// An idle keep-alive connection holds one of the capped connections: hyper's header timer starts
+/// as soon as the connection waits for its next request, so an idle one is closed like a slow one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let tc = coordinator(short()).await;
+    let addr = tc.server.as_ref().unwrap().addr();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let got = until_closed(&mut tcp).await.expect("an idle connection is still open");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_never_finished_is_cut_off_and_its_connection_closed() {
     let tc = coordinator(short()).await;
