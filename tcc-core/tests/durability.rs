@@ -136,6 +136,31 @@ async fn the_coordinator_acknowledges_begin_register_and_decisions_only_after_an
     tc.shutdown().await;
 }
 
+/// A barrier over one business tree on an observed database, its clock, the log of syncs and the
+/// path of the log file (the directory lives as long as the returned guard).
+struct BarrierRig {
+    _dir: tempfile::TempDir,
+    log: Log,
+    clock: ManualClock,
+    barrier: SledBarrier,
+    file: PathBuf,
+}
+
+const GRACE: Duration = Duration::from_secs(5);
+
+impl BarrierRig {
+    fn new() -> BarrierRig {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let db = log.open(dir.path());
+        let clock = ManualClock::new(common::START);
+        let seats = db.open_tree("seats").unwrap();
+        let barrier = SledBarrier::open(&db, vec![seats], Arc::new(clock.clone()), GRACE).unwrap();
+        let file = dir.path().join("db");
+        BarrierRig { _dir: dir, log, clock, barrier, file }
+    }
+}
+
 type Biz<T> = ConflictableTransactionResult<T, String>;
 
 fn hold(tx: &BusinessTx<'_>) -> Biz<Vec<u8>> {
@@ -150,14 +175,7 @@ fn settle(tx: &BusinessTx<'_>) -> Biz<()> {
 
 #[test]
 fn the_barrier_answers_each_try_confirm_and_cancel_only_after_an_fdatasync() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::default();
-    let db = log.open(dir.path());
-    let clock = ManualClock::new(common::START);
-    let seats = db.open_tree("seats").unwrap();
-    let barrier =
-        SledBarrier::open(&db, vec![seats], Arc::new(clock.clone()), Duration::from_secs(5)).unwrap();
-    let file = dir.path().join("db");
+    let BarrierRig { log, clock, barrier, file, .. } = &BarrierRig::new();
     let gid = Gid::generate();
     let (a, b, c): (BranchId, BranchId, BranchId) =
         ("a".parse().unwrap(), "b".parse().unwrap(), "c".parse().unwrap());
@@ -177,33 +195,26 @@ fn the_barrier_answers_each_try_confirm_and_cancel_only_after_an_fdatasync() {
         call();
         log.push(Event::Answered(i));
     }
-    log.assert_each_answer_follows_a_sync(calls.len(), &file);
+    log.assert_each_answer_follows_a_sync(calls.len(), file);
 }
 
 #[test]
 fn the_expiry_sweep_syncs_what_it_released_and_an_idle_sweep_syncs_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::default();
-    let db = log.open(dir.path());
-    let clock = ManualClock::new(common::START);
-    let seats = db.open_tree("seats").unwrap();
-    let grace = Duration::from_secs(5);
-    let barrier = SledBarrier::open(&db, vec![seats], Arc::new(clock.clone()), grace).unwrap();
-    let file = dir.path().join("db");
+    let BarrierRig { log, clock, barrier, file, .. } = &BarrierRig::new();
     let (gid, a): (Gid, BranchId) = (Gid::generate(), "a".parse().unwrap());
     let ttl = Duration::from_secs(10);
     barrier.try_op(&gid, &a, clock.now() + ttl, b"1A", hold).unwrap();
 
     // Nothing due: nothing released, and no sync paid for it.
-    let before = log.syncs_of(&file);
+    let before = log.syncs_of(file);
     assert_eq!(barrier.expire_due(settle).unwrap(), 0);
-    assert_eq!(log.syncs_of(&file), before, "an idle sweep synced");
+    assert_eq!(log.syncs_of(file), before, "an idle sweep synced");
 
-    clock.advance(ttl + grace);
+    clock.advance(ttl + GRACE);
     log.push(Event::Call(0));
     assert_eq!(barrier.expire_due(settle).unwrap(), 1);
     log.push(Event::Answered(0));
-    log.assert_each_answer_follows_a_sync(1, &file);
+    log.assert_each_answer_follows_a_sync(1, file);
     assert_eq!(barrier.get(&gid, &a).unwrap().map(|r| r.state), Some(BarrierState::Expired));
 }
 
@@ -212,22 +223,15 @@ fn the_expiry_sweep_syncs_what_it_released_and_an_idle_sweep_syncs_nothing() {
 /// answering.
 #[test]
 fn a_deferred_barrier_syncs_on_flush_and_only_then() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::default();
-    let db = log.open(dir.path());
-    let clock = ManualClock::new(common::START);
-    let seats = db.open_tree("seats").unwrap();
-    let barrier = SledBarrier::open(&db, vec![seats], Arc::new(clock.clone()), Duration::from_secs(5))
-        .unwrap()
-        .with_durability(Durability::Deferred);
-    let file = dir.path().join("db");
+    let BarrierRig { log, clock, barrier, file, .. } = &BarrierRig::new();
+    let barrier = barrier.clone().with_durability(Durability::Deferred);
     let (gid, a): (Gid, BranchId) = (Gid::generate(), "a".parse().unwrap());
 
-    let before = log.syncs_of(&file);
+    let before = log.syncs_of(file);
     assert!(barrier.try_op(&gid, &a, clock.now() + Duration::from_secs(10), b"1A", hold).unwrap().is_fresh());
-    assert_eq!(log.syncs_of(&file), before, "a deferred try synced by itself");
+    assert_eq!(log.syncs_of(file), before, "a deferred try synced by itself");
     log.push(Event::Call(0));
     barrier.flush().unwrap();
     log.push(Event::Answered(0));
-    log.assert_each_answer_follows_a_sync(1, &file);
+    log.assert_each_answer_follows_a_sync(1, file);
 }
