@@ -52,6 +52,9 @@ use crate::clock::Clock;
 use crate::durable::DurableDb;
 use crate::model::{BranchId, Gid, Timestamp};
 
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub mod sql;
+
 /// Name of the sled tree holding one [`BarrierRecord`] per (global id, branch id).
 pub const BARRIER_TREE: &str = "tcc_barrier";
 
