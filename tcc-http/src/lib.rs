@@ -63,8 +63,10 @@ pub use tcc_macros::tcc;
 pub use error::ApiError;
 pub use protocol::ErrorBody;
 pub use protocol::coordinator::{StateView, TransactionView};
-pub use staged::{StoreError, TccContext, TccError};
-pub use tcc_core::{BarrierError, Config, DurableDb, SledBarrier, SystemClock};
+pub use staged::{Disposition, StoreError, TccContext, TccError, Version, Versioned};
+pub use tcc_core::{
+    BarrierError, BranchId, Clock, Config, DurableDb, Gid, ManualClock, SledBarrier, SystemClock, Timestamp,
+};
 
 // What a service and an initiator need, reachable from this crate alone (see docs/getting-started.md).
 /// The `axum` this crate is built with: [`Participant::router`](participant::Participant::router) is
@@ -72,13 +74,22 @@ pub use tcc_core::{BarrierError, Config, DurableDb, SledBarrier, SystemClock};
 pub use axum;
 #[cfg(feature = "client")]
 pub use client::{ClientError, GlobalTx, TccClient};
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub use participant::sql::{SqlContext, SqlError};
 #[cfg(feature = "participant")]
-pub use participant::{Participant, ParticipantError};
+pub use participant::{Participant, ParticipantBuilder, ParticipantError};
 /// The `sled` this crate is built with: a [`DurableDb`] (what [`SledBarrier::open`] takes) is a
 /// `sled::Db` of this version, whose trees the business methods write.
 pub use sled;
+/// The `sqlx` this crate is built with (features `sqlx-postgres`, `sqlx-mysql`): a SQL participant's
+/// pool and the [`SqlContext`]'s connection are of this version.
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub use sqlx;
 #[cfg(feature = "client")]
 pub use stub::TccCallError;
+/// The SQL barrier's table name and errors (features `sqlx-postgres`, `sqlx-mysql`).
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub use tcc_core::barrier::sql::{BarrierTable, SqlBarrier, SqlBarrierError};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[doc = include_str!("../../README.md")]

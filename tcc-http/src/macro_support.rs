@@ -14,7 +14,39 @@ pub use serde_json;
 pub use crate::client::GlobalTx;
 #[cfg(feature = "participant")]
 pub use crate::participant::Participant;
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub use crate::participant::sql::{Sql, SqlContext, SqlOperation};
 pub use crate::staged::{AsyncOperation, TccContext, TccError};
+
+/// The JSON `detail` of a business error: its `Serialize` form when it has one, else none. The
+/// generated code calls `(&ErrorDetail(e)).detail()` on the concrete type, where method resolution
+/// picks [`DetailBySerialize`] if the type is `Serialize` and [`NoDetail`] otherwise.
+#[derive(Debug)]
+pub struct ErrorDetail<'a, T>(pub &'a T);
+
+/// The detail of a `Serialize` error (see [`ErrorDetail`]).
+pub trait DetailBySerialize {
+    /// The error as JSON.
+    fn detail(&self) -> Option<serde_json::Value>;
+}
+
+impl<T: serde::Serialize> DetailBySerialize for ErrorDetail<'_, T> {
+    fn detail(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.0).ok()
+    }
+}
+
+/// No detail for an error that is not `Serialize` (see [`ErrorDetail`]).
+pub trait NoDetail {
+    /// Nothing.
+    fn detail(&self) -> Option<serde_json::Value>;
+}
+
+impl<T> NoDetail for &ErrorDetail<'_, T> {
+    fn detail(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
 #[cfg(feature = "client")]
 pub use crate::stub::{ServiceStub, TccCallError};
 

@@ -149,6 +149,9 @@ mod try_batches;
 
 pub use async_calls::MAX_RUNS;
 
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub mod sql;
+
 /// Response header of a 200 saying what the call did: `fresh` or `duplicate` (try), `confirmed` or
 /// `duplicate` (confirm), `cancelled`, `empty`, `duplicate` or `expired` (cancel).
 pub const OUTCOME_HEADER: &str = "tcc-outcome";
@@ -400,7 +403,7 @@ where
 #[derive(Clone)]
 enum Registered {
     Sync(Arc<dyn ErasedOperation>),
-    Async(Arc<dyn async_calls::ErasedAsync>),
+    Async(async_calls::AsyncKind),
 }
 
 type Operations = HashMap<String, Registered>;
@@ -421,6 +424,11 @@ pub enum ParticipantError {
     /// A business cancel panicked during a sweep.
     #[error("the expiry sweep panicked: {0}")]
     Panicked(String),
+    /// The SQL barrier failed (for a sweep, the database; damaged rows and failing business cancels
+    /// are logged and skipped instead).
+    #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+    #[error(transparent)]
+    Sql(#[from] tcc_core::barrier::sql::SqlBarrierError),
 }
 
 /// A participant: named TCC [`Operation`]s served over HTTP through one [`SledBarrier`].
@@ -494,31 +502,181 @@ pub enum ParticipantError {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct Participant {
-    barrier: SledBarrier,
-    ops: Arc<Operations>,
-    group_commit: Option<GroupCommit>,
-    trees: Arc<Trees>,
-    locks: Arc<async_calls::BranchLocks>,
+pub struct Participant<B = Sled> {
+    rt: Runtime,
+    backend: PhantomData<fn() -> B>,
 }
 
-impl fmt::Debug for Participant {
+/// Where a [`Participant`]'s barrier and business state live: sled (this type, the default), or a
+/// SQL database ([`Sql`](crate::participant::sql::Sql), features `sqlx-postgres` and `sqlx-mysql`).
+/// Only a marker: an operation written for one store cannot be registered on a participant of
+/// another (a compile error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sled {}
+
+impl<B> Clone for Participant<B> {
+    fn clone(&self) -> Self {
+        Participant { rt: self.rt.clone(), backend: PhantomData }
+    }
+}
+
+/// The runtime behind every [`Participant`], whatever its store: the operations, the barrier and
+/// what serving a call needs.
+#[derive(Clone)]
+pub(crate) struct Runtime {
+    store: Store,
+    ops: Arc<Operations>,
+    locks: Arc<async_calls::BranchLocks>,
+    /// Every handle given out holds this; the expiry loop started by [`Participant::router`] keeps
+    /// only a weak reference and stops once the last handle is gone.
+    alive: Option<Arc<AutoExpiry>>,
+}
+
+/// The expiry loop a participant built by [`ParticipantBuilder`] runs on its own.
+#[derive(Debug)]
+struct AutoExpiry {
+    every: Option<Duration>,
+    started: std::sync::OnceLock<()>,
+}
+
+/// The store a participant's barrier and business state live in.
+#[derive(Clone)]
+pub(crate) enum Store {
+    Sled(SledParts),
+    #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+    Sql(Arc<dyn sql::ErasedBarrier>),
+}
+
+/// A sled participant's barrier, business trees and group commit.
+#[derive(Clone)]
+pub(crate) struct SledParts {
+    barrier: SledBarrier,
+    group_commit: Option<GroupCommit>,
+    trees: Arc<Trees>,
+}
+
+impl<B> fmt::Debug for Participant<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut names: Vec<&str> = self.operations().collect();
         names.sort_unstable();
-        f.debug_struct("Participant")
-            .field("operations", &names)
-            .field("barrier", &self.barrier)
-            .field("group_commit", &self.group_commit.is_some())
+        let mut d = f.debug_struct("Participant");
+        d.field("operations", &names);
+        match &self.rt.store {
+            Store::Sled(s) => d.field("barrier", &s.barrier).field("group_commit", &s.group_commit.is_some()),
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Store::Sql(b) => d.field("barrier", &b.describe()),
+        };
+        d.finish()
+    }
+}
+
+/// How a participant is set up: clock, grace period and expiry, then its store
+/// ([`sled`](ParticipantBuilder::sled), or [`sql`](ParticipantBuilder::sql) with a sqlx pool).
+///
+/// The defaults suit a service: the system clock, a grace period of [`DEFAULT_GRACE`], and the
+/// participant's own expiry sweep every [`DEFAULT_EXPIRY_EVERY`], started by the first
+/// [`router`](Participant::router) and stopped when the last handle of the participant is dropped:
+/// nothing to keep alive.
+///
+/// ```
+/// use std::time::Duration;
+/// use tcc_http::{DurableDb, Participant};
+///
+/// const STOCK: &str = "stock";
+/// let db = DurableDb::temporary()?;
+/// let participant = Participant::builder().grace(Duration::from_secs(30)).sled(&db, &[STOCK])?;
+/// participant.seed(STOCK, "lamp", &3u32)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct ParticipantBuilder {
+    clock: Arc<dyn tcc_core::Clock>,
+    grace: Duration,
+    expiry: Option<Duration>,
+}
+
+impl fmt::Debug for ParticipantBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParticipantBuilder")
+            .field("clock", &self.clock)
+            .field("grace", &self.grace)
+            .field("expiry", &self.expiry)
             .finish()
     }
 }
 
+/// The grace period of [`ParticipantBuilder`] unless set: how long after a try's deadline the
+/// participant waits for the coordinator's confirm or cancel before releasing the hold itself. It
+/// should cover the coordinator's phase-two retries.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+
+/// How often a participant built by [`ParticipantBuilder`] sweeps for expired holds, unless set.
+pub const DEFAULT_EXPIRY_EVERY: Duration = Duration::from_secs(1);
+
+impl Default for ParticipantBuilder {
+    fn default() -> Self {
+        ParticipantBuilder {
+            clock: Arc::new(tcc_core::SystemClock),
+            grace: DEFAULT_GRACE,
+            expiry: Some(DEFAULT_EXPIRY_EVERY),
+        }
+    }
+}
+
+impl ParticipantBuilder {
+    /// The clock deadlines are decided with (a [`ManualClock`](tcc_core::ManualClock) in tests).
+    pub fn clock(mut self, clock: Arc<dyn tcc_core::Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The grace period after a try's deadline (default [`DEFAULT_GRACE`]).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// How often the participant's own expiry sweep runs (default [`DEFAULT_EXPIRY_EVERY`]).
+    pub fn expiry_every(mut self, every: Duration) -> Self {
+        self.expiry = Some(every);
+        self
+    }
+
+    /// No expiry loop of its own: the caller runs [`Participant::expire_due`] or
+    /// [`Participant::spawn_expiry`] (tests that step time by hand, say).
+    pub fn without_expiry_loop(mut self) -> Self {
+        self.expiry = None;
+        self
+    }
+
+    /// A participant whose barrier and business trees live in `db`, with group commit (see
+    /// [`Participant::new`]). `trees` are the business trees' names, each typed once (as
+    /// constants, say) and used with [`TccContext`] and [`Participant::seed`].
+    pub fn sled(self, db: &tcc_core::DurableDb, trees: &[&str]) -> Result<Participant, ParticipantError> {
+        let trees = trees
+            .iter()
+            .map(|t| db.open_tree(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ParticipantError::Barrier(BarrierError::Storage(e)))?;
+        let barrier = SledBarrier::open(db, trees, self.clock, self.grace)
+            .map_err(|e| ParticipantError::Barrier(stringify(e)))?;
+        let mut p = Participant::new(barrier)?;
+        p.rt.alive = Some(Arc::new(AutoExpiry { every: self.expiry, started: Default::default() }));
+        Ok(p)
+    }
+}
+
 impl Participant {
+    /// How to set up a participant, with defaults (see [`ParticipantBuilder`]).
+    pub fn builder() -> ParticipantBuilder {
+        ParticipantBuilder::default()
+    }
+
     /// A participant with no operations yet, over `barrier`, with group commit: the barrier is
     /// switched to [`Durability::Deferred`] and a flusher thread makes each call's change durable
-    /// before it is answered, one flush shared by every call waiting at that moment.
+    /// before it is answered, one flush shared by every call waiting at that moment. It runs no
+    /// expiry loop of its own ([`spawn_expiry`](Participant::spawn_expiry)); [`Participant::builder`]
+    /// sets one up with the rest.
     ///
     /// The barrier belongs to the participant from now on: its records must all be written by the
     /// runtime, which the expiry sweep relies on to find each reservation's operation.
@@ -541,7 +699,7 @@ impl Participant {
 
     fn assemble(barrier: SledBarrier, group_commit: Option<GroupCommit>) -> Participant {
         let trees = Arc::new(Trees::new(barrier.db(), barrier.business_trees()));
-        Participant { barrier, ops: Arc::default(), group_commit, trees, locks: Arc::default() }
+        Participant::from_store(Store::Sled(SledParts { barrier, group_commit, trees }))
     }
 
     /// Adds `op` under `name`, served at `POST /{name}/try`, `/{name}/confirm` and `/{name}/cancel`.
@@ -563,18 +721,19 @@ impl Participant {
     /// # Panics
     /// As [`operation`](Participant::operation).
     pub fn async_operation(self, name: &str, op: impl AsyncOperation) -> Participant {
-        self.register(name, Registered::Async(Arc::new(async_calls::AsyncOp(op))))
+        self.register(
+            name,
+            Registered::Async(async_calls::AsyncKind::Staged(Arc::new(async_calls::AsyncOp(op)))),
+        )
     }
 
-    fn register(mut self, name: &str, op: Registered) -> Participant {
-        assert!(
-            valid_name(name),
-            "operation name {name:?} must be 1 to {MAX_OPERATION_NAME} bytes of ASCII letters, digits, '_' and '-'"
-        );
-        let ops = Arc::make_mut(&mut self.ops);
-        assert!(!ops.contains_key(name), "operation {name:?} is registered twice");
-        ops.insert(name.to_owned(), op);
-        self
+    fn sled_parts(&self) -> &SledParts {
+        match &self.rt.store {
+            Store::Sled(s) => s,
+            // `Participant<Sled>` is only ever built over sled.
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Store::Sql(_) => unreachable!("a Participant<Sled> over a SQL store"),
+        }
     }
 
     /// Writes `value` at `key` in business tree `tree` now, outside any call, in the versioned form a
@@ -585,7 +744,7 @@ impl Participant {
         key: impl AsRef<[u8]>,
         value: &T,
     ) -> Result<crate::staged::Version, StoreError> {
-        self.trees.seed(tree, key.as_ref(), value)
+        self.sled_parts().trees.seed(tree, key.as_ref(), value)
     }
 
     /// Reads the value at `key` in business tree `tree` as a [`TccContext`] wrote it, with its
@@ -595,7 +754,7 @@ impl Participant {
         tree: &str,
         key: impl AsRef<[u8]>,
     ) -> Result<Option<Versioned<T>>, StoreError> {
-        self.trees.read(tree, key.as_ref())
+        self.sled_parts().trees.read(tree, key.as_ref())
     }
 
     /// Adds an operation made of three closures: try (returning the result bytes), confirm and
@@ -613,45 +772,140 @@ impl Participant {
         self.operation(name, FnOperation { try_, confirm, cancel, error: PhantomData })
     }
 
-    /// The names of the registered operations, in no particular order.
-    pub fn operations(&self) -> impl Iterator<Item = &str> {
-        self.ops.keys().map(String::as_str)
-    }
-
     /// The barrier, for inspection ([`SledBarrier::get`], [`SledBarrier::held`]).
     pub fn barrier(&self) -> &SledBarrier {
-        &self.barrier
+        &self.sled_parts().barrier
+    }
+}
+
+impl<B> Participant<B> {
+    fn from_store(store: Store) -> Participant<B> {
+        let rt = Runtime { store, ops: Arc::default(), locks: Arc::default(), alive: None };
+        Participant { rt, backend: PhantomData }
+    }
+
+    fn register(mut self, name: &str, op: Registered) -> Participant<B> {
+        assert!(
+            valid_name(name),
+            "operation name {name:?} must be 1 to {MAX_OPERATION_NAME} bytes of ASCII letters, digits, '_' and '-'"
+        );
+        let ops = Arc::make_mut(&mut self.rt.ops);
+        assert!(!ops.contains_key(name), "operation {name:?} is registered twice");
+        ops.insert(name.to_owned(), op);
+        self
+    }
+
+    /// The names of the registered operations, in no particular order.
+    pub fn operations(&self) -> impl Iterator<Item = &str> {
+        self.rt.ops.keys().map(String::as_str)
     }
 
     /// The routes `POST /{operation}/try|confirm|cancel` of every registered operation, with the
     /// [`MAX_BODY`] body limit. Nest it under a prefix (`Router::nest("/tcc/flights", ...)`): it
     /// answers every two-segment path, with 404 for unknown operations.
+    ///
+    /// A participant built by [`Participant::builder`] starts its own expiry loop here (once, inside
+    /// a Tokio runtime); it stops when the last handle of the participant and its routers is gone.
     pub fn router(&self) -> Router {
+        self.rt.start_auto_expiry();
         Router::new()
             .route("/{operation}/{phase}", post(handle).fallback(method_not_allowed))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             // A Content-Length past the limit is refused before any of the body is waited for.
             .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
             .layer(axum::middleware::map_response(crate::serve::json_errors))
-            .with_state(Arc::new(self.clone()))
+            .with_state(Arc::new(self.rt.clone()))
     }
 
     /// Releases now every reservation held past deadline + grace, running the cancel of the
-    /// operation that made it (synchronous or async); returns how many were released, once they are
-    /// on disk. A business cancel that fails, an operation that is not registered any more, or a
-    /// damaged record is logged and left for the next sweep.
+    /// operation that made it; returns how many were released, once they are on disk. A business
+    /// cancel that fails, an operation that is not registered any more, or a damaged record is
+    /// logged and left for the next sweep. On a SQL store, several replicas may sweep at once: each
+    /// reservation is released by one of them (its row is locked `FOR UPDATE SKIP LOCKED`).
     pub async fn expire_due(&self) -> Result<usize, ParticipantError> {
+        self.rt.expire_due().await
+    }
+
+    /// Spawns the expiry loop: [`expire_due`](Participant::expire_due) now and then every `every`
+    /// on the barrier's clock, so a reservation is released at most `every` after deadline + grace.
+    /// Failures are logged and the loop goes on; it stops when the returned task is dropped.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn_expiry(&self, every: Duration) -> ExpiryTask {
+        let this = self.rt.clone();
+        ExpiryTask::from_handle(tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.expire_due().await {
+                    error!(error = %e, "participant expiry sweep failed");
+                }
+                this.clock().sleep(every).await;
+            }
+        }))
+    }
+}
+
+impl Runtime {
+    fn clock(&self) -> Arc<dyn tcc_core::Clock> {
+        match &self.store {
+            Store::Sled(s) => Arc::clone(s.barrier.clock()),
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Store::Sql(b) => b.clock(),
+        }
+    }
+
+    /// The sled parts, for the calls of sled operations (only ever registered on a sled store).
+    fn sled(&self) -> Result<&SledParts, ApiError> {
+        match &self.store {
+            Store::Sled(s) => Ok(s),
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Store::Sql(_) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "a sled operation on a participant whose store is SQL",
+            )),
+        }
+    }
+
+    /// Starts the expiry loop of a participant built by [`ParticipantBuilder`], once.
+    fn start_auto_expiry(&self) {
+        let Some(alive) = &self.alive else { return };
+        let Some(every) = alive.every else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        if alive.started.set(()).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(alive);
+        let sweeper = Runtime { alive: None, ..self.clone() };
+        handle.spawn(async move {
+            let clock = sweeper.clock();
+            // Runs while some handle of the participant (or a router's state) is alive.
+            while weak.strong_count() > 0 {
+                if let Err(e) = sweeper.expire_due().await {
+                    error!(error = %e, "participant expiry sweep failed");
+                }
+                clock.sleep(every).await;
+            }
+        });
+    }
+
+    async fn expire_due(&self) -> Result<usize, ParticipantError> {
+        let sled = match &self.store {
+            Store::Sled(s) => s,
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Store::Sql(b) => return sql::expire_due(self, b).await,
+        };
         let mut after = None;
         let mut released = 0;
         loop {
-            let barrier = self.barrier.clone();
+            let barrier = sled.barrier.clone();
             let cursor = after.clone();
             let batch = tokio::task::spawn_blocking(move || barrier.due(cursor.as_ref(), SWEEP_BATCH))
                 .await
                 .map_err(|e| ParticipantError::Panicked(e.to_string()))?
                 .map_err(|e| ParticipantError::Barrier(e.widen()))?;
             for due in &batch {
-                if async_calls::expire_one(self, due).await? {
+                if async_calls::expire_one(self, sled, due).await? {
                     released += 1;
                 }
             }
@@ -666,31 +920,12 @@ impl Participant {
         Ok(released)
     }
 
-    /// Spawns the expiry loop: [`expire_due`](Participant::expire_due) now and then every `every`
-    /// on the barrier's clock, so a reservation is released at most `every` after deadline + grace.
-    /// Failures are logged and the loop goes on; it stops when the returned task is dropped.
-    ///
-    /// # Panics
-    /// Outside a Tokio runtime.
-    pub fn spawn_expiry(&self, every: Duration) -> ExpiryTask {
-        let this = self.clone();
-        let clock = Arc::clone(self.barrier.clock());
-        ExpiryTask::from_handle(tokio::spawn(async move {
-            loop {
-                if let Err(e) = this.expire_due().await {
-                    error!(error = %e, "participant expiry sweep failed");
-                }
-                clock.sleep(every).await;
-            }
-        }))
-    }
-
     /// Waits until every change committed so far is on disk (with group commit; otherwise the
-    /// barrier flushed already).
+    /// barrier flushed already; a SQL commit is durable when it returns).
     async fn durable(&self) -> Result<(), tcc_core::Error> {
-        match &self.group_commit {
-            Some(gc) => gc.durable().await,
-            None => Ok(()),
+        match &self.store {
+            Store::Sled(SledParts { group_commit: Some(gc), .. }) => gc.durable().await,
+            _ => Ok(()),
         }
     }
 }
@@ -710,7 +945,7 @@ fn stringify<E: fmt::Display>(e: BarrierError<E>) -> BarrierError<String> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Try,
     Confirm,
     Cancel,
@@ -718,7 +953,7 @@ enum Phase {
 
 /// The identity headers of a call.
 #[derive(Clone)]
-struct Ids {
+pub(crate) struct Ids {
     gid: Gid,
     branch: BranchId,
     deadline: Option<Timestamp>,
@@ -772,7 +1007,7 @@ enum Job {
 }
 
 /// What a call did, to answer 200 with.
-enum Done {
+pub(crate) enum Done {
     Try(TryOutcome),
     Confirm(ConfirmOutcome),
     Cancel(CancelOutcome),
@@ -813,6 +1048,12 @@ impl Done {
 /// Whether answering `r` needs the flush first: everything that read or wrote barrier state.
 fn needs_flush(r: &Result<Done, BarrierError<CallAbort>>) -> bool {
     matches!(r, Ok(_) | Err(BarrierError::Refused(_) | BarrierError::Business(_)))
+}
+
+/// The answer to a call the barrier refused.
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+fn barrier_error_of_refusal(r: Refusal) -> ApiError {
+    barrier_error(BarrierError::Refused(r))
 }
 
 fn barrier_error(e: BarrierError<CallAbort>) -> ApiError {
@@ -857,7 +1098,7 @@ fn same_operation(barrier: &SledBarrier, ids: &Ids, name: &str) -> Result<(), Ba
 }
 
 async fn handle(
-    State(participant): State<Arc<Participant>>,
+    State(participant): State<Arc<Runtime>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -869,7 +1110,7 @@ async fn handle(
 }
 
 async fn serve(
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -918,7 +1159,7 @@ async fn serve(
         Phase::Cancel => Job::Cancel,
     };
 
-    let barrier = participant.barrier.clone();
+    let barrier = participant.sled()?.barrier.clone();
     let run = move || -> (Ids, Result<Done, BarrierError<CallAbort>>) {
         let done = match job {
             Job::Try { deadline, stored } => sync_try(&barrier, &*op, &name, &ids, deadline, &stored),
@@ -996,7 +1237,7 @@ fn try_deadline(ids: &Ids, check: Result<(), String>) -> Result<Timestamp, ApiEr
 /// Answers a call that is done, after the flush when `flush` (whatever read or wrote barrier state
 /// waits for it), and logs what happened.
 async fn answer(
-    participant: &Participant,
+    participant: &Runtime,
     ids: &Ids,
     phase: Phase,
     flush: bool,

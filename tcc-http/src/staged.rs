@@ -162,10 +162,20 @@ pub enum Disposition {
     /// At try, the typed client tries again (a bounded number of times); at confirm or cancel, the
     /// coordinator retries with backoff and flags the transaction when its retry policy is spent.
     Transient,
+    /// The business method's database rolled its transaction back (a serialization failure or a
+    /// deadlock, see [`SqlError`](crate::participant::sql::SqlError)): the runtime runs the whole call
+    /// again, at most [`MAX_RUNS`](crate::participant::MAX_RUNS) times, then answers 503 (`contended`
+    /// on SQL, `unavailable` otherwise), which the coordinator and the typed client retry.
+    Retry,
 }
 
-/// The business error type of `#[tcc]` operations and [`AsyncOperation`]s: it travels to the
-/// initiator as JSON, and says how the runtime answers it.
+/// The business error type of `#[tcc]` operations and [`AsyncOperation`]s: it says how the runtime
+/// answers it, and travels to the initiator as its message and, when the type is `Serialize`, as JSON
+/// in the answer's `detail` (which `#[tcc]`'s typed client decodes when the type is `Deserialize`).
+///
+/// Only `Display` is required: an error holding a `sqlx::Error` or an `std::io::Error` is fine (the
+/// typed client then needs `Deserialize`, which [`SqlError`](crate::participant::sql::SqlError)
+/// provides by serializing as its message).
 ///
 /// The default [`disposition`](TccError::disposition) makes every error a refusal; override it to
 /// make some transient.
@@ -196,9 +206,9 @@ pub enum Disposition {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a TCC business error",
     label = "the error type of a TCC operation must implement `tcc_http::TccError`",
-    note = "add `impl tcc_http::TccError for {Self} {{}}` (every error then refuses the try and cancels the transaction), and derive `Serialize` and `Deserialize` for it"
+    note = "add `impl tcc_http::TccError for {Self} {{}}` (every error then refuses the try and cancels the transaction)"
 )]
-pub trait TccError: Serialize + DeserializeOwned + fmt::Display + Send + 'static {
+pub trait TccError: fmt::Display + Send + 'static {
     /// How the runtime answers this error; [`Disposition::Refuse`] unless overridden.
     fn disposition(&self) -> Disposition {
         Disposition::Refuse
@@ -328,6 +338,14 @@ pub trait AsyncOperation: Send + Sync + 'static {
         ctx: TccContext,
         request: Self::Request,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The error as JSON for the answer's `detail` (`None`: no detail). `#[tcc]` fills it in with the
+    /// error's `Serialize` implementation when it has one; a hand-written operation returns
+    /// `serde_json::to_value(error).ok()` for the same.
+    fn error_detail(error: &Self::Error) -> Option<serde_json::Value> {
+        let _ = error;
+        None
+    }
 }
 
 /// The participant's business trees by name, and the database they live in.

@@ -99,7 +99,7 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for TccCallError<E> {
 /// So that `?` on a typed call works inside [`TccClient::run`](crate::client::TccClient::run),
 /// which cancels the transaction on any error. A refusal keeps its typed error as JSON in
 /// [`ClientError::Refused::detail`].
-impl<E: TccError> From<TccCallError<E>> for ClientError {
+impl<E: TccError + Serialize> From<TccCallError<E>> for ClientError {
     fn from(e: TccCallError<E>) -> ClientError {
         match e {
             TccCallError::Refused { branch, error } => ClientError::Refused {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use quote::{ToTokens, format_ident};
 use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 use syn::{
     Attribute, Block, FnArg, GenericArgument, Ident, ItemTrait, Pat, Path, PathArguments, ReturnType,
     Signature, TraitItem, TraitItemFn, Type,
@@ -37,6 +38,34 @@ pub struct Service {
     pub methods: Vec<Method>,
     /// Every operation, in the order of their try methods.
     pub ops: Vec<Operation>,
+    /// Where the participant keeps its state: what every method's context says.
+    pub store: Store,
+}
+
+/// The participant store a service's methods run on, from the type of their `ctx`.
+#[derive(Clone)]
+pub enum Store {
+    /// `ctx: TccContext`: staged writes over sled.
+    Sled,
+    /// `ctx: &mut SqlContext<DB>`: statements in a transaction of database `DB`.
+    Sql(Type),
+}
+
+impl Store {
+    fn describe(&self) -> String {
+        match self {
+            Store::Sled => "`TccContext`".to_owned(),
+            Store::Sql(db) => format!("`&mut SqlContext<{}>`", type_text(db)),
+        }
+    }
+
+    fn same(&self, other: &Store) -> bool {
+        match (self, other) {
+            (Store::Sled, Store::Sled) => true,
+            (Store::Sql(a), Store::Sql(b)) => same_type(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// A parameter after `ctx`.
@@ -61,6 +90,8 @@ pub struct Method {
     pub ok: Type,
     /// `E` of `Result<T, E>`.
     pub err: Type,
+    /// The store its context says, and where it says it.
+    pub store: (Store, proc_macro2::Span),
 }
 
 impl Method {
@@ -131,6 +162,18 @@ fn is_context(ty: &Type) -> bool {
     }
 }
 
+/// `Some(db)` if `ty` is `SqlContext<db>` (by its last path segment, as written); `Some(None)` for a
+/// `SqlContext` without its one type argument.
+fn sql_context(ty: &Type) -> Option<Option<Type>> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last().filter(|s| p.qself.is_none() && s.ident == "SqlContext")?;
+    let PathArguments::AngleBracketed(args) = &last.arguments else { return Some(None) };
+    match args.args.iter().collect::<Vec<_>>().as_slice() {
+        [GenericArgument::Type(db)] => Some(Some(db.clone())),
+        _ => Some(None),
+    }
+}
+
 /// Checks one method's signature; `None` when it cannot take part in the further checks.
 fn method(f: &TraitItemFn, errors: &mut Errors) -> Option<Method> {
     let sig = &f.sig;
@@ -183,11 +226,40 @@ fn method(f: &TraitItemFn, errors: &mut Errors) -> Option<Method> {
     }
 
     let mut ok = true;
+    let mut store = (Store::Sled, sig.ident.span());
     match inputs.next() {
-        Some(FnArg::Typed(t)) if is_context(&t.ty) => {}
+        Some(FnArg::Typed(t)) if is_context(&t.ty) => store.1 = t.ty.span(),
         Some(FnArg::Typed(t)) if matches!(&*t.ty, Type::Reference(r) if is_context(&r.elem)) => {
             errors.at(&t.ty, "take the TccContext by value: `ctx: TccContext`");
         }
+        Some(FnArg::Typed(t)) => match &*t.ty {
+            Type::Reference(r) if r.mutability.is_some() => match sql_context(&r.elem) {
+                Some(Some(db)) => store = (Store::Sql(db), t.ty.span()),
+                Some(None) => {
+                    errors.at(
+                        &r.elem,
+                        "name the database: `ctx: &mut SqlContext<Postgres>` or `&mut SqlContext<MySql>`",
+                    );
+                    ok = false;
+                }
+                None => {
+                    errors.at(t, format!("`{name}` must take `ctx: TccContext` or `ctx: &mut SqlContext<DB>` as its first parameter after `&self`"));
+                    ok = false;
+                }
+            },
+            Type::Reference(r) if sql_context(&r.elem).is_some() => {
+                errors.at(&t.ty, "take the SqlContext by mutable reference: `ctx: &mut SqlContext<DB>`: the method runs its statements on the call's transaction");
+                ok = false;
+            }
+            ty if sql_context(ty).is_some() => {
+                errors.at(&t.ty, "take the SqlContext by mutable reference: `ctx: &mut SqlContext<DB>`: the runtime commits the call's transaction after the method returns");
+                ok = false;
+            }
+            _ => {
+                errors.at(t, format!("`{name}` must take `ctx: TccContext` or `ctx: &mut SqlContext<DB>` as its first parameter after `&self`"));
+                ok = false;
+            }
+        },
         Some(other) => {
             errors.at(
                 other,
@@ -255,6 +327,7 @@ fn method(f: &TraitItemFn, errors: &mut Errors) -> Option<Method> {
         params,
         ok: ok_ty,
         err: err_ty,
+        store,
     })
 }
 
@@ -453,7 +526,25 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
     }
     let methods: Vec<Method> = methods.into_iter().flatten().collect();
     // With no errors, every method was modelled, so indexes still match.
-    (methods.len() == names.len()).then_some(Service { item, krate, client, methods, ops })
+    // One participant serves every method: they all run on one store.
+    let store = methods.first().map_or(Store::Sled, |m| m.store.0.clone());
+    if let Some(first) = methods.first() {
+        for m in &methods[1..] {
+            if !m.store.0.same(&store) {
+                errors.push(syn::Error::new(
+                    m.store.1,
+                    format!(
+                        "`{}` takes {} but `{}` takes {}: the methods of one #[tcc] trait run on one participant, so they take the same context",
+                        m.name(),
+                        m.store.0.describe(),
+                        first.name(),
+                        store.describe()
+                    ),
+                ));
+            }
+        }
+    }
+    (methods.len() == names.len()).then_some(Service { item, krate, client, methods, ops, store })
 }
 
 /// The trait with `#[tcc]` helper attributes removed, for output next to errors (so that uses of the

@@ -2,11 +2,11 @@
 //! method `into_participant`, which registers an implementation's operations on a participant.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, ReturnType, Type};
 
-use crate::model::{INTO_PARTICIPANT, Method, Operation, Service};
+use crate::model::{INTO_PARTICIPANT, Method, Operation, Service, Store};
 
 /// The request type of an operation: its one parameter's type, a tuple of several, or `()`.
 pub fn request_type(m: &Method) -> TokenStream {
@@ -60,17 +60,24 @@ fn adapter(s: &Service, op: &Operation, n: usize) -> (Ident, TokenStream) {
     let (pat, args) = request_pattern(try_m);
     let (ok, err) = (&try_m.ok, &try_m.err);
     let (try_fn, confirm_fn, cancel_fn) = (&try_m.sig.ident, &confirm.sig.ident, &cancel.sig.ident);
+    let (operation_trait, ctx_ty, db) = match &s.store {
+        Store::Sled => (quote!(AsyncOperation), quote!(#krate::__private::TccContext), quote!()),
+        Store::Sql(db) => {
+            (quote!(SqlOperation), quote!(&mut #krate::__private::SqlContext<#db>), quote!(type Db = #db;))
+        }
+    };
     let tokens = quote! {
         struct #name<__TccImpl>(::std::sync::Arc<__TccImpl>);
 
-        impl<__TccImpl: #service> #krate::__private::AsyncOperation for #name<__TccImpl> {
+        impl<__TccImpl: #service> #krate::__private::#operation_trait for #name<__TccImpl> {
+            #db
             type Request = #request;
             type Response = #ok;
             type Error = #err;
 
             fn try_(
                 &self,
-                ctx: #krate::__private::TccContext,
+                ctx: #ctx_ty,
                 request: Self::Request,
             ) -> impl ::core::future::Future<Output = ::core::result::Result<Self::Response, Self::Error>>
                    + ::core::marker::Send {
@@ -80,7 +87,7 @@ fn adapter(s: &Service, op: &Operation, n: usize) -> (Ident, TokenStream) {
 
             fn confirm(
                 &self,
-                ctx: #krate::__private::TccContext,
+                ctx: #ctx_ty,
                 request: Self::Request,
             ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
                 let #pat = request;
@@ -89,11 +96,17 @@ fn adapter(s: &Service, op: &Operation, n: usize) -> (Ident, TokenStream) {
 
             fn cancel(
                 &self,
-                ctx: #krate::__private::TccContext,
+                ctx: #ctx_ty,
                 request: Self::Request,
             ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
                 let #pat = request;
                 <__TccImpl as #service>::#cancel_fn(&*self.0, ctx, #(#args),*)
+            }
+
+            fn error_detail(error: &Self::Error) -> ::core::option::Option<#krate::__private::serde_json::Value> {
+                #[allow(unused_imports)]
+                use #krate::__private::{DetailBySerialize as _, NoDetail as _};
+                (&#krate::__private::ErrorDetail(error)).detail()
             }
         }
     };
@@ -126,8 +139,8 @@ fn operations_table(s: &Service) -> Vec<String> {
         format!(
             "A participant serves an implementation with [`{service}::{INTO_PARTICIPANT}`]; an initiator calls it \
              with [`{client}`]. Implement the methods with `async fn`: their futures must be `Send`, and \
-             their effects go through the `TccContext` they get, which commits them together with the \
-             participant's barrier record."
+             their effects go through the context they get (`TccContext` or `SqlContext`), which commits them \
+             together with the participant's barrier record."
         ),
     ]);
     lines
@@ -146,7 +159,10 @@ pub fn render(s: &Service) -> TokenStream {
     let adapter_items = adapters.iter().map(|(_, tokens)| tokens);
     let registrations = s.ops.iter().zip(&adapters).map(|(op, (name, _))| {
         let op_name = s.methods[op.try_].name();
-        quote!(.async_operation(#op_name, #name(::core::clone::Clone::clone(&this))))
+        match &s.store {
+            Store::Sled => quote!(.async_operation(#op_name, #name(::core::clone::Clone::clone(&this)))),
+            Store::Sql(_) => quote!(.sql_operation(#op_name, #name(::core::clone::Clone::clone(&this)))),
+        }
     });
     let op_names: Vec<String> = s.ops.iter().map(|op| format!("`{}`", s.methods[op.try_].name())).collect();
     let into_doc = format!(
@@ -156,6 +172,13 @@ pub fn render(s: &Service) -> TokenStream {
         op_names.join(", ")
     );
     let into = format_ident!("{}", INTO_PARTICIPANT);
+    let participant = match &s.store {
+        Store::Sled => quote!(#krate::__private::Participant),
+        // Spanned at the methods' context type: a participant of another store is a type error there.
+        Store::Sql(db) => {
+            quote_spanned!(db.span()=> #krate::__private::Participant<#krate::__private::Sql<#db>>)
+        }
+    };
     quote! {
         #(#attrs)*
         #(#[doc = #docs])*
@@ -165,7 +188,7 @@ pub fn render(s: &Service) -> TokenStream {
             // Only when tcc-http serves participants (its `participant` feature).
             #krate::__private::participant_side! {
                 #[doc = #into_doc]
-                fn #into(self, participant: #krate::__private::Participant) -> #krate::__private::Participant
+                fn #into(self, participant: #participant) -> #participant
                 where
                     Self: ::core::marker::Sized,
                 {

@@ -51,22 +51,29 @@ impl BarrierTable {
     /// `tcc_barrier`.
     pub const DEFAULT: &'static str = "tcc_barrier";
     /// The name, if valid.
-    pub fn new(name: &str) -> Result<BarrierTable, InvalidTableName> { todo!() }
+    pub fn new(name: &str) -> Result<BarrierTable, InvalidTableName> {
+        todo!()
+    }
     /// The name as given.
-    pub fn as_str(&self) -> &str { &self.0 }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl Default for BarrierTable {
-    fn default() -> BarrierTable { BarrierTable(Arc::from(BarrierTable::DEFAULT)) }
+    fn default() -> BarrierTable {
+        BarrierTable(Arc::from(BarrierTable::DEFAULT))
+    }
 }
 
 /// A table name that is not a plain SQL identifier.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid barrier table name {0:?}: expected letters, digits and '_' (optionally schema.table), not starting with a digit, at most 63 bytes each")]
+#[error(
+    "invalid barrier table name {0:?}: expected letters, digits and '_' (optionally schema.table), not starting with a digit, at most 63 bytes each"
+)]
 pub struct InvalidTableName(pub String);
 
 /// The barrier of a participant on a SQL database. Cheap to clone (the pool is shared).
-#[derive(Clone)]
 pub struct SqlBarrier<DB: SqlDatabase> {
     pool: sqlx::Pool<DB>,
     table: BarrierTable,
@@ -74,37 +81,81 @@ pub struct SqlBarrier<DB: SqlDatabase> {
     grace: Duration,
 }
 
-impl<DB: SqlDatabase> fmt::Debug for SqlBarrier<DB> { fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { todo!() } }
+impl<DB: SqlDatabase> Clone for SqlBarrier<DB> {
+    fn clone(&self) -> Self {
+        SqlBarrier {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            clock: Arc::clone(&self.clock),
+            grace: self.grace,
+        }
+    }
+}
+
+impl<DB: SqlDatabase> fmt::Debug for SqlBarrier<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        todo!()
+    }
+}
 
 impl<DB: SqlDatabase> SqlBarrier<DB> {
     /// The barrier over `pool`'s database, in `table`.
-    pub fn new(pool: sqlx::Pool<DB>, table: BarrierTable, clock: Arc<dyn Clock>, grace: Duration) -> Self { todo!() }
+    pub fn new(pool: sqlx::Pool<DB>, table: BarrierTable, clock: Arc<dyn Clock>, grace: Duration) -> Self {
+        todo!()
+    }
     /// The pool.
-    pub fn pool(&self) -> &sqlx::Pool<DB> { &self.pool }
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
     /// The table.
-    pub fn table(&self) -> &BarrierTable { &self.table }
+    pub fn table(&self) -> &BarrierTable {
+        &self.table
+    }
     /// The clock deadlines are decided with.
-    pub fn clock(&self) -> &Arc<dyn Clock> { &self.clock }
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
     /// The grace period after a deadline before the participant releases a hold itself.
-    pub fn grace(&self) -> Duration { self.grace }
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
     /// Creates the table and its index if missing (idempotent; safe to run from several replicas).
-    pub async fn migrate(&self) -> Result<(), SqlBarrierError> { todo!() }
+    pub async fn migrate(&self) -> Result<(), SqlBarrierError> {
+        todo!()
+    }
     /// The SQL [`migrate`](Self::migrate) runs, for this table name (statements separated by `;\n`).
-    pub fn migration_sql(&self) -> String { todo!() }
+    pub fn migration_sql(&self) -> String {
+        todo!()
+    }
     /// Starts a call: see the module docs. `op` is a try, confirm or cancel ([`Op::Expire`] goes
     /// through [`begin_expire`](Self::begin_expire)).
-    pub async fn begin(&self, gid: &Gid, branch: &BranchId, op: Op<'_>) -> Result<Begun<DB>, SqlBarrierError> { todo!() }
+    pub async fn begin(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+        op: Op<'_>,
+    ) -> Result<Begun<DB>, SqlBarrierError> {
+        todo!()
+    }
     /// Starts the release of one due reservation: `BEGIN`, lock its row `FOR UPDATE SKIP LOCKED`,
     /// decide [`Op::Expire`]. `None` (rolled back) when another replica holds the row or the branch
     /// is not held and due any more.
-    pub async fn begin_expire(&self, due: &DueReservation) -> Result<Option<Pending<DB>>, SqlBarrierError> { todo!() }
+    pub async fn begin_expire(&self, due: &DueReservation) -> Result<Option<Pending<DB>>, SqlBarrierError> {
+        todo!()
+    }
     /// Up to `limit` held reservations due for release (deadline + grace at or before now), earliest
     /// deadline first, read without locks.
-    pub async fn due(&self, limit: usize) -> Result<Vec<DueReservation>, SqlBarrierError> { todo!() }
+    pub async fn due(&self, limit: usize) -> Result<Vec<DueReservation>, SqlBarrierError> {
+        todo!()
+    }
     /// The branch's stored record.
-    pub async fn get(&self, gid: &Gid, branch: &BranchId) -> Result<Option<BarrierRecord>, SqlBarrierError> { todo!() }
+    pub async fn get(&self, gid: &Gid, branch: &BranchId) -> Result<Option<BarrierRecord>, SqlBarrierError> {
+        todo!()
+    }
     /// How many reservations are held (state tried).
-    pub async fn held(&self) -> Result<u64, SqlBarrierError> { todo!() }
+    pub async fn held(&self) -> Result<u64, SqlBarrierError> {
+        todo!()
+    }
 }
 
 /// What [`SqlBarrier::begin`] found.
@@ -138,27 +189,47 @@ pub struct Pending<DB: SqlDatabase> {
     // plus whatever the implementation needs
 }
 
-impl<DB: SqlDatabase> fmt::Debug for Pending<DB> { fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { todo!() } }
+impl<DB: SqlDatabase> fmt::Debug for Pending<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        todo!()
+    }
+}
 
 impl<DB: SqlDatabase> Pending<DB> {
     /// The connection of the open transaction: run the business statements on it
     /// (`sqlx::query(..).execute(pending.conn())`).
-    pub fn conn(&mut self) -> &mut DB::Connection { &mut self.tx }
+    pub fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
     /// The open transaction itself.
-    pub fn transaction(&mut self) -> &mut sqlx::Transaction<'static, DB> { &mut self.tx }
+    pub fn transaction(&mut self) -> &mut sqlx::Transaction<'static, DB> {
+        &mut self.tx
+    }
     /// The request bytes: the try's, or for confirm, cancel and expiry the stored ones.
-    pub fn request(&self) -> &[u8] { &self.record.request }
+    pub fn request(&self) -> &[u8] {
+        &self.record.request
+    }
     /// The record that commit stores.
-    pub fn record(&self) -> &BarrierRecord { &self.record }
+    pub fn record(&self) -> &BarrierRecord {
+        &self.record
+    }
     /// The transaction / branch.
-    pub fn gid(&self) -> &Gid { &self.gid }
+    pub fn gid(&self) -> &Gid {
+        &self.gid
+    }
     /// The branch.
-    pub fn branch(&self) -> &BranchId { &self.branch }
+    pub fn branch(&self) -> &BranchId {
+        &self.branch
+    }
     /// Writes the barrier row (for a try with `result` as its result bytes; ignored otherwise) and
     /// commits it with everything run on [`conn`](Self::conn). Returns the stored record.
-    pub async fn commit(self, result: Vec<u8>) -> Result<BarrierRecord, SqlBarrierError> { todo!() }
+    pub async fn commit(self, result: Vec<u8>) -> Result<BarrierRecord, SqlBarrierError> {
+        todo!()
+    }
     /// Rolls back the business statements; nothing is stored.
-    pub async fn rollback(self) -> Result<(), SqlBarrierError> { todo!() }
+    pub async fn rollback(self) -> Result<(), SqlBarrierError> {
+        todo!()
+    }
 }
 
 /// A SQL barrier call failed; nothing was stored.
@@ -181,11 +252,17 @@ pub enum SqlBarrierError {
 
 impl SqlBarrierError {
     /// A serialization failure, deadlock or lock-wait timeout: run the whole call again.
-    pub fn is_retryable(&self) -> bool { todo!() }
+    pub fn is_retryable(&self) -> bool {
+        todo!()
+    }
     /// `corrupt` or `storage`.
-    pub fn code(&self) -> &'static str { todo!() }
+    pub fn code(&self) -> &'static str {
+        todo!()
+    }
 }
 
 /// Whether `e` is a serialization failure (PostgreSQL `40001`), a deadlock (`40P01`, MySQL 1213) or
 /// a lock-wait timeout (MySQL 1205): the transaction was rolled back and may simply run again.
-pub fn is_retryable(e: &sqlx::Error) -> bool { todo!() }
+pub fn is_retryable(e: &sqlx::Error) -> bool {
+    todo!()
+}

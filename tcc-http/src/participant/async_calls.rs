@@ -18,8 +18,8 @@ use tcc_core::{BranchId, Gid, Timestamp};
 use tracing::{debug, error, warn};
 
 use super::{
-    Call, CallAbort, Done, Ids, Participant, ParticipantError, Phase, Registered, answer, barrier_error,
-    decode_stored_request, encode_stored_request, stringify, try_deadline,
+    Call, CallAbort, Done, Ids, ParticipantError, Phase, Registered, Runtime, SledParts, answer,
+    barrier_error, decode_stored_request, encode_stored_request, stringify, try_deadline,
 };
 use crate::error::ApiError;
 use crate::protocol::{DEADLINE_HEADER, REFUSED};
@@ -61,12 +61,27 @@ pub(super) trait ErasedAsync: Send + Sync + 'static {
 /// An [`AsyncOperation`] as the runtime holds it.
 pub(super) struct AsyncOp<O>(pub(super) O);
 
-fn business<E: TccError>(e: E) -> RunError {
-    let detail = serde_json::to_value(&e)
-        .inspect_err(
-            |err| warn!(error = %err, "a business error does not serialize; answered without detail"),
-        )
-        .ok();
+/// An async operation as registered: staged writes over sled, or statements in a SQL transaction.
+#[derive(Clone)]
+pub(crate) enum AsyncKind {
+    Staged(Arc<dyn ErasedAsync>),
+    #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+    Sql(Arc<dyn super::sql::ErasedSql>),
+}
+
+impl AsyncKind {
+    /// Checks a try's request: it must decode as the operation's request type.
+    pub(super) fn check(&self, request: &[u8]) -> Result<(), String> {
+        match self {
+            AsyncKind::Staged(op) => op.check(request),
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            AsyncKind::Sql(op) => op.check(request),
+        }
+    }
+}
+
+/// A business error as the runtime answers it, with its JSON `detail` if it has one.
+pub(super) fn business_error<E: TccError>(e: &E, detail: Option<serde_json::Value>) -> RunError {
     RunError::Business { disposition: e.disposition(), message: e.to_string(), detail }
 }
 
@@ -86,15 +101,25 @@ impl<O: AsyncOperation> ErasedAsync for AsyncOp<O> {
                 serde_json::from_slice(&request).map_err(|e| RunError::Request(e.to_string()))?;
             match phase {
                 CtxPhase::Try => {
-                    let response = self.0.try_(ctx, request).await.map_err(business)?;
+                    let response = self
+                        .0
+                        .try_(ctx, request)
+                        .await
+                        .map_err(|e| business_error(&e, O::error_detail(&e)))?;
                     serde_json::to_vec(&response).map_err(|e| RunError::Response(e.to_string()))
                 }
-                CtxPhase::Confirm => {
-                    self.0.confirm(ctx, request).await.map(|()| Vec::new()).map_err(business)
-                }
-                CtxPhase::Cancel | CtxPhase::Expire => {
-                    self.0.cancel(ctx, request).await.map(|()| Vec::new()).map_err(business)
-                }
+                CtxPhase::Confirm => self
+                    .0
+                    .confirm(ctx, request)
+                    .await
+                    .map(|()| Vec::new())
+                    .map_err(|e| business_error(&e, O::error_detail(&e))),
+                CtxPhase::Cancel | CtxPhase::Expire => self
+                    .0
+                    .cancel(ctx, request)
+                    .await
+                    .map(|()| Vec::new())
+                    .map_err(|e| business_error(&e, O::error_detail(&e))),
             }
         })
     }
@@ -146,9 +171,9 @@ impl Drop for BranchGuard<'_> {
 
 /// Serves one call of an async operation.
 pub(super) async fn serve(
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     name: String,
-    op: Arc<dyn ErasedAsync>,
+    op: AsyncKind,
     phase: Phase,
     ids: Ids,
     body: Bytes,
@@ -194,7 +219,7 @@ fn fault(e: &StoreError) -> ApiError {
 }
 
 /// The answer to a run that produced nothing to commit.
-fn run_error(e: RunError, phase: Phase) -> ApiError {
+pub(super) fn run_error(e: RunError, phase: Phase) -> ApiError {
     match e {
         RunError::Request(m) if phase == Phase::Try => ApiError::malformed(format!("invalid request: {m}")),
         RunError::Request(m) => internal(format!("the stored request of this branch does not decode: {m}")),
@@ -205,7 +230,7 @@ fn run_error(e: RunError, phase: Phase) -> ApiError {
                 None => e,
             }
         }
-        RunError::Business { disposition: Disposition::Transient, message, detail } => {
+        RunError::Business { disposition: Disposition::Transient | Disposition::Retry, message, detail } => {
             let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
             match detail {
                 Some(d) => e.with_detail(d),
@@ -255,7 +280,7 @@ fn stored_request(rec: &BarrierRecord, name: &str) -> Result<Bytes, ApiError> {
 /// One business run on a fresh context: what it staged and what it returned. Faults win over the
 /// method's result.
 async fn run_once(
-    participant: &Participant,
+    participant: &SledParts,
     op: &Arc<dyn ErasedAsync>,
     name: &str,
     ids: (&Gid, &BranchId),
@@ -291,7 +316,7 @@ fn run_nothing() -> Commit {
 /// One barrier transaction for `phase` on the blocking pool: `commit` runs if the barrier runs the
 /// business method; duplicates, refusals and empty cancels are the barrier's answer.
 async fn through_barrier(
-    participant: &Participant,
+    participant: &SledParts,
     phase: Phase,
     ids: &Ids,
     try_call: Option<(Timestamp, Vec<u8>)>,
@@ -314,7 +339,27 @@ async fn through_barrier(
 
 /// Check, run, commit; again after a conflict.
 pub(super) async fn call(
-    participant: &Participant,
+    participant: &Runtime,
+    name: &str,
+    op: &AsyncKind,
+    phase: Phase,
+    ids: &Ids,
+    try_deadline: Option<Timestamp>,
+    body: Bytes,
+) -> Result<Done, ApiError> {
+    match op {
+        AsyncKind::Staged(op) => {
+            staged_call(participant.sled()?, name, op, phase, ids, try_deadline, body).await
+        }
+        #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+        AsyncKind::Sql(op) => Arc::clone(op).call(name, phase, ids, try_deadline, body).await,
+    }
+}
+
+/// One call of an async operation over sled: check, run on a staged context, commit through the
+/// barrier, again on a conflict.
+async fn staged_call(
+    participant: &SledParts,
     name: &str,
     op: &Arc<dyn ErasedAsync>,
     phase: Phase,
@@ -346,7 +391,11 @@ pub(super) async fn call(
                 let ids_ref = (&ids.gid, &ids.branch);
                 let (stage, result) =
                     run_once(participant, op, name, ids_ref, rec.deadline, ctx_phase, request).await;
-                let output = result?.map_err(|e| run_error(e, phase))?;
+                let output = match result? {
+                    // The business method's own database rolled back: run it again on fresh reads.
+                    Err(RunError::Business { disposition: Disposition::Retry, .. }) => continue,
+                    r => r.map_err(|e| run_error(e, phase))?,
+                };
                 // 3. Commit the stage, if the barrier still runs the method. The record it runs on
                 // must be the one checked (a try's request never changes once stored).
                 let tried = rec.request;
@@ -385,10 +434,11 @@ pub(super) async fn call(
 /// Releases one due reservation, running the cancel of the operation that made it; whether it was
 /// released. Storage failures stop the sweep; anything else is logged and left for the next sweep.
 pub(super) async fn expire_one(
-    participant: &Participant,
+    runtime: &Runtime,
+    participant: &SledParts,
     due: &DueReservation,
 ) -> Result<bool, ParticipantError> {
-    let _branch = participant.locks.lock(&due.gid, &due.branch).await;
+    let _branch = runtime.locks.lock(&due.gid, &due.branch).await;
     let barrier = &participant.barrier;
     for _ in 0..MAX_RUNS {
         let existing = match barrier.get(&due.gid, &due.branch) {
@@ -415,8 +465,14 @@ pub(super) async fn expire_one(
             return Ok(false);
         };
         let (name, request) = (name.to_owned(), Bytes::copy_from_slice(request));
-        let op = match participant.ops.get(&name) {
-            Some(Registered::Async(op)) => Arc::clone(op),
+        let op = match runtime.ops.get(&name) {
+            Some(Registered::Async(AsyncKind::Staged(op))) => Arc::clone(op),
+            #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+            Some(Registered::Async(AsyncKind::Sql(_))) => {
+                error!(gid = %due.gid, branch = %due.branch, operation = %name,
+                    "a SQL operation's reservation in a sled barrier cannot be expired");
+                return Ok(false);
+            }
             Some(Registered::Sync(op)) => {
                 let op = Arc::clone(op);
                 let n = name.clone();
@@ -494,7 +550,7 @@ pub(super) async fn expire_one(
 }
 
 /// One `SledBarrier::expire` on the blocking pool.
-async fn release<F>(participant: &Participant, due: &DueReservation, f: F) -> Result<bool, ParticipantError>
+async fn release<F>(participant: &SledParts, due: &DueReservation, f: F) -> Result<bool, ParticipantError>
 where
     F: Fn(&BusinessTx<'_>) -> Result<(), ConflictableTransactionError<CommitAbort>> + Send + 'static,
 {

@@ -24,9 +24,9 @@ use tcc_core::{BranchId, Decision, Gid, Timestamp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::async_calls::ErasedAsync;
+use super::async_calls::AsyncKind;
 use super::{
-    CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, barrier_error, needs_flush,
+    CallAbort, Done, ErasedOperation, Ids, Phase, Registered, Runtime, barrier_error, needs_flush,
     not_flushed, panicked, phase_two,
 };
 use crate::error::ApiError;
@@ -59,9 +59,9 @@ pub(super) trait Batched: Send + 'static {
     /// Runs on an async operation; the caller holds the branch's lock.
     fn run_async(
         self,
-        participant: &Participant,
+        participant: &Runtime,
         name: &str,
-        op: &Arc<dyn ErasedAsync>,
+        op: &AsyncKind,
         ids: &Ids,
     ) -> impl Future<Output = Result<Done, ApiError>> + Send;
 }
@@ -93,9 +93,9 @@ impl Batched for Phase {
 
     async fn run_async(
         self,
-        participant: &Participant,
+        participant: &Runtime,
         name: &str,
-        op: &Arc<dyn ErasedAsync>,
+        op: &AsyncKind,
         ids: &Ids,
     ) -> Result<Done, ApiError> {
         super::async_calls::call(participant, name, op, self, ids, None, Bytes::new()).await
@@ -126,7 +126,7 @@ type Ran = (usize, Result<Done, ApiError>, bool);
 /// other's answer. Otherwise it is one JSON object, `{"results": [...]}`, in the batch's order,
 /// once every call is done.
 pub(super) async fn run<C: Batched>(
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     name: String,
     registered: Registered,
     calls: Vec<(Ids, C)>,
@@ -138,7 +138,11 @@ pub(super) async fn run<C: Batched>(
         Registered::Sync(op) => {
             // One after the other on one thread: a synchronous business method runs inside a sled
             // transaction, and sled runs one transaction at a time in a process anyway.
-            let (barrier, done) = (participant.barrier.clone(), done.clone());
+            let barrier = match participant.sled() {
+                Ok(sled) => sled.barrier.clone(),
+                Err(e) => return e.into_response(),
+            };
+            let done = done.clone();
             tokio::task::spawn_blocking(move || {
                 for (i, (ids, call)) in calls.into_iter().enumerate() {
                     let (r, flush) = run_sync(&barrier, &*op, &name, &ids, call);
@@ -149,7 +153,7 @@ pub(super) async fn run<C: Batched>(
         Registered::Async(op) => {
             for group in by_branch(calls) {
                 let (participant, name, op, done) =
-                    (Arc::clone(&participant), name.clone(), Arc::clone(&op), done.clone());
+                    (Arc::clone(&participant), name.clone(), op.clone(), done.clone());
                 tokio::spawn(async move {
                     for (i, (ids, call)) in group {
                         let r = {
@@ -208,7 +212,7 @@ fn run_sync<C: Batched>(
 
 /// What answers a batch of `C` calls: the calls' ids, and where the calls send what came of them.
 struct Answer<C> {
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     ids: Vec<Ids>,
     ran: mpsc::UnboundedReceiver<Ran>,
     calls: PhantomData<fn() -> C>,
@@ -371,7 +375,7 @@ fn line<R: Serialize>(out: &mut Vec<u8>, i: usize, result: &R) {
 
 /// Serves one batch of phase-two calls for operation `name`, streamed when `stream`.
 pub(super) async fn serve(
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     name: String,
     registered: Registered,
     body: Bytes,

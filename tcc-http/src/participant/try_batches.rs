@@ -13,10 +13,10 @@ use axum::body::Bytes;
 use axum::response::Response;
 use tcc_core::barrier::{BarrierError, SledBarrier};
 
-use super::async_calls::ErasedAsync;
+use super::async_calls::AsyncKind;
 use super::phase_two_batches::{Batched, batched_ids, run, within_limit};
 use super::{
-    CallAbort, Done, ErasedOperation, Ids, Participant, Phase, Registered, encode_stored_request, sync_try,
+    CallAbort, Done, ErasedOperation, Ids, Phase, Registered, Runtime, encode_stored_request, sync_try,
     try_deadline,
 };
 use crate::error::ApiError;
@@ -50,9 +50,9 @@ impl Batched for TryRequest {
 
     async fn run_async(
         self,
-        participant: &Participant,
+        participant: &Runtime,
         name: &str,
-        op: &Arc<dyn ErasedAsync>,
+        op: &AsyncKind,
         ids: &Ids,
     ) -> Result<Done, ApiError> {
         let deadline = try_deadline(ids, op.check(&self.0))?;
@@ -62,7 +62,7 @@ impl Batched for TryRequest {
 
 /// Serves one batch of tries for operation `name`, streamed when `stream`.
 pub(super) async fn serve(
-    participant: Arc<Participant>,
+    participant: Arc<Runtime>,
     name: String,
     registered: Registered,
     body: Bytes,
