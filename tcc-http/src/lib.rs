@@ -93,7 +93,7 @@ pub use tcc_core::barrier::sql::{BarrierTable, SqlBarrier, SqlBarrierError};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[doc = include_str!("../../README.md")]
-#[cfg(all(doctest, feature = "client", feature = "participant"))]
+#[cfg(all(doctest, feature = "client", feature = "participant", feature = "sqlx-postgres"))]
 pub struct ReadmeDoctests;
 
 /// The participants guide's examples, compiled and run as doctests.
