@@ -1229,6 +1229,86 @@ pub fn is_retryable(e: &sqlx::Error) -> bool {
     false
 }
 
+/// The test databases of this workspace's SQL participant tests (not part of the API).
+///
+/// `TCC_TEST_POSTGRES_URL` and `TCC_TEST_MYSQL_URL` name them. Without one, a test prints
+/// "skipped: ..." and passes, unless `TCC_REQUIRE_POSTGRES=1` / `TCC_REQUIRE_MYSQL=1` (CI sets both),
+/// which turns the skip into a failure.
+#[doc(hidden)]
+pub mod testing {
+    /// The PostgreSQL test database's URL, or `None` after saying the test is skipped.
+    ///
+    /// # Panics
+    /// When it is missing and `TCC_REQUIRE_POSTGRES=1`.
+    pub fn test_postgres_url() -> Option<String> {
+        test_url("TCC_TEST_POSTGRES_URL", "TCC_REQUIRE_POSTGRES", "postgres://")
+    }
+
+    /// The MySQL (MariaDB) test database's URL, or `None` after saying the test is skipped.
+    ///
+    /// # Panics
+    /// When it is missing and `TCC_REQUIRE_MYSQL=1`.
+    pub fn test_mysql_url() -> Option<String> {
+        test_url("TCC_TEST_MYSQL_URL", "TCC_REQUIRE_MYSQL", "mysql://")
+    }
+
+    fn test_url(var: &str, require: &str, scheme: &str) -> Option<String> {
+        match std::env::var(var) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                assert!(std::env::var(require).as_deref() != Ok("1"), "{require}=1 but {var} is not set");
+                println!("skipped: {var} is not set (a {scheme} URL of a test database)");
+                None
+            }
+        }
+    }
+
+    /// A fresh name `PREFIX_<unique>`; `prefix` is lower-case letters, digits and `_`.
+    fn scratch_name(prefix: &str) -> Result<String, sqlx::Error> {
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 24
+            && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(sqlx::Error::Configuration("a scratch prefix is 1 to 24 of a-z, 0-9 and '_'".into()));
+        }
+        Ok(format!("{prefix}_{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Creates an empty schema in the PostgreSQL database at `url` and returns a URL whose
+    /// connections work in it (`options=-c search_path=...`), so that tests sharing one database
+    /// do not see each other's rows.
+    #[cfg(feature = "sqlx-postgres")]
+    pub async fn create_scratch_postgres_schema(url: &str, prefix: &str) -> Result<String, sqlx::Error> {
+        use sqlx::Connection;
+        let schema = scratch_name(prefix)?;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await?;
+        conn.close().await?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Ok(format!("{url}{sep}options=-c%20search_path%3D{schema}"))
+    }
+
+    /// Creates an empty database on the MySQL server at `url` and returns `url` naming it instead
+    /// (the user needs the CREATE privilege), so that tests do not see each other's rows.
+    #[cfg(feature = "sqlx-mysql")]
+    pub async fn create_scratch_mysql_database(url: &str, prefix: &str) -> Result<String, sqlx::Error> {
+        use sqlx::Connection;
+        let database = scratch_name(prefix)?;
+        let mut conn = sqlx::MySqlConnection::connect(url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&mut conn).await?;
+        conn.close().await?;
+        // mysql://user:password@host:port/db?params: replace (or add) the path.
+        let bad = || sqlx::Error::Configuration("expected mysql://host[:port]/[database][?params]".into());
+        let after_scheme = url.find("://").ok_or_else(bad)? + 3;
+        let (base, query) = match url.find('?') {
+            Some(q) => url.split_at(q),
+            None => (url, ""),
+        };
+        let authority_end = base[after_scheme..].find('/').map_or(base.len(), |i| after_scheme + i);
+        Ok(format!("{}/{database}{query}", &base[..authority_end]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
