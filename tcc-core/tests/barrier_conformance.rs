@@ -559,6 +559,8 @@ mod sql_rig {
     /// What the rig needs of a database beyond the barrier: plain statements, written with `?`.
     pub trait TestDb: SqlDatabase {
         async fn connect(url: &str) -> sqlx::Pool<Self>;
+        /// A pool whose connections wait at most two seconds for a row lock, then fail.
+        async fn connect_impatient(url: &str) -> sqlx::Pool<Self>;
         /// Runs `sql` with string parameters on the barrier's transaction.
         async fn exec(conn: &mut Self::Connection, sql: &str, args: &[&str]) -> Result<u64, sqlx::Error>;
         async fn exec_pool(pool: &sqlx::Pool<Self>, sql: &str, args: &[&str]) -> Result<u64, sqlx::Error>;
@@ -568,12 +570,25 @@ mod sql_rig {
     }
 
     macro_rules! test_db {
-        ($db:ty, $pool_opts:ty, $numbered:expr, $nullable:expr) => {
+        ($db:ty, $pool_opts:ty, $numbered:expr, $nullable:expr, $impatient:expr) => {
             impl TestDb for $db {
                 const RESULT_NULLABLE: &'static str = $nullable;
 
                 async fn connect(url: &str) -> sqlx::Pool<Self> {
                     <$pool_opts>::new().max_connections(24).connect(url).await.unwrap()
+                }
+
+                async fn connect_impatient(url: &str) -> sqlx::Pool<Self> {
+                    <$pool_opts>::new()
+                        .max_connections(4)
+                        .after_connect(|conn, _| {
+                            Box::pin(
+                                async move { sqlx::query($impatient).execute(&mut *conn).await.map(|_| ()) },
+                            )
+                        })
+                        .connect(url)
+                        .await
+                        .unwrap()
                 }
 
                 async fn exec(
@@ -615,14 +630,16 @@ mod sql_rig {
         sqlx::Postgres,
         sqlx::postgres::PgPoolOptions,
         true,
-        "ALTER TABLE tcc_barrier ALTER COLUMN result DROP NOT NULL"
+        "ALTER TABLE tcc_barrier ALTER COLUMN result DROP NOT NULL",
+        "SET lock_timeout = '2s'"
     );
     #[cfg(feature = "sqlx-mysql")]
     test_db!(
         sqlx::MySql,
         sqlx::mysql::MySqlPoolOptions,
         false,
-        "ALTER TABLE tcc_barrier MODIFY result LONGBLOB NULL"
+        "ALTER TABLE tcc_barrier MODIFY result LONGBLOB NULL",
+        "SET SESSION innodb_lock_wait_timeout = 2"
     );
 
     fn numbered(sql: &str) -> String {
@@ -640,6 +657,7 @@ mod sql_rig {
     }
 
     pub struct SqlRig<DB: TestDb> {
+        url: String,
         clock: ManualClock,
         /// Two replicas: a pool each.
         replicas: [SqlBarrier<DB>; 2],
@@ -663,7 +681,7 @@ mod sql_rig {
             )
             .await
             .unwrap();
-            SqlRig { clock, replicas }
+            SqlRig { url: url.to_owned(), clock, replicas }
         }
 
         /// One call through `replica`'s barrier; the business inserts an effect row of `kind` with
@@ -812,6 +830,38 @@ mod sql_rig {
             assert_eq!(rig.held().await, 0);
         }
 
+        /// First calls of different branches, even with neighbouring keys, do not wait for each
+        /// other's transactions (at MySQL's REPEATABLE READ, the gap locks of `SELECT ... FOR UPDATE`
+        /// on missing rows would make the second insert wait for the first commit). The second
+        /// replica's connections give up on a lock after two seconds, so waiting would fail it.
+        pub async fn first_calls_of_unrelated_branches_do_not_wait_for_each_other<DB: TestDb>(
+            rig: &SqlRig<DB>,
+        ) {
+            let clock: Arc<dyn Clock> = Arc::new(rig.clock.clone());
+            let impatient =
+                SqlBarrier::new(DB::connect_impatient(&rig.url).await, BarrierTable::default(), clock, GRACE);
+            let (a, branch) = ids("gap");
+            let (b, c): (Gid, Gid) = (format!("{a}1").parse().unwrap(), format!("{a}2").parse().unwrap());
+            let try_op = Op::Try { deadline: deadline(rig), request: b"seat" };
+            let Begun::Run(held) = rig.replicas[0].begin(&a, &branch, try_op).await.unwrap() else {
+                panic!("a fresh try runs")
+            };
+            // While the first try's transaction is open:
+            match impatient.begin(&b, &branch, try_op).await {
+                Ok(Begun::Run(p)) => assert_eq!(p.commit(b"ok".to_vec()).await.unwrap().result, b"ok"),
+                other => panic!("a try of another branch: {other:?}"),
+            }
+            match impatient.begin(&c, &branch, Op::Cancel).await {
+                Ok(Begun::Answered(Answer::Empty)) => {}
+                other => panic!("an empty cancel of another branch: {other:?}"),
+            }
+            held.commit(Vec::new()).await.unwrap();
+            for gid in [&a, &b] {
+                assert_eq!(rig.state(gid, &branch).await, Some(BarrierState::Tried));
+            }
+            assert_eq!(rig.state(&c, &branch).await, Some(BarrierState::CancelledEmpty));
+        }
+
         /// A due row whose deadline is negative is not listed, and nothing runs for it.
         pub async fn a_due_list_skips_unreadable_rows<DB: TestDb>(rig: &SqlRig<DB>) {
             let (gid, branch) = ids("bad-due");
@@ -850,6 +900,12 @@ mod sql_rig {
         async fn a_due_list_skips_unreadable_rows() {
             let Some(rig) = rig().await else { return };
             sql_cases::a_due_list_skips_unreadable_rows(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn first_calls_of_unrelated_branches_do_not_wait_for_each_other() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::first_calls_of_unrelated_branches_do_not_wait_for_each_other(&rig).await;
         }
 
         /// Serialization failures and deadlocks are retryable; other database errors are not.
@@ -928,6 +984,12 @@ mod sql_rig {
         async fn a_due_list_skips_unreadable_rows() {
             let Some(rig) = rig().await else { return };
             sql_cases::a_due_list_skips_unreadable_rows(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn first_calls_of_unrelated_branches_do_not_wait_for_each_other() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::first_calls_of_unrelated_branches_do_not_wait_for_each_other(&rig).await;
         }
 
         /// Deadlocks (1213) and lock-wait timeouts (1205) are retryable; other errors are not.

@@ -8,7 +8,7 @@
 //! as `tcc-core/migrations/{postgres,mysql}/0001_tcc_barrier.sql` for teams that run their own
 //! migrations.
 //!
-//! Every call is: `BEGIN`; read the branch's row `FOR UPDATE`; [`decide`](super::decide); then
+//! Every call is: `BEGIN`; read the branch's row `FOR UPDATE`; [`decide`]; then
 //! - a call that runs a business method gets a [`Pending`] holding the open transaction: the method
 //!   runs its own statements on [`Pending::conn`], then [`Pending::commit`] writes the row and commits
 //!   both, or dropping / [`Pending::rollback`] rolls both back (nothing stored: a later cancel is empty);
@@ -77,8 +77,8 @@ use crate::model::{BranchId, Gid, Timestamp};
 /// deleted under the barrier.
 const MAX_INSERT_RACES: usize = 8;
 
-/// A database the SQL barrier runs on: [`sqlx::Postgres`] (feature `sqlx-postgres`) or
-/// [`sqlx::MySql`] (feature `sqlx-mysql`). Sealed; carries the dialect's statements.
+/// A database the SQL barrier runs on: `sqlx::Postgres` (feature `sqlx-postgres`) or
+/// `sqlx::MySql` (feature `sqlx-mysql`). Sealed; carries the dialect's statements.
 ///
 /// Name it once, through the pool type: `SqlBarrier<sqlx::Postgres>` is built from a `PgPool`.
 ///
@@ -996,6 +996,8 @@ pub enum Begun<DB: SqlDatabase> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// The call already took effect: this is the stored record (a duplicate try replies its `result`).
+    /// A cancel of a reservation the participant released itself is one too, its record's state
+    /// [`BarrierState::Expired`] (what the sled barrier calls `CancelOutcome::AlreadyExpired`).
     Duplicate(BarrierRecord),
     /// Empty cancel: recorded and committed; a later try is refused.
     Empty,
