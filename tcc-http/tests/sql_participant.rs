@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use support::{Tcc, Where};
 use tcc_core::barrier::BarrierState;
+use tcc_core::barrier::sql::testing;
 use tcc_http::participant::sql::Sql;
 use tcc_http::server::native::StateView;
 use tcc_http::sqlx::{self, MySql, Postgres};
@@ -157,13 +158,9 @@ bank!(
 
 /// A fresh PostgreSQL schema of this test's own, or `None` (skipped) without a test database.
 async fn pg_pool() -> Option<sqlx::PgPool> {
-    let url = tcc_core::store::postgres::test_database_url()?;
-    let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    let schema = format!("tcc_sqlp_{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
-    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-    let options = options.options([("search_path", schema.as_str())]);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
+    let url = testing::test_postgres_url()?;
+    let url = testing::create_scratch_postgres_schema(&url, "tcc_sqlp").await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE accounts (id TEXT PRIMARY KEY, free BIGINT NOT NULL, held BIGINT NOT NULL, paid BIGINT NOT NULL)")
         .execute(&pool)
         .await
@@ -173,16 +170,9 @@ async fn pg_pool() -> Option<sqlx::PgPool> {
 
 /// A fresh MySQL database of this test's own, or `None` (skipped) without a test database.
 async fn my_pool() -> Option<sqlx::MySqlPool> {
-    let url = tcc_core::barrier::sql::test_mysql_url()?;
-    let admin = sqlx::MySqlPool::connect(&url).await.unwrap();
-    let name = format!("tcc_sqlp_{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-    let options: sqlx::mysql::MySqlConnectOptions = url.parse().unwrap();
-    let pool = sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(8)
-        .connect_with(options.database(&name))
-        .await
-        .unwrap();
+    let url = testing::test_mysql_url()?;
+    let url = testing::create_scratch_mysql_database(&url, "tcc_sqlp").await.unwrap();
+    let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(8).connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE accounts (id VARCHAR(64) PRIMARY KEY, free BIGINT NOT NULL, held BIGINT NOT NULL, paid BIGINT NOT NULL) ENGINE=InnoDB")
         .execute(&pool)
         .await
