@@ -16,6 +16,8 @@
 //! [`serve`](mod@serve) (serving a router, the coordinator's or a participant service's, with limits
 //! against slow clients: header and body read timeouts, a bounded header buffer, a connection cap).
 //! The `postgres` feature adds the coordinator's PostgreSQL store, `mimalloc` the binary's allocator.
+//! `sqlx-postgres` and `sqlx-mysql` add participants whose barrier and business state live in
+//! PostgreSQL or MySQL ([`participant::sql`], on sqlx); a sled-only participant compiles no SQL driver.
 //! `client`, `participant` and `transport` depend on `protocol`, never on `server`.
 //!
 //! [`tcc`](macro@tcc): one trait defines a service's TCC operations; the attribute generates the

@@ -26,6 +26,16 @@ use api::{BankError, MyBank, MyBankClient, PgBank, PgBankClient};
 const LONG: Duration = Duration::from_secs(20);
 const GRACE: Duration = Duration::from_secs(30);
 
+/// Set in the kill -9 test's child: a hold stops after its statements, before returning.
+static PAUSE_MID_TRY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// The definitions a shared API crate would hold.
 mod api {
     use serde::{Deserialize, Serialize};
@@ -113,6 +123,11 @@ macro_rules! bank {
                     .map_err(tcc_http::SqlError::from)?;
                 if done.rows_affected() == 0 {
                     return Err(BankError::Insufficient($account));
+                }
+                if PAUSE_MID_TRY.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The kill -9 test's child: the hold is written but not committed.
+                    say("mid-try");
+                    tokio::time::sleep(LONG).await;
                 }
                 let free: i64 = sqlx::query_scalar($free)
                     .bind(&$account)
@@ -428,4 +443,119 @@ fn the_barrier_table_name_is_checked_once() {
     assert!(BarrierTable::new("tcc_barrier").is_ok());
     assert!(BarrierTable::new("bank.tcc_barrier").is_ok());
     assert!(BarrierTable::new("tcc_barrier; DROP TABLE accounts").is_err());
+}
+
+/// The kill -9 test's child: which database (`postgres` or `mysql`), and its URL.
+const KILL_CHILD: &str = "TCC_SQL_KILL9_CHILD";
+const KILL_URL: &str = "TCC_SQL_KILL9_URL";
+const KILL_TEST: &str = "a_participant_killed_with_sigkill_mid_try_leaves_nothing_half_written";
+
+/// The child: serves the bank on the database named, prints its URL, then pauses every hold after
+/// its statements until it is killed.
+async fn kill_child(kind: &str, url: &str) {
+    PAUSE_MID_TRY.store(true, std::sync::atomic::Ordering::SeqCst);
+    let router = match kind {
+        "postgres" => {
+            pg_bank(&sqlx::PgPool::connect(url).await.unwrap(), Participant::builder()).await.router()
+        }
+        _ => my_bank(&sqlx::MySqlPool::connect(url).await.unwrap(), Participant::builder()).await.router(),
+    };
+    let (base, task) = serve(router, "bank").await;
+    say(&format!("serving {base}"));
+    let _ = task.await;
+}
+
+/// Reads the child's lines until one holds `prefix`, and returns what follows it (bounded). The test
+/// harness may print its own text before it on the same line.
+async fn line_starting(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+) -> String {
+    let wait = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].to_owned();
+            }
+        }
+        panic!("the child ended before printing {prefix:?}");
+    });
+    wait.await.unwrap_or_else(|_| panic!("no {prefix:?} from the child in {LONG:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_with_sigkill_mid_try_leaves_nothing_half_written() {
+    if let (Ok(kind), Ok(url)) = (std::env::var(KILL_CHILD), std::env::var(KILL_URL)) {
+        return kill_child(&kind, &url).await;
+    }
+    let (Some(pg_url), Some(my_url)) = (testing::test_postgres_url(), testing::test_mysql_url()) else {
+        return;
+    };
+    let pg_url = testing::create_scratch_postgres_schema(&pg_url, "tcc_kill").await.unwrap();
+    let my_url = testing::create_scratch_mysql_database(&my_url, "tcc_kill").await.unwrap();
+    for (kind, url) in [("postgres", pg_url), ("mysql", my_url)] {
+        // The accounts, as the other tests make them.
+        let create = "CREATE TABLE accounts (id VARCHAR(64) PRIMARY KEY, free BIGINT NOT NULL, held BIGINT NOT NULL, paid BIGINT NOT NULL)";
+        let balance = async || -> Balance {
+            match kind {
+                "postgres" => pg_balance(&sqlx::PgPool::connect(&url).await.unwrap(), "ada").await,
+                _ => my_balance(&sqlx::MySqlPool::connect(&url).await.unwrap(), "ada").await,
+            }
+        };
+        match kind {
+            "postgres" => {
+                let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                sqlx::query(create).execute(&pool).await.unwrap();
+                sqlx::query("INSERT INTO accounts VALUES ('ada', 100, 0, 0)").execute(&pool).await.unwrap();
+            }
+            _ => {
+                let pool = sqlx::MySqlPool::connect(&url).await.unwrap();
+                sqlx::query(create).execute(&pool).await.unwrap();
+                sqlx::query("INSERT INTO accounts VALUES ('ada', 100, 0, 0)").execute(&pool).await.unwrap();
+            }
+        }
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", KILL_TEST, "--nocapture", "--test-threads=1"])
+            .env(KILL_CHILD, kind)
+            .env(KILL_URL, &url)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines =
+            tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+        let serving = line_starting(&mut lines, "serving ").await;
+        let calls = Calls::new(serving.trim());
+        let deadline = tcc_core::SystemClock.now().0 + 60_000;
+        let try_call =
+            tokio::spawn(async move { calls.call("try", "k1", "b", deadline, r#"["ada",10]"#).await });
+        line_starting(&mut lines, "mid-try").await;
+        child.kill().await.unwrap(); // SIGKILL: the hold's statements and barrier row are not committed
+        let _ = try_call.await; // the connection dropped: an error, or nothing
+
+        // Nothing half-written: no hold, no barrier row; the coordinator's cancel is empty and the
+        // try, should it come again, is refused.
+        assert_eq!(balance().await, (100, 0, 0), "{kind}: the killed try's statements rolled back");
+        let (base, _task) = match kind {
+            "postgres" => {
+                let p = pg_bank(&sqlx::PgPool::connect(&url).await.unwrap(), Participant::builder()).await;
+                let gid = "k1".parse().unwrap();
+                assert_eq!(p.sql_barrier().get(&gid, &"b".parse().unwrap()).await.unwrap(), None, "{kind}");
+                serve(p.router(), "bank").await
+            }
+            _ => {
+                let p = my_bank(&sqlx::MySqlPool::connect(&url).await.unwrap(), Participant::builder()).await;
+                let gid = "k1".parse().unwrap();
+                assert_eq!(p.sql_barrier().get(&gid, &"b".parse().unwrap()).await.unwrap(), None, "{kind}");
+                serve(p.router(), "bank").await
+            }
+        };
+        let calls = Calls::new(&base);
+        assert_eq!(calls.call("cancel", "k1", "b", deadline, "").await, (200, "empty".into()), "{kind}");
+        assert_eq!(
+            calls.call("try", "k1", "b", deadline, r#"["ada",10]"#).await,
+            (409, "suspended".into()),
+            "{kind}"
+        );
+        assert_eq!(balance().await, (100, 0, 0), "{kind}");
+    }
 }
