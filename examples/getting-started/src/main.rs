@@ -1,12 +1,11 @@
 //! Two banks and a transfer between them, in one process: each bank serves `Bank` on its own port
 //! with its own database; the initiator embeds the coordinator.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use getting_started::{ACCOUNTS, Account, Accounts, Bank, BankClient, Move};
 use tcc_http::target::AllowList;
-use tcc_http::{DurableDb, Participant, SledBarrier, StateView, SystemClock, TccClient, axum};
+use tcc_http::{DurableDb, Participant, StateView, TccClient, axum};
 
 /// Opens a bank's database in `dir`, opens its accounts and serves it on a free port.
 async fn start_bank(
@@ -15,10 +14,10 @@ async fn start_bank(
 ) -> Result<(String, Participant), Box<dyn std::error::Error>> {
     // A sled database whose flush is synced to the disk (fdatasync), not only handed to the OS.
     let db = DurableDb::open(dir)?;
-    let tree = db.open_tree(ACCOUNTS)?;
-    // Reservations neither confirmed nor cancelled 60 s after their deadline are released here.
-    let barrier = SledBarrier::open(&db, vec![tree], Arc::new(SystemClock), Duration::from_secs(60))?;
-    let bank = Accounts.into_participant(Participant::new(barrier)?);
+    // Reservations neither confirmed nor cancelled 60 s after their deadline are released here, by
+    // the bank's own expiry loop (the builder's defaults).
+    let participant = Participant::builder().grace(Duration::from_secs(60)).sled(&db, &[ACCOUNTS])?;
+    let bank = Accounts.into_participant(participant);
     for (name, balance) in accounts {
         if bank.read::<Account>(ACCOUNTS, name)?.is_none() {
             bank.seed(ACCOUNTS, name, &Account { balance: *balance, ..Account::default() })?;
