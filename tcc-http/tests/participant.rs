@@ -197,6 +197,11 @@ impl AsyncOperation for ReserveOp {
     type Response = Reserved;
     type Error = ReserveError;
 
+    /// The typed error travels as the answer's `detail` (what `#[tcc]` generates for a `Serialize` error).
+    fn error_detail(error: &ReserveError) -> Option<serde_json::Value> {
+        serde_json::to_value(error).ok()
+    }
+
     async fn try_(&self, ctx: TccContext, req: ReserveRequest) -> Result<Reserved, ReserveError> {
         self.tries.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push((ctx.phase(), ctx.deadline()));

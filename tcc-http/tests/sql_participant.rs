@@ -559,3 +559,64 @@ async fn a_participant_killed_with_sigkill_mid_try_leaves_nothing_half_written()
         assert_eq!(balance().await, (100, 0, 0), "{kind}");
     }
 }
+
+/// Batches of tries and of phase-two calls, as a busy initiator and a busy coordinator send them, on
+/// the PostgreSQL participant: each call answered as its single call would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_tries_and_of_phase_two_calls_run_each_call_through_the_sql_barrier() {
+    let Some(pool) = pg_pool().await else { return };
+    sqlx::query("INSERT INTO accounts VALUES ('ada', 100, 0, 0)").execute(&pool).await.unwrap();
+    let bank = pg_bank(&pool, Participant::builder().without_expiry_loop()).await;
+    let (url, _task) = serve(bank.router(), "bank").await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = tcc_core::SystemClock.now().0 + 60_000;
+    let tries: Vec<_> = ["t1", "t2", "t3", "t4"]
+        .iter()
+        .map(|gid| tcc_http::protocol::TryCall {
+            gid: (*gid).into(),
+            branch: "b".into(),
+            deadline,
+            // t4 asks for more than the account holds: refused alone (tries of different
+            // transactions run concurrently, in no set order).
+            request: if *gid == "t4" { r#"["ada",1000]"#.into() } else { r#"["ada",10]"#.into() },
+        })
+        .collect();
+    let answer: tcc_http::protocol::TryBatchAnswer = http
+        .post(format!("{url}/hold/tries"))
+        .json(&tcc_http::protocol::TryBatch { tries })
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<u16> = answer.results.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 409], "{answer:?}");
+    assert_eq!(pg_balance(&pool, "ada").await, (70, 30, 0));
+
+    let call = |gid: &str, decision| tcc_http::protocol::BatchCall {
+        gid: gid.into(),
+        branch: "b".into(),
+        deadline,
+        decision,
+    };
+    use tcc_core::Decision::{Cancel, Confirm};
+    let calls = vec![call("t1", Confirm), call("t2", Cancel), call("t1", Confirm), call("t4", Cancel)];
+    let answer: serde_json::Value = http
+        .post(format!("{url}/hold/batch"))
+        .json(&tcc_http::protocol::BatchRequest { calls })
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> =
+        answer["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap_or("?")).collect();
+    let mut sorted = outcomes[..3].to_vec();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["cancelled", "confirmed", "duplicate"], "{answer}");
+    assert_eq!(outcomes[3], "empty", "the refused try left no row: {answer}");
+    // t1 paid 10, t2 released 10, t3 still held.
+    assert_eq!(pg_balance(&pool, "ada").await, (80, 10, 10));
+}
