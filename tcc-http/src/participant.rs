@@ -9,10 +9,12 @@
 //! `/tcc/flights`, the branch target is `http://host/tcc/flights/hold_seat` and the three phases are
 //! `POST …/hold_seat/try`, `…/confirm` and `…/cancel` (see [`crate::protocol`]).
 //!
-//! Every call goes through the participant's [`SledBarrier`], so the three TCC anomalies are the
+//! Every call goes through the participant's barrier, so the three TCC anomalies are the
 //! framework's problem: a duplicate confirm or cancel runs nothing, a cancel for a try that never ran
 //! is recorded without running the business cancel, and a try arriving after that is refused. The
-//! barrier record commits in the same sled transaction as the operation's business writes.
+//! barrier record commits in the same sled transaction as the operation's business writes, or, for a
+//! participant on PostgreSQL or MySQL ([`sql`], features `sqlx-postgres` / `sqlx-mysql`), in the same
+//! database transaction as its statements.
 //!
 //! # Answers
 //!
@@ -431,12 +433,16 @@ pub enum ParticipantError {
     Sql(#[from] tcc_core::barrier::sql::SqlBarrierError),
 }
 
-/// A participant: named TCC [`Operation`]s served over HTTP through one [`SledBarrier`].
+/// A participant: named TCC operations served over HTTP through one barrier, on the store `B`:
+/// [`Sled`] (the default: a [`SledBarrier`] and business trees in one sled database) or
+/// [`Sql<DB>`](sql::Sql) (the barrier row and the business statements in one transaction of the
+/// service's PostgreSQL or MySQL database, see [`sql`]).
 ///
-/// Build it with [`new`](Participant::new), add operations with [`operation`](Participant::operation)
-/// or [`operation_fn`](Participant::operation_fn), then serve [`router`](Participant::router) and
-/// start [`spawn_expiry`](Participant::spawn_expiry). The handle is cheap to clone; clones share the
-/// barrier and the flusher.
+/// Build it with [`Participant::builder`] (or [`new`](Participant::new) over a hand-made barrier),
+/// add operations ([`operation`](Participant::operation), [`operation_fn`](Participant::operation_fn),
+/// [`async_operation`](Participant::async_operation), or a `#[tcc]` trait's `into_participant`), then
+/// serve [`router`](Participant::router). The handle is cheap to clone; clones share the barrier, the
+/// flusher and the expiry loop.
 ///
 /// ```
 /// use std::sync::Arc;

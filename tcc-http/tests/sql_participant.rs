@@ -620,3 +620,54 @@ async fn batches_of_tries_and_of_phase_two_calls_run_each_call_through_the_sql_b
     // t1 paid 10, t2 released 10, t3 still held.
     assert_eq!(pg_balance(&pool, "ada").await, (80, 10, 10));
 }
+
+/// A business statement that fails with a serialization failure (SQLSTATE 40001, raised here on
+/// purpose) rolls the call back and runs it again; one that keeps failing is answered 503
+/// `contended`, never 500. Also the closure operations' API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serialization_failures_are_run_again_by_the_runtime_not_answered_500() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Some(pool) = pg_pool().await else { return };
+    sqlx::query("INSERT INTO accounts VALUES ('ada', 100, 0, 0)").execute(&pool).await.unwrap();
+    // How many runs still fail before one goes through.
+    let failing = Arc::new(AtomicUsize::new(2));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (f, r) = (Arc::clone(&failing), Arc::clone(&runs));
+    let participant = Participant::builder().without_expiry_loop().sql(pool.clone());
+    participant.migrate().await.unwrap();
+    let participant = participant.sql_operation_fn(
+        "hold",
+        move |ctx: &mut SqlContext<Postgres>, _request: Vec<u8>| {
+            let (f, r) = (Arc::clone(&f), Arc::clone(&r));
+            Box::pin(async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                sqlx::query("UPDATE accounts SET free = free - 1, held = held + 1 WHERE id = 'ada'")
+                    .execute(ctx.conn())
+                    .await?;
+                if f.load(Ordering::SeqCst) > 0 {
+                    f.fetch_sub(1, Ordering::SeqCst);
+                    sqlx::query("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+                        .execute(ctx.conn())
+                        .await?;
+                }
+                Ok::<_, tcc_http::SqlError>(b"held".to_vec())
+            })
+        },
+        |_ctx: &mut SqlContext<Postgres>, _request: Vec<u8>| Box::pin(async move { Ok(()) }),
+        |_ctx: &mut SqlContext<Postgres>, _request: Vec<u8>| Box::pin(async move { Ok(()) }),
+    );
+    let (url, _task) = serve(participant.router(), "bank").await;
+    let calls = Calls::new(&url);
+    let deadline = tcc_core::SystemClock.now().0 + 60_000;
+    assert_eq!(calls.call("try", "s1", "b", deadline, "x").await, (200, "fresh".into()));
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "two runs rolled back, the third committed");
+    assert_eq!(pg_balance(&pool, "ada").await, (99, 1, 0), "one hold: the rolled-back runs left nothing");
+
+    failing.store(usize::MAX / 2, Ordering::SeqCst);
+    assert_eq!(calls.call("try", "s2", "b", deadline, "x").await, (503, "contended".into()));
+    assert_eq!(pg_balance(&pool, "ada").await, (99, 1, 0));
+    assert_eq!(
+        participant.sql_barrier().get(&"s2".parse().unwrap(), &"b".parse().unwrap()).await.unwrap(),
+        None
+    );
+}

@@ -16,7 +16,7 @@
 //! Several replicas of one service may share the database: the barrier's primary key and row locks
 //! decide between them, not a lock in one process. A serialization failure, a deadlock or a lock
 //! wait timeout (the database's or a business statement's, through [`SqlError`]) rolls the call back
-//! and runs it again, at most [`MAX_RUNS`](super::MAX_RUNS) times, then answers 503 `contended`.
+//! and runs it again, at most [`MAX_RUNS`] times, then answers 503 `contended`.
 //!
 //! ```no_run
 //! use serde::{Deserialize, Serialize};
