@@ -238,8 +238,10 @@ pub async fn list(
         return Err(ApiError::malformed(format!("limit must be between 1 and {MAX_PAGE}")));
     }
     let after = params.after.as_deref().map(parse_gid).transpose()?;
-    let page =
-        state.coordinator.list(&ListQuery { state: params.state.map(Into::into), after, limit }).await?;
+    let page = state
+        .coordinator
+        .list(&ListQuery { state: params.state.map(Into::into), after, limit, newest_first: false })
+        .await?;
     Ok(ApiJson(ListView {
         items: page.items.iter().map(Into::into).collect(),
         next: page.next.map(|g| g.to_string()),
