@@ -229,8 +229,12 @@
     return el("span", { class: "badge s-" + s, text: s });
   }
 
+  const finished = (tx) => tx.state === "confirmed" || tx.state === "cancelled";
+
   function row(tx) {
     const open = el("button", { type: "button", class: "link", onclick: () => openTx(tx.gid) }, tx.gid);
+    // A finished transaction's deadline no longer matters, and its last error is history.
+    const old = finished(tx);
     return el(
       "tr",
       { "data-gid": tx.gid, class: tx.state === "flagged" ? "flagged-row" : null },
@@ -238,9 +242,9 @@
       el("td", {}, stateBadge(tx.state)),
       el("td", { text: tx.decision || "–" }),
       el("td", { title: iso(tx.created_at_ms), text: span(Date.now() - tx.created_at_ms) }),
-      el("td", {}, deadline(tx)),
+      el("td", {}, old ? "–" : deadline(tx)),
       el("td", { class: "num", text: tx.attempts }),
-      el("td", { class: "error", text: tx.last_error || "" }),
+      el("td", { class: old ? "error old" : "error", title: old && tx.last_error ? "before it finished" : null, text: tx.last_error || "" }),
     );
   }
 
@@ -266,11 +270,18 @@
     }
     state.next = next;
     const body = $("tx-rows");
+    // Keep the keyboard focus on the same row across a refresh.
+    const focused = document.activeElement && body.contains(document.activeElement)
+      ? document.activeElement.closest("tr").getAttribute("data-gid") : null;
     clear(body);
     if (items.length === 0) {
       body.append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "no transactions" })));
     }
     for (const tx of items) body.append(row(tx));
+    if (focused) {
+      const again = Array.from(body.querySelectorAll("tr")).find((r) => r.getAttribute("data-gid") === focused);
+      if (again) again.querySelector("button").focus({ preventScroll: true });
+    }
     $("page-info").textContent = id ? "one id" : "page " + (state.page + 1);
     $("page-prev").disabled = state.page === 0 || !!id;
     $("page-first").disabled = state.page === 0 || !!id;
