@@ -130,10 +130,8 @@ pub enum Transition {
 /// ```
 pub fn apply(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Transition, Error> {
     let mut transition = transition(tx, event, ctx)?;
-    if let Transition::Changed(next, _) = &mut transition {
-        if let Some(what) = happening(event) {
-            next.record(ctx.now, what);
-        }
+    if let (Transition::Changed(next, _), Some(what)) = (&mut transition, happening(event)) {
+        next.record(ctx.now, what);
     }
     Ok(transition)
 }
