@@ -285,6 +285,10 @@ async fn an_operator_retries_forces_and_cancels_from_the_console_and_payloads_st
     assert_eq!(flagged, "2");
     let error = b.until("the row's error", TEXT_OF, json!(["tr[data-gid='flagged-retry'] td.error"])).await;
     assert!(error.as_str().unwrap().contains("503"), "the last error is listed: {error}");
+    // Newest first: descending ids.
+    let order =
+        "return Array.from(document.querySelectorAll('#tx-rows tr')).map(r => r.getAttribute('data-gid'))";
+    assert_eq!(b.js(order, json!([])).await, json!(["still-trying", "flagged-retry", "flagged-force"]));
 
     // Opening it with the keyboard: the id is a button; Enter opens the detail.
     let row = b.find("tr[data-gid='flagged-retry'] button.link").await;
@@ -385,19 +389,19 @@ async fn an_operator_retries_forces_and_cancels_from_the_console_and_payloads_st
 
     // A new flagged one for the picture, and the overview's charts with a few samples.
     p.set_mode(Mode::FailPhaseTwo);
-    api.begin(&p, "0195f3c2-flagged-example", "{\"seat\": \"14C\"}").await;
-    api.flag("0195f3c2-flagged-example").await;
+    api.begin(&p, "trip-2026-12-07-0042", "{\"seat\": \"14C\"}").await;
+    api.flag("trip-2026-12-07-0042").await;
     b.click("#page-first").await;
     b.until(
         "the new flagged row",
-        "return !!document.querySelector(\"tr[data-gid='0195f3c2-flagged-example'] td.error\")",
+        "return !!document.querySelector(\"tr[data-gid='trip-2026-12-07-0042'] td.error\")",
         json!([]),
     )
     .await;
-    b.click("tr[data-gid='0195f3c2-flagged-example'] button.link").await;
+    b.click("tr[data-gid='trip-2026-12-07-0042'] button.link").await;
     b.until(
         "its detail",
-        "return document.getElementById('d-gid').textContent.startsWith('0195')",
+        "return document.getElementById('d-gid').textContent.startsWith('trip-')",
         json!([]),
     )
     .await;

@@ -258,10 +258,11 @@ pub async fn list(
         return Err(ApiError::malformed(format!("limit must be between 1 and {MAX_PAGE}")));
     }
     let after = params.after.as_deref().map(parse_gid).transpose()?;
-    let page = state
-        .coordinator
-        .list(&ListQuery { state: params.state.map(Into::into), after, limit, newest_first: false })
-        .await?;
+    // Every transaction is a TCC one so far: the kind filter keeps them all.
+    let KindView::Tcc = params.kind.unwrap_or_default();
+    let newest_first = params.order.unwrap_or_default() == OrderView::Newest;
+    let query = ListQuery { state: params.state.map(Into::into), after, limit, newest_first };
+    let page = state.coordinator.list(&query).await?;
     Ok(ApiJson(ListView {
         items: page.items.iter().map(Into::into).collect(),
         next: page.next.map(|g| g.to_string()),
