@@ -24,7 +24,10 @@ pub mod store;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::DurableDb;
 pub use error::{Error, Result};
-pub use model::{Branch, BranchId, BranchState, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
+pub use model::{
+    Branch, BranchId, BranchState, Decision, Gid, Happening, HistoryEntry, Timestamp, Transaction, TxOptions,
+    TxState,
+};
 pub mod coordinator;
 mod phase_two;
 mod recovery;

@@ -334,6 +334,53 @@ pub struct Transaction {
     pub options: TxOptions,
     /// Bumped by every stored change; the store's compare-and-set compares it.
     pub version: u64,
+    /// What happened to the transaction, oldest first: its last [`MAX_HISTORY`] transitions and
+    /// phase-two rounds, for the operator (see [`HistoryEntry`]).
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Most entries a transaction's [`history`](Transaction::history) keeps; older ones are dropped.
+pub const MAX_HISTORY: usize = 16;
+
+/// Longest error text a [`HistoryEntry`] keeps, in bytes (cut at a character boundary).
+pub const MAX_HISTORY_ERROR: usize = 200;
+
+/// One thing that happened to a transaction, kept in its record for the operator.
+///
+/// The history is bounded ([`MAX_HISTORY`] entries of bounded size), so a transaction retried for
+/// days still has a record of bounded size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When it happened.
+    pub at: Timestamp,
+    /// The transaction's state after it.
+    pub state: TxState,
+    /// What happened.
+    pub what: Happening,
+}
+
+/// What a [`HistoryEntry`] records. Registrations are not recorded (the branches list shows them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Happening {
+    /// The transaction began.
+    Begun,
+    /// The initiator decided (a cancel may come from an operator too).
+    Decided(Decision),
+    /// The deadline passed while trying: cancelled by the coordinator.
+    Expired,
+    /// A phase-two round ended.
+    Round {
+        /// Branches acknowledged in it.
+        done: u32,
+        /// Branches whose call failed in it.
+        failed: u32,
+        /// The first failure, cut to [`MAX_HISTORY_ERROR`] bytes.
+        error: Option<String>,
+    },
+    /// An operator retried phase two.
+    OperatorRetry,
+    /// An operator forced the outcome.
+    OperatorForce(Decision),
 }
 
 /// Per-transaction settings a client may choose at begin (the DTM protocol's `TransOptions`).
@@ -356,4 +403,30 @@ impl Transaction {
     pub fn pending_branches(&self) -> impl Iterator<Item = &Branch> {
         self.branches.iter().filter(|b| b.state == BranchState::Registered)
     }
+
+    /// Appends `what` (at `at`, in the current state) to the history, dropping the oldest entries
+    /// past [`MAX_HISTORY`].
+    pub fn record(&mut self, at: Timestamp, what: Happening) {
+        let what = match what {
+            Happening::Round { done, failed, error } => {
+                Happening::Round { done, failed, error: error.map(|e| cut(e, MAX_HISTORY_ERROR)) }
+            }
+            other => other,
+        };
+        self.history.push(HistoryEntry { at, state: self.state, what });
+        let extra = self.history.len().saturating_sub(MAX_HISTORY);
+        self.history.drain(..extra);
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }

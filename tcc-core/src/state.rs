@@ -18,9 +18,13 @@
 //! | Flagged, working | OperatorRetry         | working state, attempts reset, drive           |
 //! | Flagged     | OperatorForce(decision)    | the decision's final state                     |
 //! | anything else                            || error `IllegalTransition`, nothing changes      |
+//!
+//! Every change but a registration also appends an entry to the transaction's bounded
+//! [`history`](Transaction::history): the decision, an expiry, each phase-two round, an operator's
+//! action.
 
 use crate::error::Error;
-use crate::model::{Branch, BranchId, BranchState, Decision, Timestamp, Transaction, TxState};
+use crate::model::{Branch, BranchId, BranchState, Decision, Happening, Timestamp, Transaction, TxState};
 
 /// Something that happens to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +129,33 @@ pub enum Transition {
 /// }
 /// ```
 pub fn apply(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Transition, Error> {
+    let mut transition = transition(tx, event, ctx)?;
+    if let (Transition::Changed(next, _), Some(what)) = (&mut transition, happening(event)) {
+        next.record(ctx.now, what);
+    }
+    Ok(transition)
+}
+
+/// What the history records of `event` applied to `tx` (which it changed); `None` for what it
+/// leaves out (registrations: the branch list shows them).
+fn happening(event: &Event) -> Option<Happening> {
+    Some(match event {
+        Event::Register { .. } => return None,
+        Event::Confirm => Happening::Decided(Decision::Confirm),
+        Event::Cancel => Happening::Decided(Decision::Cancel),
+        Event::DeadlineReached => Happening::Expired,
+        Event::RoundFinished { done, failed, .. } => Happening::Round {
+            done: u32::try_from(done.len()).unwrap_or(u32::MAX),
+            failed: u32::try_from(failed.len()).unwrap_or(u32::MAX),
+            error: failed.first().map(|(id, e)| format!("branch {id}: {e}")),
+        },
+        Event::OperatorRetry => Happening::OperatorRetry,
+        Event::OperatorForce(d) => Happening::OperatorForce(*d),
+    })
+}
+
+/// [`apply`] before the history entry is added.
+fn transition(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Transition, Error> {
     let illegal =
         || Error::IllegalTransition { gid: tx.gid.clone(), state: tx.state, action: event.action() };
     match (tx.state, event) {
@@ -249,6 +280,7 @@ pub fn begin(gid: crate::model::Gid, now: Timestamp, deadline: Timestamp) -> Tra
         lease_owner: None,
         options: Default::default(),
         version: 0,
+        history: vec![crate::model::HistoryEntry { at: now, state: TxState::Trying, what: Happening::Begun }],
     }
 }
 
@@ -633,6 +665,53 @@ mod tests {
         for state in [TxState::Trying, TxState::Confirming, TxState::Confirmed] {
             let err = apply(&tx_in(state), &Event::OperatorForce(Decision::Confirm), &ctx(NOW));
             assert!(err.is_err(), "{state}");
+        }
+    }
+
+    #[test]
+    fn the_history_records_the_decision_each_round_and_the_operator_in_order() {
+        let tx = flagged(Decision::Confirm);
+        let (tx, _) = changed(apply(&tx, &Event::OperatorRetry, &ctx(NOW)).unwrap());
+        let ev = Event::RoundFinished { done: vec![bid("a"), bid("b")], failed: vec![], retry_at: None };
+        let (tx, _) = changed(apply(&tx, &ev, &ctx(DEADLINE)).unwrap());
+        let seen: Vec<(TxState, Happening)> = tx.history.iter().map(|h| (h.state, h.what.clone())).collect();
+        let round = |done, failed, error: Option<&str>| Happening::Round {
+            done,
+            failed,
+            error: error.map(Into::into),
+        };
+        assert_eq!(
+            seen,
+            vec![
+                (TxState::Trying, Happening::Begun),
+                (TxState::Confirming, Happening::Decided(Decision::Confirm)),
+                (TxState::Flagged, round(0, 1, Some("branch b: boom"))),
+                (TxState::Confirming, Happening::OperatorRetry),
+                (TxState::Confirmed, round(2, 0, None)),
+            ],
+            "registrations are left out"
+        );
+        assert_eq!(tx.history.last().map(|h| h.at), Some(DEADLINE));
+    }
+
+    #[test]
+    fn the_history_keeps_only_the_last_entries_and_cuts_long_errors() {
+        let mut tx = tx_in(TxState::Confirming);
+        let long = "é".repeat(crate::model::MAX_HISTORY_ERROR);
+        for i in 0..40u64 {
+            let ev = Event::RoundFinished {
+                done: vec![],
+                failed: vec![(bid("a"), long.clone())],
+                retry_at: Some(NOW + Duration::from_secs(i + 1)),
+            };
+            tx = changed(apply(&tx, &ev, &ctx(NOW + Duration::from_secs(i))).unwrap()).0;
+        }
+        assert_eq!(tx.history.len(), crate::model::MAX_HISTORY);
+        assert_eq!(tx.history.last().map(|h| h.at), Some(NOW + Duration::from_secs(39)), "the newest kept");
+        assert_eq!(tx.history[0].at, NOW + Duration::from_secs(40 - crate::model::MAX_HISTORY as u64));
+        for h in &tx.history {
+            let Happening::Round { error: Some(e), .. } = &h.what else { panic!("{h:?}") };
+            assert!(e.len() <= crate::model::MAX_HISTORY_ERROR && e.starts_with("branch a: é"), "{e}");
         }
     }
 

@@ -261,7 +261,7 @@ async fn listing_filters_by_state_and_pages() {
         }
     }
     let mut seen = Vec::new();
-    let mut q = ListQuery { state: Some(TxState::Confirmed), after: None, limit: 3 };
+    let mut q = ListQuery { state: Some(TxState::Confirmed), after: None, limit: 3, newest_first: false };
     loop {
         let page = rig.tc().list(&q).await.unwrap();
         assert!(page.items.len() <= 3);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use tcc_core::store::{Cas, ListQuery, SledStore, Store};
-use tcc_core::{Branch, BranchState, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
+use tcc_core::{Branch, BranchState, Decision, Gid, Happening, Timestamp, Transaction, TxOptions, TxState};
 
 /// One backend under test, holding the data of one test.
 #[async_trait]
@@ -290,6 +290,10 @@ async fn every_field_of_a_record_round_trips(b: &dyn Backend) {
             last_error: (i == 0).then(|| "timeout".into()),
         });
     }
+    tx.record(Timestamp(1_699_999_999_998), Happening::Decided(Decision::Confirm));
+    let error = Some("branch hotel: 503 – ünïcode".into());
+    tx.record(Timestamp(1_699_999_999_999), Happening::Round { done: 1, failed: 1, error });
+    assert_eq!(tx.history.len(), 3, "begun, decided, one round");
     s.insert(&tx).await.unwrap();
     assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&tx));
     let next = bump(&tx, |t| {
@@ -521,34 +525,44 @@ async fn counts_and_lists_follow_state_changes(b: &dyn Backend) {
 async fn lists_page_in_id_order(b: &dyn Backend) {
     let s = b.open().await;
     let mut gids = Vec::new();
-    for i in 0..7 {
+    for i in 0..9 {
         let mut tx = new_tx(10);
-        if i % 2 == 0 {
-            tx.state = TxState::Cancelled;
+        if i % 3 != 0 {
+            tx.state = if i % 3 == 1 { TxState::Cancelled } else { TxState::Confirmed };
             tx.due_at = None;
         }
         s.insert(&tx).await.unwrap();
         gids.push((tx.gid, tx.state));
     }
     gids.sort_by(|a, b| a.0.cmp(&b.0));
-    for state in [None, Some(TxState::Cancelled), Some(TxState::Trying)] {
-        let expected: Vec<&Gid> =
-            gids.iter().filter(|(_, st)| state.is_none_or(|s| s == *st)).map(|(g, _)| g).collect();
-        let mut seen = Vec::new();
-        let mut after = None;
-        for _ in 0..10 {
-            let page = s.list(&ListQuery { state, after: after.clone(), limit: 3 }).await.unwrap();
-            assert!(page.items.len() <= 3);
-            seen.extend(page.items.iter().map(|t| t.gid.clone()));
-            match page.next {
-                Some(next) => after = Some(next),
-                None => break,
+    for newest_first in [false, true] {
+        for state in [None, Some(TxState::Cancelled), Some(TxState::Trying)] {
+            let mut expected: Vec<&Gid> =
+                gids.iter().filter(|(_, st)| state.is_none_or(|s| s == *st)).map(|(g, _)| g).collect();
+            if newest_first {
+                expected.reverse();
             }
+            let mut seen = Vec::new();
+            let mut after = None;
+            for _ in 0..10 {
+                let q = ListQuery { state, after: after.clone(), limit: 2, newest_first };
+                let page = s.list(&q).await.unwrap();
+                assert!(page.items.len() <= 2);
+                seen.extend(page.items.iter().map(|t| t.gid.clone()));
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            assert_eq!(
+                seen.iter().collect::<Vec<_>>(),
+                expected,
+                "state {state:?}, newest first {newest_first}"
+            );
         }
-        assert_eq!(seen.iter().collect::<Vec<_>>(), expected, "state {state:?}");
     }
     let all = s.list(&ListQuery::default()).await.unwrap();
-    assert_eq!((all.items.len(), all.next), (7, None));
+    assert_eq!((all.items.len(), all.next), (9, None));
 }
 
 async fn listed(s: &dyn Store, state: TxState) -> Vec<Gid> {

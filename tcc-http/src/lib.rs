@@ -103,6 +103,11 @@ pub struct ReadmeDoctests;
 #[cfg(all(doctest, feature = "client", feature = "participant"))]
 pub struct ParticipantsGuideDoctests;
 
+/// The console guide's example (mounting the console in a service's app), compiled as a doctest.
+#[doc = include_str!("../../docs/console.md")]
+#[cfg(all(doctest, feature = "client", feature = "server"))]
+pub struct ConsoleGuideDoctests;
+
 /// The architecture guide's examples, compiled and run as doctests.
 #[doc = include_str!("../../docs/architecture.md")]
 #[cfg(all(doctest, feature = "client", feature = "participant"))]

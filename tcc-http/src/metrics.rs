@@ -35,7 +35,137 @@ impl BatchOutcome {
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(feature = "server")]
+pub use recent::{RECENT_WINDOW, SLOT, Slot};
+#[cfg(feature = "server")]
 pub use registry::Metrics;
+
+/// The recent past the operator's console charts: cumulative totals sampled when asked (at most one
+/// sample per [`SLOT`], for [`RECENT_WINDOW`]), and what happened between consecutive samples.
+#[cfg(feature = "server")]
+mod recent {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    /// The resolution of [`Metrics::recent`](super::Metrics::recent): one sample per slot.
+    pub const SLOT: Duration = Duration::from_secs(5);
+    /// How far back [`Metrics::recent`](super::Metrics::recent) reaches.
+    pub const RECENT_WINDOW: Duration = Duration::from_secs(300);
+
+    /// Cumulative counts at one instant.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub(crate) struct Totals {
+        pub confirmed: u64,
+        pub cancelled: u64,
+        pub flagged: u64,
+        pub calls: u64,
+        pub failed_calls: u64,
+        /// Phase-two calls timed by the transport, and their total time in microseconds.
+        pub timed_calls: u64,
+        pub call_us: u64,
+    }
+
+    /// What happened from the previous sample to `at_ms`.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Slot {
+        /// When the slot ends (unix ms).
+        pub at_ms: u64,
+        /// Transactions that ended confirmed in it.
+        pub confirmed: u64,
+        /// Transactions that ended cancelled in it.
+        pub cancelled: u64,
+        /// Transactions flagged in it.
+        pub flagged: u64,
+        /// Phase-two calls made in it.
+        pub calls: u64,
+        /// Of those, calls that failed.
+        pub failed_calls: u64,
+        /// The mean latency of the phase-two calls timed in it, in microseconds.
+        pub mean_call_us: Option<u64>,
+    }
+
+    /// The samples, oldest first; one before the window is kept as the first slot's start.
+    #[derive(Debug, Default)]
+    pub(crate) struct Samples(VecDeque<(u64, Totals)>);
+
+    impl Samples {
+        /// Takes `totals` as the sample at `now_ms` (replacing one taken earlier in the same slot)
+        /// and returns the slots of the window, oldest first. Counters are cumulative: a smaller
+        /// total than before (a restart) counts as nothing happened.
+        pub(crate) fn sample(&mut self, now_ms: u64, totals: Totals) -> Vec<Slot> {
+            let slot = SLOT.as_millis() as u64;
+            let window = RECENT_WINDOW.as_millis() as u64;
+            let q = &mut self.0;
+            if let Some(&(last, _)) = q.back() {
+                if now_ms < last {
+                    return self.slots(); // the clock went back: keep what we have
+                }
+                // The previous sample stays the start of this slot, unless it is one of this slot.
+                if q.len() > 1 && last / slot == now_ms / slot {
+                    q.pop_back();
+                }
+            }
+            q.push_back((now_ms, totals));
+            while q.len() > 2 && q.get(1).is_some_and(|&(at, _)| at + window < now_ms) {
+                q.pop_front();
+            }
+            self.slots()
+        }
+
+        fn slots(&self) -> Vec<Slot> {
+            let q = &self.0;
+            q.iter()
+                .zip(q.iter().skip(1))
+                .map(|((_, a), (at_ms, b))| {
+                    let d = |x: u64, y: u64| y.saturating_sub(x);
+                    let timed = d(a.timed_calls, b.timed_calls);
+                    Slot {
+                        at_ms: *at_ms,
+                        confirmed: d(a.confirmed, b.confirmed),
+                        cancelled: d(a.cancelled, b.cancelled),
+                        flagged: d(a.flagged, b.flagged),
+                        calls: d(a.calls, b.calls),
+                        failed_calls: d(a.failed_calls, b.failed_calls),
+                        mean_call_us: (timed > 0).then(|| d(a.call_us, b.call_us) / timed),
+                    }
+                })
+                .collect()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn at(confirmed: u64, timed_calls: u64, call_us: u64) -> Totals {
+            Totals { confirmed, timed_calls, call_us, ..Totals::default() }
+        }
+
+        #[test]
+        fn slots_are_differences_between_samples_one_per_slot_within_the_window() {
+            let mut s = Samples::default();
+            assert!(s.sample(1_000, at(10, 0, 0)).is_empty(), "the first sample only starts a slot");
+            let slots = s.sample(2_000, at(12, 2, 3_000));
+            assert_eq!(slots.len(), 1);
+            assert_eq!((slots[0].confirmed, slots[0].mean_call_us), (2, Some(1_500)));
+            // Same slot (5 s): the latest sample replaces the previous one, measured from the start.
+            let slots = s.sample(4_000, at(15, 2, 3_000));
+            assert_eq!(slots.len(), 1);
+            assert_eq!((slots[0].at_ms, slots[0].confirmed, slots[0].mean_call_us), (4_000, 5, Some(1_500)));
+            let slots = s.sample(6_000, at(16, 2, 3_000));
+            assert_eq!(slots.iter().map(|s| s.confirmed).collect::<Vec<_>>(), [5, 1]);
+            // Far later: what fell out of the window is forgotten, one sample before it stays.
+            let later = 6_000 + RECENT_WINDOW.as_millis() as u64 + 10_000;
+            let slots = s.sample(later, at(20, 2, 3_000));
+            assert_eq!(slots.len(), 1, "{slots:?}");
+            assert_eq!(slots[0].confirmed, 4);
+            // A restart's smaller totals count as nothing, not as an underflow.
+            let slots = s.sample(later + 6_000, at(1, 0, 0));
+            assert_eq!(slots.last().map(|s| s.confirmed), Some(0));
+            // A clock that went back changes nothing.
+            assert_eq!(s.sample(0, at(99, 0, 0)), slots);
+        }
+    }
+}
 
 #[cfg(feature = "server")]
 mod registry {
@@ -47,6 +177,10 @@ mod registry {
     use prometheus_client::metrics::histogram::Histogram;
     use prometheus_client::registry::Registry;
 
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::recent::{Samples, Slot, Totals};
     use super::{BatchOutcome, Duration, Stats};
 
     /// Upper bounds of the latency buckets, in seconds.
@@ -87,6 +221,10 @@ mod registry {
         calls: Family<CallLabels, Histogram, fn() -> Histogram>,
         batches: Family<ResultLabel, Counter>,
         batched_calls: Counter,
+        // The phase-two calls timed so far and their total time, sampled for the console's chart.
+        timed_calls: AtomicU64,
+        call_us: AtomicU64,
+        samples: Mutex<Samples>,
     }
 
     impl Default for Metrics {
@@ -101,6 +239,9 @@ mod registry {
                 calls: Family::new_with_constructor(latency),
                 batches,
                 batched_calls: Counter::default(),
+                timed_calls: AtomicU64::new(0),
+                call_us: AtomicU64::new(0),
+                samples: Mutex::new(Samples::default()),
             }
         }
     }
@@ -130,6 +271,25 @@ mod registry {
         /// transient or permanent.
         pub fn observe_call(&self, op: &'static str, outcome: &'static str, took: Duration) {
             self.calls.get_or_create(&CallLabels { op, outcome }).observe(took.as_secs_f64());
+            self.timed_calls.fetch_add(1, Ordering::Relaxed);
+            self.call_us.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+
+        /// Samples the engine's `stats` and the call timings at `now_ms` (unix ms) and returns what
+        /// happened in each [`SLOT`](super::SLOT) of the last [`RECENT_WINDOW`](super::RECENT_WINDOW)
+        /// that was sampled, oldest first. Sampling happens only when asked (the console asks every
+        /// few seconds while open): a slot nobody asked in is merged into the next one asked.
+        pub fn recent(&self, now_ms: u64, stats: &Stats) -> Vec<Slot> {
+            let totals = Totals {
+                confirmed: stats.confirmed,
+                cancelled: stats.cancelled,
+                flagged: stats.flagged,
+                calls: stats.phase_two_calls,
+                failed_calls: stats.phase_two_failures,
+                timed_calls: self.timed_calls.load(Ordering::Relaxed),
+                call_us: self.call_us.load(Ordering::Relaxed),
+            };
+            self.samples.lock().unwrap_or_else(|p| p.into_inner()).sample(now_ms, totals)
         }
 
         /// Records one phase-two batch of `calls` calls.

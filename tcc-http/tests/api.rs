@@ -121,6 +121,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (http.get(format!("{base}/v1/transactions/bad%20id")), 400, "malformed"),
         (http.get(format!("{base}/v1/transactions?limit=0")), 400, "malformed"),
         (http.get(format!("{base}/v1/transactions?state=bogus")), 400, "malformed"),
+        (http.get(format!("{base}/v1/transactions?order=sideways")), 400, "malformed"),
+        (http.get(format!("{base}/v1/transactions?kind=xa")), 400, "malformed"),
         (http.post(format!("{base}/v1/transactions/nope/confirm")), 404, "not_found"),
         (http.post(format!("{base}/v1/transactions/keep/confirm?wait_ms=x")), 400, "malformed"),
         (
@@ -249,6 +251,50 @@ async fn listing_pages_and_filters() {
     let (_, cancelled) = send(http.get(format!("{base}/v1/transactions?state=cancelled"))).await;
     assert_eq!(ids(&cancelled), ["t1", "t3"]);
     assert!(cancelled["next"].is_null());
+    // Newest first (descending ids), paged the same way, filters kept.
+    let (_, newest) = send(http.get(format!("{base}/v1/transactions?order=newest&limit=2&kind=tcc"))).await;
+    assert_eq!(ids(&newest), ["t4", "t3"]);
+    let next = newest["next"].as_str().unwrap();
+    let (_, older) =
+        send(http.get(format!("{base}/v1/transactions?order=newest&limit=2&after={next}"))).await;
+    assert_eq!(ids(&older), ["t2", "t1"]);
+    let (_, trying) = send(http.get(format!("{base}/v1/transactions?order=newest&state=trying"))).await;
+    assert_eq!(ids(&trying), ["t4", "t2", "t0"]);
+    // A transaction carries its kind, options and history.
+    let t1 = &cancelled["items"][0];
+    assert_eq!(t1["kind"], "tcc");
+    assert_eq!(t1["options"], json!({"retry_interval_ms": null, "call_timeout_ms": null}));
+    let what: Vec<&str> =
+        t1["history"].as_array().unwrap().iter().map(|h| h["what"].as_str().unwrap()).collect();
+    assert_eq!(what, ["begun", "decided"]);
+    assert_eq!(t1["history"][1]["decision"], "cancel");
+    assert_eq!(t1["history"][1]["state"], "cancelled", "no branch: cancelled at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_counts_per_state_and_samples_the_recent_past() {
+    let (tcc, http) = standalone(false).await;
+    let base = tcc.url();
+    for i in 0..3 {
+        let (status, _) =
+            send(http.post(format!("{base}/v1/transactions")).json(&json!({"gid": format!("o{i}")}))).await;
+        assert_eq!(status, 201);
+    }
+    let (status, first) = send(http.get(format!("{base}/v1/overview"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["counts"]["trying"], 3);
+    assert_eq!(first["counts"]["flagged"], 0);
+    assert_eq!(first["slot_ms"], 5000);
+    assert_eq!(first["recent"], json!([]), "the first sample only starts the first slot");
+    for i in [0, 1] {
+        assert_eq!(send(http.post(format!("{base}/v1/transactions/o{i}/confirm?wait_ms=5000"))).await.0, 200);
+    }
+    assert_eq!(send(http.post(format!("{base}/v1/transactions/o2/cancel?wait_ms=5000"))).await.0, 200);
+    let (_, then) = send(http.get(format!("{base}/v1/overview"))).await;
+    assert_eq!((then["counts"]["trying"].as_u64(), then["counts"]["confirmed"].as_u64()), (Some(0), Some(2)));
+    let recent = then["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 1, "{then}");
+    assert_eq!((recent[0]["confirmed"].as_u64(), recent[0]["cancelled"].as_u64()), (Some(2), Some(1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

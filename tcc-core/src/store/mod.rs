@@ -56,6 +56,7 @@ pub struct Pruned {
 
 /// The result of a [`Store::compare_and_set`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per write, moved once; boxing buys nothing
 pub enum Cas {
     /// The new record is stored (and durable).
     Stored,
@@ -68,13 +69,16 @@ pub enum Cas {
 pub struct ListQuery {
     /// Only transactions in this state.
     pub state: Option<TxState>,
-    /// Start after this id (the previous page's [`Page::next`]).
+    /// Start after this id (the previous page's [`Page::next`]), in the listing's order.
     pub after: Option<Gid>,
     /// At most this many (capped at [`MAX_PAGE`]; 0 means the cap).
     pub limit: usize,
+    /// List in descending id order (newest first for generated ids) instead of ascending.
+    pub newest_first: bool,
 }
 
-/// One page of a listing, in id order (which is creation order for generated ids).
+/// One page of a listing, in id order (which is creation order for generated ids), ascending or
+/// descending as [`ListQuery::newest_first`] says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Page {
     /// The transactions.

@@ -276,6 +276,8 @@ struct Statements {
     get: Statement,
     list_all: Statement,
     list_state: Statement,
+    list_all_desc: Statement,
+    list_state_desc: Statement,
     count: Statement,
     claim: Statement,
     prune: Statement,
@@ -341,11 +343,28 @@ impl Statements {
         let list_all = format!("SELECT {COLUMNS} FROM tcc_tx WHERE gid > $1 ORDER BY gid LIMIT $2");
         let list_state =
             format!("SELECT {COLUMNS} FROM tcc_tx WHERE state = $1 AND gid > $2 ORDER BY gid LIMIT $3");
+        let list_all_desc = format!("SELECT {COLUMNS} FROM tcc_tx WHERE gid < $1 ORDER BY gid DESC LIMIT $2");
+        let list_state_desc =
+            format!("SELECT {COLUMNS} FROM tcc_tx WHERE state = $1 AND gid < $2 ORDER BY gid DESC LIMIT $3");
         let claim = claim_sql();
-        let (get, list_all, list_state, count, claim, prune, insert, cas, write_many) = tokio::try_join!(
+        let (
+            get,
+            list_all,
+            list_state,
+            list_all_desc,
+            list_state_desc,
+            count,
+            claim,
+            prune,
+            insert,
+            cas,
+            write_many,
+        ) = tokio::try_join!(
             client.prepare(&get),
             client.prepare(&list_all),
             client.prepare(&list_state),
+            client.prepare(&list_all_desc),
+            client.prepare(&list_state_desc),
             client.prepare("SELECT count(*) FROM tcc_tx WHERE state = $1"),
             client.prepare(&claim),
             client.prepare(PRUNE),
@@ -360,7 +379,19 @@ impl Statements {
             ),
             client.prepare(WRITE_MANY),
         )?;
-        Ok(Statements { get, list_all, list_state, count, claim, prune, insert, cas, write_many })
+        Ok(Statements {
+            get,
+            list_all,
+            list_state,
+            list_all_desc,
+            list_state_desc,
+            count,
+            claim,
+            prune,
+            insert,
+            cas,
+            write_many,
+        })
     }
 }
 
@@ -1092,21 +1123,24 @@ impl Store for PgStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Page> {
         let limit = if query.limit == 0 { MAX_PAGE } else { query.limit.min(MAX_PAGE) };
-        let after = query.after.as_ref().map(Gid::as_str).unwrap_or("");
+        let desc = query.newest_first;
+        // Newest first starts below every id: "~" sorts (in the "C" collation) after every
+        // character an id may hold.
+        let after = query.after.as_ref().map(Gid::as_str).unwrap_or(if desc { "~" } else { "" });
         let n = limit_param(limit + 1);
         let rows = match query.state {
             None => {
-                self.read(
-                    "list",
-                    true,
-                    |s| async move { s.client.query(&s.st.list_all, &[&after, &n]).await },
-                )
+                self.read("list", true, |s| async move {
+                    let st = if desc { &s.st.list_all_desc } else { &s.st.list_all };
+                    s.client.query(st, &[&after, &n]).await
+                })
                 .await?
             }
             Some(state) => {
                 let code = state_code(state);
                 self.read("list", true, |s| async move {
-                    s.client.query(&s.st.list_state, &[&code, &after, &n]).await
+                    let st = if desc { &s.st.list_state_desc } else { &s.st.list_state };
+                    s.client.query(st, &[&code, &after, &n]).await
                 })
                 .await?
             }

@@ -500,27 +500,35 @@ impl SledStore {
         Ok(self.swap(Some((&bytes, Slot::Live)), &new)?.ok().map(|()| (new, changed)))
     }
 
-    /// Up to `take` records of one part of a tree, in id order, from after `after`: with `code`,
-    /// the part of `tcc_done` under that state code; without, the whole tree (`tcc_live`). Each
-    /// as its id's bytes (the key without the code) and its record's bytes.
+    /// Up to `take` records of one part of a tree, in id order (descending with `desc`), from
+    /// after `after` in that order: with `code`, the part of `tcc_done` under that state code;
+    /// without, the whole tree (`tcc_live`). Each as its id's bytes (the key without the code) and
+    /// its record's bytes.
     fn part(
         &self,
         tree: &Tree,
         code: Option<u8>,
         after: Option<&Gid>,
         take: usize,
+        desc: bool,
     ) -> Result<Vec<(IVec, IVec)>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let prefix: Vec<u8> = code.into_iter().collect();
-        let start = match after {
-            Some(a) => std::ops::Bound::Excluded([&prefix[..], a.as_str().as_bytes()].concat()),
-            None => std::ops::Bound::Included(prefix.clone()),
+        let at = |a: &Gid| [&prefix[..], a.as_str().as_bytes()].concat();
+        let low = match (after, desc) {
+            (Some(a), false) => Excluded(at(a)),
+            _ => Included(prefix.clone()),
         };
-        let end = match code {
-            Some(c) => std::ops::Bound::Excluded(vec![c + 1]),
-            None => std::ops::Bound::Unbounded,
+        let high = match (after, code, desc) {
+            (Some(a), _, true) => Excluded(at(a)),
+            (_, Some(c), _) => Excluded(vec![c + 1]),
+            (_, None, _) => Unbounded,
         };
+        let range = tree.range((low, high));
+        let records: Box<dyn Iterator<Item = sled::Result<(IVec, IVec)>>> =
+            if desc { Box::new(range.rev()) } else { Box::new(range) };
         let mut found = Vec::new();
-        for kv in tree.range((start, end)).take(take) {
+        for kv in records.take(take) {
             let (k, v) = kv?;
             found.push((k.subslice(prefix.len(), k.len() - prefix.len()), v));
         }
@@ -529,30 +537,35 @@ impl SledStore {
 
     /// Every record in id order, from after `after`: the live tree and each final state's part of
     /// the done tree, merged. Reads at most `limit + 1` records from each.
-    fn list_all(&self, after: Option<&Gid>, limit: usize) -> Result<Page> {
-        let mut found = self.part(&self.live, None, after, limit + 1)?;
+    fn list_all(&self, after: Option<&Gid>, limit: usize, desc: bool) -> Result<Page> {
+        let mut found = self.part(&self.live, None, after, limit + 1, desc)?;
         for state in FINAL {
-            found.extend(self.part(&self.done, Some(state.code()), after, limit + 1)?);
+            found.extend(self.part(&self.done, Some(state.code()), after, limit + 1, desc)?);
         }
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.sort_unstable_by(|a, b| if desc { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
         decoded_page(found, limit)
     }
 
     /// The records in final `state`, in id order, from after `after`.
-    fn list_done(&self, state: TxState, after: Option<&Gid>, limit: usize) -> Result<Page> {
-        decoded_page(self.part(&self.done, Some(state.code()), after, limit + 1)?, limit)
+    fn list_done(&self, state: TxState, after: Option<&Gid>, limit: usize, desc: bool) -> Result<Page> {
+        decoded_page(self.part(&self.done, Some(state.code()), after, limit + 1, desc)?, limit)
     }
 
     /// The live records in `state`, in id order, from after `after`: the memory index names them
     /// (reading only unfinished transactions), each record is read to be returned.
-    fn list_live(&self, state: TxState, after: Option<&Gid>, limit: usize) -> Result<Page> {
+    fn list_live(&self, state: TxState, after: Option<&Gid>, limit: usize, desc: bool) -> Result<Page> {
         let mut gids: Vec<Gid> = lock(&self.index)
             .by_gid
             .iter()
-            .filter(|(gid, e)| e.state == state && after.is_none_or(|a| *gid > a))
+            .filter(|(gid, e)| {
+                e.state == state && after.is_none_or(|a| if desc { *gid < a } else { *gid > a })
+            })
             .map(|(gid, _)| gid.clone())
             .collect();
         gids.sort_unstable();
+        if desc {
+            gids.reverse();
+        }
         let mut items = Vec::new();
         let mut more = false;
         for gid in gids {
@@ -622,10 +635,11 @@ impl Store for SledStore {
     async fn list(&self, query: &ListQuery) -> Result<Page> {
         let limit = if query.limit == 0 { MAX_PAGE } else { query.limit.min(MAX_PAGE) };
         let after = query.after.as_ref();
+        let desc = query.newest_first;
         match query.state {
-            None => self.list_all(after, limit),
-            Some(state) if state.is_final() => self.list_done(state, after, limit),
-            Some(state) => self.list_live(state, after, limit),
+            None => self.list_all(after, limit, desc),
+            Some(state) if state.is_final() => self.list_done(state, after, limit, desc),
+            Some(state) => self.list_live(state, after, limit, desc),
         }
     }
 

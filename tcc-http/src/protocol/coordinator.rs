@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tcc_core::{Branch, BranchState, Decision, Transaction, TxState};
+use tcc_core::{Branch, BranchState, Decision, Happening, HistoryEntry, Transaction, TxOptions, TxState};
 #[cfg(feature = "server")]
 use utoipa::ToSchema;
 
@@ -264,6 +264,109 @@ pub struct TransactionView {
     pub last_error: Option<String>,
     /// Branches in registration order.
     pub branches: Vec<BranchView>,
+    /// What kind of transaction it is.
+    #[serde(default)]
+    pub kind: KindView,
+    /// The options it was begun with (unset: the coordinator's retry policy).
+    #[serde(default)]
+    pub options: OptionsView,
+    /// What happened to it, oldest first: its last 16 transitions and phase-two rounds
+    /// (registrations are left out; the branches show them).
+    #[serde(default)]
+    pub history: Vec<HistoryView>,
+}
+
+/// The kind of a transaction. Every transaction is a TCC one (try, then confirm or cancel) so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum KindView {
+    /// Try, then confirm or cancel every branch.
+    #[default]
+    Tcc,
+}
+
+/// Per-transaction options, as given at begin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct OptionsView {
+    /// Delay before the first phase-two retry, in milliseconds.
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one phase-two call may take, in milliseconds.
+    pub call_timeout_ms: Option<u64>,
+}
+
+impl From<TxOptions> for OptionsView {
+    fn from(o: TxOptions) -> OptionsView {
+        OptionsView { retry_interval_ms: o.retry_interval_ms, call_timeout_ms: o.call_timeout_ms }
+    }
+}
+
+/// What happened, in a [`HistoryView`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HappeningView {
+    /// The transaction began.
+    Begun,
+    /// It was decided (`decision` says how).
+    Decided,
+    /// Its deadline passed while trying: the coordinator cancelled it.
+    Expired,
+    /// A phase-two round ended (`done`, `failed`, `error`).
+    Round,
+    /// An operator retried phase two.
+    OperatorRetry,
+    /// An operator forced its outcome (`decision`).
+    OperatorForce,
+}
+
+/// One entry of a transaction's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct HistoryView {
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// What happened.
+    pub what: HappeningView,
+    /// The transaction's state after it.
+    pub state: StateView,
+    /// The decision taken or forced.
+    pub decision: Option<DecisionView>,
+    /// Branches a round reached.
+    pub done: Option<u32>,
+    /// Branches whose call failed in a round.
+    pub failed: Option<u32>,
+    /// A round's first failure (at most 200 bytes).
+    pub error: Option<String>,
+}
+
+impl From<&HistoryEntry> for HistoryView {
+    fn from(h: &HistoryEntry) -> HistoryView {
+        let mut v = HistoryView {
+            at_ms: h.at.0,
+            what: HappeningView::Begun,
+            state: h.state.into(),
+            decision: None,
+            done: None,
+            failed: None,
+            error: None,
+        };
+        match &h.what {
+            Happening::Begun => {}
+            Happening::Decided(d) => (v.what, v.decision) = (HappeningView::Decided, Some((*d).into())),
+            Happening::Expired => v.what = HappeningView::Expired,
+            Happening::Round { done, failed, error } => {
+                v.what = HappeningView::Round;
+                (v.done, v.failed, v.error) = (Some(*done), Some(*failed), error.clone());
+            }
+            Happening::OperatorRetry => v.what = HappeningView::OperatorRetry,
+            Happening::OperatorForce(d) => {
+                (v.what, v.decision) = (HappeningView::OperatorForce, Some((*d).into()));
+            }
+        }
+        v
+    }
 }
 
 impl From<&Branch> for BranchView {
@@ -294,6 +397,9 @@ impl From<&Transaction> for TransactionView {
             attempts: tx.attempts,
             last_error: tx.last_error.clone(),
             branches: tx.branches.iter().map(Into::into).collect(),
+            kind: KindView::Tcc,
+            options: tx.options.into(),
+            history: tx.history.iter().map(Into::into).collect(),
         }
     }
 }
@@ -302,10 +408,61 @@ impl From<&Transaction> for TransactionView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
 pub struct ListView {
-    /// The transactions, in id order.
+    /// The transactions, in id order (descending with `order=newest`).
     pub items: Vec<TransactionView>,
     /// Pass as `after` for the next page; absent on the last page.
     pub next: Option<String>,
+}
+
+/// Transactions per state, as `GET /v1/overview` counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct CountsView {
+    /// Waiting for an operator.
+    pub flagged: u64,
+    /// Not decided yet.
+    pub trying: u64,
+    /// Decided to confirm, phase two running.
+    pub confirming: u64,
+    /// Decided to cancel, phase two running.
+    pub cancelling: u64,
+    /// Every branch confirmed.
+    pub confirmed: u64,
+    /// Every branch cancelled.
+    pub cancelled: u64,
+}
+
+/// What happened in one slot of the recent past, in `GET /v1/overview`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct SlotView {
+    /// When the slot ends (unix ms); it starts where the previous one ends.
+    pub at_ms: u64,
+    /// Transactions that ended confirmed in it.
+    pub confirmed: u64,
+    /// Transactions that ended cancelled in it.
+    pub cancelled: u64,
+    /// Transactions flagged in it.
+    pub flagged: u64,
+    /// Phase-two calls to participants in it.
+    pub calls: u64,
+    /// Of those, calls that failed.
+    pub failed_calls: u64,
+    /// The mean latency of its phase-two calls, in microseconds; absent without calls.
+    pub mean_call_us: Option<u64>,
+}
+
+/// The coordinator at a glance: what the operator's console shows first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct OverviewView {
+    /// Transactions per state, now.
+    pub counts: CountsView,
+    /// The length of a slot in milliseconds.
+    pub slot_ms: u64,
+    /// Outcomes and phase-two latency over the last five minutes, a slot each, oldest first. The
+    /// coordinator samples when asked: a slot nobody asked for is merged into the next one.
+    pub recent: Vec<SlotView>,
 }
 
 /// Path of the batch route.

@@ -1,5 +1,5 @@
 //! The coordinator as an HTTP service: the native API, the DTM-compatible API under `/api/dtmsvr`,
-//! health, readiness, metrics and the OpenAPI document.
+//! health, readiness, metrics, the OpenAPI document and the operator's console (`/console`).
 //!
 //! [`router`] builds the whole application for a [`Coordinator`]; the `tcc-coordinator` binary serves
 //! it, and tests serve it on a loopback port with [`serve`].
@@ -22,6 +22,7 @@ use crate::target::AllowList;
 pub use crate::protocol::coordinator::Token;
 
 pub mod batch;
+pub mod console;
 pub mod dtm;
 mod monitoring;
 pub mod native;
@@ -78,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(native::routes())
         .nest("/api/dtmsvr", dtm::routes())
         .merge(monitoring::routes())
+        .merge(console::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))

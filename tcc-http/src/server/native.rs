@@ -3,7 +3,8 @@
 //! | call | request | answer |
 //! |------|---------|--------|
 //! | begin | `POST /v1/transactions` | 201, the transaction |
-//! | list | `GET /v1/transactions?state=&after=&limit=` | a page |
+//! | list | `GET /v1/transactions?state=&kind=&order=&after=&limit=` | a page |
+//! | overview | `GET /v1/overview` | counts per state, recent outcomes and latency |
 //! | get one | `GET /v1/transactions/{gid}` | the transaction |
 //! | register a branch | `POST /v1/transactions/{gid}/branches` | the transaction |
 //! | confirm | `POST /v1/transactions/{gid}/confirm?wait_ms=` | the transaction |
@@ -31,8 +32,9 @@ use crate::target::Target;
 
 pub(crate) use crate::protocol::coordinator::parse_gid;
 pub use crate::protocol::coordinator::{
-    BeginRequest, BranchStateView, BranchView, DecisionView, ForceRequest, Id, ListView, MAX_WAIT,
-    RegisterRequest, StateView, TransactionView,
+    BeginRequest, BranchStateView, BranchView, CountsView, DecisionView, ForceRequest, HappeningView,
+    HistoryView, Id, KindView, ListView, MAX_WAIT, OptionsView, OverviewView, RegisterRequest, SlotView,
+    StateView, TransactionView,
 };
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
@@ -44,6 +46,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/transactions/{gid}/cancel", post(cancel))
         .route("/v1/transactions/{gid}/retry", post(retry))
         .route("/v1/transactions/{gid}/force", post(force))
+        .route("/v1/overview", get(overview))
         .route(super::batch::BATCH_PATH, post(super::batch::batch))
 }
 
@@ -73,12 +76,28 @@ impl WaitQuery {
 pub struct ListParams {
     /// Only transactions in this state.
     pub state: Option<StateView>,
-    /// Start after this id: the `next` of the previous page.
+    /// Only transactions of this kind.
+    pub kind: Option<KindView>,
+    /// `oldest` (the default): ascending id order; `newest`: descending, newest first for
+    /// generated ids (ids chosen by clients sort as text).
+    pub order: Option<OrderView>,
+    /// Start after this id, in the listing's order: the `next` of the previous page.
     #[param(value_type = Option<Id>)]
     pub after: Option<String>,
     /// At most this many (1 to 1000; 100 when absent).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+}
+
+/// The order of a listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderView {
+    /// Ascending id order: oldest first for generated ids.
+    #[default]
+    Oldest,
+    /// Descending id order: newest first for generated ids.
+    Newest,
 }
 
 fn view(tx: &Transaction) -> ApiJson<TransactionView> {
@@ -223,7 +242,8 @@ pub async fn get_one(
     Ok(view(&tx))
 }
 
-/// Transactions, optionally in one state, a page at a time, in id order.
+/// Transactions, optionally in one state or of one kind, a page at a time, in id order (ascending,
+/// or descending with `order=newest`).
 #[utoipa::path(get, path = "/v1/transactions", tag = "transactions", params(ListParams),
     responses(
         (status = 200, description = "A page", body = ListView),
@@ -238,8 +258,11 @@ pub async fn list(
         return Err(ApiError::malformed(format!("limit must be between 1 and {MAX_PAGE}")));
     }
     let after = params.after.as_deref().map(parse_gid).transpose()?;
-    let page =
-        state.coordinator.list(&ListQuery { state: params.state.map(Into::into), after, limit }).await?;
+    // Every transaction is a TCC one so far: the kind filter keeps them all.
+    let KindView::Tcc = params.kind.unwrap_or_default();
+    let newest_first = params.order.unwrap_or_default() == OrderView::Newest;
+    let query = ListQuery { state: params.state.map(Into::into), after, limit, newest_first };
+    let page = state.coordinator.list(&query).await?;
     Ok(ApiJson(ListView {
         items: page.items.iter().map(Into::into).collect(),
         next: page.next.map(|g| g.to_string()),
@@ -283,4 +306,43 @@ pub async fn force(
 ) -> Result<ApiJson<TransactionView>, ApiError> {
     let tx = state.coordinator.force(&parse_gid(&gid)?, req.outcome.into()).await?;
     Ok(view(&tx))
+}
+
+/// The coordinator at a glance: transactions per state (flagged first), and the outcomes and
+/// phase-two latency of the last five minutes, a five-second slot each.
+#[utoipa::path(get, path = "/v1/overview", tag = "operator",
+    responses(
+        (status = 200, description = "Counts and the recent past", body = OverviewView),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    ))]
+pub async fn overview(State(state): State<Arc<AppState>>) -> Result<ApiJson<OverviewView>, ApiError> {
+    let c = &state.coordinator;
+    let (flagged, trying, confirming, cancelling, confirmed, cancelled) = tokio::try_join!(
+        c.count(tcc_core::TxState::Flagged),
+        c.count(tcc_core::TxState::Trying),
+        c.count(tcc_core::TxState::Confirming),
+        c.count(tcc_core::TxState::Cancelling),
+        c.count(tcc_core::TxState::Confirmed),
+        c.count(tcc_core::TxState::Cancelled),
+    )?;
+    let counts = CountsView { flagged, trying, confirming, cancelling, confirmed, cancelled };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let recent = state
+        .metrics
+        .recent(now_ms, &c.stats())
+        .into_iter()
+        .map(|s| SlotView {
+            at_ms: s.at_ms,
+            confirmed: s.confirmed,
+            cancelled: s.cancelled,
+            flagged: s.flagged,
+            calls: s.calls,
+            failed_calls: s.failed_calls,
+            mean_call_us: s.mean_call_us,
+        })
+        .collect();
+    let slot_ms = u64::try_from(crate::metrics::SLOT.as_millis()).unwrap_or(u64::MAX);
+    Ok(ApiJson(OverviewView { counts, slot_ms, recent }))
 }

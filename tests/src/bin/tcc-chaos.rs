@@ -534,8 +534,10 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
     let mut txs = Vec::new();
     let mut after = None;
     loop {
-        let page =
-            store.list(&ListQuery { state: None, after, limit: 0 }).await.map_err(|e| e.to_string())?;
+        let page = store
+            .list(&ListQuery { state: None, after, limit: 0, newest_first: false })
+            .await
+            .map_err(|e| e.to_string())?;
         txs.extend(page.items);
         match page.next {
             Some(next) => after = Some(next),
