@@ -1051,3 +1051,24 @@ fn the_postgres_barrier_is_built_when_its_tests_are_required() {
 fn the_mysql_barrier_is_built_when_its_tests_are_required() {
     assert!(std::env::var("TCC_REQUIRE_MYSQL").as_deref() != Ok("1"), "built without `sqlx-mysql`");
 }
+
+/// Participant runtimes run barrier calls inside spawned tasks and axum handlers: every future the
+/// SQL barrier returns is `Send`. (Checked by the compiler; the function never runs.)
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+#[allow(dead_code, unused_must_use)]
+fn sql_barrier_futures_are_send<DB: tcc_core::barrier::sql::SqlDatabase>(
+    barrier: tcc_core::barrier::sql::SqlBarrier<DB>,
+    pending: tcc_core::barrier::sql::Pending<DB>,
+    due: tcc_core::barrier::DueReservation,
+    gid: Gid,
+    branch: BranchId,
+) {
+    fn send<T: Send>(_: T) {}
+    send(barrier.begin(&gid, &branch, Op::Cancel));
+    send(barrier.begin_expire(&due));
+    send(barrier.due(1));
+    send(barrier.get(&gid, &branch));
+    send(barrier.held());
+    send(barrier.migrate());
+    send(pending.commit(Vec::new()));
+}

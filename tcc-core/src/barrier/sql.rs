@@ -16,7 +16,8 @@
 //!   (`ON CONFLICT DO NOTHING` / `ON DUPLICATE KEY UPDATE`): if another replica's call got
 //!   there first (a try racing its cancel), the insert waits for that transaction and inserts
 //!   nothing, and `begin` starts over and sees the row. The database's primary key decides, not a lock
-//!   in this process;
+//!   in this process. A try, nearly always the first call, skips the read and inserts straight
+//!   away (a round trip fewer); when the row was there after all, it rolls back and reads it;
 //! - an empty cancel is recorded and committed by `begin` itself;
 //! - duplicates, refusals and "nothing to expire" roll back at once.
 //!
@@ -705,6 +706,25 @@ impl<DB: SqlDatabase> SqlBarrier<DB> {
     ) -> Result<Begun<DB>, SqlBarrierError> {
         for _ in 0..MAX_INSERT_RACES {
             let mut tx = DB::begin_tx(&self.pool).await?;
+            // A try that would run on a missing row (the usual case: tries come first) inserts at
+            // once, a round trip fewer. Inserted means there was no row, which is what it decided on;
+            // otherwise (MySQL's insert touched the row) roll back and read the row as any call does.
+            if let (Op::Try { .. }, Step::Run(record)) = (op, decide(op, None, self.clock.now())) {
+                if self.insert(&mut tx, gid, branch, &record).await? {
+                    let (gid, branch, sql) = (gid.clone(), branch.clone(), Arc::clone(&self.sql));
+                    return Ok(Begun::Run(Pending {
+                        tx,
+                        gid,
+                        branch,
+                        record,
+                        sql,
+                        inserted: true,
+                        is_try: true,
+                    }));
+                }
+                tx.rollback().await?;
+                tx = DB::begin_tx(&self.pool).await?;
+            }
             let existing = self.read(&mut tx, self.sql.select_for_update.clone(), gid, branch).await?;
             let now = self.clock.now();
             match decide(op, existing.as_ref(), now) {
