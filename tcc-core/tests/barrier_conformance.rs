@@ -862,6 +862,45 @@ mod sql_rig {
             assert_eq!(rig.state(&c, &branch).await, Some(BarrierState::CancelledEmpty));
         }
 
+        /// Replicas starting together all migrate: creating the table is idempotent and safe
+        /// concurrently.
+        pub async fn replicas_migrate_concurrently<DB: TestDb>(rig: &SqlRig<DB>) {
+            let table = BarrierTable::new("tcc_barrier_concurrent").unwrap();
+            let clock: Arc<dyn Clock> = Arc::new(rig.clock.clone());
+            let barriers: Vec<_> = rig
+                .replicas
+                .iter()
+                .chain(&rig.replicas)
+                .map(|r| SqlBarrier::new(r.pool().clone(), table.clone(), clock.clone(), GRACE))
+                .collect();
+            for result in join_all(barriers.iter().map(|b| b.migrate())).await {
+                result.unwrap();
+            }
+            assert_eq!(barriers[0].held().await.unwrap(), 0);
+        }
+
+        /// `begin` given an expiry waits for the row instead of skipping it, and answers "nothing to
+        /// release" with the stored record.
+        pub async fn an_expiry_through_begin_releases_only_when_due<DB: TestDb>(rig: &SqlRig<DB>) {
+            let (gid, branch) = ids("begin-expire");
+            let expire = Op::Expire { grace: GRACE };
+            match rig.replicas[0].begin(&gid, &branch, expire).await.unwrap() {
+                Begun::Answered(Answer::Refused(Refusal::NotTried)) => {}
+                other => panic!("no row: {other:?}"),
+            }
+            assert!(matches!(rig.try_op(0, &gid, &branch, deadline(rig), false).await, Outcome::Ran(_)));
+            match rig.replicas[1].begin(&gid, &branch, expire).await.unwrap() {
+                Begun::Answered(Answer::Duplicate(r)) => assert_eq!(r.state, BarrierState::Tried),
+                other => panic!("not due: {other:?}"),
+            }
+            rig.clock.advance(TTL + GRACE);
+            let Begun::Run(pending) = rig.replicas[1].begin(&gid, &branch, expire).await.unwrap() else {
+                panic!("due: runs")
+            };
+            assert_eq!(pending.commit(Vec::new()).await.unwrap().state, BarrierState::Expired);
+            assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Expired));
+        }
+
         /// A due row whose deadline is negative is not listed, and nothing runs for it.
         pub async fn a_due_list_skips_unreadable_rows<DB: TestDb>(rig: &SqlRig<DB>) {
             let (gid, branch) = ids("bad-due");
@@ -900,6 +939,18 @@ mod sql_rig {
         async fn a_due_list_skips_unreadable_rows() {
             let Some(rig) = rig().await else { return };
             sql_cases::a_due_list_skips_unreadable_rows(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn replicas_migrate_concurrently() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::replicas_migrate_concurrently(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn an_expiry_through_begin_releases_only_when_due() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::an_expiry_through_begin_releases_only_when_due(&rig).await;
         }
 
         #[tokio::test]
@@ -984,6 +1035,18 @@ mod sql_rig {
         async fn a_due_list_skips_unreadable_rows() {
             let Some(rig) = rig().await else { return };
             sql_cases::a_due_list_skips_unreadable_rows(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn replicas_migrate_concurrently() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::replicas_migrate_concurrently(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn an_expiry_through_begin_releases_only_when_due() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::an_expiry_through_begin_releases_only_when_due(&rig).await;
         }
 
         #[tokio::test]

@@ -27,6 +27,8 @@
 //! On MySQL every barrier transaction runs at `READ COMMITTED`: at InnoDB's default `REPEATABLE
 //! READ`, `SELECT ... FOR UPDATE` of a missing row takes a gap lock, and concurrent first calls of
 //! unrelated branches (whose keys fall into the same gap) would deadlock each other on insert.
+//! The expiry sweep needs `FOR UPDATE SKIP LOCKED`: PostgreSQL 9.5, MySQL 8.0, MariaDB 10.6 or later.
+//!
 //! PostgreSQL transactions run at the database's default level (`READ COMMITTED` unless changed; a
 //! stricter level only adds serialization failures, which are retryable).
 //!
@@ -379,7 +381,7 @@ impl Statements {
         let migration_lock = match dialect {
             // Any fixed key: "tcc_barr".
             Dialect::Postgres => {
-                Some(AssertSqlSafe("SELECT pg_advisory_xact_lock(8386676375411798642)").into_sql_str())
+                Some(AssertSqlSafe("SELECT pg_advisory_xact_lock(8386656192417591922)").into_sql_str())
             }
             Dialect::MySql => None,
         };
