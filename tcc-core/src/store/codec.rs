@@ -6,21 +6,25 @@
 //!
 //! - format 1: the layout before per-transaction options ([`TxOptions`]) existed; read with default
 //!   options, never written any more;
-//! - format 2: the current layout.
+//! - format 2: the layout before sagas and messages ([`TxKind`]) existed; read as TCC, never
+//!   written any more;
+//! - format 3: the current layout.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Branch, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
+use crate::model::{Branch, Decision, Gid, Timestamp, Transaction, TxKind, TxOptions, TxState};
 
 /// The format byte of records written before per-transaction options.
 pub const FORMAT_V1: u8 = 1;
-/// The format byte of records written by this version.
+/// The format byte of records written before sagas and messages.
 pub const FORMAT_V2: u8 = 2;
+/// The format byte of records written by this version.
+pub const FORMAT_V3: u8 = 3;
 
 /// Encodes a transaction record.
 pub fn encode(tx: &Transaction) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V2];
+    let mut out = vec![FORMAT_V3];
     let body = postcard::to_allocvec(tx).map_err(|e| Error::Storage(format!("encoding {}: {e}", tx.gid)))?;
     out.extend_from_slice(&body);
     Ok(out)
@@ -36,7 +40,10 @@ pub fn encode(tx: &Transaction) -> Result<Vec<u8>> {
 pub fn decode(bytes: &[u8]) -> Result<Transaction> {
     let damaged = |e: postcard::Error| Error::Storage(format!("damaged transaction record: {e}"));
     match bytes.split_first() {
-        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(damaged),
+        Some((&FORMAT_V3, body)) => postcard::from_bytes(body).map_err(damaged),
+        Some((&FORMAT_V2, body)) => {
+            postcard::from_bytes::<TransactionV2>(body).map(Into::into).map_err(damaged)
+        }
         Some((&FORMAT_V1, body)) => {
             postcard::from_bytes::<TransactionV1>(body).map(Into::into).map_err(damaged)
         }
@@ -67,7 +74,7 @@ struct Head<'a> {
 pub fn state_and_updated_at(bytes: &[u8]) -> Result<(TxState, Timestamp)> {
     let damaged = |e: postcard::Error| Error::Storage(format!("damaged transaction record: {e}"));
     match bytes.split_first() {
-        Some((&(FORMAT_V1 | FORMAT_V2), body)) => {
+        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3), body)) => {
             let (head, _) = postcard::take_from_bytes::<Head<'_>>(body).map_err(damaged)?;
             Ok((head.state, head.updated_at))
         }
@@ -110,6 +117,47 @@ impl From<TransactionV1> for Transaction {
             lease_owner: v.lease_owner,
             options: TxOptions::default(),
             version: v.version,
+            kind: TxKind::Tcc,
+        }
+    }
+}
+
+/// The format-2 layout: [`Transaction`] without `kind` (every transaction was TCC). Field order is
+/// the encoding: never change it.
+#[derive(Serialize, Deserialize)]
+struct TransactionV2 {
+    gid: Gid,
+    state: TxState,
+    decision: Option<Decision>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    deadline: Timestamp,
+    branches: Vec<Branch>,
+    attempts: u32,
+    last_error: Option<String>,
+    due_at: Option<Timestamp>,
+    lease_owner: Option<String>,
+    options: TxOptions,
+    version: u64,
+}
+
+impl From<TransactionV2> for Transaction {
+    fn from(v: TransactionV2) -> Transaction {
+        Transaction {
+            gid: v.gid,
+            state: v.state,
+            decision: v.decision,
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+            deadline: v.deadline,
+            branches: v.branches,
+            attempts: v.attempts,
+            last_error: v.last_error,
+            due_at: v.due_at,
+            lease_owner: v.lease_owner,
+            options: v.options,
+            version: v.version,
+            kind: TxKind::Tcc,
         }
     }
 }
@@ -155,7 +203,54 @@ mod tests {
         assert_eq!((&tx.gid, tx.state, tx.version, tx.attempts), (&gid, TxState::Confirming, 7, 1));
         assert_eq!(tx.options, TxOptions::default());
         assert_eq!(tx.due_at, Some(Timestamp(4)));
-        assert_eq!(encode(&tx).unwrap()[0], FORMAT_V2, "rewritten in the current format");
+        assert_eq!(encode(&tx).unwrap()[0], FORMAT_V3, "rewritten in the current format");
+    }
+
+    /// A format-2 record as the previous version wrote it (frozen bytes): read as a TCC
+    /// transaction, options kept.
+    #[test]
+    fn records_of_format_2_are_read_as_tcc() {
+        let gid: Gid = "g-2".parse().unwrap();
+        let old = TransactionV2 {
+            gid: gid.clone(),
+            state: TxState::Trying,
+            decision: None,
+            created_at: Timestamp(1),
+            updated_at: Timestamp(2),
+            deadline: Timestamp(3),
+            branches: Vec::new(),
+            attempts: 0,
+            last_error: None,
+            due_at: Some(Timestamp(3)),
+            lease_owner: None,
+            options: TxOptions { retry_interval_ms: Some(5), call_timeout_ms: None },
+            version: 1,
+        };
+        let mut bytes = vec![FORMAT_V2];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(
+            bytes,
+            [&[2u8, 3][..], b"g-2", &[0, 0, 1, 2, 3, 0, 0, 0, 1, 3, 0, 1, 5, 0, 1][..]].concat(),
+            "the frozen format-2 layout"
+        );
+        let tx = decode(&bytes).unwrap();
+        assert_eq!((&tx.gid, tx.state, tx.version), (&gid, TxState::Trying, 1));
+        assert_eq!(tx.options.retry_interval_ms, Some(5));
+        assert_eq!(tx.kind, TxKind::Tcc);
+        assert_eq!(encode(&tx).unwrap()[0], FORMAT_V3, "rewritten in the current format");
+    }
+
+    #[test]
+    fn sagas_and_messages_round_trip() {
+        use crate::model::{Msg, Saga, SagaStep};
+        let mut tx = crate::state::begin(Gid::generate(), Timestamp(5), Timestamp(10));
+        tx.kind = TxKind::Saga(Saga {
+            concurrent: true,
+            steps: vec![SagaStep { compensate: "c".into(), after: vec![0, 2], started: true }],
+        });
+        assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
+        tx.kind = TxKind::Msg(Msg { query_prepared: "q".into() });
+        assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
     }
 
     #[test]
@@ -246,10 +341,12 @@ pub(crate) mod fuzz {
                 proptest::option::of("[a-z0-9-]{0,12}"),
                 (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
                 any::<u64>(),
+                kind(),
             ),
         )
             .prop_map(|((gid, state, decision, created_at, updated_at, deadline), rest)| {
-                let (branches, attempts, last_error, due_at, lease_owner, (retry, timeout), version) = rest;
+                let (branches, attempts, last_error, due_at, lease_owner, (retry, timeout), version, kind) =
+                    rest;
                 Transaction {
                     gid: gid.parse().expect("a valid gid"),
                     state,
@@ -264,13 +361,46 @@ pub(crate) mod fuzz {
                     lease_owner,
                     options: TxOptions { retry_interval_ms: retry, call_timeout_ms: timeout },
                     version,
+                    kind,
                 }
             })
     }
 
-    /// The record of `tx` in format 1 (options dropped) or 2.
-    fn record(tx: Transaction, v1: bool) -> Vec<u8> {
-        if !v1 {
+    fn kind() -> impl Strategy<Value = TxKind> {
+        use crate::model::{Msg, Saga, SagaStep};
+        let step = (".{0,16}", proptest::collection::vec(any::<u32>(), 0..3), any::<bool>())
+            .prop_map(|(compensate, after, started)| SagaStep { compensate, after, started });
+        prop_oneof![
+            Just(TxKind::Tcc),
+            (any::<bool>(), proptest::collection::vec(step, 0..4))
+                .prop_map(|(concurrent, steps)| TxKind::Saga(Saga { concurrent, steps })),
+            ".{0,16}".prop_map(|query_prepared| TxKind::Msg(Msg { query_prepared })),
+        ]
+    }
+
+    /// The record of `tx` in format 1 (options and kind dropped), 2 (kind dropped) or 3.
+    fn record(tx: Transaction, format: u8) -> Vec<u8> {
+        if format == FORMAT_V2 {
+            let old = TransactionV2 {
+                gid: tx.gid,
+                state: tx.state,
+                decision: tx.decision,
+                created_at: tx.created_at,
+                updated_at: tx.updated_at,
+                deadline: tx.deadline,
+                branches: tx.branches,
+                attempts: tx.attempts,
+                last_error: tx.last_error,
+                due_at: tx.due_at,
+                lease_owner: tx.lease_owner,
+                options: tx.options,
+                version: tx.version,
+            };
+            let mut bytes = vec![FORMAT_V2];
+            bytes.extend(postcard::to_allocvec(&old).expect("encodes"));
+            return bytes;
+        }
+        if format != FORMAT_V1 {
             return encode(&tx).expect("encodes");
         }
         let old = TransactionV1 {
@@ -312,28 +442,30 @@ pub(crate) mod fuzz {
     /// A valid record of either format with one to four edits after its format byte (flipped,
     /// inserted or removed bytes, or a cut), so that nearly every case gets past the format byte.
     pub(crate) fn damaged_record() -> impl Strategy<Value = Vec<u8>> {
-        (transaction(), any::<bool>(), proptest::collection::vec(edit(), 1..5)).prop_map(|(tx, v1, edits)| {
-            let mut bytes = record(tx, v1);
-            for e in edits {
-                // Position 0 is the format byte; edits land after it.
-                let at = |i: usize, len: usize| 1 + i % len.max(1);
-                match e {
-                    Edit::Flip(i, x) if bytes.len() > 1 => {
-                        let i = at(i, bytes.len() - 1);
-                        bytes[i] ^= x;
+        (transaction(), FORMAT_V1..=FORMAT_V3, proptest::collection::vec(edit(), 1..5)).prop_map(
+            |(tx, format, edits)| {
+                let mut bytes = record(tx, format);
+                for e in edits {
+                    // Position 0 is the format byte; edits land after it.
+                    let at = |i: usize, len: usize| 1 + i % len.max(1);
+                    match e {
+                        Edit::Flip(i, x) if bytes.len() > 1 => {
+                            let i = at(i, bytes.len() - 1);
+                            bytes[i] ^= x;
+                        }
+                        Edit::Insert(i, b) => {
+                            let i = at(i, bytes.len());
+                            bytes.insert(i.min(bytes.len()), b);
+                        }
+                        Edit::Remove(i) if bytes.len() > 1 => {
+                            bytes.remove(at(i, bytes.len() - 1));
+                        }
+                        Edit::Truncate(i) => bytes.truncate(at(i, bytes.len())),
+                        _ => {}
                     }
-                    Edit::Insert(i, b) => {
-                        let i = at(i, bytes.len());
-                        bytes.insert(i.min(bytes.len()), b);
-                    }
-                    Edit::Remove(i) if bytes.len() > 1 => {
-                        bytes.remove(at(i, bytes.len() - 1));
-                    }
-                    Edit::Truncate(i) => bytes.truncate(at(i, bytes.len())),
-                    _ => {}
                 }
-            }
-            bytes
-        })
+                bytes
+            },
+        )
     }
 }
