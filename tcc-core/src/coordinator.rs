@@ -590,6 +590,35 @@ impl Coordinator {
         Ok(tx)
     }
 
+    /// Sends a message at once: prepared and submitted in one durable write, for an initiator
+    /// with no local transaction to wait for (DTM's `submit` of a message never prepared). Its
+    /// actions run in order, each until it succeeds; it is never back-checked.
+    pub async fn submit_message(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+        steps: Vec<NewBranch>,
+    ) -> Result<Transaction> {
+        self.check_begin(timeout, &options)?;
+        let ctx = self.inner.context();
+        let generated = gid.is_none();
+        let mut branches = Vec::with_capacity(steps.len());
+        for NewBranch { id, target, payload } in steps {
+            self.check_branch(&target, &payload)?;
+            branches.push(new_branch(id, target, payload));
+        }
+        let gid = gid.unwrap_or_else(Gid::generate);
+        let mut tx = state::message(gid, ctx.now + timeout, branches, Msg::default(), &ctx)?;
+        tx.options = options;
+        let Transition::Changed(mut tx, effects) = state::apply(&tx, &Event::Confirm, &ctx)? else {
+            return Err(Error::Storage("a new message must be stored".into()));
+        };
+        self.insert_new(&mut tx, generated).await?;
+        self.inner.perform(&tx, effects);
+        Ok(tx)
+    }
+
     /// Stores a new transaction (version 1) durably and counts it.
     async fn insert_new(&self, tx: &mut Transaction, generated: bool) -> Result<()> {
         tx.version = 1;

@@ -352,10 +352,10 @@ pub enum TxKind {
     #[default]
     Tcc,
     /// A saga: each branch is a step, an action with a compensation.
-    Saga(Saga),
+    Saga(Box<Saga>),
     /// A two-phase message: each branch is an action that runs if, and only if, the initiator's
     /// local transaction committed.
-    Msg(Msg),
+    Msg(Box<Msg>),
 }
 
 /// The steps of a saga beyond what their [`Branch`] holds (the action's target and the payload).

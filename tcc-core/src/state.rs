@@ -433,7 +433,7 @@ pub fn saga(
     }
     let mut tx = begin(gid, ctx.now, deadline);
     tx.branches = branches;
-    tx.kind = TxKind::Saga(saga);
+    tx.kind = TxKind::Saga(Box::new(saga));
     Ok(decide(&tx, Decision::Confirm, ctx))
 }
 
@@ -449,7 +449,7 @@ pub fn message(
     check_steps(&branches, ctx)?;
     let mut tx = begin(gid, ctx.now, deadline);
     tx.branches = branches;
-    tx.kind = TxKind::Msg(msg);
+    tx.kind = TxKind::Msg(Box::new(msg));
     Ok(tx)
 }
 

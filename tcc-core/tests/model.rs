@@ -663,12 +663,18 @@ async fn run_steps(ops: Vec<StepOp>) -> Result<(), TestCaseError> {
             }
             StepOp::Resolve { which, commit, tell } if !msgs.is_empty() => {
                 let gid = msgs[which % msgs.len()].clone();
-                let mut w = h.parts.0.lock().unwrap();
-                if w.local.get(&gid) != Some(&Local::InFlight) {
+                let resolved = {
+                    let mut w = h.parts.0.lock().unwrap();
+                    let in_flight = w.local.get(&gid) == Some(&Local::InFlight);
+                    if in_flight {
+                        w.local
+                            .insert(gid.clone(), if commit { Local::Committed } else { Local::RolledBack });
+                    }
+                    in_flight
+                };
+                if !resolved {
                     continue;
                 }
-                w.local.insert(gid.clone(), if commit { Local::Committed } else { Local::RolledBack });
-                drop(w);
                 if tell {
                     // The back-check may have settled it already, the same way: either answer is fine.
                     let r = if commit { h.tc().confirm(&gid).await } else { h.tc().cancel(&gid).await };
@@ -728,12 +734,29 @@ async fn run_steps(ops: Vec<StepOp>) -> Result<(), TestCaseError> {
         return Err(TestCaseError::fail(format!("not every saga and message became final: {stuck:#?}")));
     }
 
-    let w = h.parts.0.lock().unwrap();
+    let mut stored = HashMap::new();
+    for gid in &gids {
+        stored.insert(gid.clone(), h.tc().get(gid).await.unwrap());
+    }
+    let verdict = check_steps(&h.parts.0.lock().unwrap(), &stored, &sagas, &msgs);
+    if let Some(tc) = h.tc.take() {
+        tc.abort().await;
+    }
+    verdict
+}
+
+/// The end-of-history checks of [`run_steps`] (see the section's comment).
+fn check_steps(
+    w: &StepWorld,
+    stored: &HashMap<Gid, tcc_core::Transaction>,
+    sagas: &[(Gid, bool)],
+    msgs: &[Gid],
+) -> Result<(), TestCaseError> {
     let effects = |m: &HashMap<(Gid, String), u32>, gid: &Gid, name: &str| {
         m.get(&(gid.clone(), name.to_string())).copied().unwrap_or(0)
     };
-    for (gid, concurrent) in &sagas {
-        let tx = h.tc().get(gid).await.unwrap();
+    for (gid, concurrent) in sagas {
+        let tx = &stored[gid];
         let n = tx.branches.len();
         let names = &PARTICIPANTS[..n];
         let acts: Vec<u32> = names.iter().map(|p| effects(&w.action_effects, gid, p)).collect();
@@ -755,8 +778,8 @@ async fn run_steps(ops: Vec<StepOp>) -> Result<(), TestCaseError> {
             s => return Err(TestCaseError::fail(format!("{gid} ended {s}"))),
         }
     }
-    for gid in &msgs {
-        let tx = h.tc().get(gid).await.unwrap();
+    for gid in msgs {
+        let tx = &stored[gid];
         prop_assert!(matches!(tx.kind, TxKind::Msg(_)));
         let committed = w.local.get(gid) == Some(&Local::Committed);
         let names = &PARTICIPANTS[..tx.branches.len()];
@@ -774,10 +797,6 @@ async fn run_steps(ops: Vec<StepOp>) -> Result<(), TestCaseError> {
             }
             s => return Err(TestCaseError::fail(format!("{gid} ended {s}"))),
         }
-    }
-    drop(w);
-    if let Some(tc) = h.tc.take() {
-        tc.abort().await;
     }
     Ok(())
 }

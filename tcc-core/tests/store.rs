@@ -308,15 +308,15 @@ async fn sagas_and_messages_round_trip_with_their_steps(b: &dyn Backend) {
     let mut saga = new_tx(1_700_000_000_000);
     saga.state = TxState::Cancelling;
     saga.decision = Some(Decision::Cancel);
-    saga.kind = TxKind::Saga(Saga {
+    saga.kind = TxKind::Saga(Box::new(Saga {
         concurrent: true,
         steps: vec![
             SagaStep { compensate: "http://127.0.0.1:9/undo".into(), after: vec![], started: true },
             SagaStep { compensate: "http://127.0.0.1:9/undo2".into(), after: vec![0], started: false },
         ],
-    });
+    }));
     let mut msg = new_tx(1_700_000_000_000);
-    msg.kind = TxKind::Msg(Msg { query_prepared: "http://127.0.0.1:9/query".into() });
+    msg.kind = TxKind::Msg(Box::new(Msg { query_prepared: "http://127.0.0.1:9/query".into() }));
     for tx in [saga, msg] {
         s.insert(&tx).await.unwrap();
         assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&tx));

@@ -244,12 +244,12 @@ mod tests {
     fn sagas_and_messages_round_trip() {
         use crate::model::{Msg, Saga, SagaStep};
         let mut tx = crate::state::begin(Gid::generate(), Timestamp(5), Timestamp(10));
-        tx.kind = TxKind::Saga(Saga {
+        tx.kind = TxKind::Saga(Box::new(Saga {
             concurrent: true,
             steps: vec![SagaStep { compensate: "c".into(), after: vec![0, 2], started: true }],
-        });
+        }));
         assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
-        tx.kind = TxKind::Msg(Msg { query_prepared: "q".into() });
+        tx.kind = TxKind::Msg(Box::new(Msg { query_prepared: "q".into() }));
         assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
     }
 
@@ -373,8 +373,8 @@ pub(crate) mod fuzz {
         prop_oneof![
             Just(TxKind::Tcc),
             (any::<bool>(), proptest::collection::vec(step, 0..4))
-                .prop_map(|(concurrent, steps)| TxKind::Saga(Saga { concurrent, steps })),
-            ".{0,16}".prop_map(|query_prepared| TxKind::Msg(Msg { query_prepared })),
+                .prop_map(|(concurrent, steps)| TxKind::Saga(Box::new(Saga { concurrent, steps }))),
+            ".{0,16}".prop_map(|query_prepared| TxKind::Msg(Box::new(Msg { query_prepared }))),
         ]
     }
 
