@@ -130,6 +130,95 @@ pub struct RegisterRequest {
     pub payload: String,
 }
 
+/// Begin a saga and start running it (`POST /v1/sagas`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SagaRequest {
+    /// The id to use; a time-ordered one is generated when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Id>))]
+    pub gid: Option<String>,
+    /// Milliseconds until the deadline: a saga whose actions are not all done by then is
+    /// compensated. The server's default when absent.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub timeout_ms: Option<u64>,
+    /// Delay before the first retry of a failed call, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one call may take, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub call_timeout_ms: Option<u64>,
+    /// Run each step as soon as the steps in its `after` are done (otherwise one at a time, in
+    /// order).
+    #[serde(default)]
+    pub concurrent: bool,
+    /// The steps, in order.
+    #[serde(default, deserialize_with = "objects")]
+    pub steps: Vec<StepRequest>,
+}
+
+/// One step of a saga or message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StepRequest {
+    /// The step id, unique within the transaction.
+    #[cfg_attr(feature = "server", schema(value_type = Id))]
+    pub step: String,
+    /// The action's URL: the coordinator posts the payload to it, with the `tcc-gid`, `tcc-branch`
+    /// and `tcc-deadline` headers. 2xx is done; 409 (or another 4xx) refuses (a saga is then
+    /// compensated); 5xx, 408, 425, 429 and no answer are retried.
+    pub action: String,
+    /// The compensation's URL (sagas only; required there), called the same way.
+    #[serde(default)]
+    pub compensate: Option<String>,
+    /// The body of the action and the compensation, as UTF-8 text.
+    #[serde(default)]
+    pub payload: String,
+    /// Indexes of the steps that must be done before this one starts (concurrent sagas).
+    #[serde(default)]
+    pub after: Vec<u32>,
+}
+
+/// Prepare a two-phase message, or send one at once (`POST /v1/messages`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    /// The id to use; a time-ordered one is generated when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Id>))]
+    pub gid: Option<String>,
+    /// Milliseconds until the coordinator asks `query_prepared` about a message still prepared.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub timeout_ms: Option<u64>,
+    /// Delay before the first retry of a failed call, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one call may take, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub call_timeout_ms: Option<u64>,
+    /// The back-check: `GET {query_prepared}?gid=` answers 2xx once the local transaction
+    /// committed, 409 if it rolled back (or never will commit), anything else while unknown.
+    /// Required unless `submit`.
+    #[serde(default)]
+    pub query_prepared: Option<String>,
+    /// Submit at once (no local transaction to wait for); otherwise the message is prepared and
+    /// submitted with `POST /v1/transactions/{gid}/confirm`, aborted with `.../cancel`.
+    #[serde(default)]
+    pub submit: bool,
+    /// The actions, run in order once submitted (`compensate` and `after` must be absent).
+    #[serde(default, deserialize_with = "objects")]
+    pub steps: Vec<StepRequest>,
+}
+
 /// Force the outcome of a flagged transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
@@ -264,6 +353,14 @@ pub struct TransactionView {
     pub last_error: Option<String>,
     /// Branches in registration order.
     pub branches: Vec<BranchView>,
+    /// `tcc`, `saga` or `msg` (absent from older servers: `tcc`).
+    #[serde(default = "tcc_kind")]
+    #[cfg_attr(feature = "server", schema(value_type = String))]
+    pub kind: std::borrow::Cow<'static, str>,
+}
+
+fn tcc_kind() -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed("tcc")
 }
 
 impl From<&Branch> for BranchView {
@@ -294,6 +391,7 @@ impl From<&Transaction> for TransactionView {
             attempts: tx.attempts,
             last_error: tx.last_error.clone(),
             branches: tx.branches.iter().map(Into::into).collect(),
+            kind: std::borrow::Cow::Borrowed(tx.kind.as_str()),
         }
     }
 }
