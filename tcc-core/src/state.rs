@@ -1081,6 +1081,151 @@ mod tests {
         assert!(apply(&tx_in(TxState::Trying), &ev, &ctx(NOW)).is_err());
     }
 
+    fn step_branch(id: &str) -> Branch {
+        Branch {
+            id: bid(id),
+            target: format!("mem://{id}"),
+            payload: Vec::new(),
+            state: BranchState::Registered,
+            last_error: None,
+        }
+    }
+
+    fn new_saga(ids: &[&str], concurrent: bool, after: &[&[u32]]) -> Transaction {
+        let steps = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| crate::model::SagaStep {
+                compensate: format!("mem://{id}/undo"),
+                after: after.get(i).map(|a| a.to_vec()).unwrap_or_default(),
+                started: false,
+            })
+            .collect();
+        let branches = ids.iter().map(|id| step_branch(id)).collect();
+        changed(saga(Gid::generate(), DEADLINE, branches, Saga { concurrent, steps }, &ctx(NOW)).unwrap()).0
+    }
+
+    fn steps_round(decision: Decision, done: &[&str], refused: Option<&str>) -> Event {
+        Event::StepsFinished {
+            decision,
+            done: done.iter().map(|d| bid(d)).collect(),
+            failed: vec![],
+            refused: refused.map(|r| (bid(r), "409".to_owned())),
+            retry_at: None,
+        }
+    }
+
+    #[test]
+    fn a_saga_starts_decided_and_refuses_registrations_and_cancels() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        assert_eq!((tx.state, tx.decision), (TxState::Confirming, Some(Decision::Confirm)));
+        assert_eq!(runnable_steps(&tx), vec![0]);
+        for ev in [register("z"), Event::Cancel] {
+            assert!(matches!(apply(&tx, &ev, &ctx(NOW)), Err(Error::IllegalTransition { .. })), "{ev:?}");
+        }
+        assert_eq!(apply(&tx, &Event::Confirm, &ctx(NOW)).unwrap(), Transition::Unchanged);
+    }
+
+    #[test]
+    fn a_saga_order_with_a_cycle_or_a_missing_step_is_refused() {
+        for after in [&[&[1u32][..], &[0][..]][..], &[&[2][..]], &[&[0][..]]] {
+            let steps = after
+                .iter()
+                .map(|a| crate::model::SagaStep { after: a.to_vec(), ..Default::default() })
+                .chain(std::iter::repeat_with(Default::default))
+                .take(2)
+                .collect();
+            let saga_def = Saga { concurrent: true, steps };
+            let r = saga(
+                Gid::generate(),
+                DEADLINE,
+                vec![step_branch("a"), step_branch("b")],
+                saga_def,
+                &ctx(NOW),
+            );
+            assert!(matches!(r, Err(Error::InvalidInput(_))), "{after:?}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_turns_the_saga_back_marking_what_ran_or_may_have_run() {
+        let tx = new_saga(&["a", "b", "c"], false, &[]);
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(NOW)).unwrap()).0;
+        assert_eq!(runnable_steps(&tx), vec![1]);
+        let (tx, eff) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &[], Some("b")), &ctx(NOW)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Cancelling, Some(Decision::Cancel)));
+        assert_eq!(eff, vec![Effect::DrivePhaseTwo]);
+        let TxKind::Saga(s) = &tx.kind else { unreachable!() };
+        assert_eq!(s.steps.iter().map(|s| s.started).collect::<Vec<_>>(), [true, true, false]);
+        // Reverse order: b first, then a; c is never called.
+        assert_eq!(runnable_steps(&tx), vec![1]);
+        // A late round of actions is stale: it changes nothing.
+        let stale = steps_round(Decision::Confirm, &["b"], None);
+        assert_eq!(apply(&tx, &stale, &ctx(NOW)).unwrap(), Transition::Unchanged);
+        let tx = changed(apply(&tx, &steps_round(Decision::Cancel, &["b"], None), &ctx(NOW)).unwrap()).0;
+        assert_eq!(runnable_steps(&tx), vec![0]);
+        let (tx, eff) = changed(apply(&tx, &steps_round(Decision::Cancel, &["a"], None), &ctx(NOW)).unwrap());
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(eff, vec![Effect::Finished(TxState::Cancelled)]);
+        assert_eq!(tx.branches[2].state, BranchState::Registered, "c never ran");
+    }
+
+    #[test]
+    fn a_saga_round_ending_past_the_deadline_turns_back() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        let (tx, _) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(DEADLINE)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Cancelling, Some(Decision::Cancel)));
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("deadline")));
+    }
+
+    fn new_message() -> Transaction {
+        let msg = Msg { query_prepared: "mem://q".into() };
+        message(Gid::generate(), DEADLINE, vec![step_branch("a"), step_branch("b")], msg, &ctx(NOW)).unwrap()
+    }
+
+    #[test]
+    fn an_aborted_message_is_final_at_once_and_calls_nothing() {
+        let tx = new_message();
+        assert_eq!(runnable_steps(&tx), Vec::<usize>::new());
+        let (tx, eff) = changed(apply(&tx, &Event::Cancel, &ctx(NOW)).unwrap());
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(eff, vec![Effect::Finished(TxState::Cancelled)]);
+        assert!(apply(&tx, &Event::Confirm, &ctx(NOW)).is_err());
+    }
+
+    #[test]
+    fn a_message_at_its_deadline_asks_its_back_check_and_follows_the_answer() {
+        let tx = new_message();
+        assert!(apply(&tx, &Event::DeadlineReached, &ctx(NOW)).is_err());
+        let (asking, eff) = changed(apply(&tx, &Event::DeadlineReached, &ctx(DEADLINE)).unwrap());
+        assert_eq!((asking.state, eff), (TxState::Trying, vec![Effect::CallBackCheck]));
+        let answer = |outcome, retry_at| Event::BackChecked { outcome, retry_at };
+        let (sent, eff) =
+            changed(apply(&asking, &answer(LocalOutcome::Committed, None), &ctx(DEADLINE)).unwrap());
+        assert_eq!((sent.state, eff), (TxState::Confirming, vec![Effect::DrivePhaseTwo]));
+        assert_eq!(runnable_steps(&sent), vec![0], "actions run in order");
+        let (gone, _) =
+            changed(apply(&asking, &answer(LocalOutcome::RolledBack, None), &ctx(DEADLINE)).unwrap());
+        assert_eq!(gone.state, TxState::Cancelled);
+        let later = DEADLINE + Duration::from_secs(1);
+        let unknown = answer(LocalOutcome::Unknown("425".into()), Some(later));
+        let (again, eff) = changed(apply(&asking, &unknown, &ctx(DEADLINE)).unwrap());
+        assert_eq!((again.state, again.due_at, eff), (TxState::Trying, Some(later), vec![]));
+        let spent = answer(LocalOutcome::Unknown("425".into()), None);
+        let (flagged, _) = changed(apply(&asking, &spent, &ctx(DEADLINE)).unwrap());
+        assert_eq!((flagged.state, flagged.decision), (TxState::Flagged, None));
+        // An operator retry asks again; a late submit is still taken.
+        let (retried, eff) = changed(apply(&flagged, &Event::OperatorRetry, &ctx(DEADLINE)).unwrap());
+        assert_eq!((retried.state, eff), (TxState::Trying, vec![Effect::CallBackCheck]));
+        let (submitted, _) = changed(apply(&flagged, &Event::Confirm, &ctx(later)).unwrap());
+        assert_eq!(submitted.state, TxState::Confirming);
+        // A back-check answering after a submit changes nothing.
+        let late = answer(LocalOutcome::RolledBack, None);
+        assert_eq!(apply(&submitted, &late, &ctx(later)).unwrap(), Transition::Unchanged);
+    }
+
     #[test]
     fn errors_never_produce_a_change() {
         // Every (state, event) pair either changes the transaction or errs; an error must not
