@@ -113,6 +113,21 @@ pub(crate) fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<
     }
 }
 
+/// Step indexes, each a whole number (JSON writers may send `3.0`).
+pub(crate) fn whole_indexes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    let numbers = Option::<Vec<serde_json::Number>>::deserialize(d)?.unwrap_or_default();
+    numbers
+        .into_iter()
+        .map(|n| {
+            let whole =
+                n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+            whole
+                .and_then(|w| u32::try_from(w).ok())
+                .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a step index")))
+        })
+        .collect()
+}
+
 /// Register a branch before calling its try.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
@@ -180,7 +195,7 @@ pub struct StepRequest {
     #[serde(default)]
     pub payload: String,
     /// Indexes of the steps that must be done before this one starts (concurrent sagas).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_indexes")]
     pub after: Vec<u32>,
 }
 
