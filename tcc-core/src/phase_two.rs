@@ -146,8 +146,10 @@ impl Inner {
             .iter()
             .map(|&i| {
                 let mut b = tx.branches[i].clone();
-                if let (Some(saga), Decision::Cancel) = (saga, decision) {
-                    b.target = saga.steps[i].compensate.clone();
+                if let (Some(saga), Decision::Cancel) = (saga, decision)
+                    && let Some(step) = saga.steps.get(i)
+                {
+                    b.target = step.compensate.clone();
                 }
                 b
             })

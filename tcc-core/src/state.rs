@@ -486,9 +486,16 @@ fn predecessors(tx: &Transaction, i: usize) -> Vec<usize> {
     }
 }
 
+/// Whether every predecessor of step `i` has its action done (a predecessor missing from a
+/// damaged record counts as not done: nothing runs on it).
+fn predecessors_done(tx: &Transaction, i: usize) -> bool {
+    predecessors(tx, i).iter().all(|&p| tx.branches.get(p).is_some_and(|b| b.state == BranchState::Confirmed))
+}
+
 /// Whether step `i`'s action ran or may have run, and its compensation has not been done.
 fn needs_compensation(tx: &Transaction, saga: &Saga, i: usize) -> bool {
-    saga.steps.get(i).is_some_and(|s| s.started) && tx.branches[i].state != BranchState::Cancelled
+    saga.steps.get(i).is_some_and(|s| s.started)
+        && tx.branches.get(i).is_some_and(|b| b.state != BranchState::Cancelled)
 }
 
 /// The steps the next round of a saga or message calls, by index: in `Confirming`, the actions
@@ -515,10 +522,7 @@ pub fn runnable_steps(tx: &Transaction) -> Vec<usize> {
     match (&tx.kind, tx.state, tx.decision) {
         (TxKind::Tcc, ..) => Vec::new(),
         (_, TxState::Confirming, Some(Decision::Confirm)) => (0..n)
-            .filter(|&i| {
-                tx.branches[i].state == BranchState::Registered
-                    && predecessors(tx, i).iter().all(|&p| tx.branches[p].state == BranchState::Confirmed)
-            })
+            .filter(|&i| tx.branches[i].state == BranchState::Registered && predecessors_done(tx, i))
             .collect(),
         (TxKind::Saga(saga), TxState::Cancelling, Some(Decision::Cancel)) => (0..n)
             .filter(|&i| {
@@ -663,10 +667,7 @@ fn finish_steps(
 /// begins (or ends at once if no step ever ran).
 fn turn_to_compensation(mut next: Transaction, reason: String, ctx: &Context<'_>) -> Transition {
     let started: Vec<bool> = (0..next.branches.len())
-        .map(|i| {
-            next.branches[i].state == BranchState::Confirmed
-                || predecessors(&next, i).iter().all(|&p| next.branches[p].state == BranchState::Confirmed)
-        })
+        .map(|i| next.branches[i].state == BranchState::Confirmed || predecessors_done(&next, i))
         .collect();
     if let TxKind::Saga(saga) = &mut next.kind {
         for (s, started) in saga.steps.iter_mut().zip(started) {

@@ -272,6 +272,33 @@ mod tests {
             prop_assert_eq!(decode(&bytes).unwrap(), tx);
         }
 
+        /// Whatever a record holds (a saga's order naming steps that do not exist, steps and
+        /// branches of different lengths), the state machine answers every event without a panic.
+        #[test]
+        fn no_record_panics_the_state_machine(tx in fuzz::transaction(), now in 0u64..u64::MAX / 2) {
+            use crate::state::{apply, runnable_steps, Context, Event, LocalOutcome};
+            let ctx = Context { now: Timestamp(now), owner: "o", lease_until: Timestamp(now), max_branches: 8, max_tx_payload: 64 };
+            let _ = runnable_steps(&tx);
+            let ids: Vec<_> = tx.branches.iter().map(|b| b.id.clone()).collect();
+            for event in [
+                Event::Confirm,
+                Event::Cancel,
+                Event::DeadlineReached,
+                Event::OperatorRetry,
+                Event::OperatorForce(Decision::Cancel),
+                Event::OperatorForce(Decision::Confirm),
+                Event::StepsFinished { decision: Decision::Confirm, done: ids.clone(), failed: vec![], refused: None, retry_at: None },
+                Event::StepsFinished { decision: Decision::Confirm, done: vec![], failed: vec![], refused: ids.first().map(|i| (i.clone(), "409".into())), retry_at: None },
+                Event::StepsFinished { decision: Decision::Cancel, done: ids.clone(), failed: vec![], refused: None, retry_at: None },
+                Event::BackChecked { outcome: LocalOutcome::Committed, retry_at: None },
+                Event::BackChecked { outcome: LocalOutcome::Unknown("x".into()), retry_at: None },
+            ] {
+                if let Ok(crate::state::Transition::Changed(next, _)) = apply(&tx, &event, &ctx) {
+                    let _ = runnable_steps(&next);
+                }
+            }
+        }
+
         /// Damaged copies of real records of either format: they reach the decoder proper (random
         /// bytes mostly stop at the format byte), and whatever decodes is a transaction that
         /// round-trips, read the same way by the head-only reader that pruning uses.
