@@ -16,7 +16,9 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::model::{BranchId, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
+use crate::model::{
+    BranchId, Decision, Gid, Msg, Saga, SagaStep, Timestamp, Transaction, TxOptions, TxState,
+};
 use crate::retry::RetryPolicy;
 use crate::state::{self, Context, Effect, Event, Transition};
 use crate::store::{Cas, ListQuery, Page, Store};
@@ -141,6 +143,32 @@ pub struct NewBranch {
     pub target: String,
     /// Handed back to the participant with confirm and cancel (the try's request).
     pub payload: Vec<u8>,
+}
+
+/// A saga step, for [`Coordinator::begin_saga`]: an action and its compensation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewStep {
+    /// Unique within the saga.
+    pub id: BranchId,
+    /// Where the action is called, for the transport to interpret.
+    pub action: String,
+    /// Where the compensation is called.
+    pub compensate: String,
+    /// Handed to the action and to the compensation.
+    pub payload: Vec<u8>,
+    /// Indexes of the steps whose actions must be done before this one starts; read only for a
+    /// concurrent saga.
+    pub after: Vec<u32>,
+}
+
+fn new_branch(id: BranchId, target: String, payload: Vec<u8>) -> crate::model::Branch {
+    crate::model::Branch {
+        id,
+        target,
+        payload,
+        state: crate::model::BranchState::Registered,
+        last_error: None,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -344,31 +372,7 @@ impl Coordinator {
         options: TxOptions,
         branches: Vec<NewBranch>,
     ) -> Result<Transaction> {
-        let c = &self.inner.config;
-        let limit = c.max_timeout.as_millis();
-        for (name, value) in
-            [("retry_interval", options.retry_interval_ms), ("call_timeout", options.call_timeout_ms)]
-        {
-            if value.is_some_and(|ms| ms == 0 || u128::from(ms) > limit) {
-                return Err(Error::InvalidInput(format!(
-                    "{name} must be between 1 ms and {} s",
-                    c.max_timeout.as_secs()
-                )));
-            }
-        }
-        if options.call_timeout_ms.is_some_and(|ms| u128::from(ms) >= c.lease.as_millis()) {
-            // A call outliving the lease would let another process start the same round meanwhile.
-            return Err(Error::InvalidInput(format!(
-                "call_timeout must be below the coordinator's lease of {} ms",
-                c.lease.as_millis()
-            )));
-        }
-        if timeout.is_zero() || timeout > c.max_timeout {
-            return Err(Error::InvalidInput(format!(
-                "timeout must be between 1 ms and {} s",
-                c.max_timeout.as_secs()
-            )));
-        }
+        self.check_begin(timeout, &options)?;
         let ctx = self.inner.context();
         let generated = gid.is_none();
         let mut tx = state::begin(gid.unwrap_or_else(Gid::generate), ctx.now, ctx.now + timeout);
@@ -453,6 +457,179 @@ impl Coordinator {
         if target.is_empty() || target.len() > c.max_target {
             return Err(Error::InvalidInput(format!("target must be 1 to {} bytes", c.max_target)));
         }
+        Ok(())
+    }
+
+    /// The rules of begin's timeout and options, shared by every kind of transaction.
+    fn check_begin(&self, timeout: Duration, options: &TxOptions) -> Result<()> {
+        let c = &self.inner.config;
+        let limit = c.max_timeout.as_millis();
+        for (name, value) in
+            [("retry_interval", options.retry_interval_ms), ("call_timeout", options.call_timeout_ms)]
+        {
+            if value.is_some_and(|ms| ms == 0 || u128::from(ms) > limit) {
+                return Err(Error::InvalidInput(format!(
+                    "{name} must be between 1 ms and {} s",
+                    c.max_timeout.as_secs()
+                )));
+            }
+        }
+        if options.call_timeout_ms.is_some_and(|ms| u128::from(ms) >= c.lease.as_millis()) {
+            // A call outliving the lease would let another process start the same round meanwhile.
+            return Err(Error::InvalidInput(format!(
+                "call_timeout must be below the coordinator's lease of {} ms",
+                c.lease.as_millis()
+            )));
+        }
+        if timeout.is_zero() || timeout > c.max_timeout {
+            return Err(Error::InvalidInput(format!(
+                "timeout must be between 1 ms and {} s",
+                c.max_timeout.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Begins a saga and starts running it: its steps' actions run one at a time in order (or,
+    /// with `concurrent`, each as soon as the steps named in its [`NewStep::after`] are done),
+    /// each retried under the retry policy. An action that refuses (the transport's
+    /// [`CallError::Permanent`](crate::transport::CallError), over HTTP a 409 or DTM's `FAILURE`)
+    /// fails the saga: the steps that ran or may have run are compensated in reverse order and the
+    /// steps after it never run. So does the deadline (`timeout`) passing before every action is
+    /// done. Compensations are retried until they succeed, and the saga is flagged when the policy
+    /// is spent. Durable when it returns; [`wait`](Self::wait) for the outcome.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use async_trait::async_trait;
+    /// use tcc_core::transport::{BranchCall, CallError, Transport};
+    /// use tcc_core::{Config, Coordinator, NewStep, SledStore, SystemClock, TxState};
+    ///
+    /// #[derive(Debug)]
+    /// struct Ok_;
+    /// #[async_trait]
+    /// impl Transport for Ok_ {
+    ///     async fn call(&self, _: BranchCall<'_>) -> Result<(), CallError> { Ok(()) }
+    /// }
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    /// let tc = Coordinator::open(store, Arc::new(Ok_), Arc::new(SystemClock), Config::default()).await.unwrap();
+    /// let step = |id: &str| NewStep {
+    ///     id: id.parse().unwrap(),
+    ///     action: format!("mem://{id}/charge"),
+    ///     compensate: format!("mem://{id}/refund"),
+    ///     payload: b"42".to_vec(),
+    ///     after: vec![],
+    /// };
+    /// let tx = tc.begin_saga(None, Duration::from_secs(30), Default::default(), vec![step("pay"), step("mail")], false).await.unwrap();
+    /// assert_eq!(tc.wait(&tx.gid, Duration::from_secs(5)).await.unwrap().state, TxState::Confirmed);
+    /// tc.shutdown().await;
+    /// # });
+    /// ```
+    pub async fn begin_saga(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+        steps: Vec<NewStep>,
+        concurrent: bool,
+    ) -> Result<Transaction> {
+        self.check_begin(timeout, &options)?;
+        let ctx = self.inner.context();
+        let generated = gid.is_none();
+        let mut branches = Vec::with_capacity(steps.len());
+        let mut saga = Saga { concurrent, steps: Vec::with_capacity(steps.len()) };
+        for NewStep { id, action, compensate, payload, after } in steps {
+            self.check_branch(&action, &payload)?;
+            self.check_branch(&compensate, &[])?;
+            branches.push(new_branch(id, action, payload));
+            saga.steps.push(SagaStep { compensate, after, started: false });
+        }
+        let gid = gid.unwrap_or_else(Gid::generate);
+        let Transition::Changed(mut tx, effects) = state::saga(gid, ctx.now + timeout, branches, saga, &ctx)?
+        else {
+            return Err(Error::Storage("a new saga must be stored".into()));
+        };
+        self.insert_new(&mut tx, generated).await?;
+        self.inner.perform(&tx, effects);
+        Ok(tx)
+    }
+
+    /// Prepares a two-phase message: its actions (`steps`) run, in order, once it is submitted
+    /// ([`confirm`](Self::confirm)), each called until it succeeds; aborted
+    /// ([`cancel`](Self::cancel)) none ever runs. Submit it once the initiator's local transaction
+    /// committed, abort it if it rolled back. Still prepared at its deadline (`timeout`), the
+    /// coordinator asks `query_prepared` (the transport's
+    /// [`back_check`](crate::transport::Transport::back_check)): committed submits it, rolled
+    /// back aborts it, anything else asks again later (flagged when the retry policy is spent).
+    /// Durable when it returns.
+    pub async fn prepare_message(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+        steps: Vec<NewBranch>,
+        query_prepared: String,
+    ) -> Result<Transaction> {
+        self.check_begin(timeout, &options)?;
+        self.check_branch(&query_prepared, &[])?;
+        let ctx = self.inner.context();
+        let generated = gid.is_none();
+        let mut branches = Vec::with_capacity(steps.len());
+        for NewBranch { id, target, payload } in steps {
+            self.check_branch(&target, &payload)?;
+            branches.push(new_branch(id, target, payload));
+        }
+        let gid = gid.unwrap_or_else(Gid::generate);
+        let mut tx = state::message(gid, ctx.now + timeout, branches, Msg { query_prepared }, &ctx)?;
+        tx.options = options;
+        self.insert_new(&mut tx, generated).await?;
+        Ok(tx)
+    }
+
+    /// Sends a message at once: prepared and submitted in one durable write, for an initiator
+    /// with no local transaction to wait for (DTM's `submit` of a message never prepared). Its
+    /// actions run in order, each until it succeeds; it is never back-checked.
+    pub async fn submit_message(
+        &self,
+        gid: Option<Gid>,
+        timeout: Duration,
+        options: TxOptions,
+        steps: Vec<NewBranch>,
+    ) -> Result<Transaction> {
+        self.check_begin(timeout, &options)?;
+        let ctx = self.inner.context();
+        let generated = gid.is_none();
+        let mut branches = Vec::with_capacity(steps.len());
+        for NewBranch { id, target, payload } in steps {
+            self.check_branch(&target, &payload)?;
+            branches.push(new_branch(id, target, payload));
+        }
+        let gid = gid.unwrap_or_else(Gid::generate);
+        let mut tx = state::message(gid, ctx.now + timeout, branches, Msg::default(), &ctx)?;
+        tx.options = options;
+        let Transition::Changed(mut tx, effects) = state::apply(&tx, &Event::Confirm, &ctx)? else {
+            return Err(Error::Storage("a new message must be stored".into()));
+        };
+        self.insert_new(&mut tx, generated).await?;
+        self.inner.perform(&tx, effects);
+        Ok(tx)
+    }
+
+    /// Stores a new transaction (version 1) durably and counts it.
+    async fn insert_new(&self, tx: &mut Transaction, generated: bool) -> Result<()> {
+        tx.version = 1;
+        if generated {
+            self.inner.store.insert_generated_unsynced(tx).await?;
+        } else {
+            self.inner.store.insert_unsynced(tx).await?;
+        }
+        self.inner.store.sync().await?;
+        self.inner.counters.begun.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(tx = %tx.gid, kind = tx.kind.as_str(), deadline = %tx.deadline, "begun");
         Ok(())
     }
 
@@ -789,6 +966,7 @@ impl Inner {
                     );
                     self.notify(tx);
                 }
+                Effect::CallBackCheck => self.spawn_back_check(tx.clone()),
             }
         }
     }

@@ -25,8 +25,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::DurableDb;
 pub use error::{Error, Result};
 pub use model::{
-    Branch, BranchId, BranchState, Decision, Gid, Happening, HistoryEntry, Timestamp, Transaction, TxOptions,
-    TxState,
+    Branch, BranchId, BranchState, Decision, Gid, Happening, HistoryEntry, Msg, Saga, SagaStep, Timestamp,
+    Transaction, TxKind, TxOptions, TxState,
 };
 pub mod coordinator;
 mod phase_two;
@@ -35,6 +35,6 @@ pub mod retry;
 pub mod transport;
 
 pub use barrier::{BarrierError, SledBarrier};
-pub use coordinator::{Config, Coordinator, NewBranch, Stats};
+pub use coordinator::{Config, Coordinator, NewBranch, NewStep, Stats};
 pub use retry::RetryPolicy;
 pub use store::{SledStore, Store};

@@ -337,6 +337,8 @@ pub struct Transaction {
     /// What happened to the transaction, oldest first: its last [`MAX_HISTORY`] transitions and
     /// phase-two rounds, for the operator (see [`HistoryEntry`]).
     pub history: Vec<HistoryEntry>,
+    /// Which pattern the transaction follows: TCC (the default), a saga or a two-phase message.
+    pub kind: TxKind,
 }
 
 /// Most entries a transaction's [`history`](Transaction::history) keeps; older ones are dropped.
@@ -381,6 +383,68 @@ pub enum Happening {
     OperatorRetry,
     /// An operator forced the outcome.
     OperatorForce(Decision),
+}
+
+/// The pattern a transaction follows. Every kind goes through the same states ([`TxState`]); what
+/// a branch call means differs (see [`crate::state`] for the transitions of each).
+///
+/// | kind | `Trying` | decision confirm | decision cancel |
+/// |------|----------|------------------|-----------------|
+/// | TCC | tries run, branches register | confirm every branch | cancel every branch |
+/// | saga | never (created decided) | run the actions in order | compensate what ran, in reverse order |
+/// | message | prepared: the local transaction runs | run every action until it succeeds | nothing is called |
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxKind {
+    /// Try-Confirm-Cancel: each branch holds a reservation until confirm or cancel.
+    #[default]
+    Tcc,
+    /// A saga: each branch is a step, an action with a compensation.
+    Saga(Box<Saga>),
+    /// A two-phase message: each branch is an action that runs if, and only if, the initiator's
+    /// local transaction committed.
+    Msg(Box<Msg>),
+}
+
+/// The steps of a saga beyond what their [`Branch`] holds (the action's target and the payload).
+/// `steps[i]` belongs to `branches[i]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saga {
+    /// Whether steps run as soon as the steps they come after are done (`true`), or one at a time
+    /// in order (`false`, the default, ignoring [`SagaStep::after`]).
+    pub concurrent: bool,
+    /// One per branch, in branch order.
+    pub steps: Vec<SagaStep>,
+}
+
+/// What a saga step adds to its branch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaStep {
+    /// Where the compensation is called (for the transport to interpret, like [`Branch::target`]).
+    pub compensate: String,
+    /// Indexes of the steps whose actions must be done before this one starts (concurrent sagas).
+    pub after: Vec<u32>,
+    /// Set when the saga turns to compensating: this step's action ran or may have run, so its
+    /// compensation must run.
+    pub started: bool,
+}
+
+/// What a two-phase message adds to its branches (its actions).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Msg {
+    /// Where the coordinator asks whether the local transaction committed, when the message is
+    /// still prepared at its deadline.
+    pub query_prepared: String,
+}
+
+impl TxKind {
+    /// The kind's lower-case name, as used in APIs: `tcc`, `saga` or `msg`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TxKind::Tcc => "tcc",
+            TxKind::Saga(_) => "saga",
+            TxKind::Msg(_) => "msg",
+        }
+    }
 }
 
 /// Per-transaction settings a client may choose at begin (the DTM protocol's `TransOptions`).

@@ -13,9 +13,9 @@ use rand::Rng;
 
 use crate::coordinator::Inner;
 use crate::join::join_all;
-use crate::model::{Branch, Transaction, TxState};
-use crate::state::Event;
-use crate::transport::{BranchCall, CallError};
+use crate::model::{Branch, Decision, Transaction, TxKind, TxState};
+use crate::state::{self, Event, LocalOutcome};
+use crate::transport::{BackCheckCall, BranchCall, CallError};
 
 impl Inner {
     /// Runs one phase-two round for `tx` (which this process has leased) and stores the outcome.
@@ -57,6 +57,9 @@ impl Inner {
                 slot
             }
         };
+        if !matches!(tx.kind, TxKind::Tcc) {
+            return self.drive_steps(tx, decision).await;
+        }
         let Some(_guard) = Driving::enter(&self, &tx) else {
             return; // a round for it is already running here
         };
@@ -116,6 +119,128 @@ impl Inner {
                 // The lease runs out and the scheduler runs the round again.
                 tracing::error!(tx = %tx.gid, error = %e, "could not store a phase-two round");
             }
+        }
+    }
+}
+
+impl Inner {
+    /// One round of a saga or message: calls the steps [`state::runnable_steps`] names (a saga's
+    /// actions or compensations, a message's actions), then stores the results durably: the next
+    /// round's choice of steps, and which steps a turned saga compensates, rest on them.
+    async fn drive_steps(self: &Arc<Self>, tx: Transaction, decision: Decision) {
+        let Some(guard) = Driving::enter(self, &tx) else {
+            return; // a round for it is already running here
+        };
+        if tx.attempts > 0 {
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let policy = self.config.retry.for_transaction(&tx.options);
+        let saga = match &tx.kind {
+            TxKind::Saga(saga) => Some(saga),
+            _ => None,
+        };
+        // Past its deadline a saga starts no action: the round records nothing and it turns back.
+        let late = saga.is_some() && decision == Decision::Confirm && self.clock.now() >= tx.deadline;
+        let steps = if late { Vec::new() } else { state::runnable_steps(&tx) };
+        let branches: Vec<Branch> = steps
+            .iter()
+            .map(|&i| {
+                let mut b = tx.branches[i].clone();
+                if let (Some(saga), Decision::Cancel) = (saga, decision)
+                    && let Some(step) = saga.steps.get(i)
+                {
+                    b.target = step.compensate.clone();
+                }
+                b
+            })
+            .collect();
+        let me = self;
+        let calls = branches.iter().map(|branch| {
+            let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
+            let timeout = policy.call_timeout;
+            async move {
+                let result = tokio::select! {
+                    r = me.transport.call(call) => r,
+                    _ = me.clock.sleep(timeout) => {
+                        Err(CallError::Transient(format!("no answer within {} ms", timeout.as_millis())))
+                    }
+                };
+                (branch.id.clone(), result)
+            }
+        });
+        let results = join_all(calls).await;
+        let (mut done, mut failed, mut refused, mut permanent) = (Vec::new(), Vec::new(), None, false);
+        for (id, r) in results {
+            self.counters.phase_two_calls.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(()) => done.push(id),
+                Err(e) => {
+                    self.counters.phase_two_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(tx = %tx.gid, step = %id, decision = %decision, error = %e, "step call failed");
+                    match e {
+                        // Only a saga's action may refuse; a compensation or a message's action
+                        // that cannot succeed waits for an operator.
+                        CallError::Permanent(e) if saga.is_some() && decision == Decision::Confirm => {
+                            refused.get_or_insert((id, e));
+                        }
+                        e => {
+                            permanent |= matches!(e, CallError::Permanent(_));
+                            failed.push((id, e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let attempts = if done.is_empty() { tx.attempts } else { 0 };
+        let retry_at = if permanent || failed.is_empty() {
+            None
+        } else {
+            let random: f64 = rand::rng().random();
+            policy.next_retry(attempts + 1, self.clock.now(), random)
+        };
+        let event = Event::StepsFinished { decision, done, failed, refused, retry_at };
+        match self.update_from(&tx.gid, Some(&tx), &event, true).await {
+            Ok((stored, effects)) => {
+                drop(guard);
+                self.perform(&stored, effects);
+            }
+            Err(e) => tracing::error!(tx = %tx.gid, error = %e, "could not store a round of steps"),
+        }
+    }
+
+    /// Starts a message's back-check in the background (this process holds its lease).
+    pub(crate) fn spawn_back_check(self: &Arc<Self>, tx: Transaction) {
+        let me = self.clone();
+        self.spawn(async move { me.back_check(tx).await });
+    }
+
+    /// Asks the back-check of `tx` (a prepared message past its deadline) and stores what it said.
+    async fn back_check(self: Arc<Self>, tx: Transaction) {
+        let TxKind::Msg(msg) = &tx.kind else { return };
+        let Some(guard) = Driving::enter(&self, &tx) else { return };
+        let policy = self.config.retry.for_transaction(&tx.options);
+        let check = BackCheckCall { gid: &tx.gid, target: &msg.query_prepared, deadline: tx.deadline };
+        let outcome = tokio::select! {
+            o = self.transport.back_check(check) => o,
+            _ = self.clock.sleep(policy.call_timeout) => {
+                LocalOutcome::Unknown(format!("no answer within {} ms", policy.call_timeout.as_millis()))
+            }
+        };
+        tracing::info!(tx = %tx.gid, outcome = ?outcome, "message back-check answered");
+        let retry_at = match &outcome {
+            LocalOutcome::Unknown(_) => {
+                let random: f64 = rand::rng().random();
+                policy.next_retry(tx.attempts + 1, self.clock.now(), random)
+            }
+            _ => None,
+        };
+        let event = Event::BackChecked { outcome, retry_at };
+        match self.update_from(&tx.gid, Some(&tx), &event, true).await {
+            Ok((stored, effects)) => {
+                drop(guard);
+                self.perform(&stored, effects);
+            }
+            Err(e) => tracing::error!(tx = %tx.gid, error = %e, "could not store a back-check"),
         }
     }
 }

@@ -154,7 +154,9 @@ impl Inner {
             // deadline cancel is the only decision, so that is what a later flush records anyway).
             self.store.sync().await?;
             for (deadline, (stored, effects)) in expired {
-                if !effects.is_empty() {
+                if effects.contains(&Effect::CallBackCheck) {
+                    tracing::info!(tx = %stored.gid, deadline = %deadline, "message still prepared at its deadline; asking its back-check");
+                } else if !effects.is_empty() {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(tx = %stored.gid, deadline = %deadline, "deadline reached; cancelling");
                 }

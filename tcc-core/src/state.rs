@@ -22,9 +22,47 @@
 //! Every change but a registration also appends an entry to the transaction's bounded
 //! [`history`](Transaction::history): the decision, an expiry, each phase-two round, an operator's
 //! action.
+//!
+//! # Sagas
+//!
+//! A saga is created decided ([`saga`]): `Confirming`, its actions run a round at a time
+//! ([`runnable_steps`]: one step at a time in order, or, when concurrent, every step whose
+//! predecessors are done). Its rounds end with [`Event::StepsFinished`]:
+//!
+//! | state                  | StepsFinished                                 | result                                   |
+//! |------------------------|-----------------------------------------------|------------------------------------------|
+//! | Confirming             | every action done                             | Confirmed                                |
+//! | Confirming             | progress, nothing failed                      | Confirming, next round at once           |
+//! | Confirming             | an action refused, or the deadline passed     | turns: Cancelling, decision cancel; every step that ran or may have run (its predecessors were done) is marked `started` |
+//! | Cancelling             | every started step compensated                | Cancelled                                |
+//! | either                 | a call failed, retry left / policy spent      | due at the retry / Flagged               |
+//! | anything else, or a round of the other direction || unchanged (a stale round)                  |
+//!
+//! The turn is the one place a decision changes: a saga's confirm means "go forward", and a refusal
+//! sends it back. Compensations run in reverse order: a step is compensated once every started step
+//! that comes after it is.
+//!
+//! # Messages
+//!
+//! A two-phase message is created prepared ([`message`]): `Trying` while the initiator's local
+//! transaction runs.
+//!
+//! | state          | event                              | result                                      |
+//! |----------------|------------------------------------|---------------------------------------------|
+//! | Trying         | Confirm (submit; any time)          | Confirming, actions run in order until done |
+//! | Trying         | Cancel (abort)                      | Cancelled at once; no action is ever called |
+//! | Trying         | DeadlineReached                     | Trying with a lease, effect `CallBackCheck`  |
+//! | Trying         | BackChecked committed / rolled back | as Confirm / as Cancel                      |
+//! | Trying         | BackChecked unknown                 | due at the retry, or Flagged (no decision)  |
+//! | Flagged, no decision | Confirm, Cancel, OperatorForce | as Confirm / as Cancel                     |
+//! | Flagged, no decision | OperatorRetry                  | Trying, back-check again                    |
+//! | Confirming     | StepsFinished                       | as a saga's forward rounds (never turns)    |
 
 use crate::error::Error;
-use crate::model::{Branch, BranchId, BranchState, Decision, Happening, Timestamp, Transaction, TxState};
+use crate::model::{
+    Branch, BranchId, BranchState, Decision, Gid, Happening, Msg, Saga, Timestamp, Transaction, TxKind,
+    TxState,
+};
 
 /// Something that happens to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +97,38 @@ pub enum Event {
     /// remaining branches by hand. Only the transaction's own decision can be forced: anything else
     /// could leave some branches confirmed and others cancelled.
     OperatorForce(Decision),
+    /// A round of saga or message steps ended: the calls made with `decision` (confirm: actions,
+    /// cancel: compensations), with their results. A round of the other direction is stale.
+    StepsFinished {
+        /// What the round's calls carried out.
+        decision: Decision,
+        /// Steps the participant acknowledged.
+        done: Vec<BranchId>,
+        /// Steps whose call failed, with the error (retried).
+        failed: Vec<(BranchId, String)>,
+        /// A saga action that refused (DTM: 409 or `FAILURE`): the saga turns to compensating.
+        refused: Option<(BranchId, String)>,
+        /// When to try the failed steps again; `None` when the retry policy is exhausted.
+        retry_at: Option<Timestamp>,
+    },
+    /// The back-check of a prepared message answered.
+    BackChecked {
+        /// What it said of the initiator's local transaction.
+        outcome: LocalOutcome,
+        /// When to ask again if it said nothing definite; `None` when the retry policy is exhausted.
+        retry_at: Option<Timestamp>,
+    },
+}
+
+/// What a message's back-check (DTM's `query_prepared`) says of the initiator's local transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalOutcome {
+    /// It committed: the message is submitted.
+    Committed,
+    /// It rolled back (or never will commit): the message is aborted.
+    RolledBack,
+    /// No definite answer (still running, an error, no answer): ask again later.
+    Unknown(String),
 }
 
 impl Event {
@@ -71,6 +141,8 @@ impl Event {
             Event::RoundFinished { .. } => "record phase-two results of",
             Event::OperatorRetry => "retry",
             Event::OperatorForce(_) => "force",
+            Event::StepsFinished { .. } => "record step results of",
+            Event::BackChecked { .. } => "record the back-check of",
         }
     }
 }
@@ -84,6 +156,9 @@ pub enum Effect {
     Finished(TxState),
     /// The retry policy is exhausted: tell the operator (log and metrics) with this error.
     Flagged(String),
+    /// Ask a prepared message's back-check whether its local transaction committed (this process
+    /// holds the lease).
+    CallBackCheck,
 }
 
 /// Facts about the caller that a transition may need; no clock is read inside [`apply`].
@@ -151,6 +226,22 @@ fn happening(event: &Event) -> Option<Happening> {
         },
         Event::OperatorRetry => Happening::OperatorRetry,
         Event::OperatorForce(d) => Happening::OperatorForce(*d),
+        // A round of saga or message steps reads as a phase-two round; a refusal counts as a failure.
+        Event::StepsFinished { done, failed, refused, .. } => Happening::Round {
+            done: u32::try_from(done.len()).unwrap_or(u32::MAX),
+            failed: u32::try_from(failed.len() + usize::from(refused.is_some())).unwrap_or(u32::MAX),
+            error: refused
+                .iter()
+                .map(|(id, e)| format!("step {id} refused: {e}"))
+                .chain(failed.iter().map(|(id, e)| format!("step {id}: {e}")))
+                .next(),
+        },
+        // A definite back-check decides the message; an unknown one is a failed round.
+        Event::BackChecked { outcome: LocalOutcome::Committed, .. } => Happening::Decided(Decision::Confirm),
+        Event::BackChecked { outcome: LocalOutcome::RolledBack, .. } => Happening::Decided(Decision::Cancel),
+        Event::BackChecked { outcome: LocalOutcome::Unknown(e), .. } => {
+            Happening::Round { done: 0, failed: 1, error: Some(format!("back-check: {e}")) }
+        }
     })
 }
 
@@ -158,7 +249,49 @@ fn happening(event: &Event) -> Option<Happening> {
 fn transition(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Transition, Error> {
     let illegal =
         || Error::IllegalTransition { gid: tx.gid.clone(), state: tx.state, action: event.action() };
+    let undecided_msg = matches!(tx.kind, TxKind::Msg(_)) && tx.decision.is_none();
+    let steps = !matches!(tx.kind, TxKind::Tcc);
     match (tx.state, event) {
+        // Saga steps and message actions are fixed when the transaction is created.
+        (_, Event::Register { .. }) if steps => Err(illegal()),
+        // A message may be submitted whenever its local transaction committed, even past its
+        // deadline (the back-check would find it committed anyway); an abort calls nothing.
+        (TxState::Trying | TxState::Flagged, Event::Confirm | Event::OperatorForce(Decision::Confirm))
+            if undecided_msg =>
+        {
+            Ok(decide(tx, Decision::Confirm, ctx))
+        }
+        (TxState::Trying | TxState::Flagged, Event::Cancel | Event::OperatorForce(Decision::Cancel))
+            if undecided_msg =>
+        {
+            Ok(abort_message(tx, ctx))
+        }
+        (TxState::Trying, Event::DeadlineReached) if undecided_msg => {
+            if ctx.now < tx.deadline {
+                return Err(illegal());
+            }
+            Ok(start_back_check(tx, ctx))
+        }
+        (TxState::Flagged, Event::OperatorRetry) if undecided_msg => {
+            let mut next = tx.clone();
+            next.state = TxState::Trying;
+            next.attempts = 0;
+            Ok(start_back_check(&next, ctx))
+        }
+        (TxState::Trying, Event::BackChecked { outcome, retry_at }) if undecided_msg => {
+            Ok(back_checked(tx, outcome, *retry_at, ctx))
+        }
+        // Resolved otherwise while the back-check ran (submitted, aborted, flagged).
+        (_, Event::BackChecked { .. }) if matches!(tx.kind, TxKind::Msg(_)) => Ok(Transition::Unchanged),
+        (
+            TxState::Confirming | TxState::Cancelling,
+            Event::StepsFinished { decision, done, failed, refused, retry_at },
+        ) if steps && tx.decision == Some(*decision) => {
+            Ok(finish_steps(tx, *decision, done, failed, refused.as_ref(), *retry_at, ctx))
+        }
+        // A round of the other direction, or one ending after the transaction was finished or
+        // flagged by someone else, adds nothing.
+        (_, Event::StepsFinished { .. }) if steps && tx.state != TxState::Trying => Ok(Transition::Unchanged),
         (TxState::Trying, Event::Register { id, target, payload }) => {
             if ctx.now >= tx.deadline {
                 return Err(Error::DeadlinePassed { gid: tx.gid.clone(), deadline: tx.deadline });
@@ -249,7 +382,17 @@ fn transition(tx: &Transaction, event: &Event, ctx: &Context<'_>) -> Result<Tran
                 return Err(illegal());
             }
             let mut next = tx.clone();
-            for b in next.branches.iter_mut().filter(|b| b.state == BranchState::Registered) {
+            let forced: Vec<usize> = match (&tx.kind, outcome) {
+                // What a forced compensation covers: the steps that ran or may have run.
+                (TxKind::Saga(saga), Decision::Cancel) => {
+                    (0..tx.branches.len()).filter(|&i| needs_compensation(tx, saga, i)).collect()
+                }
+                _ => (0..tx.branches.len())
+                    .filter(|&i| tx.branches[i].state == BranchState::Registered)
+                    .collect(),
+            };
+            for i in forced {
+                let b = &mut next.branches[i];
                 b.state = outcome.branch_state();
                 b.last_error = Some(format!("{outcome} forced by an operator"));
             }
@@ -281,7 +424,317 @@ pub fn begin(gid: crate::model::Gid, now: Timestamp, deadline: Timestamp) -> Tra
         options: Default::default(),
         version: 0,
         history: vec![crate::model::HistoryEntry { at: now, state: TxState::Trying, what: Happening::Begun }],
+        kind: TxKind::Tcc,
     }
+}
+
+/// Largest number of steps a saga or message may have (step indexes are `u32` in the record).
+const MAX_STEPS: usize = u32::MAX as usize;
+
+/// A new saga, decided at once to run forward: `Confirming` with this process's lease and the
+/// effect that starts its first round. `branches[i]` is step `i`'s action (its target and payload),
+/// `saga.steps[i]` its compensation and, for a concurrent saga, the steps it comes after. Refused
+/// with [`Error::InvalidInput`] when the two lists differ in length, a step comes after itself or a
+/// step that does not exist, the order has a cycle, or there are more branches than
+/// [`Context::max_branches`] or payload bytes than [`Context::max_tx_payload`].
+pub fn saga(
+    gid: Gid,
+    deadline: Timestamp,
+    branches: Vec<Branch>,
+    mut saga: Saga,
+    ctx: &Context<'_>,
+) -> Result<Transition, Error> {
+    if saga.steps.len() != branches.len() {
+        return Err(Error::InvalidInput("a saga needs one compensation per action".into()));
+    }
+    check_steps(&branches, ctx)?;
+    let n = branches.len();
+    if !saga.concurrent {
+        for s in &mut saga.steps {
+            s.after.clear();
+        }
+    }
+    for (i, s) in saga.steps.iter_mut().enumerate() {
+        s.started = false;
+        s.after.sort_unstable();
+        s.after.dedup();
+        if let Some(bad) = s.after.iter().find(|&&a| a as usize >= n || a as usize == i) {
+            return Err(Error::InvalidInput(format!("step {i} cannot come after step {bad}")));
+        }
+    }
+    // Kahn's algorithm: every step must be reachable in some order.
+    let mut waiting: Vec<usize> = saga.steps.iter().map(|s| s.after.len()).collect();
+    let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut seen = 0;
+    while let Some(i) = ready.pop() {
+        seen += 1;
+        for (j, s) in saga.steps.iter().enumerate() {
+            if s.after.contains(&(i as u32)) {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
+                }
+            }
+        }
+    }
+    if seen != n {
+        return Err(Error::InvalidInput("the saga's step order has a cycle".into()));
+    }
+    let mut tx = begin(gid, ctx.now, deadline);
+    tx.branches = branches;
+    tx.kind = TxKind::Saga(Box::new(saga));
+    Ok(decide(&tx, Decision::Confirm, ctx))
+}
+
+/// A new two-phase message, prepared: `Trying` until submitted or aborted, due at `deadline`,
+/// when its back-check is called. `branches` are its actions, run in order once submitted.
+pub fn message(
+    gid: Gid,
+    deadline: Timestamp,
+    branches: Vec<Branch>,
+    msg: Msg,
+    ctx: &Context<'_>,
+) -> Result<Transaction, Error> {
+    check_steps(&branches, ctx)?;
+    let mut tx = begin(gid, ctx.now, deadline);
+    tx.branches = branches;
+    tx.kind = TxKind::Msg(Box::new(msg));
+    Ok(tx)
+}
+
+fn check_steps(branches: &[Branch], ctx: &Context<'_>) -> Result<(), Error> {
+    if branches.len() > ctx.max_branches.min(MAX_STEPS) {
+        return Err(Error::InvalidInput(format!("a transaction has at most {} branches", ctx.max_branches)));
+    }
+    let held: usize = branches.iter().map(|b| b.payload.len()).sum();
+    if held > ctx.max_tx_payload {
+        return Err(Error::InvalidInput(format!(
+            "a transaction's branches hold at most {} payload bytes together; these hold {held}",
+            ctx.max_tx_payload
+        )));
+    }
+    for (i, b) in branches.iter().enumerate() {
+        if branches[..i].iter().any(|o| o.id == b.id) {
+            return Err(Error::InvalidInput(format!("step id {} is given twice", b.id)));
+        }
+        if b.state != BranchState::Registered {
+            return Err(Error::InvalidInput(format!("step {} must start registered", b.id)));
+        }
+    }
+    Ok(())
+}
+
+/// The steps a saga's or message's action must be done before step `i` starts.
+fn predecessors(tx: &Transaction, i: usize) -> Vec<usize> {
+    match &tx.kind {
+        TxKind::Saga(s) if s.concurrent => {
+            s.steps.get(i).map(|s| s.after.iter().map(|&a| a as usize).collect()).unwrap_or_default()
+        }
+        _ if i > 0 => vec![i - 1],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether every predecessor of step `i` has its action done (a predecessor missing from a
+/// damaged record counts as not done: nothing runs on it).
+fn predecessors_done(tx: &Transaction, i: usize) -> bool {
+    predecessors(tx, i).iter().all(|&p| tx.branches.get(p).is_some_and(|b| b.state == BranchState::Confirmed))
+}
+
+/// Whether step `i`'s action ran or may have run, and its compensation has not been done.
+fn needs_compensation(tx: &Transaction, saga: &Saga, i: usize) -> bool {
+    saga.steps.get(i).is_some_and(|s| s.started)
+        && tx.branches.get(i).is_some_and(|b| b.state != BranchState::Cancelled)
+}
+
+/// The steps the next round of a saga or message calls, by index: in `Confirming`, the actions
+/// not done whose predecessors are all done; in a saga's `Cancelling`, the compensations still
+/// owed whose every started successor is compensated (reverse order). Empty for TCC and in every
+/// other state.
+///
+/// ```
+/// use tcc_core::state::{Context, saga, runnable_steps, Transition};
+/// use tcc_core::{Branch, BranchState, Gid, Saga, SagaStep, Timestamp};
+/// let step = |id: &str| Branch {
+///     id: id.parse().unwrap(), target: format!("mem://{id}"), payload: vec![],
+///     state: BranchState::Registered, last_error: None,
+/// };
+/// let ctx = Context { now: Timestamp(0), owner: "me", lease_until: Timestamp(10), max_branches: 8, max_tx_payload: 64 };
+/// let steps = vec![SagaStep { compensate: "mem://undo".into(), ..Default::default() }; 2];
+/// let Transition::Changed(tx, _) =
+///     saga(Gid::generate(), Timestamp(100), vec![step("a"), step("b")], Saga { concurrent: false, steps }, &ctx).unwrap()
+/// else { unreachable!() };
+/// assert_eq!(runnable_steps(&tx), vec![0]); // one at a time, in order
+/// ```
+pub fn runnable_steps(tx: &Transaction) -> Vec<usize> {
+    let n = tx.branches.len();
+    match (&tx.kind, tx.state, tx.decision) {
+        (TxKind::Tcc, ..) => Vec::new(),
+        (_, TxState::Confirming, Some(Decision::Confirm)) => (0..n)
+            .filter(|&i| tx.branches[i].state == BranchState::Registered && predecessors_done(tx, i))
+            .collect(),
+        (TxKind::Saga(saga), TxState::Cancelling, Some(Decision::Cancel)) => (0..n)
+            .filter(|&i| {
+                needs_compensation(tx, saga, i)
+                    && (0..n).all(|j| !(needs_compensation(tx, saga, j) && predecessors(tx, j).contains(&i)))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the steps of `decision`'s direction are all carried out.
+fn steps_finished(tx: &Transaction, decision: Decision) -> bool {
+    match (&tx.kind, decision) {
+        (TxKind::Saga(saga), Decision::Cancel) => {
+            (0..tx.branches.len()).all(|i| !needs_compensation(tx, saga, i))
+        }
+        _ => tx.branches.iter().all(|b| b.state == decision.branch_state()),
+    }
+}
+
+fn abort_message(tx: &Transaction, ctx: &Context<'_>) -> Transition {
+    let mut next = tx.clone();
+    next.decision = Some(Decision::Cancel);
+    next.state = TxState::Cancelled;
+    next.updated_at = ctx.now;
+    next.due_at = None;
+    next.lease_owner = None;
+    Transition::Changed(next, vec![Effect::Finished(TxState::Cancelled)])
+}
+
+fn start_back_check(tx: &Transaction, ctx: &Context<'_>) -> Transition {
+    let mut next = tx.clone();
+    next.updated_at = ctx.now;
+    take_lease(&mut next, ctx);
+    Transition::Changed(next, vec![Effect::CallBackCheck])
+}
+
+fn back_checked(
+    tx: &Transaction,
+    outcome: &LocalOutcome,
+    retry_at: Option<Timestamp>,
+    ctx: &Context<'_>,
+) -> Transition {
+    match outcome {
+        LocalOutcome::Committed => decide(tx, Decision::Confirm, ctx),
+        LocalOutcome::RolledBack => abort_message(tx, ctx),
+        LocalOutcome::Unknown(error) => {
+            let mut next = tx.clone();
+            let error = format!("back-check: {error}");
+            next.updated_at = ctx.now;
+            next.lease_owner = None;
+            next.attempts = next.attempts.saturating_add(1);
+            next.last_error = Some(error.clone());
+            match retry_at {
+                Some(at) => {
+                    next.due_at = Some(at);
+                    Transition::Changed(next, Vec::new())
+                }
+                None => {
+                    next.state = TxState::Flagged;
+                    next.due_at = None;
+                    Transition::Changed(next, vec![Effect::Flagged(error)])
+                }
+            }
+        }
+    }
+}
+
+fn finish_steps(
+    tx: &Transaction,
+    decision: Decision,
+    done: &[BranchId],
+    failed: &[(BranchId, String)],
+    refused: Option<&(BranchId, String)>,
+    retry_at: Option<Timestamp>,
+    ctx: &Context<'_>,
+) -> Transition {
+    let mut next = tx.clone();
+    for b in next.branches.iter_mut() {
+        if done.contains(&b.id) {
+            b.state = decision.branch_state();
+            b.last_error = None;
+        } else if let Some((_, err)) = failed.iter().chain(refused).find(|(id, _)| id == &b.id) {
+            b.last_error = Some(err.clone());
+        }
+    }
+    next.updated_at = ctx.now;
+    next.lease_owner = None;
+    if !done.is_empty() {
+        next.attempts = 0; // progress: the retry budget is per step, not per saga
+    }
+    let forward = decision == Decision::Confirm;
+    if forward && matches!(next.kind, TxKind::Saga(_)) && !steps_finished(&next, decision) {
+        let reason = match refused {
+            Some((id, e)) => Some(format!("step {id} refused: {e}")),
+            None if ctx.now >= next.deadline => {
+                Some(format!("the deadline {} passed before every step was done", next.deadline))
+            }
+            None => None,
+        };
+        if let Some(reason) = reason {
+            return turn_to_compensation(next, reason, ctx);
+        }
+    }
+    if steps_finished(&next, decision) {
+        next.state = decision.final_state();
+        next.due_at = None;
+        return Transition::Changed(next, vec![Effect::Finished(decision.final_state())]);
+    }
+    let Some((id, e)) = failed.first().or(refused) else {
+        if done.is_empty() {
+            // Nothing ran and nothing failed: no step can run (a message action refused is
+            // handled as a failure). Cannot happen with a validated order; never loop on it.
+            let error = "no step can run".to_owned();
+            next.state = TxState::Flagged;
+            next.due_at = None;
+            next.last_error = Some(error.clone());
+            return Transition::Changed(next, vec![Effect::Flagged(error)]);
+        }
+        take_lease(&mut next, ctx);
+        return Transition::Changed(next, vec![Effect::DrivePhaseTwo]);
+    };
+    let error = format!("branch {id}: {e}");
+    next.last_error = Some(error.clone());
+    next.attempts = next.attempts.saturating_add(1);
+    match retry_at {
+        Some(at) => {
+            next.due_at = Some(at);
+            Transition::Changed(next, Vec::new())
+        }
+        None => {
+            next.state = TxState::Flagged;
+            next.due_at = None;
+            Transition::Changed(next, vec![Effect::Flagged(error)])
+        }
+    }
+}
+
+/// A saga going forward turns back: every step that ran or may have run (done, or its
+/// predecessors done so that a round may have called it) is marked started, and compensating
+/// begins (or ends at once if no step ever ran).
+fn turn_to_compensation(mut next: Transaction, reason: String, ctx: &Context<'_>) -> Transition {
+    let started: Vec<bool> = (0..next.branches.len())
+        .map(|i| next.branches[i].state == BranchState::Confirmed || predecessors_done(&next, i))
+        .collect();
+    if let TxKind::Saga(saga) = &mut next.kind {
+        for (s, started) in saga.steps.iter_mut().zip(started) {
+            s.started = started;
+        }
+    }
+    next.decision = Some(Decision::Cancel);
+    next.last_error = Some(reason);
+    next.attempts = 0;
+    if steps_finished(&next, Decision::Cancel) {
+        next.state = TxState::Cancelled;
+        next.due_at = None;
+        next.lease_owner = None;
+        return Transition::Changed(next, vec![Effect::Finished(TxState::Cancelled)]);
+    }
+    next.state = TxState::Cancelling;
+    take_lease(&mut next, ctx);
+    Transition::Changed(next, vec![Effect::DrivePhaseTwo])
 }
 
 fn take_lease(tx: &mut Transaction, ctx: &Context<'_>) {
@@ -723,6 +1176,151 @@ mod tests {
         }
         let ev = Event::RoundFinished { done: vec![], failed: vec![], retry_at: None };
         assert!(apply(&tx_in(TxState::Trying), &ev, &ctx(NOW)).is_err());
+    }
+
+    fn step_branch(id: &str) -> Branch {
+        Branch {
+            id: bid(id),
+            target: format!("mem://{id}"),
+            payload: Vec::new(),
+            state: BranchState::Registered,
+            last_error: None,
+        }
+    }
+
+    fn new_saga(ids: &[&str], concurrent: bool, after: &[&[u32]]) -> Transaction {
+        let steps = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| crate::model::SagaStep {
+                compensate: format!("mem://{id}/undo"),
+                after: after.get(i).map(|a| a.to_vec()).unwrap_or_default(),
+                started: false,
+            })
+            .collect();
+        let branches = ids.iter().map(|id| step_branch(id)).collect();
+        changed(saga(Gid::generate(), DEADLINE, branches, Saga { concurrent, steps }, &ctx(NOW)).unwrap()).0
+    }
+
+    fn steps_round(decision: Decision, done: &[&str], refused: Option<&str>) -> Event {
+        Event::StepsFinished {
+            decision,
+            done: done.iter().map(|d| bid(d)).collect(),
+            failed: vec![],
+            refused: refused.map(|r| (bid(r), "409".to_owned())),
+            retry_at: None,
+        }
+    }
+
+    #[test]
+    fn a_saga_starts_decided_and_refuses_registrations_and_cancels() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        assert_eq!((tx.state, tx.decision), (TxState::Confirming, Some(Decision::Confirm)));
+        assert_eq!(runnable_steps(&tx), vec![0]);
+        for ev in [register("z"), Event::Cancel] {
+            assert!(matches!(apply(&tx, &ev, &ctx(NOW)), Err(Error::IllegalTransition { .. })), "{ev:?}");
+        }
+        assert_eq!(apply(&tx, &Event::Confirm, &ctx(NOW)).unwrap(), Transition::Unchanged);
+    }
+
+    #[test]
+    fn a_saga_order_with_a_cycle_or_a_missing_step_is_refused() {
+        for after in [&[&[1u32][..], &[0][..]][..], &[&[2][..]], &[&[0][..]]] {
+            let steps = after
+                .iter()
+                .map(|a| crate::model::SagaStep { after: a.to_vec(), ..Default::default() })
+                .chain(std::iter::repeat_with(Default::default))
+                .take(2)
+                .collect();
+            let saga_def = Saga { concurrent: true, steps };
+            let r = saga(
+                Gid::generate(),
+                DEADLINE,
+                vec![step_branch("a"), step_branch("b")],
+                saga_def,
+                &ctx(NOW),
+            );
+            assert!(matches!(r, Err(Error::InvalidInput(_))), "{after:?}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_turns_the_saga_back_marking_what_ran_or_may_have_run() {
+        let tx = new_saga(&["a", "b", "c"], false, &[]);
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(NOW)).unwrap()).0;
+        assert_eq!(runnable_steps(&tx), vec![1]);
+        let (tx, eff) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &[], Some("b")), &ctx(NOW)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Cancelling, Some(Decision::Cancel)));
+        assert_eq!(eff, vec![Effect::DrivePhaseTwo]);
+        let TxKind::Saga(s) = &tx.kind else { unreachable!() };
+        assert_eq!(s.steps.iter().map(|s| s.started).collect::<Vec<_>>(), [true, true, false]);
+        // Reverse order: b first, then a; c is never called.
+        assert_eq!(runnable_steps(&tx), vec![1]);
+        // A late round of actions is stale: it changes nothing.
+        let stale = steps_round(Decision::Confirm, &["b"], None);
+        assert_eq!(apply(&tx, &stale, &ctx(NOW)).unwrap(), Transition::Unchanged);
+        let tx = changed(apply(&tx, &steps_round(Decision::Cancel, &["b"], None), &ctx(NOW)).unwrap()).0;
+        assert_eq!(runnable_steps(&tx), vec![0]);
+        let (tx, eff) = changed(apply(&tx, &steps_round(Decision::Cancel, &["a"], None), &ctx(NOW)).unwrap());
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(eff, vec![Effect::Finished(TxState::Cancelled)]);
+        assert_eq!(tx.branches[2].state, BranchState::Registered, "c never ran");
+    }
+
+    #[test]
+    fn a_saga_round_ending_past_the_deadline_turns_back() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        let (tx, _) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(DEADLINE)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Cancelling, Some(Decision::Cancel)));
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("deadline")));
+    }
+
+    fn new_message() -> Transaction {
+        let msg = Msg { query_prepared: "mem://q".into() };
+        message(Gid::generate(), DEADLINE, vec![step_branch("a"), step_branch("b")], msg, &ctx(NOW)).unwrap()
+    }
+
+    #[test]
+    fn an_aborted_message_is_final_at_once_and_calls_nothing() {
+        let tx = new_message();
+        assert_eq!(runnable_steps(&tx), Vec::<usize>::new());
+        let (tx, eff) = changed(apply(&tx, &Event::Cancel, &ctx(NOW)).unwrap());
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(eff, vec![Effect::Finished(TxState::Cancelled)]);
+        assert!(apply(&tx, &Event::Confirm, &ctx(NOW)).is_err());
+    }
+
+    #[test]
+    fn a_message_at_its_deadline_asks_its_back_check_and_follows_the_answer() {
+        let tx = new_message();
+        assert!(apply(&tx, &Event::DeadlineReached, &ctx(NOW)).is_err());
+        let (asking, eff) = changed(apply(&tx, &Event::DeadlineReached, &ctx(DEADLINE)).unwrap());
+        assert_eq!((asking.state, eff), (TxState::Trying, vec![Effect::CallBackCheck]));
+        let answer = |outcome, retry_at| Event::BackChecked { outcome, retry_at };
+        let (sent, eff) =
+            changed(apply(&asking, &answer(LocalOutcome::Committed, None), &ctx(DEADLINE)).unwrap());
+        assert_eq!((sent.state, eff), (TxState::Confirming, vec![Effect::DrivePhaseTwo]));
+        assert_eq!(runnable_steps(&sent), vec![0], "actions run in order");
+        let (gone, _) =
+            changed(apply(&asking, &answer(LocalOutcome::RolledBack, None), &ctx(DEADLINE)).unwrap());
+        assert_eq!(gone.state, TxState::Cancelled);
+        let later = DEADLINE + Duration::from_secs(1);
+        let unknown = answer(LocalOutcome::Unknown("425".into()), Some(later));
+        let (again, eff) = changed(apply(&asking, &unknown, &ctx(DEADLINE)).unwrap());
+        assert_eq!((again.state, again.due_at, eff), (TxState::Trying, Some(later), vec![]));
+        let spent = answer(LocalOutcome::Unknown("425".into()), None);
+        let (flagged, _) = changed(apply(&asking, &spent, &ctx(DEADLINE)).unwrap());
+        assert_eq!((flagged.state, flagged.decision), (TxState::Flagged, None));
+        // An operator retry asks again; a late submit is still taken.
+        let (retried, eff) = changed(apply(&flagged, &Event::OperatorRetry, &ctx(DEADLINE)).unwrap());
+        assert_eq!((retried.state, eff), (TxState::Trying, vec![Effect::CallBackCheck]));
+        let (submitted, _) = changed(apply(&flagged, &Event::Confirm, &ctx(later)).unwrap());
+        assert_eq!(submitted.state, TxState::Confirming);
+        // A back-check answering after a submit changes nothing.
+        let late = answer(LocalOutcome::RolledBack, None);
+        assert_eq!(apply(&submitted, &late, &ctx(later)).unwrap(), Transition::Unchanged);
     }
 
     #[test]

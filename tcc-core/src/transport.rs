@@ -6,6 +6,18 @@
 use async_trait::async_trait;
 
 use crate::model::{Branch, Decision, Gid, Timestamp};
+pub use crate::state::LocalOutcome;
+
+/// A message's back-check: ask `target` whether the local transaction of `gid` committed.
+#[derive(Clone, Copy, Debug)]
+pub struct BackCheckCall<'a> {
+    /// The message.
+    pub gid: &'a Gid,
+    /// Where to ask (the message's `query_prepared`), for the transport to interpret.
+    pub target: &'a str,
+    /// The message's deadline.
+    pub deadline: Timestamp,
+}
 
 /// One phase-two call: tell `branch` of transaction `gid` to carry out `decision`.
 #[derive(Clone, Copy, Debug)]
@@ -52,5 +64,18 @@ pub enum CallError {
 #[async_trait]
 pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// Performs the call. The engine bounds it with the retry policy's per-call timeout.
+    ///
+    /// For a saga, `decision` confirm is the step's action (at the branch's target) and cancel
+    /// its compensation (the engine hands over a branch whose target is the compensation's); an
+    /// action answering [`CallError::Permanent`] refuses, which turns the saga back. For a
+    /// message, confirm is the step's action.
     async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError>;
+
+    /// Asks a prepared message's back-check whether its local transaction committed. The engine
+    /// bounds it with the per-call timeout. A transport that cannot (the default) answers
+    /// [`LocalOutcome::Unknown`], so the message waits for its submit, abort or an operator.
+    async fn back_check(&self, check: BackCheckCall<'_>) -> LocalOutcome {
+        let _ = check;
+        LocalOutcome::Unknown("this transport cannot call back-checks".into())
+    }
 }

@@ -945,3 +945,267 @@ async fn finished_transactions_are_deleted_once_their_retention_has_passed_and_n
     .await;
     assert!(matches!(refused, Err(Error::InvalidInput(_))), "{refused:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sagas and two-phase messages
+
+mod steps {
+    use std::time::Duration;
+
+    use tcc_core::transport::LocalOutcome;
+    use tcc_core::{BranchState, Decision, Gid, NewBranch, NewStep, TxState};
+
+    use super::MIN;
+    use crate::common::{Fault, Rig};
+
+    fn step(name: &str, after: &[u32]) -> NewStep {
+        NewStep {
+            id: name.parse().unwrap(),
+            action: format!("mem://{name}"),
+            compensate: format!("mem://{name}/undo"),
+            payload: name.as_bytes().to_vec(),
+            after: after.to_vec(),
+        }
+    }
+
+    async fn saga(rig: &Rig, steps: Vec<NewStep>, concurrent: bool, timeout: Duration) -> Gid {
+        rig.tc().begin_saga(None, timeout, Default::default(), steps, concurrent).await.unwrap().gid
+    }
+
+    async fn message(rig: &Rig, names: &[&str], timeout: Duration) -> Gid {
+        let steps = names
+            .iter()
+            .map(|n| NewBranch { id: n.parse().unwrap(), target: format!("mem://{n}"), payload: Vec::new() })
+            .collect();
+        let tx = rig.tc().prepare_message(None, timeout, Default::default(), steps, "mem://check".into());
+        tx.await.unwrap().gid
+    }
+
+    fn calls(rig: &Rig, gid: &Gid) -> Vec<(String, Decision)> {
+        rig.mem.calls_of(gid)
+    }
+
+    fn act(b: &str) -> (String, Decision) {
+        (b.to_owned(), Decision::Confirm)
+    }
+
+    fn undo(b: &str) -> (String, Decision) {
+        (b.to_owned(), Decision::Cancel)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_runs_its_actions_one_at_a_time_in_order() {
+        let rig = Rig::new().await;
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[]), step("c", &[])], false, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        assert_eq!(calls(&rig, &gid), vec![act("a"), act("b"), act("c")]);
+        assert!(tx.branches.iter().all(|b| b.state == BranchState::Confirmed));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_action_compensates_what_ran_in_reverse_order_and_later_steps_never_run() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://c", Fault::Permanent);
+        let steps = vec![step("a", &[]), step("b", &[]), step("c", &[]), step("d", &[])];
+        let gid = saga(&rig, steps, false, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(tx.decision, Some(Decision::Cancel));
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("step c refused")), "{tx:?}");
+        // c refused, but it may have done something before refusing: it is compensated too
+        // (an empty compensation at a participant with a barrier), first; d never runs.
+        assert_eq!(calls(&rig, &gid), vec![act("a"), act("b"), act("c"), undo("c"), undo("b"), undo("a")]);
+        assert_eq!(tx.branches[3].state, BranchState::Registered, "d never ran");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn other_action_failures_are_retried_and_the_saga_goes_on() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://b", Fault::FailTimes(2));
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[])], false, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        assert_eq!(calls(&rig, &gid), vec![act("a"), act("b"), act("b"), act("b")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrent_saga_runs_steps_together_once_their_predecessors_are_done() {
+        let rig = Rig::new().await;
+        // c comes after a and b; a and b run together.
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[]), step("c", &[0, 1])], true, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        let seen = calls(&rig, &gid);
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2], act("c"), "c runs last: {seen:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrent_saga_compensates_in_reverse_dependency_order() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://c", Fault::Permanent);
+        // b after a, c after b.
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[0]), step("c", &[1])], true, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(calls(&rig, &gid), vec![act("a"), act("b"), act("c"), undo("c"), undo("b"), undo("a")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cyclic_or_dangling_order_is_refused_and_nothing_is_stored() {
+        let rig = Rig::new().await;
+        for steps in [vec![step("a", &[1]), step("b", &[0])], vec![step("a", &[5])], vec![step("a", &[0])]] {
+            let r = rig.tc().begin_saga(None, MIN, Default::default(), steps, true).await;
+            assert!(matches!(r, Err(tcc_core::Error::InvalidInput(_))), "{r:?}");
+        }
+        let all = rig.tc().list(&Default::default()).await.unwrap();
+        assert!(all.items.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_still_running_at_its_deadline_compensates_what_may_have_run() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://b", Fault::Down);
+        let steps = vec![step("a", &[]), step("b", &[]), step("c", &[])];
+        // The deadline comes before the retry policy is spent (it would flag the saga).
+        let gid = saga(&rig, steps, false, Duration::from_secs(1)).await;
+        let g = gid.clone();
+        let mem = rig.mem.clone();
+        let ok = rig
+            .run_until(Duration::from_millis(200), 2_000, async move |tc: &tcc_core::Coordinator| {
+                let t = tc.get(&g).await.unwrap();
+                if t.decision == Some(Decision::Cancel) {
+                    mem.heal_all();
+                }
+                t.state.is_final()
+            })
+            .await;
+        assert!(ok);
+        let tx = rig.tc().get(&gid).await.unwrap();
+        assert_eq!(tx.state, TxState::Cancelled);
+        let seen = calls(&rig, &gid);
+        assert!(!seen.contains(&act("c")), "c never ran: {seen:?}");
+        assert!(seen.ends_with(&[undo("b"), undo("a")]), "{seen:?}");
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("deadline")), "{tx:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_crashed_mid_compensation_finishes_compensating_after_a_restart() {
+        let mut rig = Rig::new().await;
+        rig.mem.set_fault("mem://b", Fault::Permanent);
+        rig.mem.set_fault("mem://a/undo", Fault::Down);
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[])], false, MIN).await;
+        let g = gid.clone();
+        let mem = rig.mem.clone();
+        assert!(
+            rig.run_until(Duration::from_millis(50), 2_000, async move |_: &tcc_core::Coordinator| {
+                mem.calls_of(&g).contains(&undo("b"))
+            })
+            .await
+        );
+        rig.restart().await;
+        rig.mem.heal_all();
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(rig.mem.effects(&gid, "a").cancels, 1, "a's compensation ran");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compensation_that_keeps_failing_flags_the_saga_and_an_operator_retry_finishes_it() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://b", Fault::Permanent);
+        rig.mem.set_fault("mem://a/undo", Fault::Down);
+        let gid = saga(&rig, vec![step("a", &[]), step("b", &[])], false, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!((tx.state, tx.decision), (TxState::Flagged, Some(Decision::Cancel)));
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("connection refused")), "{tx:?}");
+        // Still owed: an operator heals the service and retries.
+        rig.mem.heal_all();
+        rig.tc().retry(&gid).await.unwrap();
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Cancelled);
+        assert_eq!(rig.mem.effects(&gid, "a").cancels, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_saga_returns_its_outcome() {
+        let rig = Rig::new().await;
+        let gid = saga(&rig, vec![step("a", &[])], false, MIN).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        let waited = rig.tc().wait(&gid, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(waited.state, TxState::Confirmed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_message_never_calls_an_action() {
+        let rig = Rig::new().await;
+        let gid = message(&rig, &["mail", "points"], MIN).await;
+        let tx = rig.tc().cancel(&gid).await.unwrap();
+        assert_eq!(tx.state, TxState::Cancelled);
+        // Time passes: nothing is called, not even the back-check.
+        rig.run_until(Duration::from_secs(10), 20, async |_: &tcc_core::Coordinator| false).await;
+        assert!(calls(&rig, &gid).is_empty());
+        assert_eq!(rig.mem.back_checks(), 0);
+        assert!(rig.tc().confirm(&gid).await.is_err(), "a submit after the abort is refused");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submitted_message_runs_every_action_in_order_until_it_succeeds() {
+        let rig = Rig::new().await;
+        rig.mem.set_fault("mem://mail", Fault::FailTimes(3));
+        let gid = message(&rig, &["mail", "points"], MIN).await;
+        rig.tc().confirm(&gid).await.unwrap();
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        assert_eq!(
+            calls(&rig, &gid),
+            vec![act("mail"), act("mail"), act("mail"), act("mail"), act("points")]
+        );
+        assert_eq!(rig.mem.back_checks(), 0, "submitted before its deadline: never asked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prepared_message_is_resolved_by_its_back_check_across_a_restart() {
+        let mut rig = Rig::new().await;
+        let committed = message(&rig, &["mail"], Duration::from_secs(5)).await;
+        let rolled_back = message(&rig, &["mail"], Duration::from_secs(5)).await;
+        rig.restart().await;
+        rig.mem.set_local(&committed, LocalOutcome::Committed);
+        rig.mem.set_local(&rolled_back, LocalOutcome::RolledBack);
+        let a = rig.settle(&committed).await;
+        let b = rig.settle(&rolled_back).await;
+        assert_eq!(a.state, TxState::Confirmed);
+        assert_eq!(calls(&rig, &committed), vec![act("mail")]);
+        assert_eq!(b.state, TxState::Cancelled);
+        assert!(calls(&rig, &rolled_back).is_empty(), "a rolled-back message never calls an action");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_back_check_asks_again_then_flags_and_an_operator_retry_resolves_it() {
+        let rig = Rig::new().await;
+        let gid = message(&rig, &["mail"], Duration::from_secs(5)).await;
+        let tx = rig.settle(&gid).await;
+        assert_eq!((tx.state, tx.decision), (TxState::Flagged, None));
+        assert!(rig.mem.back_checks() > 1, "asked again before giving up");
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("back-check")), "{tx:?}");
+        assert!(calls(&rig, &gid).is_empty());
+        rig.mem.set_local(&gid, LocalOutcome::Committed);
+        rig.tc().retry(&gid).await.unwrap();
+        let tx = rig.settle(&gid).await;
+        assert_eq!(tx.state, TxState::Confirmed);
+        assert_eq!(calls(&rig, &gid), vec![act("mail")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_may_be_submitted_after_its_deadline_but_steps_are_fixed() {
+        let rig = Rig::new().await;
+        let gid = message(&rig, &["mail"], Duration::from_secs(1)).await;
+        rig.clock.advance(Duration::from_secs(2));
+        let r = rig.tc().register(&gid, "other".parse().unwrap(), "mem://x".into(), Vec::new()).await;
+        assert!(matches!(r, Err(tcc_core::Error::IllegalTransition { .. })), "{r:?}");
+        rig.tc().confirm(&gid).await.unwrap();
+        assert_eq!(rig.settle(&gid).await.state, TxState::Confirmed);
+    }
+}

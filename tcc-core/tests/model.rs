@@ -404,3 +404,411 @@ proptest! {
         rt.block_on(run(ops))?;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sagas and two-phase messages
+//
+// Random histories of sagas (sequential or concurrent, 1 to 3 steps), messages (whose local
+// transaction commits, rolls back or stays unknown; whose initiator submits, aborts or vanishes),
+// participant faults (including an action that refuses), clock jumps and crashes. The participants
+// keep a barrier of their own in memory (duplicate actions run once, a compensation before its
+// action is empty and the late action is refused). After healing and operator retries every
+// transaction must be final and:
+// - a saga confirmed: every action took effect once, no compensation did; a saga cancelled: every
+//   action that took effect was compensated once; one whose action refused is cancelled; in a
+//   sequential saga the actions that took effect are a prefix (later steps never ran);
+// - a message confirmed iff its local transaction committed; confirmed: every action took effect
+//   exactly once; cancelled: no action was ever called.
+
+use tcc_core::transport::{BackCheckCall, LocalOutcome};
+use tcc_core::{NewBranch, NewStep, TxKind};
+
+/// One step's barrier at a participant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum StepBarrier {
+    #[default]
+    Nothing,
+    ActionDone,
+    ActionRefused,
+    Compensated,
+    CompensatedEmpty,
+}
+
+/// A message's local transaction, as its back-check sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Local {
+    Committed,
+    RolledBack,
+    InFlight,
+}
+
+#[derive(Debug, Default)]
+struct StepWorld {
+    faults: HashMap<String, Fault>,
+    /// Participants whose next fresh action refuses (a business "no").
+    refusing: std::collections::HashSet<String>,
+    barrier: HashMap<(Gid, String), StepBarrier>,
+    action_effects: HashMap<(Gid, String), u32>,
+    compensation_effects: HashMap<(Gid, String), u32>,
+    action_calls: HashMap<Gid, u32>,
+    refused: std::collections::HashSet<Gid>,
+    local: HashMap<Gid, Local>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct StepParticipants(Arc<Mutex<StepWorld>>);
+
+impl StepParticipants {
+    fn deliver(&self, call: &BranchCall<'_>) -> Result<(), CallError> {
+        let mut w = self.0.lock().unwrap();
+        let name = call.branch.target.trim_start_matches("mem://").trim_end_matches("/undo").to_owned();
+        let key = (call.gid.clone(), call.branch.id.to_string());
+        let state = w.barrier.get(&key).copied().unwrap_or_default();
+        match call.decision {
+            Decision::Confirm => match state {
+                StepBarrier::ActionDone => Ok(()),
+                // Only a saga's action may refuse; a message's action must succeed in the end.
+                StepBarrier::Nothing if w.refusing.contains(&name) && !w.local.contains_key(call.gid) => {
+                    w.barrier.insert(key, StepBarrier::ActionRefused);
+                    w.refused.insert(call.gid.clone());
+                    Err(CallError::Permanent("409 insufficient funds".into()))
+                }
+                StepBarrier::Nothing => {
+                    w.barrier.insert(key.clone(), StepBarrier::ActionDone);
+                    *w.action_effects.entry(key).or_default() += 1;
+                    Ok(())
+                }
+                // A refused action stays refused; a late one (after its compensation) is refused.
+                _ => Err(CallError::Permanent("409 refused".into())),
+            },
+            Decision::Cancel => {
+                match state {
+                    StepBarrier::ActionDone => {
+                        w.barrier.insert(key.clone(), StepBarrier::Compensated);
+                        *w.compensation_effects.entry(key).or_default() += 1;
+                    }
+                    StepBarrier::Nothing | StepBarrier::ActionRefused => {
+                        w.barrier.insert(key, StepBarrier::CompensatedEmpty);
+                    }
+                    StepBarrier::Compensated | StepBarrier::CompensatedEmpty => {}
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for StepParticipants {
+    async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError> {
+        let name = call.branch.target.trim_start_matches("mem://").trim_end_matches("/undo").to_owned();
+        let fault = {
+            let mut w = self.0.lock().unwrap();
+            if call.decision == Decision::Confirm {
+                *w.action_calls.entry(call.gid.clone()).or_default() += 1;
+            }
+            let fault = w.faults.get(&name).cloned().unwrap_or(Fault::Healthy);
+            let next = match fault {
+                Fault::FailTimes(n) if n > 1 => Some(Fault::FailTimes(n - 1)),
+                Fault::AnswerLost(n) if n > 1 => Some(Fault::AnswerLost(n - 1)),
+                Fault::FailTimes(_) | Fault::AnswerLost(_) => Some(Fault::Healthy),
+                _ => None,
+            };
+            if let Some(next) = next {
+                w.faults.insert(name, next);
+            }
+            fault
+        };
+        match fault {
+            Fault::Healthy | Fault::Permanent => self.deliver(&call),
+            Fault::FailTimes(_) => Err(CallError::Transient("503 service unavailable".into())),
+            Fault::Down => Err(CallError::Transient("connection refused".into())),
+            Fault::Hang => std::future::pending().await,
+            Fault::AnswerLost(_) => {
+                self.deliver(&call)?;
+                Err(CallError::Transient("connection reset after the request was sent".into()))
+            }
+        }
+    }
+
+    async fn back_check(&self, check: BackCheckCall<'_>) -> LocalOutcome {
+        match self.0.lock().unwrap().local.get(check.gid) {
+            Some(Local::Committed) => LocalOutcome::Committed,
+            Some(Local::RolledBack) => LocalOutcome::RolledBack,
+            Some(Local::InFlight) | None => LocalOutcome::Unknown("425 still running".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum StepOp {
+    Saga {
+        timeout_s: u64,
+        steps: usize,
+        concurrent: bool,
+    },
+    /// A message whose local transaction ends `local`; `tell` says whether the initiator then
+    /// submits (committed) or aborts (rolled back) or vanishes.
+    Msg {
+        timeout_s: u64,
+        steps: usize,
+        local: Local,
+        tell: bool,
+    },
+    /// The local transaction of an in-flight message ends now (committed or not), and the
+    /// initiator perhaps says so.
+    Resolve {
+        which: usize,
+        commit: bool,
+        tell: bool,
+    },
+    Fault {
+        participant: usize,
+        fault: Fault,
+    },
+    Refuse(usize),
+    Advance(u64),
+    Crash,
+}
+
+fn step_op() -> impl Strategy<Value = StepOp> {
+    let local = prop_oneof![Just(Local::Committed), Just(Local::RolledBack), Just(Local::InFlight)];
+    prop_oneof![
+        3 => (1u64..30, 1usize..=3, any::<bool>())
+            .prop_map(|(timeout_s, steps, concurrent)| StepOp::Saga { timeout_s, steps, concurrent }),
+        3 => (1u64..30, 1usize..=3, local, any::<bool>())
+            .prop_map(|(timeout_s, steps, local, tell)| StepOp::Msg { timeout_s, steps, local, tell }),
+        1 => (any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(which, commit, tell)| StepOp::Resolve { which, commit, tell }),
+        3 => (0usize..3, fault()).prop_map(|(participant, fault)| StepOp::Fault { participant, fault }),
+        1 => (0usize..3).prop_map(StepOp::Refuse),
+        2 => (0u64..15_000).prop_map(StepOp::Advance),
+        1 => Just(StepOp::Crash),
+    ]
+}
+
+struct StepHarness {
+    dir: tempfile::TempDir,
+    clock: ManualClock,
+    parts: StepParticipants,
+    tc: Option<Coordinator>,
+}
+
+impl StepHarness {
+    async fn open(&mut self) {
+        let store = open_store(self.dir.path()).await;
+        let tc = Coordinator::open(
+            Arc::new(store),
+            Arc::new(self.parts.clone()),
+            Arc::new(self.clock.clone()),
+            config(),
+        )
+        .await
+        .unwrap();
+        self.tc = Some(tc);
+    }
+
+    fn tc(&self) -> &Coordinator {
+        self.tc.as_ref().unwrap()
+    }
+}
+
+async fn run_steps(ops: Vec<StepOp>) -> Result<(), TestCaseError> {
+    let clock = ManualClock::new(START);
+    let mut h = StepHarness { dir: tempfile::tempdir().unwrap(), clock, parts: Default::default(), tc: None };
+    h.open().await;
+    let mut sagas: Vec<(Gid, bool)> = Vec::new();
+    let mut msgs: Vec<Gid> = Vec::new();
+    for op in ops {
+        match op {
+            StepOp::Saga { timeout_s, steps, concurrent } => {
+                let steps: Vec<NewStep> = PARTICIPANTS[..steps]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| NewStep {
+                        id: name.parse().unwrap(),
+                        action: format!("mem://{name}"),
+                        compensate: format!("mem://{name}/undo"),
+                        payload: Vec::new(),
+                        // Concurrent: the last step waits for the first.
+                        after: if concurrent && i == 2 { vec![0] } else { Vec::new() },
+                    })
+                    .collect();
+                let tx = h
+                    .tc()
+                    .begin_saga(None, Duration::from_secs(timeout_s), Default::default(), steps, concurrent)
+                    .await
+                    .unwrap();
+                sagas.push((tx.gid, concurrent));
+            }
+            StepOp::Msg { timeout_s, steps, local, tell } => {
+                let steps = PARTICIPANTS[..steps]
+                    .iter()
+                    .map(|name| NewBranch {
+                        id: name.parse().unwrap(),
+                        target: format!("mem://{name}"),
+                        payload: Vec::new(),
+                    })
+                    .collect();
+                let timeout = Duration::from_secs(timeout_s);
+                let tx = h.tc().prepare_message(None, timeout, Default::default(), steps, "mem://q".into());
+                let tx = tx.await.unwrap();
+                h.parts.0.lock().unwrap().local.insert(tx.gid.clone(), local);
+                match (local, tell) {
+                    (Local::Committed, true) => drop(h.tc().confirm(&tx.gid).await.unwrap()),
+                    (Local::RolledBack, true) => drop(h.tc().cancel(&tx.gid).await.unwrap()),
+                    _ => {}
+                }
+                msgs.push(tx.gid);
+            }
+            StepOp::Resolve { which, commit, tell } if !msgs.is_empty() => {
+                let gid = msgs[which % msgs.len()].clone();
+                let resolved = {
+                    let mut w = h.parts.0.lock().unwrap();
+                    let in_flight = w.local.get(&gid) == Some(&Local::InFlight);
+                    if in_flight {
+                        w.local
+                            .insert(gid.clone(), if commit { Local::Committed } else { Local::RolledBack });
+                    }
+                    in_flight
+                };
+                if !resolved {
+                    continue;
+                }
+                if tell {
+                    // The back-check may have settled it already, the same way: either answer is fine.
+                    let r = if commit { h.tc().confirm(&gid).await } else { h.tc().cancel(&gid).await };
+                    prop_assert!(r.is_ok(), "{gid}: telling the outcome: {r:?}");
+                }
+            }
+            StepOp::Fault { participant, fault } => {
+                h.parts.0.lock().unwrap().faults.insert(PARTICIPANTS[participant].into(), fault);
+            }
+            StepOp::Refuse(p) => drop(h.parts.0.lock().unwrap().refusing.insert(PARTICIPANTS[p].into())),
+            StepOp::Advance(ms) => {
+                h.clock.advance(Duration::from_millis(ms));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            StepOp::Crash => {
+                if let Some(tc) = h.tc.take() {
+                    tc.abort().await;
+                }
+                h.open().await;
+            }
+            StepOp::Resolve { .. } => {}
+        }
+    }
+
+    // Heal; a local transaction still in flight is settled as rolled back (as the barrier's
+    // back-check would settle it); an operator retries what is flagged.
+    {
+        let mut w = h.parts.0.lock().unwrap();
+        w.faults.clear();
+        for l in w.local.values_mut() {
+            if *l == Local::InFlight {
+                *l = Local::RolledBack;
+            }
+        }
+    }
+    let gids: Vec<Gid> = sagas.iter().map(|(g, _)| g.clone()).chain(msgs.iter().cloned()).collect();
+    let settled = common::run_until(h.tc(), &h.clock, Duration::from_millis(500), 4_000, async |tc| {
+        let mut all_final = true;
+        for gid in &gids {
+            let tx = tc.get(gid).await.unwrap();
+            if tx.state == TxState::Flagged {
+                tc.retry(gid).await.unwrap();
+            }
+            all_final &= tx.state.is_final();
+        }
+        all_final
+    })
+    .await;
+    if !settled {
+        let mut stuck = Vec::new();
+        for gid in &gids {
+            let tx = h.tc().get(gid).await.unwrap();
+            if !tx.state.is_final() {
+                stuck.push(format!("{tx:?}"));
+            }
+        }
+        return Err(TestCaseError::fail(format!("not every saga and message became final: {stuck:#?}")));
+    }
+
+    let mut stored = HashMap::new();
+    for gid in &gids {
+        stored.insert(gid.clone(), h.tc().get(gid).await.unwrap());
+    }
+    let verdict = check_steps(&h.parts.0.lock().unwrap(), &stored, &sagas, &msgs);
+    if let Some(tc) = h.tc.take() {
+        tc.abort().await;
+    }
+    verdict
+}
+
+/// The end-of-history checks of [`run_steps`] (see the section's comment).
+fn check_steps(
+    w: &StepWorld,
+    stored: &HashMap<Gid, tcc_core::Transaction>,
+    sagas: &[(Gid, bool)],
+    msgs: &[Gid],
+) -> Result<(), TestCaseError> {
+    let effects = |m: &HashMap<(Gid, String), u32>, gid: &Gid, name: &str| {
+        m.get(&(gid.clone(), name.to_string())).copied().unwrap_or(0)
+    };
+    for (gid, concurrent) in sagas {
+        let tx = &stored[gid];
+        let n = tx.branches.len();
+        let names = &PARTICIPANTS[..n];
+        let acts: Vec<u32> = names.iter().map(|p| effects(&w.action_effects, gid, p)).collect();
+        let comps: Vec<u32> = names.iter().map(|p| effects(&w.compensation_effects, gid, p)).collect();
+        match tx.state {
+            TxState::Confirmed => {
+                prop_assert!(!w.refused.contains(gid), "{gid}: an action refused, yet the saga is done");
+                prop_assert_eq!(&acts, &vec![1; n], "{}: every action once", gid);
+                prop_assert_eq!(&comps, &vec![0; n], "{}: no compensation", gid);
+            }
+            TxState::Cancelled => {
+                prop_assert_eq!(&acts, &comps, "{}: every action that ran is compensated once", gid);
+                prop_assert!(acts.iter().all(|&a| a <= 1), "{gid}: an action ran twice");
+                if !concurrent {
+                    let ran = acts.iter().take_while(|&&a| a == 1).count();
+                    prop_assert!(acts[ran..].iter().all(|&a| a == 0), "{gid}: a later step ran: {acts:?}");
+                }
+            }
+            s => return Err(TestCaseError::fail(format!("{gid} ended {s}"))),
+        }
+    }
+    for gid in msgs {
+        let tx = &stored[gid];
+        prop_assert!(matches!(tx.kind, TxKind::Msg(_)));
+        let committed = w.local.get(gid) == Some(&Local::Committed);
+        let names = &PARTICIPANTS[..tx.branches.len()];
+        match tx.state {
+            TxState::Confirmed => {
+                prop_assert!(committed, "{gid}: submitted though its local transaction rolled back");
+                for p in names {
+                    prop_assert_eq!(effects(&w.action_effects, gid, p), 1, "{} {}: action once", gid, p);
+                }
+            }
+            TxState::Cancelled => {
+                prop_assert!(!committed, "{gid}: aborted though its local transaction committed");
+                let calls = w.action_calls.get(gid).copied().unwrap_or(0);
+                prop_assert_eq!(calls, 0, "{}: an aborted message called an action", gid);
+            }
+            s => return Err(TestCaseError::fail(format!("{gid} ended {s}"))),
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 200, .. ProptestConfig::default() })]
+
+    #[test]
+    fn every_saga_ends_all_done_or_all_compensated_and_every_message_follows_its_local_transaction(
+        ops in proptest::collection::vec(step_op(), 1..40),
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_steps(ops))?;
+    }
+}

@@ -145,6 +145,7 @@ macro_rules! conformance {
 conformance!(
     insert_refuses_an_existing_id_and_changes_nothing,
     every_field_of_a_record_round_trips,
+    sagas_and_messages_round_trip_with_their_steps,
     compare_and_set_stores_only_over_the_expected_version,
     concurrent_compare_and_sets_of_one_version_have_exactly_one_winner,
     claim_due_takes_only_due_work_and_leases_it,
@@ -303,6 +304,30 @@ async fn every_field_of_a_record_round_trips(b: &dyn Backend) {
     });
     assert_eq!(s.compare_and_set(tx.version, &next).await.unwrap(), Cas::Stored);
     assert_eq!(b.another(&s).await.get(&tx.gid).await.unwrap(), Some(next));
+}
+
+async fn sagas_and_messages_round_trip_with_their_steps(b: &dyn Backend) {
+    use tcc_core::{Msg, Saga, SagaStep, TxKind};
+    let s = b.open().await;
+    let mut saga = new_tx(1_700_000_000_000);
+    saga.state = TxState::Cancelling;
+    saga.decision = Some(Decision::Cancel);
+    saga.kind = TxKind::Saga(Box::new(Saga {
+        concurrent: true,
+        steps: vec![
+            SagaStep { compensate: "http://127.0.0.1:9/undo".into(), after: vec![], started: true },
+            SagaStep { compensate: "http://127.0.0.1:9/undo2".into(), after: vec![0], started: false },
+        ],
+    }));
+    let mut msg = new_tx(1_700_000_000_000);
+    msg.kind = TxKind::Msg(Box::new(Msg { query_prepared: "http://127.0.0.1:9/query".into() }));
+    for tx in [saga, msg] {
+        s.insert(&tx).await.unwrap();
+        assert_eq!(s.get(&tx.gid).await.unwrap().as_ref(), Some(&tx));
+        let next = bump(&tx, |t| t.attempts = 1);
+        assert_eq!(s.compare_and_set(tx.version, &next).await.unwrap(), Cas::Stored);
+        assert_eq!(b.another(&s).await.get(&tx.gid).await.unwrap(), Some(next));
+    }
 }
 
 async fn compare_and_set_stores_only_over_the_expected_version(b: &dyn Backend) {

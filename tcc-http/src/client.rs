@@ -46,7 +46,10 @@ use crate::target::{AllowList, Target};
 use crate::transport::{Batching, ClientConfig, build_client, error_text};
 
 mod coordinator_batches;
+mod steps;
 mod try_batches;
+
+pub use steps::{MessageBuilder, PreparedMessage, SagaBuilder};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]

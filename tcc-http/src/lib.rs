@@ -108,6 +108,11 @@ pub struct ParticipantsGuideDoctests;
 #[cfg(all(doctest, feature = "client", feature = "server"))]
 pub struct ConsoleGuideDoctests;
 
+/// The sagas and messages guide's examples, compiled and run as doctests.
+#[doc = include_str!("../../docs/sagas-and-messages.md")]
+#[cfg(all(doctest, feature = "client", feature = "participant"))]
+pub struct SagasAndMessagesGuideDoctests;
+
 /// The architecture guide's examples, compiled and run as doctests.
 #[doc = include_str!("../../docs/architecture.md")]
 #[cfg(all(doctest, feature = "client", feature = "participant"))]

@@ -20,14 +20,59 @@ pub enum Target {
         /// Called with `op=cancel`.
         cancel: Url,
     },
+    /// One URL of a saga or message step, called as is: a saga's action or compensation or a
+    /// message's action (`POST`, the payload as the body), or a message's back-check (`GET`).
+    Step {
+        /// How the URL is called.
+        style: StepStyle,
+        /// The URL.
+        url: Url,
+    },
+}
+
+/// How a [`Target::Step`] URL is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepStyle {
+    /// tcc's own: the payload as the body, tcc's `tcc-gid`, `tcc-branch` and `tcc-deadline`
+    /// headers; answers read by status (see [`crate::protocol`]).
+    Native,
+    /// DTM's: its query parameters `gid`, `trans_type`, `branch_id` and `op` appended, answers read
+    /// by DTM's result words (see `tcc_http::server::dtm`).
+    Dtm {
+        /// `saga` or `msg`.
+        trans_type: &'static str,
+        /// `action`, `compensate` or (a back-check) `msg`.
+        op: &'static str,
+    },
 }
 
 const DTM_PREFIX: &str = "dtm-tcc ";
+const STEP_PREFIX: &str = "step ";
+const DTM_STEP_PREFIX: &str = "dtm-step ";
+/// The (trans_type, op) pairs a DTM step may have.
+const DTM_STEP_OPS: [(&str, &str); 4] =
+    [("saga", "action"), ("saga", "compensate"), ("msg", "action"), ("msg", "msg")];
 
 impl Target {
-    /// Parses a stored target: a URL, or `dtm-tcc CONFIRM_URL CANCEL_URL`.
+    /// Parses a stored target: a URL, `dtm-tcc CONFIRM_URL CANCEL_URL`, `step URL` or
+    /// `dtm-step TRANS_TYPE OP URL`.
     pub fn parse(s: &str) -> Result<Target, String> {
         let url = |u: &str| Url::parse(u).map_err(|e| format!("invalid participant URL {u:?}: {e}"));
+        if let Some(rest) = s.strip_prefix(STEP_PREFIX) {
+            return Ok(Target::Step { style: StepStyle::Native, url: url(rest)? });
+        }
+        if let Some(rest) = s.strip_prefix(DTM_STEP_PREFIX) {
+            let mut parts = rest.splitn(3, ' ');
+            let (t, op, u) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(t), Some(op), Some(u)) => (t, op, u),
+                _ => return Err(format!("invalid DTM step target {s:?}")),
+            };
+            let (trans_type, op) = DTM_STEP_OPS
+                .into_iter()
+                .find(|&(tt, o)| tt == t && o == op)
+                .ok_or_else(|| format!("invalid DTM step target {s:?}"))?;
+            return Ok(Target::Step { style: StepStyle::Dtm { trans_type, op }, url: url(u)? });
+        }
         if let Some(rest) = s.strip_prefix(DTM_PREFIX) {
             let (confirm, cancel) =
                 rest.split_once(' ').ok_or_else(|| format!("invalid DTM target {s:?}"))?;
@@ -47,6 +92,10 @@ impl Target {
         match self {
             Target::Native(u) => u.to_string(),
             Target::Dtm { confirm, cancel } => format!("{DTM_PREFIX}{confirm} {cancel}"),
+            Target::Step { style: StepStyle::Native, url } => format!("{STEP_PREFIX}{url}"),
+            Target::Step { style: StepStyle::Dtm { trans_type, op }, url } => {
+                format!("{DTM_STEP_PREFIX}{trans_type} {op} {url}")
+            }
         }
     }
 
@@ -55,6 +104,7 @@ impl Target {
         match self {
             Target::Native(u) => vec![u],
             Target::Dtm { confirm, cancel } => vec![confirm, cancel],
+            Target::Step { url, .. } => vec![url],
         }
     }
 }
@@ -220,11 +270,19 @@ mod tests {
 
     #[test]
     fn targets_round_trip() {
-        for s in ["http://127.0.0.1:1/tcc/op", "dtm-tcc http://127.0.0.1:1/c?a=b http://127.0.0.1:1/x"] {
+        for s in [
+            "http://127.0.0.1:1/tcc/op",
+            "dtm-tcc http://127.0.0.1:1/c?a=b http://127.0.0.1:1/x",
+            "step http://127.0.0.1:1/pay",
+            "dtm-step saga compensate http://127.0.0.1:1/refund?x=1",
+            "dtm-step msg msg http://127.0.0.1:1/query",
+        ] {
             let t = Target::parse(s).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(t.encode(), s);
         }
         assert!(Target::parse("dtm-tcc http://a/").is_err());
+        assert!(Target::parse("dtm-step saga confirm http://a/").is_err());
+        assert!(Target::parse("dtm-step saga").is_err());
         assert!(Target::parse("").is_err());
     }
 }

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tcc_core::Decision;
-use tcc_core::transport::{BranchCall, CallError, Transport};
+use tcc_core::transport::{BackCheckCall, BranchCall, CallError, LocalOutcome, Transport};
 
 use crate::metrics::Metrics;
 use crate::protocol::{self, BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
-use crate::target::{AllowList, Target};
+use crate::target::{AllowList, StepStyle, Target};
 
 mod dtm;
 mod phase_two_batches;
@@ -111,6 +111,8 @@ struct Route {
     confirm: url::Url,
     cancel: url::Url,
     lane: Option<Arc<Lane>>,
+    /// A saga or message step's URL (then `confirm` and `cancel` are both that URL).
+    step: Option<StepStyle>,
 }
 
 impl HttpTransport {
@@ -145,8 +147,12 @@ impl HttpTransport {
                         client: self.client.clone(),
                         metrics: Arc::clone(&self.metrics),
                     }))),
+                    step: None,
                 },
-                Target::Dtm { confirm, cancel } => Route { confirm, cancel, lane: None },
+                Target::Dtm { confirm, cancel } => Route { confirm, cancel, lane: None, step: None },
+                Target::Step { style, url } => {
+                    Route { confirm: url.clone(), cancel: url, lane: None, step: Some(style) }
+                }
             }))
         });
         let mut cache = cache();
@@ -286,9 +292,13 @@ impl Transport for HttpTransport {
                     Decision::Confirm => &route.confirm,
                     Decision::Cancel => &route.cancel,
                 };
-                match &route.lane {
-                    Some(lane) => self.call_native_or_batched(url, lane, &call).await,
-                    None => dtm::call_branch(&self.client, url, &call).await,
+                match (&route.lane, route.step) {
+                    (Some(lane), _) => self.call_native_or_batched(url, lane, &call).await,
+                    (None, None) => dtm::call_branch(&self.client, url, &call).await,
+                    (None, Some(StepStyle::Native)) => self.call_native(url, &call).await,
+                    (None, Some(StepStyle::Dtm { trans_type, op })) => {
+                        dtm::call_step(&self.client, url, trans_type, op, &call).await
+                    }
                 }
             }
         };
@@ -303,6 +313,41 @@ impl Transport for HttpTransport {
         };
         self.metrics.observe_call(op, outcome, started.elapsed());
         result
+    }
+
+    async fn back_check(&self, check: BackCheckCall<'_>) -> LocalOutcome {
+        let route = match self.resolve(check.target) {
+            Ok(route) => route,
+            Err(e) => return LocalOutcome::Unknown(e),
+        };
+        let mut url = route.confirm.clone();
+        let mut req = match route.step {
+            Some(StepStyle::Dtm { trans_type, op }) => {
+                url.query_pairs_mut()
+                    .append_pair("gid", check.gid.as_str())
+                    .append_pair("trans_type", trans_type)
+                    .append_pair("branch_id", "00")
+                    .append_pair("op", op);
+                self.client.get(url)
+            }
+            Some(StepStyle::Native) => {
+                url.query_pairs_mut().append_pair("gid", check.gid.as_str());
+                self.client.get(url)
+            }
+            _ => return LocalOutcome::Unknown(format!("{} is not a back-check target", check.target)),
+        };
+        req =
+            req.header(GID_HEADER, check.gid.as_str()).header(DEADLINE_HEADER, check.deadline.0.to_string());
+        let mut res = match req.send().await {
+            Ok(res) => res,
+            Err(e) => return LocalOutcome::Unknown(transport_error(&e).to_string()),
+        };
+        let status = res.status();
+        match bounded_body(&mut res, protocol::dtm::MAX_ANSWER).await {
+            Ok(Some(body)) => protocol::dtm::classify_back_check(status, &body),
+            Ok(None) => LocalOutcome::Unknown("the back-check's answer is too large".into()),
+            Err(e) => LocalOutcome::Unknown(transport_error(&e).to_string()),
+        }
     }
 }
 

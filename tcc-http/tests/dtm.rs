@@ -325,6 +325,17 @@ async fn serve(
         let refuse = serde_json::from_str::<Value>(&body).is_ok_and(|v| v["try_fail"] == true);
         return if refuse { failure.into_response() } else { success.into_response() };
     }
+    // A saga's action refuses when asked to; a message's back-check answers by service name.
+    if op == "action" && serde_json::from_str::<Value>(&body).is_ok_and(|v| v["action_fail"] == true) {
+        return failure.into_response();
+    }
+    if op == "query" {
+        return match svc.as_str() {
+            "committed" => success.into_response(),
+            "rolledback" => failure.into_response(),
+            _ => (StatusCode::TOO_EARLY, axum::Json(json!({ "dtm_result": "ONGOING" }))).into_response(),
+        };
+    }
     let mode = {
         let mut modes = busi.modes.lock().unwrap();
         let mode = modes.get(&svc).copied().unwrap_or(Phase2::Ok);
@@ -601,7 +612,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(status, 413);
     // submit and abort
     for call in ["submit", "abort"] {
-        for body in [json!({}), json!({ "gid": 1 }), json!({ "gid": gid, "trans_type": "msg" })] {
+        for body in [json!({}), json!({ "gid": 1 }), json!({ "gid": gid, "trans_type": "xa" })] {
             let (status, answer) = tc.post(call, body.clone()).await;
             assert_eq!(status, 400, "{call} {body}: {answer}");
         }
@@ -903,6 +914,174 @@ async fn dtmcli_python_client_runs_its_tcc_transactions_on_tcc() {
     let g = gid("flaky_confirm");
     assert_eq!(p.ops(&g, "a"), ["try", "confirm"]);
     assert_eq!(p.ops(&g, "flaky"), ["try", "confirm", "confirm", "confirm"]);
+    tc.stop().await;
+}
+
+/// The unmodified `dtmcli` client runs sagas (`Saga`, and a concurrent one sent raw) and
+/// messages (`Msg.prepare`/`submit`, `Msg.do_and_submit` both ways, and prepared messages the
+/// coordinator resolves through `query_prepared`); the participant sees DTM's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmcli_python_client_runs_sagas_and_messages_on_tcc() {
+    let Some(python) = support::python_that_can(
+        "import dtmcli.saga, dtmcli.msg, dtmcli.utils",
+        "dtmcli==1.7.7.0",
+        "TCC_REQUIRE_DTMCLI",
+    )
+    .await
+    else {
+        return;
+    };
+    // dtmcli sends request_timeout 8 s with every saga and message: the lease must outlast it.
+    let tc =
+        Tc::start_with(Config { lease: Duration::from_secs(30), ..fast_core() }, ServerConfig::default())
+            .await;
+    let p = Participant::start().await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dtm/saga_msg.py");
+    let out = support::run_bounded(
+        tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("the scenarios did not finish");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "saga_msg.py failed ({}):\n{stdout}\n{stderr}", out.status);
+    let gids: HashMap<String, String> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| (v["scenario"].as_str().unwrap().to_owned(), v["gid"].as_str().unwrap().to_owned()))
+        .collect();
+    let gid = |s: &str| gids.get(s).unwrap_or_else(|| panic!("no {s} scenario in:\n{stdout}")).clone();
+    // (service, op) in call order, and each call made the way DTM's server makes it.
+    let seen = |g: &str, trans_type: &str| -> Vec<(String, String)> {
+        p.calls(g)
+            .into_iter()
+            .filter(|c| c.path_op != "query")
+            .map(|c| {
+                let q = |k: &str| c.query.get(k).cloned().unwrap_or_default();
+                assert_eq!(c.method, Method::POST, "{c:?}");
+                assert_eq!((q("trans_type").as_str(), q("op")), (trans_type, c.path_op.clone()), "{c:?}");
+                assert_eq!(
+                    c.body,
+                    json!({ "amount": 30 }).to_string().replace(',', ", ").replace(':', ": "),
+                    "{c:?}"
+                );
+                (c.svc.clone(), c.path_op.clone())
+            })
+            .collect()
+    };
+    let pair = |s: &str, op: &str| (s.to_owned(), op.to_owned());
+
+    let g = gid("saga_success");
+    assert_eq!(seen(&g, "saga"), [pair("a", "action"), pair("b", "action")]);
+    let ids: Vec<String> = p.calls(&g).iter().map(|c| c.query["branch_id"].clone()).collect();
+    assert_eq!(ids, ["01", "02"]);
+
+    // b refused: b and a compensated in reverse order; c never ran.
+    let g = gid("saga_refused");
+    let calls: Vec<(String, String)> = p.calls(&g).into_iter().map(|c| (c.svc, c.path_op)).collect();
+    assert_eq!(
+        calls,
+        [pair("a", "action"), pair("b", "action"), pair("b", "compensate"), pair("a", "compensate")]
+    );
+
+    let g = gid("saga_concurrent");
+    let calls = seen(&g, "saga");
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[2], pair("c", "action"), "c runs after a and b: {calls:?}");
+
+    for s in ["msg_submit", "msg_do_and_submit", "msg_backcheck_committed"] {
+        let g = gid(s);
+        let want: &[(String, String)] = if s == "msg_submit" {
+            &[pair("a", "action"), pair("b", "action")]
+        } else {
+            &[pair("a", "action")]
+        };
+        assert_eq!(seen(&g, "msg"), want, "{s}");
+    }
+    // The aborted and rolled-back messages never called an action.
+    for s in ["msg_do_and_abort", "msg_backcheck_rolledback"] {
+        let g = gid(s);
+        assert!(seen(&g, "msg").is_empty(), "{s}: {:?}", p.calls(&g));
+    }
+    // The coordinator asked the back-checks the way DTM asks them.
+    for (s, svc) in [("msg_backcheck_committed", "committed"), ("msg_backcheck_rolledback", "rolledback")] {
+        let g = gid(s);
+        let checks: Vec<Call> = p.calls(&g).into_iter().filter(|c| c.path_op == "query").collect();
+        assert!(!checks.is_empty(), "{s}");
+        for c in checks {
+            assert_eq!(c.method, Method::GET, "{c:?}");
+            assert_eq!(c.svc, svc);
+            let q = |k: &str| c.query.get(k).map(String::as_str);
+            assert_eq!(
+                (q("trans_type"), q("branch_id"), q("op")),
+                (Some("msg"), Some("00"), Some("msg")),
+                "{c:?}"
+            );
+        }
+    }
+    tc.stop().await;
+}
+
+/// Sagas and messages over raw DTM requests: bad input is refused and stores nothing, repeats
+/// are answered as the first, an abort after a submit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_and_message_bad_input_is_refused_and_repeats_are_answered() {
+    let tc = Tc::start().await;
+    let p = Participant::start().await;
+    let step = |s: &str| json!({ "action": p.op_url(s, "action"), "compensate": p.op_url(s, "compensate") });
+    let gid = tc.new_gid().await;
+    let saga = |steps: Value, extra: Value| {
+        let mut b = json!({ "gid": gid, "trans_type": "saga", "steps": steps, "payloads": ["{}", "{}"] });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let bad = [
+        saga(json!([step("a"), { "action": p.op_url("b", "action") }]), json!({})),
+        saga(json!([step("a"), step("b")]), json!({ "payloads": ["{}"] })),
+        saga(
+            json!([step("a"), step("b")]),
+            json!({ "custom_data": r#"{"orders":{"0":[1],"1":[0]},"concurrent":true}"# }),
+        ),
+        saga(
+            json!([step("a"), step("b")]),
+            json!({ "custom_data": r#"{"orders":{"7":[0]},"concurrent":true}"# }),
+        ),
+        saga(json!([step("a"), step("b")]), json!({ "custom_data": "not json" })),
+        saga(
+            json!([step("a"), { "action": "http://169.254.169.254/x", "compensate": p.op_url("b", "c") }]),
+            json!({}),
+        ),
+    ];
+    for body in bad {
+        let (status, answer) = tc.post("submit", body.clone()).await;
+        assert!(matches!(status, 400 | 422), "{status} {answer} for {body}");
+        assert_eq!(answer["dtm_result"], "FAILURE");
+        assert!(tc.query(&gid).await["transaction"].is_null(), "nothing stored for {body}");
+    }
+    // A saga is submitted, never prepared nor aborted.
+    assert_failure(tc.post("prepare", json!({ "gid": gid, "trans_type": "saga" })).await, 400);
+    assert_ok(tc.post("submit", saga(json!([step("a"), step("b")]), json!({}))).await);
+    assert_ok(tc.post("submit", saga(json!([step("a"), step("b")]), json!({}))).await);
+    tc.settle(&gid, "succeed").await;
+    assert_eq!(p.ops(&gid, "a"), ["action"], "a repeated submit runs nothing again");
+    assert_failure(tc.post("abort", json!({ "gid": gid, "trans_type": "saga" })).await, 400);
+
+    // A message without its back-check URL is refused; aborted, it calls nothing; submitted
+    // after an abort, it is refused.
+    let m = tc.new_gid().await;
+    let msg = json!({ "gid": m, "trans_type": "msg", "steps": [{ "action": p.op_url("a", "action") }], "payloads": ["{}"] });
+    assert_failure(tc.post("prepare", msg.clone()).await, 400);
+    let mut prepared = msg.clone();
+    prepared["query_prepared"] = json!(p.op_url("committed", "query"));
+    assert_ok(tc.post("prepare", prepared.clone()).await);
+    assert_ok(tc.post("prepare", prepared).await);
+    assert_eq!(tc.query(&m).await["transaction"]["status"], "prepared");
+    assert_ok(tc.post("abort", json!({ "gid": m, "trans_type": "msg" })).await);
+    assert_failure(tc.post("submit", msg).await, 409);
+    assert_eq!(tc.query(&m).await["transaction"]["status"], "failed");
+    assert!(p.calls(&m).is_empty());
     tc.stop().await;
 }
 

@@ -6,18 +6,18 @@
 //!
 //! - format 1: the layout before per-transaction options ([`TxOptions`]) existed; read with default
 //!   options, never written any more;
-//! - format 2: the layout before the bounded history ([`Transaction::history`]); read with an
-//!   empty history, never written any more;
-//! - format 3: the current layout (format 2's fields, then the history).
+//! - format 2: the layout before the bounded history ([`Transaction::history`]) and before sagas
+//!   and messages ([`TxKind`]); read with an empty history as TCC, never written any more;
+//! - format 3: the current layout (format 2's fields, then the history, then the kind).
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Branch, Decision, Gid, Timestamp, Transaction, TxOptions, TxState};
+use crate::model::{Branch, Decision, Gid, Timestamp, Transaction, TxKind, TxOptions, TxState};
 
 /// The format byte of records written before per-transaction options.
 pub const FORMAT_V1: u8 = 1;
-/// The format byte of records written before the history.
+/// The format byte of records written before the history and before sagas and messages.
 pub const FORMAT_V2: u8 = 2;
 /// The format byte of records written by this version.
 pub const FORMAT_V3: u8 = 3;
@@ -118,12 +118,13 @@ impl From<TransactionV1> for Transaction {
             options: TxOptions::default(),
             version: v.version,
             history: Vec::new(),
+            kind: TxKind::Tcc,
         }
     }
 }
 
-/// The format-2 layout: [`Transaction`] without `history`. Field order is the encoding: never
-/// change it.
+/// The format-2 layout: [`Transaction`] without `history` and `kind` (every transaction was TCC).
+/// Field order is the encoding: never change it.
 #[derive(Serialize, Deserialize)]
 struct TransactionV2 {
     gid: Gid,
@@ -158,6 +159,7 @@ impl From<TransactionV2> for Transaction {
             options: v.options,
             version: v.version,
             history: Vec::new(),
+            kind: TxKind::Tcc,
         }
     }
 }
@@ -233,6 +235,53 @@ mod tests {
         assert_eq!(back, tx);
     }
 
+    /// A format-2 record as the previous version wrote it (frozen bytes): read as a TCC
+    /// transaction, options kept.
+    #[test]
+    fn records_of_format_2_are_read_as_tcc() {
+        let gid: Gid = "g-2".parse().unwrap();
+        let old = TransactionV2 {
+            gid: gid.clone(),
+            state: TxState::Trying,
+            decision: None,
+            created_at: Timestamp(1),
+            updated_at: Timestamp(2),
+            deadline: Timestamp(3),
+            branches: Vec::new(),
+            attempts: 0,
+            last_error: None,
+            due_at: Some(Timestamp(3)),
+            lease_owner: None,
+            options: TxOptions { retry_interval_ms: Some(5), call_timeout_ms: None },
+            version: 1,
+        };
+        let mut bytes = vec![FORMAT_V2];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(
+            bytes,
+            [&[2u8, 3][..], b"g-2", &[0, 0, 1, 2, 3, 0, 0, 0, 1, 3, 0, 1, 5, 0, 1][..]].concat(),
+            "the frozen format-2 layout"
+        );
+        let tx = decode(&bytes).unwrap();
+        assert_eq!((&tx.gid, tx.state, tx.version), (&gid, TxState::Trying, 1));
+        assert_eq!(tx.options.retry_interval_ms, Some(5));
+        assert_eq!(tx.kind, TxKind::Tcc);
+        assert_eq!(encode(&tx).unwrap()[0], FORMAT_V3, "rewritten in the current format");
+    }
+
+    #[test]
+    fn sagas_and_messages_round_trip() {
+        use crate::model::{Msg, Saga, SagaStep};
+        let mut tx = crate::state::begin(Gid::generate(), Timestamp(5), Timestamp(10));
+        tx.kind = TxKind::Saga(Box::new(Saga {
+            concurrent: true,
+            steps: vec![SagaStep { compensate: "c".into(), after: vec![0, 2], started: true }],
+        }));
+        assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
+        tx.kind = TxKind::Msg(Box::new(Msg { query_prepared: "q".into() }));
+        assert_eq!(decode(&encode(&tx).unwrap()).unwrap(), tx);
+    }
+
     #[test]
     fn a_record_round_trips() {
         let tx = crate::state::begin(Gid::generate(), Timestamp(5), Timestamp(10));
@@ -250,6 +299,33 @@ mod tests {
             let bytes = encode(&tx).unwrap();
             prop_assert_eq!(state_and_updated_at(&bytes).unwrap(), (tx.state, tx.updated_at));
             prop_assert_eq!(decode(&bytes).unwrap(), tx);
+        }
+
+        /// Whatever a record holds (a saga's order naming steps that do not exist, steps and
+        /// branches of different lengths), the state machine answers every event without a panic.
+        #[test]
+        fn no_record_panics_the_state_machine(tx in fuzz::transaction(), now in 0u64..u64::MAX / 2) {
+            use crate::state::{apply, runnable_steps, Context, Event, LocalOutcome};
+            let ctx = Context { now: Timestamp(now), owner: "o", lease_until: Timestamp(now), max_branches: 8, max_tx_payload: 64 };
+            let _ = runnable_steps(&tx);
+            let ids: Vec<_> = tx.branches.iter().map(|b| b.id.clone()).collect();
+            for event in [
+                Event::Confirm,
+                Event::Cancel,
+                Event::DeadlineReached,
+                Event::OperatorRetry,
+                Event::OperatorForce(Decision::Cancel),
+                Event::OperatorForce(Decision::Confirm),
+                Event::StepsFinished { decision: Decision::Confirm, done: ids.clone(), failed: vec![], refused: None, retry_at: None },
+                Event::StepsFinished { decision: Decision::Confirm, done: vec![], failed: vec![], refused: ids.first().map(|i| (i.clone(), "409".into())), retry_at: None },
+                Event::StepsFinished { decision: Decision::Cancel, done: ids.clone(), failed: vec![], refused: None, retry_at: None },
+                Event::BackChecked { outcome: LocalOutcome::Committed, retry_at: None },
+                Event::BackChecked { outcome: LocalOutcome::Unknown("x".into()), retry_at: None },
+            ] {
+                if let Ok(crate::state::Transition::Changed(next, _)) = apply(&tx, &event, &ctx) {
+                    let _ = runnable_steps(&next);
+                }
+            }
         }
 
         /// Damaged copies of real records of either format: they reach the decoder proper (random
@@ -341,11 +417,11 @@ pub(crate) mod fuzz {
                 proptest::option::of("[a-z0-9-]{0,12}"),
                 (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
                 any::<u64>(),
-                history(),
+                (history(), kind()),
             ),
         )
             .prop_map(|((gid, state, decision, created_at, updated_at, deadline), rest)| {
-                let (branches, attempts, last_error, due_at, lease_owner, (retry, timeout), version, history) =
+                let (branches, attempts, last_error, due_at, lease_owner, (retry, timeout), version, (history, kind)) =
                     rest;
                 Transaction {
                     gid: gid.parse().expect("a valid gid"),
@@ -362,11 +438,25 @@ pub(crate) mod fuzz {
                     options: TxOptions { retry_interval_ms: retry, call_timeout_ms: timeout },
                     version,
                     history,
+                    kind,
                 }
             })
     }
 
-    /// The record of `tx` in format 1 (options and history dropped), 2 (history dropped) or 3.
+    fn kind() -> impl Strategy<Value = TxKind> {
+        use crate::model::{Msg, Saga, SagaStep};
+        let step = (".{0,16}", proptest::collection::vec(any::<u32>(), 0..3), any::<bool>())
+            .prop_map(|(compensate, after, started)| SagaStep { compensate, after, started });
+        prop_oneof![
+            Just(TxKind::Tcc),
+            (any::<bool>(), proptest::collection::vec(step, 0..4))
+                .prop_map(|(concurrent, steps)| TxKind::Saga(Box::new(Saga { concurrent, steps }))),
+            ".{0,16}".prop_map(|query_prepared| TxKind::Msg(Box::new(Msg { query_prepared }))),
+        ]
+    }
+
+    /// The record of `tx` in format 1 (options, history and kind dropped), 2 (history and kind dropped)
+    /// or 3.
     fn record(tx: Transaction, format: u8) -> Vec<u8> {
         if format == FORMAT_V2 {
             let old = TransactionV2 {

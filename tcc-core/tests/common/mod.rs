@@ -41,6 +41,9 @@ struct State {
     effects: HashMap<(Gid, BranchId), Effects>,
     calls: Vec<(Gid, BranchId, Decision)>,
     violations: Vec<String>,
+    /// What a message's back-check answers, by gid (unknown when absent).
+    local: HashMap<Gid, tcc_core::transport::LocalOutcome>,
+    back_checks: usize,
 }
 
 /// Participants living in memory, reached by target string. Confirm and cancel are idempotent per
@@ -65,6 +68,22 @@ impl Mem {
         self.state.lock().unwrap().violations.clone()
     }
 
+    /// What the back-check of message `gid` answers from now on.
+    pub fn set_local(&self, gid: &Gid, outcome: tcc_core::transport::LocalOutcome) {
+        self.state.lock().unwrap().local.insert(gid.clone(), outcome);
+    }
+
+    /// How many back-checks were called.
+    pub fn back_checks(&self) -> usize {
+        self.state.lock().unwrap().back_checks
+    }
+
+    /// The calls made for `gid`, in order: (branch, decision, target-independent).
+    pub fn calls_of(&self, gid: &Gid) -> Vec<(String, Decision)> {
+        let st = self.state.lock().unwrap();
+        st.calls.iter().filter(|(g, ..)| g == gid).map(|(_, b, d)| (b.to_string(), *d)).collect()
+    }
+
     pub fn heal_all(&self) {
         self.state.lock().unwrap().faults.clear();
     }
@@ -81,6 +100,18 @@ impl Mem {
 
 #[async_trait]
 impl Transport for Mem {
+    async fn back_check(
+        &self,
+        check: tcc_core::transport::BackCheckCall<'_>,
+    ) -> tcc_core::transport::LocalOutcome {
+        let mut st = self.state.lock().unwrap();
+        st.back_checks += 1;
+        st.local
+            .get(check.gid)
+            .cloned()
+            .unwrap_or_else(|| tcc_core::transport::LocalOutcome::Unknown("425 still running".into()))
+    }
+
     async fn call(&self, call: BranchCall<'_>) -> Result<(), CallError> {
         let mut answer_lost = false;
         let outcome = {

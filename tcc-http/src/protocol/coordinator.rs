@@ -113,6 +113,21 @@ pub(crate) fn whole_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<
     }
 }
 
+/// Step indexes, each a whole number (JSON writers may send `3.0`).
+pub(crate) fn whole_indexes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    let numbers = Option::<Vec<serde_json::Number>>::deserialize(d)?.unwrap_or_default();
+    numbers
+        .into_iter()
+        .map(|n| {
+            let whole =
+                n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+            whole
+                .and_then(|w| u32::try_from(w).ok())
+                .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a step index")))
+        })
+        .collect()
+}
+
 /// Register a branch before calling its try.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
@@ -128,6 +143,95 @@ pub struct RegisterRequest {
     /// UTF-8 text.
     #[serde(default)]
     pub payload: String,
+}
+
+/// Begin a saga and start running it (`POST /v1/sagas`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SagaRequest {
+    /// The id to use; a time-ordered one is generated when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Id>))]
+    pub gid: Option<String>,
+    /// Milliseconds until the deadline: a saga whose actions are not all done by then is
+    /// compensated. The server's default when absent.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub timeout_ms: Option<u64>,
+    /// Delay before the first retry of a failed call, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one call may take, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub call_timeout_ms: Option<u64>,
+    /// Run each step as soon as the steps in its `after` are done (otherwise one at a time, in
+    /// order).
+    #[serde(default)]
+    pub concurrent: bool,
+    /// The steps, in order.
+    #[serde(default, deserialize_with = "objects")]
+    pub steps: Vec<StepRequest>,
+}
+
+/// One step of a saga or message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StepRequest {
+    /// The step id, unique within the transaction.
+    #[cfg_attr(feature = "server", schema(value_type = Id))]
+    pub step: String,
+    /// The action's URL: the coordinator posts the payload to it, with the `tcc-gid`, `tcc-branch`
+    /// and `tcc-deadline` headers. 2xx is done; 409 (or another 4xx) refuses (a saga is then
+    /// compensated); 5xx, 408, 425, 429 and no answer are retried.
+    pub action: String,
+    /// The compensation's URL (sagas only; required there), called the same way.
+    #[serde(default)]
+    pub compensate: Option<String>,
+    /// The body of the action and the compensation, as UTF-8 text.
+    #[serde(default)]
+    pub payload: String,
+    /// Indexes of the steps that must be done before this one starts (concurrent sagas).
+    #[serde(default, deserialize_with = "whole_indexes")]
+    pub after: Vec<u32>,
+}
+
+/// Prepare a two-phase message, or send one at once (`POST /v1/messages`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    /// The id to use; a time-ordered one is generated when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Id>))]
+    pub gid: Option<String>,
+    /// Milliseconds until the coordinator asks `query_prepared` about a message still prepared.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub timeout_ms: Option<u64>,
+    /// Delay before the first retry of a failed call, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub retry_interval_ms: Option<u64>,
+    /// Longest one call may take, in milliseconds.
+    #[serde(default, deserialize_with = "whole_ms")]
+    #[cfg_attr(feature = "server", schema(minimum = 1))]
+    pub call_timeout_ms: Option<u64>,
+    /// The back-check: `GET {query_prepared}?gid=` answers 2xx once the local transaction
+    /// committed, 409 if it rolled back (or never will commit), anything else while unknown.
+    /// Required unless `submit`.
+    #[serde(default)]
+    pub query_prepared: Option<String>,
+    /// Submit at once (no local transaction to wait for); otherwise the message is prepared and
+    /// submitted with `POST /v1/transactions/{gid}/confirm`, aborted with `.../cancel`.
+    #[serde(default)]
+    pub submit: bool,
+    /// The actions, run in order once submitted (`compensate` and `after` must be absent).
+    #[serde(default, deserialize_with = "objects")]
+    pub steps: Vec<StepRequest>,
 }
 
 /// Force the outcome of a flagged transaction.
@@ -276,7 +380,7 @@ pub struct TransactionView {
     pub history: Vec<HistoryView>,
 }
 
-/// The kind of a transaction. Every transaction is a TCC one (try, then confirm or cancel) so far.
+/// The kind of a transaction (absent from older servers: `tcc`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -284,6 +388,37 @@ pub enum KindView {
     /// Try, then confirm or cancel every branch.
     #[default]
     Tcc,
+    /// A saga: actions, compensated in reverse order when one refuses.
+    Saga,
+    /// A two-phase message: actions that run if, and only if, the local transaction committed.
+    Msg,
+}
+
+impl KindView {
+    /// `tcc`, `saga` or `msg`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KindView::Tcc => "tcc",
+            KindView::Saga => "saga",
+            KindView::Msg => "msg",
+        }
+    }
+}
+
+impl From<&tcc_core::TxKind> for KindView {
+    fn from(k: &tcc_core::TxKind) -> KindView {
+        match k {
+            tcc_core::TxKind::Tcc => KindView::Tcc,
+            tcc_core::TxKind::Saga(_) => KindView::Saga,
+            tcc_core::TxKind::Msg(_) => KindView::Msg,
+        }
+    }
+}
+
+impl PartialEq<&str> for KindView {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// Per-transaction options, as given at begin.
@@ -397,7 +532,7 @@ impl From<&Transaction> for TransactionView {
             attempts: tx.attempts,
             last_error: tx.last_error.clone(),
             branches: tx.branches.iter().map(Into::into).collect(),
-            kind: KindView::Tcc,
+            kind: (&tx.kind).into(),
             options: tx.options.into(),
             history: tx.history.iter().map(Into::into).collect(),
         }

@@ -12,8 +12,12 @@ pub const RESULT_FAILURE: &str = "FAILURE";
 /// The result word of an operation still in progress.
 pub const RESULT_ONGOING: &str = "ONGOING";
 
-/// The only transaction type served.
+/// The transaction type of TCC.
 pub const TCC: &str = "tcc";
+/// The transaction type of sagas.
+pub const SAGA: &str = "saga";
+/// The transaction type of two-phase messages.
+pub const MSG: &str = "msg";
 
 /// Most bytes of a participant's answer read.
 pub const MAX_ANSWER: usize = 64 * 1024;
@@ -49,9 +53,65 @@ pub fn classify(op: &str, status: http::StatusCode, body: &[u8]) -> Result<(), C
     Err(CallError::Transient(format!("participant answered {status}{why} to {op}: {}", text())))
 }
 
+/// What a saga action's answer means: as [`classify`], except that a refusal (409 or `FAILURE`)
+/// is final ([`CallError::Permanent`]): the saga is compensated, as DTM's server does.
+pub fn classify_action(status: http::StatusCode, body: &[u8]) -> Result<(), CallError> {
+    let ongoing = status == http::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING);
+    if !ongoing && (status == http::StatusCode::CONFLICT || contains(body, RESULT_FAILURE)) {
+        let end = body.len().min(MAX_ERROR_TEXT);
+        return Err(CallError::Permanent(format!(
+            "participant answered {status} (failure) to action: {}",
+            String::from_utf8_lossy(&body[..end])
+        )));
+    }
+    classify("action", status, body)
+}
+
+/// What a message's back-check (`query_prepared`) answer means, as DTM reads it: a 2xx without
+/// `FAILURE` or `ONGOING` is committed; 409 or `FAILURE` rolled back; anything else (425 or
+/// `ONGOING`, other statuses) says nothing yet.
+pub fn classify_back_check(status: http::StatusCode, body: &[u8]) -> tcc_core::transport::LocalOutcome {
+    use tcc_core::transport::LocalOutcome;
+    let ongoing = status == http::StatusCode::TOO_EARLY || contains(body, RESULT_ONGOING);
+    let end = body.len().min(MAX_ERROR_TEXT);
+    let text = || String::from_utf8_lossy(&body[..end]).into_owned();
+    if ongoing {
+        LocalOutcome::Unknown(format!("back-check answered {status} (ongoing): {}", text()))
+    } else if status == http::StatusCode::CONFLICT || contains(body, RESULT_FAILURE) {
+        LocalOutcome::RolledBack
+    } else if status.is_success() {
+        LocalOutcome::Committed
+    } else {
+        LocalOutcome::Unknown(format!("back-check answered {status}: {}", text()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saga_action_refusal_is_final_and_a_back_check_reads_dtm_words() {
+        use http::StatusCode as S;
+        use tcc_core::transport::LocalOutcome as L;
+        let action = |s: S, body: &str| match classify_action(s, body.as_bytes()) {
+            Ok(()) => "ok",
+            Err(CallError::Transient(_)) => "transient",
+            Err(CallError::Permanent(_)) => "refused",
+        };
+        assert_eq!(action(S::OK, r#"{"dtm_result":"SUCCESS"}"#), "ok");
+        assert_eq!(action(S::CONFLICT, ""), "refused");
+        assert_eq!(action(S::OK, r#"{"dtm_result":"FAILURE"}"#), "refused");
+        assert_eq!(action(S::TOO_EARLY, ""), "transient");
+        assert_eq!(action(S::INTERNAL_SERVER_ERROR, "oops"), "transient");
+        let check = |s: S, body: &str| classify_back_check(s, body.as_bytes());
+        assert_eq!(check(S::OK, r#"{"dtm_result":"SUCCESS"}"#), L::Committed);
+        assert_eq!(check(S::CONFLICT, ""), L::RolledBack);
+        assert_eq!(check(S::OK, "FAILURE"), L::RolledBack);
+        assert!(matches!(check(S::OK, "ONGOING"), L::Unknown(_)));
+        assert!(matches!(check(S::INTERNAL_SERVER_ERROR, ""), L::Unknown(_)));
+        assert!(matches!(check(S::NOT_FOUND, ""), L::Unknown(_)));
+    }
 
     #[test]
     fn only_a_success_is_final_everything_else_is_retried_as_dtm_retries_it() {

@@ -1,5 +1,6 @@
-//! The DTM-compatible API: DTM's TCC protocol under `/api/dtmsvr`, so that unmodified DTM clients
-//! (for example the PyPI package `dtmcli` or Go's `dtmcli`) run their TCC transactions on tcc.
+//! The DTM-compatible API: DTM's TCC, saga and two-phase message protocols under `/api/dtmsvr`, so
+//! that unmodified DTM clients (for example the PyPI package `dtmcli` or Go's `dtmcli`) run their
+//! transactions on tcc.
 //!
 //! # Calls
 //!
@@ -11,12 +12,49 @@
 //! | `POST submit` | `{"gid", "trans_type", "wait_result"?}` | decides confirm |
 //! | `POST abort` | `{"gid", "trans_type", "wait_result"?}` | decides cancel |
 //! | `GET query?gid=` | | `{"transaction": {...}, "branches": [...]}` |
+//! | `POST submit` (`trans_type: "saga"`) | `{"gid", "steps": [{"action", "compensate"}], "payloads": [...], "custom_data"?, TransOptions...}` | begins the saga and runs it; again: success |
+//! | `POST prepare` (`trans_type: "msg"`) | `{"gid", "steps": [{"action"}], "payloads", "query_prepared", TransOptions...}` | prepares the message; again while prepared: success |
+//! | `POST submit` (`trans_type: "msg"`) | `{"gid", ...}` | submits a prepared message; one never prepared is prepared and submitted at once (with its `steps`) |
+//! | `POST abort` (`trans_type: "msg"`) | `{"gid"}` | aborts a prepared message: no action is ever called |
 //!
 //! The try is called by the client itself, as in DTM. Fields DTM clients send that mean nothing for
-//! TCC (`custom_data`, `steps`, `payloads`, `concurrent`, `rollback_reason`, ...) are ignored.
-//! Options tcc cannot honour are refused at `prepare` with 400 rather than silently dropped:
-//! non-empty `branch_headers` or `passthrough_headers`, and a `protocol` other than HTTP. Only TCC
-//! transactions are served: a `trans_type` other than `tcc` is refused with 400 (absent means `tcc`).
+//! a kind (`custom_data` for TCC, `rollback_reason`, ...) are ignored. Options tcc cannot honour are
+//! refused with 400 rather than silently dropped: non-empty `branch_headers`, `passthrough_headers`
+//! or `bin_payloads` (Go's byte payloads; send `payloads`), and a `protocol` other than HTTP. A
+//! `trans_type` other than `tcc`, `saga` and `msg` is refused with 400 (absent means `tcc`), and so
+//! is a kind on a call it has no use for (`registerBranch` of a saga, `prepare` or `abort` of a saga).
+//!
+//! # Sagas
+//!
+//! Step `i` (from 0) is DTM branch `01`, `02`, ...: its action and compensation are called with
+//! `trans_type=saga`, `op=action` or `op=compensate`, its payload as the body. Steps run one at a
+//! time in order; with `custom_data` `{"concurrent": true, "orders": {"2": [0, 1]}}` (or a top-level
+//! `"concurrent": true`) every step runs as soon as the steps its `orders` entry names are done
+//! (an order naming a missing step, or a cycle, is refused with 400, nothing stored). An action
+//! answering 409 or `FAILURE` fails the saga: every step that ran or may have run is compensated, in
+//! reverse order, and later steps never run. Any other failure is retried under the retry policy.
+//! A compensation is retried until it succeeds; the saga is flagged once the policy is spent. A
+//! saga still running at its deadline (`timeout_to_fail`, or the server's default) starts no new
+//! action and is compensated. `wait_result` answers 200 once the saga succeeded and 409 `FAILURE`
+//! once it failed (compensated), as DTM does.
+//!
+//! Differences from DTM: DTM remembers which actions it started only in memory, so a saga that
+//! fails after a coordinator restart compensates only the actions recorded as finished; tcc records
+//! each round before the next starts and compensates every step whose predecessors were done (an
+//! empty compensation where the action never ran, which the participant's barrier absorbs). DTM
+//! retries failing compensations forever in silence; tcc flags the saga for an operator. DTM's
+//! default `timeout_to_fail` for a saga is none; tcc's is the server's default timeout. Every step
+//! needs both URLs (DTM allows an empty compensation).
+//!
+//! # Messages
+//!
+//! A message's actions are called in order with `trans_type=msg`, `op=action`, each until it
+//! succeeds (flagged once the retry policy is spent). A message still prepared at its deadline is
+//! resolved by `GET query_prepared` with `gid`, `trans_type=msg`, `branch_id=00`, `op=msg` (as DTM
+//! and `dtmcli`'s `do_and_submit` ask it): a 2xx without `FAILURE` or `ONGOING` submits it; 409 or
+//! `FAILURE` aborts it; anything else asks again later, with backoff, and flags it once the policy
+//! is spent (DTM asks forever). A submit is accepted whenever the message is prepared, even past
+//! its deadline: the local transaction committed, which is all a submit says.
 //!
 //! # Results
 //!
@@ -50,13 +88,16 @@
 //! | cancelled | `failed` |
 //! | flagged, decision confirm | `submitted` |
 //! | flagged, decision cancel | `aborting` |
+//! | flagged, no decision (a message whose back-check gave up) | `prepared` |
 //!
 //! A flagged transaction keeps its decision's working word: in DTM a transaction whose phase two
 //! keeps failing stays `submitted` or `aborting`, and a DTM client must not read it as finished. The
 //! flag itself is visible in `query` under `transaction.tcc` (`state: "flagged"`, `flagged: true`,
 //! `last_error`), and in tcc's native API, logs and metrics.
 //!
-//! `query` lists each TCC branch as DTM stores it: two rows, `op: "cancel"` then `op: "confirm"`,
+//! `query` names the kind in `trans_type` (`tcc`, `saga`, `msg`); a saga's step is two rows
+//! (`compensate`, then `action`), a message's one (`action`), and a message's `query_prepared` is
+//! in the transaction. `query` lists each TCC branch as DTM stores it: two rows, `op: "cancel"` then `op: "confirm"`,
 //! with `url`, `bin_data` (the registered `data`, base64 as Go encodes bytes) and `status`
 //! (`prepared`, or `succeed` for the operation phase two completed). An unknown gid is answered as
 //! DTM does: 200 with `"transaction": null` and no branches.
@@ -107,13 +148,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tcc_core::{BranchId, BranchState, Decision, Gid, Transaction, TxOptions, TxState};
+use tcc_core::{
+    BranchId, BranchState, Decision, Gid, NewBranch, NewStep, Transaction, TxKind, TxOptions, TxState,
+};
 use url::Url;
 
 use crate::error::ApiError;
-use crate::protocol::dtm::{RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, TCC};
+use crate::protocol::dtm::{MSG, RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, SAGA, TCC};
 use crate::server::AppState;
-use crate::target::Target;
+use crate::target::{StepStyle, Target};
 
 /// DTM's status of a transaction that is prepared (tcc: trying).
 pub const STATUS_PREPARED: &str = "prepared";
@@ -149,6 +192,8 @@ pub fn status(tx: &Transaction) -> &'static str {
         TxState::Cancelled => STATUS_FAILED,
         TxState::Flagged => match tx.decision {
             Some(Decision::Cancel) => STATUS_ABORTING,
+            // A message whose back-check gave up: still waiting for its local transaction's word.
+            None if matches!(tx.kind, TxKind::Msg(_)) => STATUS_PREPARED,
             // A flagged transaction always has a decision; confirm is the one that needs an operator
             // most, so an impossible missing one is not shown as finished either.
             Some(Decision::Confirm) | None => STATUS_SUBMITTED,
@@ -271,6 +316,32 @@ struct TransBody {
     passthrough_headers: Option<Vec<String>>,
     #[serde(default)]
     protocol: Option<String>,
+    /// Saga and message steps: `{"action", "compensate"}` (saga) or `{"action"}` (message).
+    #[serde(default)]
+    steps: Option<Vec<HashMap<String, String>>>,
+    /// One body per step (JSON text as DTM's clients send it).
+    #[serde(default)]
+    payloads: Option<Vec<String>>,
+    /// Go's clients send bytes here (base64); not read, so refused when given.
+    #[serde(default)]
+    bin_payloads: Option<Vec<Value>>,
+    /// A saga's `{"orders": {"1": [0]}, "concurrent": true}`, as JSON text.
+    #[serde(default)]
+    custom_data: Option<String>,
+    #[serde(default)]
+    concurrent: Option<bool>,
+    /// A message's back-check URL.
+    #[serde(default)]
+    query_prepared: Option<String>,
+}
+
+/// A saga's `custom_data`.
+#[derive(Debug, Default, Deserialize)]
+struct SagaCustom {
+    #[serde(default)]
+    orders: HashMap<String, Vec<u32>>,
+    #[serde(default)]
+    concurrent: bool,
 }
 
 /// The raw body, with the body-limit rejection answered the DTM way.
@@ -286,13 +357,95 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
     serde_json::from_slice(&bytes).map_err(|e| DtmError::malformed(format!("invalid JSON body: {e}")))
 }
 
-fn check_trans_type(trans_type: Option<&str>) -> Result<(), DtmError> {
-    match trans_type {
-        None | Some(TCC) => Ok(()),
-        Some(other) => Err(DtmError::malformed(format!(
-            "trans_type {other:?} is not served: this coordinator serves DTM's TCC protocol only"
-        ))),
+/// The transaction type named (absent means `tcc`), if it is one of `served`.
+fn check_trans_type(trans_type: Option<&str>, served: &[&'static str]) -> Result<&'static str, DtmError> {
+    let named = trans_type.unwrap_or(TCC);
+    served.iter().copied().find(|t| *t == named).ok_or_else(|| {
+        DtmError::malformed(format!(
+            "trans_type {named:?} is not served here: this call takes {}",
+            served.join(", ")
+        ))
+    })
+}
+
+/// The options every kind reads at `prepare` (or a saga's `submit`), with the body's checks.
+fn trans_options(state: &AppState, req: &TransBody) -> Result<(Duration, TxOptions), DtmError> {
+    if req.branch_headers.as_ref().is_some_and(|h| !h.is_empty()) {
+        return Err(DtmError::malformed("branch_headers are not supported by this coordinator"));
     }
+    if req.passthrough_headers.as_ref().is_some_and(|h| !h.is_empty()) {
+        return Err(DtmError::malformed("passthrough_headers are not supported by this coordinator"));
+    }
+    if let Some(p) = req.protocol.as_deref().filter(|p| !p.is_empty() && *p != "http") {
+        return Err(DtmError::malformed(format!(
+            "protocol {p:?} is not supported: branches are called over HTTP"
+        )));
+    }
+    let timeout = match seconds("timeout_to_fail", req.timeout_to_fail)? {
+        Some(s) => Duration::from_secs(s),
+        None => state.config.default_timeout,
+    };
+    let options = TxOptions {
+        retry_interval_ms: millis("retry_interval", seconds("retry_interval", req.retry_interval)?)?,
+        call_timeout_ms: millis("request_timeout", seconds("request_timeout", req.request_timeout)?)?,
+    };
+    Ok((timeout, options))
+}
+
+/// One step of a saga or message as sent: its DTM branch id (`01`, `02`, ...), its action, its
+/// compensation (sagas) and its body.
+struct WireStep {
+    id: BranchId,
+    action: Target,
+    compensate: Option<Target>,
+    payload: Vec<u8>,
+}
+
+/// The `steps` and `payloads` of a saga or message, each URL checked against the allow-list.
+fn wire_steps(
+    state: &AppState,
+    req: &TransBody,
+    trans_type: &'static str,
+) -> Result<Vec<WireStep>, DtmError> {
+    if req.bin_payloads.as_ref().is_some_and(|p| !p.is_empty()) {
+        return Err(DtmError::malformed("bin_payloads are not supported: send payloads (JSON text)"));
+    }
+    let steps = req.steps.as_deref().unwrap_or_default();
+    let payloads = req.payloads.as_deref().unwrap_or_default();
+    if !payloads.is_empty() && payloads.len() != steps.len() {
+        return Err(DtmError::malformed(format!(
+            "{} steps but {} payloads: give one payload per step",
+            steps.len(),
+            payloads.len()
+        )));
+    }
+    let url = |step: &HashMap<String, String>, i: usize, op: &'static str| -> Result<Target, DtmError> {
+        match step.get(op).map(String::as_str) {
+            None | Some("") => Err(DtmError::malformed(format!("step {i} has no {op} URL"))),
+            Some(u) => {
+                let url =
+                    Url::parse(u).map_err(|e| DtmError::malformed(format!("invalid {op} URL {u:?}: {e}")))?;
+                let target = Target::Step { style: StepStyle::Dtm { trans_type, op }, url };
+                state.check_target(&target)?;
+                Ok(target)
+            }
+        }
+    };
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let id = format!("{:02}", i + 1)
+                .parse()
+                .map_err(|e: tcc_core::Error| DtmError::malformed(e.to_string()))?;
+            Ok(WireStep {
+                id,
+                action: url(step, i, "action")?,
+                compensate: if trans_type == SAGA { Some(url(step, i, "compensate")?) } else { None },
+                payload: payloads.get(i).map(|p| p.as_bytes().to_vec()).unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 fn parse_gid(gid: Option<&str>) -> Result<Gid, DtmError> {
@@ -327,27 +480,12 @@ async fn new_gid() -> Response {
 
 async fn prepare(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Answer {
     let req: TransBody = parse_json(body)?;
-    check_trans_type(req.trans_type.as_deref())?;
+    let trans_type = check_trans_type(req.trans_type.as_deref(), &[TCC, MSG])?;
     let gid = parse_gid(req.gid.as_deref())?;
-    if req.branch_headers.as_ref().is_some_and(|h| !h.is_empty()) {
-        return Err(DtmError::malformed("branch_headers are not supported by this coordinator"));
+    let (timeout, options) = trans_options(&state, &req)?;
+    if trans_type == MSG {
+        return prepare_message(&state, &req, gid, timeout, options).await;
     }
-    if req.passthrough_headers.as_ref().is_some_and(|h| !h.is_empty()) {
-        return Err(DtmError::malformed("passthrough_headers are not supported by this coordinator"));
-    }
-    if let Some(p) = req.protocol.as_deref().filter(|p| !p.is_empty() && *p != "http") {
-        return Err(DtmError::malformed(format!(
-            "protocol {p:?} is not supported: branches are called over HTTP"
-        )));
-    }
-    let timeout = match seconds("timeout_to_fail", req.timeout_to_fail)? {
-        Some(s) => Duration::from_secs(s),
-        None => state.config.default_timeout,
-    };
-    let options = TxOptions {
-        retry_interval_ms: millis("retry_interval", seconds("retry_interval", req.retry_interval)?)?,
-        call_timeout_ms: millis("request_timeout", seconds("request_timeout", req.request_timeout)?)?,
-    };
     match state.coordinator.begin_with(Some(gid.clone()), timeout, options).await {
         Ok(_) => Ok(success()),
         Err(tcc_core::Error::AlreadyExists(_)) => {
@@ -366,11 +504,52 @@ async fn prepare(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRe
     }
 }
 
+/// `prepare` of a message: stored prepared with its steps and back-check; again while it is
+/// prepared: success.
+async fn prepare_message(
+    state: &AppState,
+    req: &TransBody,
+    gid: Gid,
+    timeout: Duration,
+    options: TxOptions,
+) -> Answer {
+    let steps = wire_steps(state, req, MSG)?;
+    let query = match req.query_prepared.as_deref() {
+        None | Some("") => {
+            return Err(DtmError::malformed("a message is prepared with a query_prepared URL"));
+        }
+        Some(u) => Url::parse(u)
+            .map_err(|e| DtmError::malformed(format!("invalid query_prepared URL {u:?}: {e}")))?,
+    };
+    let query = Target::Step { style: StepStyle::Dtm { trans_type: MSG, op: "msg" }, url: query };
+    state.check_target(&query)?;
+    let steps = steps
+        .into_iter()
+        .map(|s| NewBranch { id: s.id, target: s.action.encode(), payload: s.payload })
+        .collect();
+    match state.coordinator.prepare_message(Some(gid.clone()), timeout, options, steps, query.encode()).await
+    {
+        Ok(_) => Ok(success()),
+        Err(tcc_core::Error::AlreadyExists(_)) => {
+            let tx = state.coordinator.get(&gid).await?;
+            if tx.state == TxState::Trying && matches!(tx.kind, TxKind::Msg(_)) {
+                Ok(success())
+            } else {
+                Err(DtmError::refused(
+                    "illegal_transition",
+                    format!("current status '{}', cannot prepare", status(&tx)),
+                ))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn register_branch(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Answer {
     // DTM reads this body as a map of strings: any other JSON type is a malformed request.
     let req: HashMap<String, String> = parse_json(body)?;
     let field = |name: &str| req.get(name).map(String::as_str);
-    check_trans_type(field("trans_type"))?;
+    check_trans_type(field("trans_type"), &[TCC])?;
     let gid = parse_gid(field("gid"))?;
     let branch: BranchId = match field("branch_id") {
         None | Some("") => return Err(DtmError::malformed("no branch_id specified")),
@@ -401,9 +580,17 @@ async fn abort(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesReje
 
 async fn decide(state: &AppState, body: Result<Bytes, BytesRejection>, decision: Decision) -> Answer {
     let req: TransBody = parse_json(body)?;
-    check_trans_type(req.trans_type.as_deref())?;
+    let served: &[&'static str] = match decision {
+        Decision::Confirm => &[TCC, SAGA, MSG],
+        Decision::Cancel => &[TCC, MSG],
+    };
+    let trans_type = check_trans_type(req.trans_type.as_deref(), served)?;
     let gid = parse_gid(req.gid.as_deref())?;
     let tc = &state.coordinator;
+    if decision == Decision::Confirm && trans_type != TCC {
+        let tx = submit_steps(state, &req, gid.clone(), trans_type).await?;
+        return answer_after(state, &req, tx, decision).await;
+    }
     let decided = match decision {
         Decision::Confirm => tc.confirm(&gid).await,
         Decision::Cancel => tc.cancel(&gid).await,
@@ -424,6 +611,83 @@ async fn decide(state: &AppState, body: Result<Bytes, BytesRejection>, decision:
         }
         Err(e) => return Err(e.into()),
     };
+    answer_after(state, &req, tx, decision).await
+}
+
+/// `submit` of a saga (begun and started here) or a message (submitted once prepared, or prepared
+/// and submitted at once, as DTM lets a client do). Submitting again is answered as the first.
+async fn submit_steps(
+    state: &AppState,
+    req: &TransBody,
+    gid: Gid,
+    trans_type: &'static str,
+) -> Result<Transaction, DtmError> {
+    let tc = &state.coordinator;
+    let existing = match tc.get(&gid).await {
+        Ok(tx) => Some(tx),
+        Err(tcc_core::Error::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let refused = |tx: &Transaction| {
+        DtmError::refused("illegal_transition", format!("current status '{}', cannot submit", status(tx)))
+    };
+    match (existing, trans_type) {
+        (Some(tx), SAGA) if matches!(tx.kind, TxKind::Saga(_)) => Ok(tx),
+        (Some(tx), MSG) if matches!(tx.kind, TxKind::Msg(_)) => match tc.confirm(&gid).await {
+            Ok(tx) => Ok(tx),
+            Err(tcc_core::Error::IllegalTransition { .. }) => Err(refused(&tc.get(&gid).await?)),
+            Err(e) => Err(e.into()),
+        },
+        (Some(tx), _) => Err(refused(&tx)),
+        (None, SAGA) => {
+            let (timeout, options) = trans_options(state, req)?;
+            let custom: SagaCustom = match req.custom_data.as_deref() {
+                None | Some("") => SagaCustom::default(),
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| DtmError::malformed(format!("invalid custom_data: {e}")))?,
+            };
+            let concurrent = custom.concurrent || req.concurrent == Some(true);
+            let mut steps = Vec::new();
+            for (i, s) in wire_steps(state, req, SAGA)?.into_iter().enumerate() {
+                let after = if concurrent {
+                    custom.orders.get(&i.to_string()).cloned().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let compensate = s.compensate.map(|c| c.encode()).unwrap_or_default();
+                steps.push(NewStep {
+                    id: s.id,
+                    action: s.action.encode(),
+                    compensate,
+                    payload: s.payload,
+                    after,
+                });
+            }
+            if let Some(k) =
+                custom.orders.keys().find(|k| k.parse::<usize>().map_or(true, |i| i >= steps.len()))
+            {
+                return Err(DtmError::malformed(format!(
+                    "custom_data orders name step {k:?}, which does not exist"
+                )));
+            }
+            Ok(tc.begin_saga(Some(gid), timeout, options, steps, concurrent).await?)
+        }
+        (None, _) => {
+            let (timeout, options) = trans_options(state, req)?;
+            let steps = wire_steps(state, req, MSG)?
+                .into_iter()
+                .map(|s| NewBranch { id: s.id, target: s.action.encode(), payload: s.payload })
+                .collect();
+            Ok(tc.submit_message(Some(gid), timeout, options, steps).await?)
+        }
+    }
+}
+
+/// The answer to a decision: at once, or with `wait_result` once the transaction is final or
+/// flagged, or the wait is over. A saga that ended compensated answers 409 `FAILURE`, as DTM does.
+async fn answer_after(state: &AppState, req: &TransBody, tx: Transaction, decision: Decision) -> Answer {
+    let tc = &state.coordinator;
+    let gid = tx.gid.clone();
     if req.wait_result != Some(true) {
         return Ok(success());
     }
@@ -434,6 +698,15 @@ async fn decide(state: &AppState, body: Result<Bytes, BytesRejection>, decision:
         .unwrap_or(tc.config().retry.call_timeout)
         .min(MAX_WAIT);
     let tx = tc.wait(&gid, per_call).await?;
+    if matches!(tx.kind, TxKind::Saga(_)) && tx.state == TxState::Cancelled {
+        return Err(DtmError::refused(
+            "saga_failed",
+            format!(
+                "the saga failed and its steps were compensated: {}",
+                tx.last_error.as_deref().map(neutral).unwrap_or_default()
+            ),
+        ));
+    }
     if tx.state == decision.final_state() {
         Ok(success())
     } else if tx.state == TxState::Flagged {
@@ -486,13 +759,13 @@ fn ceil_secs(ms: u64) -> u64 {
 fn render(tx: &Transaction) -> Value {
     let mut t = json!({
         "gid": tx.gid.as_str(),
-        "trans_type": TCC,
+        "trans_type": tx.kind.as_str(),
         "status": status(tx),
         "protocol": "http",
         "create_time": rfc3339(tx.created_at.0),
         "update_time": rfc3339(tx.updated_at.0),
         "timeout_to_fail": ceil_secs(tx.deadline.0.saturating_sub(tx.created_at.0)),
-        "concurrent": false,
+        "concurrent": matches!(&tx.kind, TxKind::Saga(s) if s.concurrent),
         "tcc": {
             "state": tx.state.as_str(),
             "decision": tx.decision.map(|d| d.to_string()),
@@ -513,11 +786,50 @@ fn render(tx: &Transaction) -> Value {
     if let Some(ms) = tx.options.call_timeout_ms {
         t["request_timeout"] = json!(ceil_secs(ms));
     }
+    if let TxKind::Msg(m) = &tx.kind
+        && let Ok(Target::Step { url, .. }) = Target::parse(&m.query_prepared)
+    {
+        t["query_prepared"] = json!(url.to_string());
+    }
     let mut branches = Vec::with_capacity(tx.branches.len() * 2);
+    let row = |b: &tcc_core::Branch, op: &str, url: String, done: bool| {
+        json!({
+            "gid": tx.gid.as_str(),
+            "url": url,
+            "bin_data": base64(&b.payload),
+            "branch_id": b.id.as_str(),
+            "op": op,
+            "status": if done { STATUS_SUCCEED } else { STATUS_PREPARED },
+            "tcc": { "last_error": b.last_error.as_deref().map(neutral) },
+        })
+    };
+    let step_url = |target: &str| match Target::parse(target) {
+        Ok(Target::Step { url, .. }) => url.to_string(),
+        _ => target.to_owned(),
+    };
+    match &tx.kind {
+        TxKind::Tcc => {}
+        TxKind::Saga(saga) => {
+            // DTM stores a saga step as a compensate row, then an action row.
+            for (b, step) in tx.branches.iter().zip(&saga.steps) {
+                let compensated = b.state == BranchState::Cancelled;
+                branches.push(row(b, "compensate", step_url(&step.compensate), compensated));
+                let acted = b.state == BranchState::Confirmed || (compensated && step.started);
+                branches.push(row(b, "action", step_url(&b.target), acted));
+            }
+            return json!({ "transaction": t, "branches": branches });
+        }
+        TxKind::Msg(_) => {
+            for b in &tx.branches {
+                branches.push(row(b, "action", step_url(&b.target), b.state == BranchState::Confirmed));
+            }
+            return json!({ "transaction": t, "branches": branches });
+        }
+    }
     for b in &tx.branches {
         let (confirm_url, cancel_url) = match Target::parse(&b.target) {
             Ok(Target::Dtm { confirm, cancel }) => (confirm.to_string(), cancel.to_string()),
-            Ok(Target::Native(u)) => (u.to_string(), u.to_string()),
+            Ok(Target::Native(u) | Target::Step { url: u, .. }) => (u.to_string(), u.to_string()),
             Err(_) => (b.target.clone(), b.target.clone()),
         };
         // DTM stores a TCC branch as a cancel row, then a confirm row.

@@ -29,7 +29,8 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
     info(title = "tcc coordinator", description = "Try-Confirm-Cancel transaction coordinator. Mutating calls need `Authorization: Bearer TOKEN` when the server has a token. The DTM-compatible API under /api/dtmsvr follows DTM's own documentation."),
     paths(
         native::begin, native::list, native::get_one, native::register, native::confirm, native::cancel,
-        native::retry, native::force, native::overview, super::batch::batch, healthz, readyz, metrics
+        native::retry, native::force, native::overview, super::batch::batch, native::begin_saga,
+        native::prepare_message, healthz, readyz, metrics
     ),
     components(schemas(ErrorBody, native::Id)),
     modifiers(&BearerAuth),

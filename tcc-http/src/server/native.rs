@@ -12,6 +12,8 @@
 //! | operator retry | `POST /v1/transactions/{gid}/retry` | the transaction |
 //! | operator force | `POST /v1/transactions/{gid}/force` | the transaction |
 //! | several begins, confirms and cancels | `POST /v1/batch` | a line per operation (see [`super::batch`]) |
+//! | begin and run a saga | `POST /v1/sagas` | 201, the transaction |
+//! | prepare (or send at once) a message | `POST /v1/messages` | 201, the transaction; submit and abort it with confirm and cancel |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,19 +24,19 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use tcc_core::store::{ListQuery, MAX_PAGE};
-use tcc_core::{BranchId, Decision, Gid, NewBranch, Transaction, TxOptions};
+use tcc_core::{BranchId, Decision, Gid, NewBranch, NewStep, Transaction, TxOptions};
 use utoipa::IntoParams;
 
 use super::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::protocol::ErrorBody;
-use crate::target::Target;
+use crate::target::{StepStyle, Target};
 
 pub(crate) use crate::protocol::coordinator::parse_gid;
 pub use crate::protocol::coordinator::{
     BeginRequest, BranchStateView, BranchView, CountsView, DecisionView, ForceRequest, HappeningView,
-    HistoryView, Id, KindView, ListView, MAX_WAIT, OptionsView, OverviewView, RegisterRequest, SlotView,
-    StateView, TransactionView,
+    HistoryView, Id, KindView, ListView, MAX_WAIT, MessageRequest, OptionsView, OverviewView, RegisterRequest,
+    SagaRequest, SlotView, StateView, StepRequest, TransactionView,
 };
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
@@ -48,6 +50,107 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/transactions/{gid}/force", post(force))
         .route("/v1/overview", get(overview))
         .route(super::batch::BATCH_PATH, post(super::batch::batch))
+        .route("/v1/sagas", post(begin_saga))
+        .route("/v1/messages", post(prepare_message))
+}
+
+/// A step URL as the engine stores it: checked against the allow-list, called as is.
+fn step_target(state: &AppState, url: &str) -> Result<String, ApiError> {
+    let url = state.config.allow.check(url).map_err(ApiError::participant_not_allowed)?;
+    Ok(Target::Step { style: StepStyle::Native, url }.encode())
+}
+
+fn step_id(step: &str) -> Result<BranchId, ApiError> {
+    step.parse().map_err(|e: tcc_core::Error| ApiError::malformed(e.to_string()))
+}
+
+fn timing(
+    state: &AppState,
+    timeout_ms: Option<u64>,
+    retry: Option<u64>,
+    call: Option<u64>,
+) -> (Duration, TxOptions) {
+    let timeout = timeout_ms.map_or(state.config.default_timeout, Duration::from_millis);
+    (timeout, TxOptions { retry_interval_ms: retry, call_timeout_ms: call })
+}
+
+/// Begins a saga and starts running it: its actions one at a time in order (or, `concurrent`, each
+/// once the steps in its `after` are done). An action refusing (409 or another 4xx) fails the saga:
+/// the steps that ran or may have run are compensated in reverse order; a saga still running at
+/// its deadline is compensated too. Wait for the outcome with `GET /v1/transactions/{gid}`.
+#[utoipa::path(post, path = "/v1/sagas", tag = "sagas and messages", request_body = SagaRequest,
+    responses(
+        (status = 201, description = "Begun and on disk; its steps run in the background", body = TransactionView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "The id exists already", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "A step without a compensation, an order naming a missing step or with a cycle, a participant URL not allowed, an option out of range, or limits exceeded", body = ErrorBody),
+    ))]
+pub async fn begin_saga(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<SagaRequest>,
+) -> Result<(StatusCode, ApiJson<TransactionView>), ApiError> {
+    let gid = req.gid.as_deref().map(parse_gid).transpose()?;
+    let (timeout, options) = timing(&state, req.timeout_ms, req.retry_interval_ms, req.call_timeout_ms);
+    let mut steps = Vec::with_capacity(req.steps.len());
+    for s in req.steps {
+        let compensate = s.compensate.as_deref().ok_or_else(|| {
+            ApiError::from(tcc_core::Error::InvalidInput(format!("step {} has no compensate URL", s.step)))
+        })?;
+        steps.push(NewStep {
+            id: step_id(&s.step)?,
+            action: step_target(&state, &s.action)?,
+            compensate: step_target(&state, compensate)?,
+            payload: s.payload.into_bytes(),
+            after: s.after,
+        });
+    }
+    let tx = state.coordinator.begin_saga(gid, timeout, options, steps, req.concurrent).await?;
+    Ok((StatusCode::CREATED, view(&tx)))
+}
+
+/// Prepares a two-phase message (its actions run, in order, once it is submitted with
+/// `POST /v1/transactions/{gid}/confirm`; aborted with `.../cancel`, none ever runs), or sends one
+/// at once with `submit`. A message still prepared at its deadline is resolved by its
+/// `query_prepared`.
+#[utoipa::path(post, path = "/v1/messages", tag = "sagas and messages", request_body = MessageRequest,
+    responses(
+        (status = 201, description = "Prepared (or submitted) and on disk", body = TransactionView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "The id exists already", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "No query_prepared for a prepared message, a step with a compensation or an order, a participant URL not allowed, an option out of range, or limits exceeded", body = ErrorBody),
+    ))]
+pub async fn prepare_message(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<MessageRequest>,
+) -> Result<(StatusCode, ApiJson<TransactionView>), ApiError> {
+    let gid = req.gid.as_deref().map(parse_gid).transpose()?;
+    let (timeout, options) = timing(&state, req.timeout_ms, req.retry_interval_ms, req.call_timeout_ms);
+    let invalid = |m: String| ApiError::from(tcc_core::Error::InvalidInput(m));
+    let mut steps = Vec::with_capacity(req.steps.len());
+    for s in req.steps {
+        if s.compensate.is_some() || !s.after.is_empty() {
+            return Err(invalid(format!("message step {} takes neither compensate nor after", s.step)));
+        }
+        steps.push(NewBranch {
+            id: step_id(&s.step)?,
+            target: step_target(&state, &s.action)?,
+            payload: s.payload.into_bytes(),
+        });
+    }
+    let tc = &state.coordinator;
+    let tx = if req.submit {
+        tc.submit_message(gid, timeout, options, steps).await?
+    } else {
+        let query = req.query_prepared.as_deref().ok_or_else(|| {
+            invalid("a message is prepared with a query_prepared URL (or sent at once with submit)".into())
+        })?;
+        tc.prepare_message(gid, timeout, options, steps, step_target(&state, query)?).await?
+    };
+    Ok((StatusCode::CREATED, view(&tx)))
 }
 
 /// Optionally wait for phase two to finish before answering.
@@ -258,16 +361,50 @@ pub async fn list(
         return Err(ApiError::malformed(format!("limit must be between 1 and {MAX_PAGE}")));
     }
     let after = params.after.as_deref().map(parse_gid).transpose()?;
-    // Every transaction is a TCC one so far: the kind filter keeps them all.
-    let KindView::Tcc = params.kind.unwrap_or_default();
     let newest_first = params.order.unwrap_or_default() == OrderView::Newest;
-    let query = ListQuery { state: params.state.map(Into::into), after, limit, newest_first };
-    let page = state.coordinator.list(&query).await?;
-    Ok(ApiJson(ListView {
-        items: page.items.iter().map(Into::into).collect(),
-        next: page.next.map(|g| g.to_string()),
-    }))
+    let state_filter = params.state.map(Into::into);
+    let Some(kind) = params.kind else {
+        let query = ListQuery { state: state_filter, after, limit, newest_first };
+        let page = state.coordinator.list(&query).await?;
+        return Ok(ApiJson(ListView {
+            items: page.items.iter().map(Into::into).collect(),
+            next: page.next.map(|g| g.to_string()),
+        }));
+    };
+    // The store lists by state, not by kind: read store pages and keep the transactions of this kind,
+    // at most KIND_SCAN_PAGES store pages per request (bounded work; a short page with a `next`
+    // cursor means "more may follow").
+    let mut items = Vec::new();
+    let mut cursor = after;
+    let mut next = None;
+    'pages: for _ in 0..KIND_SCAN_PAGES {
+        let query = ListQuery { state: state_filter, after: cursor.clone(), limit, newest_first };
+        let page = state.coordinator.list(&query).await?;
+        for tx in page.items {
+            if KindView::from(&tx.kind) == kind {
+                items.push(tx);
+                if items.len() == limit {
+                    next = items.last().map(|t| t.gid.clone());
+                    break 'pages;
+                }
+            }
+        }
+        match page.next {
+            Some(n) => {
+                cursor = Some(n.clone());
+                next = Some(n);
+            }
+            None => {
+                next = None;
+                break;
+            }
+        }
+    }
+    Ok(ApiJson(ListView { items: items.iter().map(Into::into).collect(), next: next.map(|g| g.to_string()) }))
 }
+
+/// How many store pages one listing filtered by kind reads at most.
+const KIND_SCAN_PAGES: usize = 8;
 
 /// Operator action: runs phase two of a flagged transaction again now, with a fresh retry budget.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/retry", tag = "operator",

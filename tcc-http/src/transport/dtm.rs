@@ -5,7 +5,7 @@ use tcc_core::Decision;
 use tcc_core::transport::{BranchCall, CallError};
 use url::Url;
 
-use crate::protocol::dtm::{MAX_ANSWER, TCC, classify};
+use crate::protocol::dtm::{MAX_ANSWER, TCC, classify, classify_action};
 use crate::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 
 /// Calls a DTM-style branch's confirm or cancel `url` the way DTM's server does (see
@@ -19,10 +19,41 @@ pub(crate) async fn call_branch(
         Decision::Confirm => "confirm",
         Decision::Cancel => "cancel",
     };
+    let (status, body) = post(client, url, TCC, op, call).await?;
+    classify(op, status, &body)
+}
+
+/// Calls a DTM saga's action or compensation, or a DTM message's action, at `url` the way DTM's
+/// server does. A saga action's refusal (409 or `FAILURE`) is [`CallError::Permanent`]; every
+/// other failure is worth another try.
+pub(crate) async fn call_step(
+    client: &reqwest::Client,
+    url: &Url,
+    trans_type: &str,
+    op: &str,
+    call: &BranchCall<'_>,
+) -> Result<(), CallError> {
+    let (status, body) = post(client, url, trans_type, op, call).await?;
+    if trans_type == crate::protocol::dtm::SAGA && op == "action" {
+        classify_action(status, &body)
+    } else {
+        classify(op, status, &body)
+    }
+}
+
+/// `POST`s the branch's payload to `url` with DTM's query parameters; the status and at most
+/// [`MAX_ANSWER`] bytes of the answer.
+async fn post(
+    client: &reqwest::Client,
+    url: &Url,
+    trans_type: &str,
+    op: &str,
+    call: &BranchCall<'_>,
+) -> Result<(reqwest::StatusCode, Vec<u8>), CallError> {
     let mut url = url.clone();
     url.query_pairs_mut()
         .append_pair("gid", call.gid.as_str())
-        .append_pair("trans_type", TCC)
+        .append_pair("trans_type", trans_type)
         .append_pair("branch_id", call.branch.id.as_str())
         .append_pair("op", op);
     let mut res = client
@@ -46,5 +77,5 @@ pub(crate) async fn call_branch(
         }
     }
     body.truncate(MAX_ANSWER);
-    classify(op, status, &body)
+    Ok((status, body))
 }
