@@ -421,8 +421,16 @@ pub(crate) mod fuzz {
             ),
         )
             .prop_map(|((gid, state, decision, created_at, updated_at, deadline), rest)| {
-                let (branches, attempts, last_error, due_at, lease_owner, (retry, timeout), version, (history, kind)) =
-                    rest;
+                let (
+                    branches,
+                    attempts,
+                    last_error,
+                    due_at,
+                    lease_owner,
+                    (retry, timeout),
+                    version,
+                    (history, kind),
+                ) = rest;
                 Transaction {
                     gid: gid.parse().expect("a valid gid"),
                     state,

@@ -35,8 +35,8 @@ use crate::target::{StepStyle, Target};
 pub(crate) use crate::protocol::coordinator::parse_gid;
 pub use crate::protocol::coordinator::{
     BeginRequest, BranchStateView, BranchView, CountsView, DecisionView, ForceRequest, HappeningView,
-    HistoryView, Id, KindView, ListView, MAX_WAIT, MessageRequest, OptionsView, OverviewView, RegisterRequest,
-    SagaRequest, SlotView, StateView, StepRequest, TransactionView,
+    HistoryView, Id, KindView, ListView, MAX_WAIT, MessageRequest, OptionsView, OverviewView,
+    RegisterRequest, SagaRequest, SlotView, StateView, StepRequest, TransactionView,
 };
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
