@@ -44,7 +44,7 @@ use tcc_tests::chaos_check::{Seen, Side, check};
 use tcc_tests::fault_proxy::{Fault, FaultProxy};
 use tcc_tests::free_port;
 use travel_booking::api::{FlightsClient, HoldRequest, HotelsClient};
-use travel_booking::service::Kind;
+use travel_booking::service::{Backend, Db, GRACE, Kind};
 
 /// Kill and restart the travel-booking system's processes while it books, then check nothing was lost.
 #[derive(Debug, Parser)]
@@ -546,8 +546,10 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
     let mut books = Vec::new();
     let mut barriers = Vec::new();
     for kind in KINDS {
-        let (db, participant) =
-            travel_booking::service::open(kind, &run.dir.join(kind.name())).map_err(|e| e.to_string())?;
+        let backend = travel_booking::service::open(kind, &Db::Sled(run.dir.join(kind.name())), GRACE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Backend::Sled(participant, db) = backend else { unreachable!("opened on sled") };
         books.push(travel_booking::ledger::read(&participant, &db)?);
         let branch: tcc_core::BranchId =
             branch_of(kind).parse().map_err(|e: tcc_core::Error| e.to_string())?;
@@ -870,10 +872,15 @@ async fn serve_participant(serve: &[String]) -> Result<(), String> {
         units.split(',').map(str::parse).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
     let [plenty, scarce] = units[..] else { return Err("UNITS is PLENTY,SCARCE".into()) };
     let [a, b, _] = items(kind);
-    let service =
-        travel_booking::service::Service::start(kind, Path::new(dir), listen, &[(a, plenty), (b, scarce)])
-            .await
-            .map_err(|e| e.to_string())?;
+    let service = travel_booking::service::Service::start(
+        kind,
+        &Db::Sled(dir.into()),
+        listen,
+        &[(a, plenty), (b, scarce)],
+        GRACE,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     parent_gone().await;
     drop(service);
     Ok(())
