@@ -133,7 +133,11 @@ macro_rules! stock {
         let mut tx = $pool.begin().await.map_err(|e| e.to_string())?;
         for n in 0..2 {
             for k in 0..ACCOUNTS {
-                sqlx::query($s.seed).bind(account(n, k)).execute(&mut *tx).await.map_err(|e| e.to_string())?;
+                sqlx::query($s.seed)
+                    .bind(account(n, k))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         tx.commit().await.map_err(|e| e.to_string())?;
@@ -151,7 +155,8 @@ impl DbBench {
         let pools = match &place {
             Db::Postgres(o) => {
                 let pool = || PgPoolOptions::new().max_connections(POOL).connect_with(o.clone());
-                let pools = [pool().await.map_err(|e| e.to_string())?, pool().await.map_err(|e| e.to_string())?];
+                let pools =
+                    [pool().await.map_err(|e| e.to_string())?, pool().await.map_err(|e| e.to_string())?];
                 stock!(&pools[0], POSTGRES);
                 let p0: Participant<Sql<Postgres>> = participant!(Postgres, pools[0], 0, POSTGRES);
                 let p1: Participant<Sql<Postgres>> = participant!(Postgres, pools[1], 1, POSTGRES);
@@ -160,7 +165,8 @@ impl DbBench {
             }
             Db::MySql(o) => {
                 let pool = || MySqlPoolOptions::new().max_connections(POOL).connect_with(o.clone());
-                let pools = [pool().await.map_err(|e| e.to_string())?, pool().await.map_err(|e| e.to_string())?];
+                let pools =
+                    [pool().await.map_err(|e| e.to_string())?, pool().await.map_err(|e| e.to_string())?];
                 stock!(&pools[0], MYSQL);
                 let p0: Participant<Sql<MySql>> = participant!(MySql, pools[0], 0, MYSQL);
                 let p1: Participant<Sql<MySql>> = participant!(MySql, pools[1], 1, MYSQL);
@@ -190,19 +196,17 @@ impl DbBench {
             Pools::Postgres(p) => {
                 step!(p[0], POSTGRES.try_, account(0, k))?;
                 step!(p[1], POSTGRES.try_, account(1, k))?;
-                let (a, b) = tokio::join!(
-                    async { step!(p[0], POSTGRES.confirm, account(0, k)) },
-                    async { step!(p[1], POSTGRES.confirm, account(1, k)) }
-                );
+                let (a, b) = tokio::join!(async { step!(p[0], POSTGRES.confirm, account(0, k)) }, async {
+                    step!(p[1], POSTGRES.confirm, account(1, k))
+                });
                 a.and(b)
             }
             Pools::MySql(p) => {
                 step!(p[0], MYSQL.try_, account(0, k))?;
                 step!(p[1], MYSQL.try_, account(1, k))?;
-                let (a, b) = tokio::join!(
-                    async { step!(p[0], MYSQL.confirm, account(0, k)) },
-                    async { step!(p[1], MYSQL.confirm, account(1, k)) }
-                );
+                let (a, b) = tokio::join!(async { step!(p[0], MYSQL.confirm, account(0, k)) }, async {
+                    step!(p[1], MYSQL.confirm, account(1, k))
+                });
                 a.and(b)
             }
         }
@@ -237,8 +241,7 @@ impl DbBench {
 
 /// A name part unique to this run.
 fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{}_{nanos}", std::process::id())
 }

@@ -69,39 +69,50 @@ impl Db {
     /// A fresh, empty place in the same database server for one run, created now: a PostgreSQL
     /// schema or a MySQL database named `name` (sled: the directory `name` next to this one).
     pub async fn scratch(&self, name: &str) -> Result<Db, StartError> {
-        Ok(match self {
+        let create = match self {
+            Db::Sled(_) => None,
+            Db::Postgres(_) => Some(format!("CREATE SCHEMA {name}")),
+            Db::MySql(_) => Some(format!("CREATE DATABASE {name}")),
+        };
+        if let Some(create) = create {
+            self.admin(create).await?;
+        }
+        Ok(self.at(name))
+    }
+
+    /// The place `name` in the same database server, as [`scratch`](Db::scratch) made it (not
+    /// created here): a PostgreSQL schema, a MySQL database, a sled directory inside this one.
+    pub fn at(&self, name: &str) -> Db {
+        match self {
             Db::Sled(dir) => Db::Sled(dir.join(name)),
+            Db::Postgres(o) => Db::Postgres(o.clone().options([("search_path", name)])),
+            Db::MySql(o) => Db::MySql(o.clone().database(name)),
+        }
+    }
+
+    /// Runs one statement on a connection of its own.
+    async fn admin(&self, statement: String) -> Result<(), StartError> {
+        match self {
+            Db::Sled(_) => {}
             Db::Postgres(o) => {
-                let mut admin = sqlx::ConnectOptions::connect(o).await?;
-                let create = format!("CREATE SCHEMA {name}");
-                sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut admin).await?;
-                Db::Postgres(o.clone().options([("search_path", name)]))
+                let mut conn = sqlx::ConnectOptions::connect(o).await?;
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await?;
             }
             Db::MySql(o) => {
-                let mut admin = sqlx::ConnectOptions::connect(o).await?;
-                let create = format!("CREATE DATABASE {name}");
-                sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut admin).await?;
-                Db::MySql(o.clone().database(name))
+                let mut conn = sqlx::ConnectOptions::connect(o).await?;
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await?;
             }
-        })
+        }
+        Ok(())
     }
 
     /// Removes what [`scratch`](Db::scratch) created for `name` (the tables in it included).
     pub async fn drop_scratch(&self, name: &str) -> Result<(), StartError> {
         match self {
-            Db::Sled(dir) => std::fs::remove_dir_all(dir.join(name))?,
-            Db::Postgres(o) => {
-                let mut admin = sqlx::ConnectOptions::connect(o).await?;
-                let drop = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
-                sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await?;
-            }
-            Db::MySql(o) => {
-                let mut admin = sqlx::ConnectOptions::connect(o).await?;
-                let drop = format!("DROP DATABASE IF EXISTS {name}");
-                sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await?;
-            }
+            Db::Sled(dir) => Ok(std::fs::remove_dir_all(dir.join(name))?),
+            Db::Postgres(_) => self.admin(format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await,
+            Db::MySql(_) => self.admin(format!("DROP DATABASE IF EXISTS {name}")).await,
         }
-        Ok(())
     }
 }
 
@@ -160,6 +171,20 @@ impl Backend {
             Backend::Postgres(p) => Postgres::read_books(p.pool()).await.map_err(|e| e.to_string()),
             Backend::MySql(p) => MySql::read_books(p.pool()).await.map_err(|e| e.to_string()),
         }
+    }
+
+    /// The barrier state of branch `branch` of transaction `gid` (`None`: no record).
+    pub async fn barrier_state(
+        &self,
+        gid: &tcc_core::Gid,
+        branch: &tcc_core::BranchId,
+    ) -> Result<Option<tcc_core::barrier::BarrierState>, String> {
+        let record = match self {
+            Backend::Sled(p, _) => p.barrier().get(gid, branch).map_err(|e| e.to_string())?,
+            Backend::Postgres(p) => p.sql_barrier().get(gid, branch).await.map_err(|e| e.to_string())?,
+            Backend::MySql(p) => p.sql_barrier().get(gid, branch).await.map_err(|e| e.to_string())?,
+        };
+        Ok(record.map(|r| r.state))
     }
 
     /// Stocks every item of `stock` not stocked yet.

@@ -1433,7 +1433,9 @@ async fn bench(args: Args) -> Result<bool, String> {
     // participant_db over raw_db, round by round (each ran right after the other).
     let rates_of = |m: &str| rounds.iter().find(|(mode, _, _)| mode == m).map(|(_, r, _)| r.clone());
     let db_ratios: Vec<f64> = match (rates_of("raw_db"), rates_of("participant_db")) {
-        (Some(raw), Some(tcc)) => raw.iter().zip(&tcc).filter(|(r, _)| **r > 0.0).map(|(r, t)| t / r).collect(),
+        (Some(raw), Some(tcc)) => {
+            raw.iter().zip(&tcc).filter(|(r, _)| **r > 0.0).map(|(r, t)| t / r).collect()
+        }
         _ => Vec::new(),
     };
     if let Some(db) = &bench.db
