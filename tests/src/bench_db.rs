@@ -192,23 +192,20 @@ impl DbBench {
     /// One transaction of `raw_db`: the tries one after the other, then both confirms at once.
     pub async fn raw_one(&self) -> Result<(), String> {
         let k = rand::random::<u64>();
+        // Both tries one after the other, then both confirms at once.
+        macro_rules! transaction {
+            ($p:expr, $s:expr) => {{
+                step!($p[0], $s.try_, account(0, k))?;
+                step!($p[1], $s.try_, account(1, k))?;
+                let (a, b) = tokio::join!(async { step!($p[0], $s.confirm, account(0, k)) }, async {
+                    step!($p[1], $s.confirm, account(1, k))
+                });
+                a.and(b)
+            }};
+        }
         match &self.pools {
-            Pools::Postgres(p) => {
-                step!(p[0], POSTGRES.try_, account(0, k))?;
-                step!(p[1], POSTGRES.try_, account(1, k))?;
-                let (a, b) = tokio::join!(async { step!(p[0], POSTGRES.confirm, account(0, k)) }, async {
-                    step!(p[1], POSTGRES.confirm, account(1, k))
-                });
-                a.and(b)
-            }
-            Pools::MySql(p) => {
-                step!(p[0], MYSQL.try_, account(0, k))?;
-                step!(p[1], MYSQL.try_, account(1, k))?;
-                let (a, b) = tokio::join!(async { step!(p[0], MYSQL.confirm, account(0, k)) }, async {
-                    step!(p[1], MYSQL.confirm, account(1, k))
-                });
-                a.and(b)
-            }
+            Pools::Postgres(p) => transaction!(p, POSTGRES),
+            Pools::MySql(p) => transaction!(p, MYSQL),
         }
     }
 
