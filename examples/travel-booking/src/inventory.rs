@@ -158,3 +158,35 @@ impl Hotels for Inventory {
         self.settle(&ctx, false).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_hold_takes_a_free_unit_and_the_last_one_leaves_the_next_buyer_refused() {
+        let stock = Stock { free: 1, held: 0, sold: 0 };
+        let held = stock.hold("TC42").unwrap();
+        assert_eq!(held, Stock { free: 0, held: 1, sold: 0 });
+        assert!(matches!(held.hold("TC42"), Err(BookingError::SoldOut(item)) if item == "TC42"));
+    }
+
+    #[test]
+    fn a_decision_moves_the_held_unit_to_sold_or_back_to_free_and_keeps_the_total() {
+        let held = Stock { free: 3, held: 2, sold: 1 };
+        assert_eq!(held.settle(true), Stock { free: 3, held: 1, sold: 2 });
+        assert_eq!(held.settle(false), Stock { free: 4, held: 1, sold: 1 });
+        assert_eq!(held.settle(true).total(), held.total());
+    }
+
+    #[test]
+    fn only_a_held_booking_can_be_decided() {
+        let req = HoldRequest { item: "Ritz".into(), customer: "ada".into() };
+        let sold = Booking::held(&req).settle(true).unwrap();
+        assert_eq!(sold, Booking::Sold { item: "Ritz".into(), customer: "ada".into() });
+        assert_eq!(Booking::held(&req).settle(false).unwrap(), Booking::Released { item: "Ritz".into() });
+        assert!(matches!(sold.settle(false), Err(BookingError::NoHold)));
+    }
+}

@@ -401,3 +401,31 @@ pub fn run_standalone(kind: Kind) -> std::process::ExitCode {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn db_urls_name_sled_postgres_or_mysql_and_nothing_else() {
+        assert!(matches!("sled:./f".parse::<Db>().unwrap(), Db::Sled(d) if d == Path::new("./f")));
+        assert!(matches!("postgres://u@127.0.0.1:5432/shop".parse::<Db>().unwrap(), Db::Postgres(_)));
+        assert!(matches!("mysql://u:p@127.0.0.1:3306/shop".parse::<Db>().unwrap(), Db::MySql(_)));
+        for bad in ["./f", "redis://127.0.0.1", "postgres://u@127.0.0.1:notaport/x"] {
+            assert!(bad.parse::<Db>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_place_is_a_schema_a_database_or_a_directory_of_the_given_one() {
+        let pg: Db = "postgres://u@127.0.0.1/shop".parse().unwrap();
+        assert!(pg.at("run_1").describe().ends_with("schema run_1"), "{}", pg.at("run_1").describe());
+        let my: Db = "mysql://u@127.0.0.1/shop".parse().unwrap();
+        assert_eq!(my.at("run_1").describe(), "MySQL, database run_1");
+        assert!(matches!(Db::Sled("d".into()).at("f"), Db::Sled(p) if p == Path::new("d/f")));
+    }
+}
