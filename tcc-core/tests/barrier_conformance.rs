@@ -862,6 +862,45 @@ mod sql_rig {
             assert_eq!(rig.state(&c, &branch).await, Some(BarrierState::CancelledEmpty));
         }
 
+        /// Replicas starting together all migrate: creating the table is idempotent and safe
+        /// concurrently.
+        pub async fn replicas_migrate_concurrently<DB: TestDb>(rig: &SqlRig<DB>) {
+            let table = BarrierTable::new("tcc_barrier_concurrent").unwrap();
+            let clock: Arc<dyn Clock> = Arc::new(rig.clock.clone());
+            let barriers: Vec<_> = rig
+                .replicas
+                .iter()
+                .chain(&rig.replicas)
+                .map(|r| SqlBarrier::new(r.pool().clone(), table.clone(), clock.clone(), GRACE))
+                .collect();
+            for result in join_all(barriers.iter().map(|b| b.migrate())).await {
+                result.unwrap();
+            }
+            assert_eq!(barriers[0].held().await.unwrap(), 0);
+        }
+
+        /// `begin` given an expiry waits for the row instead of skipping it, and answers "nothing to
+        /// release" with the stored record.
+        pub async fn an_expiry_through_begin_releases_only_when_due<DB: TestDb>(rig: &SqlRig<DB>) {
+            let (gid, branch) = ids("begin-expire");
+            let expire = Op::Expire { grace: GRACE };
+            match rig.replicas[0].begin(&gid, &branch, expire).await.unwrap() {
+                Begun::Answered(Answer::Refused(Refusal::NotTried)) => {}
+                other => panic!("no row: {other:?}"),
+            }
+            assert!(matches!(rig.try_op(0, &gid, &branch, deadline(rig), false).await, Outcome::Ran(_)));
+            match rig.replicas[1].begin(&gid, &branch, expire).await.unwrap() {
+                Begun::Answered(Answer::Duplicate(r)) => assert_eq!(r.state, BarrierState::Tried),
+                other => panic!("not due: {other:?}"),
+            }
+            rig.clock.advance(TTL + GRACE);
+            let Begun::Run(pending) = rig.replicas[1].begin(&gid, &branch, expire).await.unwrap() else {
+                panic!("due: runs")
+            };
+            assert_eq!(pending.commit(Vec::new()).await.unwrap().state, BarrierState::Expired);
+            assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Expired));
+        }
+
         /// A due row whose deadline is negative is not listed, and nothing runs for it.
         pub async fn a_due_list_skips_unreadable_rows<DB: TestDb>(rig: &SqlRig<DB>) {
             let (gid, branch) = ids("bad-due");
@@ -900,6 +939,18 @@ mod sql_rig {
         async fn a_due_list_skips_unreadable_rows() {
             let Some(rig) = rig().await else { return };
             sql_cases::a_due_list_skips_unreadable_rows(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn replicas_migrate_concurrently() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::replicas_migrate_concurrently(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn an_expiry_through_begin_releases_only_when_due() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::an_expiry_through_begin_releases_only_when_due(&rig).await;
         }
 
         #[tokio::test]
@@ -987,6 +1038,18 @@ mod sql_rig {
         }
 
         #[tokio::test]
+        async fn replicas_migrate_concurrently() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::replicas_migrate_concurrently(&rig).await;
+        }
+
+        #[tokio::test]
+        async fn an_expiry_through_begin_releases_only_when_due() {
+            let Some(rig) = rig().await else { return };
+            sql_cases::an_expiry_through_begin_releases_only_when_due(&rig).await;
+        }
+
+        #[tokio::test]
         async fn first_calls_of_unrelated_branches_do_not_wait_for_each_other() {
             let Some(rig) = rig().await else { return };
             sql_cases::first_calls_of_unrelated_branches_do_not_wait_for_each_other(&rig).await;
@@ -1050,4 +1113,25 @@ fn the_postgres_barrier_is_built_when_its_tests_are_required() {
 #[test]
 fn the_mysql_barrier_is_built_when_its_tests_are_required() {
     assert!(std::env::var("TCC_REQUIRE_MYSQL").as_deref() != Ok("1"), "built without `sqlx-mysql`");
+}
+
+/// Participant runtimes run barrier calls inside spawned tasks and axum handlers: every future the
+/// SQL barrier returns is `Send`. (Checked by the compiler; the function never runs.)
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+#[allow(dead_code, unused_must_use)]
+fn sql_barrier_futures_are_send<DB: tcc_core::barrier::sql::SqlDatabase>(
+    barrier: tcc_core::barrier::sql::SqlBarrier<DB>,
+    pending: tcc_core::barrier::sql::Pending<DB>,
+    due: tcc_core::barrier::DueReservation,
+    gid: Gid,
+    branch: BranchId,
+) {
+    fn send<T: Send>(_: T) {}
+    send(barrier.begin(&gid, &branch, Op::Cancel));
+    send(barrier.begin_expire(&due));
+    send(barrier.due(1));
+    send(barrier.get(&gid, &branch));
+    send(barrier.held());
+    send(barrier.migrate());
+    send(pending.commit(Vec::new()));
 }

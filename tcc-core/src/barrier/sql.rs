@@ -16,7 +16,8 @@
 //!   (`ON CONFLICT DO NOTHING` / `ON DUPLICATE KEY UPDATE`): if another replica's call got
 //!   there first (a try racing its cancel), the insert waits for that transaction and inserts
 //!   nothing, and `begin` starts over and sees the row. The database's primary key decides, not a lock
-//!   in this process;
+//!   in this process. A try, nearly always the first call, skips the read and inserts straight
+//!   away (a round trip fewer); when the row was there after all, it rolls back and reads it;
 //! - an empty cancel is recorded and committed by `begin` itself;
 //! - duplicates, refusals and "nothing to expire" roll back at once.
 //!
@@ -26,6 +27,8 @@
 //! On MySQL every barrier transaction runs at `READ COMMITTED`: at InnoDB's default `REPEATABLE
 //! READ`, `SELECT ... FOR UPDATE` of a missing row takes a gap lock, and concurrent first calls of
 //! unrelated branches (whose keys fall into the same gap) would deadlock each other on insert.
+//! The expiry sweep needs `FOR UPDATE SKIP LOCKED`: PostgreSQL 9.5, MySQL 8.0, MariaDB 10.6 or later.
+//!
 //! PostgreSQL transactions run at the database's default level (`READ COMMITTED` unless changed; a
 //! stricter level only adds serialization failures, which are retryable).
 //!
@@ -378,7 +381,7 @@ impl Statements {
         let migration_lock = match dialect {
             // Any fixed key: "tcc_barr".
             Dialect::Postgres => {
-                Some(AssertSqlSafe("SELECT pg_advisory_xact_lock(8386676375411798642)").into_sql_str())
+                Some(AssertSqlSafe("SELECT pg_advisory_xact_lock(8386656192417591922)").into_sql_str())
             }
             Dialect::MySql => None,
         };
@@ -705,6 +708,25 @@ impl<DB: SqlDatabase> SqlBarrier<DB> {
     ) -> Result<Begun<DB>, SqlBarrierError> {
         for _ in 0..MAX_INSERT_RACES {
             let mut tx = DB::begin_tx(&self.pool).await?;
+            // A try that would run on a missing row (the usual case: tries come first) inserts at
+            // once, a round trip fewer. Inserted means there was no row, which is what it decided on;
+            // otherwise (MySQL's insert touched the row) roll back and read the row as any call does.
+            if let (Op::Try { .. }, Step::Run(record)) = (op, decide(op, None, self.clock.now())) {
+                if self.insert(&mut tx, gid, branch, &record).await? {
+                    let (gid, branch, sql) = (gid.clone(), branch.clone(), Arc::clone(&self.sql));
+                    return Ok(Begun::Run(Pending {
+                        tx,
+                        gid,
+                        branch,
+                        record,
+                        sql,
+                        inserted: true,
+                        is_try: true,
+                    }));
+                }
+                tx.rollback().await?;
+                tx = DB::begin_tx(&self.pool).await?;
+            }
             let existing = self.read(&mut tx, self.sql.select_for_update.clone(), gid, branch).await?;
             let now = self.clock.now();
             match decide(op, existing.as_ref(), now) {
