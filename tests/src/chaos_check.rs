@@ -21,6 +21,10 @@ pub enum Seen {
     ConfirmAcked,
     /// The cancel decision was acknowledged.
     CancelAcked,
+    /// Not a transaction of the coordinator's: tries sent straight to the services under a gid the
+    /// coordinator never saw, with a short deadline, and never decided by anyone (a coordinator
+    /// gone for good). Each service must release what it held by itself at deadline + grace.
+    Orphan,
 }
 
 /// One participant service as found in its store after the run.
@@ -32,8 +36,8 @@ pub struct Side<'a> {
     pub branch: BranchId,
     /// Its books (stock and bookings).
     pub books: &'a Books,
-    /// Its barrier state per transaction, for every transaction the coordinator knows with a branch
-    /// here (absent: no barrier record).
+    /// Its barrier state per transaction, for every transaction the coordinator knows and every
+    /// orphan ([`Seen::Orphan`]) (absent: no barrier record).
     pub barrier: &'a HashMap<Gid, BarrierState>,
 }
 
@@ -47,7 +51,11 @@ pub struct Side<'a> {
 /// - stock is conserved, nothing is left held, sold counts agree, no trip is half sold
 ///   ([`travel_booking::ledger::check`]);
 /// - every begin the initiators saw acknowledged is in the coordinator's store, every acknowledged
-///   confirm ended confirmed and every acknowledged cancel ended cancelled.
+///   confirm ended confirmed and every acknowledged cancel ended cancelled;
+/// - a hold a service released by itself at deadline + grace (barrier `expired`) was confirmed
+///   nowhere: not by the coordinator, not at any service;
+/// - every orphan ([`Seen::Orphan`]) was released by each service that held it, by itself: barrier
+///   `expired` and booking released, or nothing held there at all.
 pub fn check(
     coordinator: &[Transaction],
     sides: &[Side<'_>; 2],
@@ -111,9 +119,45 @@ pub fn check(
         }
     }
     violations.extend(travel_booking::ledger::check(sides[0].books, sides[1].books, stocked, true));
+    for side in sides {
+        for (gid, _) in side.barrier.iter().filter(|(_, s)| **s == BarrierState::Expired) {
+            let by = format!("transaction {gid}: released by {} itself at deadline + grace", side.name);
+            if known.get(gid.as_str()).is_some_and(|t| t.state == TxState::Confirmed) {
+                violations.push(format!("{by}, but the coordinator confirmed it"));
+            }
+            for other in sides {
+                let sold = matches!(other.books.bookings.get(gid.as_str()), Some(Booking::Sold { .. }));
+                if other.barrier.get(gid) == Some(&BarrierState::Confirmed) || sold {
+                    violations.push(format!("{by}, but confirmed at {}", other.name));
+                }
+            }
+        }
+    }
+    for gid in seen.iter().filter(|(_, s)| **s == Seen::Orphan).map(|(g, _)| g) {
+        for side in sides {
+            let barrier = side.barrier.get(gid).copied();
+            let booking = side.books.bookings.get(gid.as_str());
+            let released = matches!(
+                (barrier, booking),
+                (None, None) | (Some(BarrierState::Expired), Some(Booking::Released { .. }))
+            );
+            if !released {
+                violations.push(format!(
+                    "orphan {gid}: not released by {} itself: barrier {}, booking {}",
+                    side.name,
+                    barrier.map_or("none", BarrierState::as_str),
+                    booking.map_or("none", booking_name)
+                ));
+            }
+        }
+    }
     for (gid, seen) in seen {
         let state = known.get(gid.as_str()).map(|t| t.state);
         match (seen, state) {
+            (Seen::Orphan, None) => {}
+            (Seen::Orphan, Some(_)) => {
+                violations.push(format!("orphan {gid}: the coordinator knows a gid it never issued"));
+            }
             (_, None) => violations
                 .push(format!("transaction {gid}: begin was acknowledged but the coordinator lost it")),
             (Seen::ConfirmAcked, Some(s)) if s != TxState::Confirmed => violations
@@ -124,6 +168,11 @@ pub fn check(
         }
     }
     violations
+}
+
+/// How many holds the services released by themselves at deadline + grace (barrier `expired`).
+pub fn self_released(sides: &[Side<'_>; 2]) -> usize {
+    sides.iter().map(|s| s.barrier.values().filter(|b| **b == BarrierState::Expired).count()).sum()
 }
 
 fn booking_name(b: &Booking) -> &'static str {
@@ -174,10 +223,12 @@ mod tests {
         tx
     }
 
-    /// One trip sold, one cancelled after both held, one cancelled before any try: all consistent.
+    /// One trip sold, one cancelled after both held, one cancelled before any try, one orphan held
+    /// at both services and released by each itself: all consistent.
     fn consistent() -> World {
         let (sold, released, empty) =
             (tx(TxState::Confirmed), tx(TxState::Cancelled), tx(TxState::Cancelled));
+        let orphan = Gid::generate();
         let mut w = World {
             txs: vec![sold.clone(), released.clone(), empty.clone()],
             books: [Books::default(), Books::default()],
@@ -186,6 +237,7 @@ mod tests {
                 (sold.gid.clone(), Seen::ConfirmAcked),
                 (released.gid.clone(), Seen::CancelAcked),
                 (empty.gid.clone(), Seen::Begun),
+                (orphan.clone(), Seen::Orphan),
             ]),
         };
         for (i, item) in ["F1", "H1"].into_iter().enumerate() {
@@ -199,8 +251,14 @@ mod tests {
             w.barriers[i].insert(sold.gid.clone(), BarrierState::Confirmed);
             w.barriers[i].insert(released.gid.clone(), BarrierState::Cancelled);
             w.barriers[i].insert(empty.gid.clone(), BarrierState::CancelledEmpty);
+            w.books[i].bookings.insert(orphan.to_string(), Booking::Released { item: item.into() });
+            w.barriers[i].insert(orphan.clone(), BarrierState::Expired);
         }
         w
+    }
+
+    fn orphan(w: &World) -> Gid {
+        w.seen.iter().find(|(_, s)| **s == Seen::Orphan).map(|(g, _)| g.clone()).unwrap()
     }
 
     fn run(w: &World) -> Vec<String> {
@@ -313,6 +371,41 @@ mod tests {
                 "cancel was acknowledged",
                 Box::new(|w| {
                     w.seen.insert(w.txs[0].gid.clone(), Seen::CancelAcked);
+                }),
+            ),
+            (
+                "released by flights itself at deadline + grace, but the coordinator confirmed it",
+                Box::new(|w| {
+                    w.barriers[0].insert(w.txs[0].gid.clone(), BarrierState::Expired);
+                }),
+            ),
+            (
+                "released by hotels itself at deadline + grace, but confirmed at flights",
+                Box::new(|w| {
+                    // Both sides of a cancelled trip: the hotel released its hold itself, the
+                    // flight service confirmed (a confirm nobody decided).
+                    let gid = w.txs[1].gid.clone();
+                    w.barriers[1].insert(gid.clone(), BarrierState::Expired);
+                    w.barriers[0].insert(gid, BarrierState::Confirmed);
+                }),
+            ),
+            (
+                "orphan",
+                Box::new(|w| {
+                    // An orphan confirmed at the hotel instead of released.
+                    let gid = orphan(w);
+                    w.barriers[1].insert(gid.clone(), BarrierState::Confirmed);
+                }),
+            ),
+            (
+                "not released by flights itself",
+                Box::new(|w| {
+                    // Still held at the flight service.
+                    let gid = orphan(w);
+                    w.barriers[0].insert(gid.clone(), BarrierState::Tried);
+                    w.books[0]
+                        .bookings
+                        .insert(gid.to_string(), Booking::Held { item: "F1".into(), customer: "c".into() });
                 }),
             ),
         ];

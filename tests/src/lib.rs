@@ -1,6 +1,7 @@
 //! Shared helpers for the cross-crate and multi-process tests in `tests/tests/` and the `tcc-bench`
 //! and `tcc-chaos` binaries.
 
+pub mod bench_db;
 pub mod chaos_check;
 pub mod fault_proxy;
 

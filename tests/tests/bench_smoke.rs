@@ -106,3 +106,35 @@ fn rounds_report_medians_and_every_round() {
         .unwrap();
     assert!((reported - sorted[1]).abs() < 0.001, "{reported} is not the median of {ratios:?}");
 }
+
+/// `--participant-db`: on PostgreSQL and on MySQL, both database modes complete transactions and
+/// the report has `raw_db_tx_per_s` and `participant_db_ratio` (no figure asserted). Needs
+/// `TCC_TEST_POSTGRES_URL` and `TCC_TEST_MYSQL_URL` (skipped without, failing with
+/// `TCC_REQUIRE_POSTGRES=1` / `TCC_REQUIRE_MYSQL=1`).
+#[test]
+fn the_database_modes_report_raw_db_and_the_participant_db_ratio() {
+    use tcc_core::barrier::sql::testing::{test_mysql_url, test_postgres_url};
+    let (Some(pg), Some(my)) = (test_postgres_url(), test_mysql_url()) else { return };
+    for url in [pg, my] {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("bench.json");
+        let out = Command::new(env!("CARGO_BIN_EXE_tcc-bench"))
+            .args(["--duration", "0.5", "--concurrency", "8", "--modes", "raw_db,participant_db"])
+            .args(["--participant-db", &url, "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        for mode in ["raw_db ", "participant_db ", "participant_db over raw_db on "] {
+            assert!(stdout.lines().any(|l| l.starts_with(mode)), "no row for {mode}:\n{stdout}");
+        }
+        let report = std::fs::read_to_string(&json).unwrap();
+        for key in ["\"raw_db_tx_per_s\": ", "\"participant_db_tx_per_s\": ", "\"participant_db_ratio\": "] {
+            let value =
+                report.split(key).nth(1).and_then(|r| r.split([',', '\n']).next()).unwrap_or("missing");
+            let v: f64 = value.trim().parse().unwrap_or_else(|_| panic!("{key} is {value:?} in\n{report}"));
+            assert!(v > 0.0, "{key} {v}");
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //! service (which implements them) and the agency (which calls them) both depend on.
 
 use serde::{Deserialize, Serialize};
+use tcc_http::sqlx::{MySql, Postgres};
 use tcc_http::staged::StoreError;
-use tcc_http::{TccContext, TccError, tcc};
+use tcc_http::{Disposition, SqlContext, SqlError, TccContext, TccError, tcc};
 
 /// What the agency asks a service to hold: one unit of an item (a seat on a flight, a room in a
 /// hotel) for one customer.
@@ -25,7 +26,7 @@ pub struct Hold {
 }
 
 /// Why a service refuses.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum BookingError {
     /// Nothing left to hold.
     #[error("{0} is sold out")]
@@ -39,10 +40,21 @@ pub enum BookingError {
     /// Too many concurrent buyers changed the stock while this one was deciding; it gave up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The service's SQL database failed (a deadlock or serialization failure is run again).
+    #[error(transparent)]
+    Db(#[from] SqlError),
 }
 
-/// Every booking error refuses the try, and so cancels the whole booking.
-impl TccError for BookingError {}
+/// Every business error refuses the try, and so cancels the whole booking; a database failure is
+/// run again or answered as transient, as [`SqlError::disposition`] says.
+impl TccError for BookingError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            BookingError::Db(e) => e.disposition(),
+            _ => Disposition::Refuse,
+        }
+    }
+}
 
 /// The flight service.
 #[tcc]
@@ -67,3 +79,38 @@ pub trait Hotels {
     /// Frees the held room.
     async fn release_room(&self, ctx: TccContext, req: HoldRequest) -> Result<(), BookingError>;
 }
+
+/// The same service on a SQL database: the operations and the branch of `$base`, so that its typed
+/// client ([`FlightsClient`], [`HotelsClient`]) calls any backend alike.
+macro_rules! on_sql {
+    ($(#[$doc:meta])* $name:ident, $client:ident, $db:ident, $try_:ident, $confirm:ident, $cancel:ident, $branch:tt) => {
+        $(#[$doc])*
+        #[tcc(client = $client)]
+        pub trait $name {
+            /// Holds a unit until the booking is decided.
+            #[tcc(confirm = $confirm, cancel = $cancel, branch = $branch)]
+            async fn $try_(&self, ctx: &mut SqlContext<$db>, req: HoldRequest) -> Result<Hold, BookingError>;
+            /// Sells the held unit.
+            async fn $confirm(&self, ctx: &mut SqlContext<$db>, req: HoldRequest) -> Result<(), BookingError>;
+            /// Frees the held unit.
+            async fn $cancel(&self, ctx: &mut SqlContext<$db>, req: HoldRequest) -> Result<(), BookingError>;
+        }
+    };
+}
+
+on_sql!(
+    /// [`Flights`] on PostgreSQL.
+    FlightsOnPostgres, FlightsOnPostgresClient, Postgres, hold_seat, sell_seat, release_seat, "flight"
+);
+on_sql!(
+    /// [`Flights`] on MySQL.
+    FlightsOnMySql, FlightsOnMySqlClient, MySql, hold_seat, sell_seat, release_seat, "flight"
+);
+on_sql!(
+    /// [`Hotels`] on PostgreSQL.
+    HotelsOnPostgres, HotelsOnPostgresClient, Postgres, hold_room, sell_room, release_room, "hotel"
+);
+on_sql!(
+    /// [`Hotels`] on MySQL.
+    HotelsOnMySql, HotelsOnMySqlClient, MySql, hold_room, sell_room, release_room, "hotel"
+);

@@ -15,7 +15,7 @@ pub struct Books {
     pub bookings: BTreeMap<String, Booking>,
 }
 
-/// Reads a service's books: the keys from its database, the values through its participant (which
+/// Reads a sled service's books: the keys from its database, the values through its participant (which
 /// decodes the versioned form its contexts wrote).
 pub fn read(participant: &Participant, db: &sled::Db) -> Result<Books, String> {
     let mut books = Books::default();

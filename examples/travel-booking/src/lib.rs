@@ -1,12 +1,14 @@
 //! # travel-booking
 //!
 //! The tcc showcase: a flight service and a hotel service, each keeping its inventory in its own
-//! sled database, and a travel agency that books a seat and a room in one transaction — both or
-//! neither.
+//! database (sled, PostgreSQL or MySQL, any mix), and a travel agency that books a seat and a room
+//! in one transaction — both or neither.
 //!
-//! - [`api`]: the two services' definitions with `#[tcc]` (what a shared API crate would hold);
-//! - [`inventory`]: the one implementation both services use: stock with a version column;
-//! - [`service`]: serving a service on a loopback port;
+//! - [`api`]: the two services' definitions with `#[tcc]` (what a shared API crate would hold), on
+//!   sled and on each SQL database;
+//! - [`inventory`]: the one set of business rules both services use, run on sled (stock with a
+//!   version column) and on SQL ([`inventory::sql`]: rows locked in the call's transaction);
+//! - [`service`]: serving a service on a loopback port over the database its `--db` names;
 //! - [`agency`]: booking a trip;
 //! - [`ledger`]: reading both services' books and checking that they agree.
 #![warn(missing_docs)]

@@ -2,22 +2,46 @@
 //!
 //! Starts a coordinator (a separate process: this binary in its coordinator role, the same server
 //! as `tcc-coordinator`) and the flight and hotel services on free loopback ports, then narrates
-//! five bookings that show what TCC and tcc are for, and ends with a ledger check across both
+//! six bookings that show what TCC and tcc are for, and ends with a ledger check across both
 //! services. Exits non-zero if any expectation or invariant fails.
+//!
+//! Each service keeps its inventory in its own sled database unless told otherwise:
+//! `--flights-db postgres://… --hotels-db mysql://…` runs the same scenarios with the flights in
+//! PostgreSQL and the hotels in MySQL (or any mix of `sled:DIR`, `postgres://…`, `mysql://…`).
+//! Each run works in a fresh schema (PostgreSQL) or database (MySQL) of its own, created at start
+//! and dropped at the end when every expectation was met.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use tcc_http::StateView;
 use tcc_http::client::TccClient;
 use travel_booking::agency::{Agency, Outcome, Trip};
+use travel_booking::inventory::Booking;
 use travel_booking::ledger;
-use travel_booking::service::{Kind, Service};
+use travel_booking::service::{Db, Kind, Service};
 
 const FLIGHTS: &[(&str, u32)] = &[("TC42", 10), ("TC43", 10), ("RUSH-FLIGHT", 50)];
 const HOTELS: &[(&str, u32)] = &[("Ritz", 10), ("Tiny Inn", 0), ("RUSH-HOTEL", 40)];
 const WAIT: Duration = Duration::from_secs(30);
+/// The services' grace period in the demo, short so that scenario 6 (a hold nobody decides) ends
+/// in seconds; a real service waits longer ([`travel_booking::service::GRACE`]).
+const DEMO_GRACE: Duration = Duration::from_secs(2);
+
+/// The demo's command line.
+#[derive(Debug, Parser)]
+#[command(about = "The tcc travel-booking demo: six bookings across a flight and a hotel service")]
+struct DemoArgs {
+    /// The flight service's database: `sled:DIR`, `postgres://…` or `mysql://…` (default: a sled
+    /// database in a temporary directory). The demo works in a fresh schema or database of its own.
+    #[arg(long)]
+    flights_db: Option<Db>,
+    /// The hotel service's database, as `--flights-db`.
+    #[arg(long)]
+    hotels_db: Option<Db>,
+}
 
 /// The coordinator, in its own process so that it can be killed with SIGKILL.
 struct Coordinator {
@@ -129,8 +153,8 @@ fn trip(customer: &str, flight: &str, hotel: &str) -> Trip {
     Trip { customer: customer.into(), flight: flight.into(), hotel: hotel.into() }
 }
 
-fn stock(service: &Service, item: &str) -> String {
-    match service.books() {
+async fn stock(service: &Service, item: &str) -> String {
+    match service.books().await {
         Ok(b) => b
             .stock
             .get(item)
@@ -139,24 +163,37 @@ fn stock(service: &Service, item: &str) -> String {
     }
 }
 
-async fn demo() -> Result<Vec<String>, String> {
+/// A service's place for this run: a sled directory in `dir` by default, else a fresh schema or
+/// database named `name` in the given one.
+async fn place(given: Option<&Db>, dir: &std::path::Path, name: &str) -> Result<Db, String> {
+    match given {
+        None => Ok(Db::Sled(dir.join(name))),
+        Some(db) => db.scratch(name).await.map_err(|e| format!("creating {name}: {e}")),
+    }
+}
+
+async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     let started = Instant::now();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let port =
         std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
     let mut coordinator = Coordinator::start(&port.to_string(), &dir.path().join("coordinator")).await?;
-    let flights = Service::start(Kind::Flights, &dir.path().join("flights"), "127.0.0.1:0", FLIGHTS)
+    let run = format!("travel_{}", uuid::Uuid::now_v7().simple());
+    let (flights_name, hotels_name) = (format!("{run}_flights"), format!("{run}_hotels"));
+    let flights_db = place(args.flights_db.as_ref(), dir.path(), &flights_name).await?;
+    let hotels_db = place(args.hotels_db.as_ref(), dir.path(), &hotels_name).await?;
+    let flights = Service::start(Kind::Flights, &flights_db, "127.0.0.1:0", FLIGHTS, DEMO_GRACE)
         .await
         .map_err(|e| e.to_string())?;
-    let mut hotels = Service::start(Kind::Hotels, &dir.path().join("hotels"), "127.0.0.1:0", HOTELS)
+    let mut hotels = Service::start(Kind::Hotels, &hotels_db, "127.0.0.1:0", HOTELS, DEMO_GRACE)
         .await
         .map_err(|e| e.to_string())?;
     let tcc = TccClient::remote(&coordinator.url(), None).map_err(|e| e.to_string())?;
     let agency = Agency::new(tcc.clone(), &flights.url(), &hotels.url());
     println!("tcc travel-booking demo");
     println!("   coordinator {}  (its own process, sled store)", coordinator.url());
-    println!("   flights     {}  (its own sled database)", flights.url());
-    println!("   hotels      {}  (its own sled database)", hotels.url());
+    println!("   flights     {}  ({})", flights.url(), flights_db.describe());
+    println!("   hotels      {}  ({})", hotels.url(), hotels_db.describe());
     let mut n = Narrator::default();
 
     n.step("1. A booking that succeeds");
@@ -173,7 +210,7 @@ async fn demo() -> Result<Vec<String>, String> {
         }
         Outcome::Refused { reason, .. } => n.expect(false, format!("booked, but was refused: {reason}")),
     }
-    n.ok(format!("TC42: {}; Ritz: {}", stock(&flights, "TC42"), stock(&hotels, "Ritz")));
+    n.ok(format!("TC42: {}; Ritz: {}", stock(&flights, "TC42").await, stock(&hotels, "Ritz").await));
 
     n.step("2. The hotel is sold out: the seat already held is released");
     match agency.book(&trip("bob", "TC42", "Tiny Inn"), WAIT).await.map_err(|e| e.to_string())? {
@@ -190,7 +227,7 @@ async fn demo() -> Result<Vec<String>, String> {
         }
         Outcome::Booked { .. } => n.expect(false, "refused, but it was booked"),
     }
-    n.ok(format!("TC42: {} (bob's seat is free again)", stock(&flights, "TC42")));
+    n.ok(format!("TC42: {} (bob's seat is free again)", stock(&flights, "TC42").await));
 
     n.step("3. The hotel goes down during confirm: the confirm is retried until it is back");
     let tx = tcc.begin(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
@@ -284,12 +321,37 @@ async fn demo() -> Result<Vec<String>, String> {
     n.expect(booked == 40, "every room sold: the rush is not lost to contention");
     n.ok(format!(
         "RUSH-FLIGHT: {}; RUSH-HOTEL: {}",
-        stock(&flights, "RUSH-FLIGHT"),
-        stock(&hotels, "RUSH-HOTEL")
+        stock(&flights, "RUSH-FLIGHT").await,
+        stock(&hotels, "RUSH-HOTEL").await
     ));
 
+    n.step("6. The coordinator is gone for good after both tries: each service releases its hold itself");
+    let tx = tcc.begin(Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
+    let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "eve".into() };
+    fc.hold_seat(&tx, req("TC42")).await.map_err(|e| e.to_string())?;
+    hc.hold_room(&tx, req("Ritz")).await.map_err(|e| e.to_string())?;
+    n.ok(format!(
+        "seat and room held, deadline in 2 s; TC42: {}; Ritz: {}",
+        stock(&flights, "TC42").await,
+        stock(&hotels, "Ritz").await
+    ));
+    coordinator.kill_9();
+    n.ok("the coordinator is killed (SIGKILL) and does not come back: nobody will confirm or cancel");
+    let gid = tx.gid().to_string();
+    let waited = Instant::now();
+    let released = wait_released(&[&flights, &hotels], &gid).await;
+    n.expect(
+        released,
+        format!(
+            "both holds released by the services themselves at deadline + grace ({} s), {:.1} s after the tries",
+            DEMO_GRACE.as_secs(),
+            waited.elapsed().as_secs_f64()
+        ),
+    );
+    n.ok(format!("TC42: {}; Ritz: {}", stock(&flights, "TC42").await, stock(&hotels, "Ritz").await));
+
     n.step("Ledger check across both services");
-    let (fb, hb) = (flights.books()?, hotels.books()?);
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
     let violations = ledger::check(&fb, &hb, &[FLIGHTS, HOTELS].concat(), true);
     for v in &violations {
         n.expect(false, v);
@@ -302,7 +364,34 @@ async fn demo() -> Result<Vec<String>, String> {
     );
     println!("\nfinished in {:.1} s", started.elapsed().as_secs_f64());
     drop(coordinator);
+    drop((flights, hotels));
+    for (given, name) in [(&args.flights_db, &flights_name), (&args.hotels_db, &hotels_name)] {
+        if let Some(db) = given {
+            if !n.failures.is_empty() {
+                println!("   kept {name} for inspection");
+            } else if let Err(e) = db.drop_scratch(name).await {
+                println!("   could not drop {name}: {e}");
+            }
+        }
+    }
     Ok(n.failures)
+}
+
+/// Waits (bounded) until every service in `services` shows the booking `gid` released.
+async fn wait_released(services: &[&Service], gid: &str) -> bool {
+    for _ in 0..600 {
+        let mut all = true;
+        for s in services {
+            let released =
+                s.books().await.is_ok_and(|b| matches!(b.bookings.get(gid), Some(Booking::Released { .. })));
+            all &= released;
+        }
+        if all {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 async fn wait_for_attempts(
@@ -334,7 +423,8 @@ fn main() -> ExitCode {
     {
         return rt.block_on(serve_coordinator(addr.clone(), data.into()));
     }
-    match rt.block_on(demo()) {
+    let args = DemoArgs::parse();
+    match rt.block_on(demo(args)) {
         Ok(failures) if failures.is_empty() => {
             println!("all as expected");
             ExitCode::SUCCESS

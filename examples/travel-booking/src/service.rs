@@ -1,20 +1,120 @@
-//! Serving the flight or the hotel service on a loopback port, with its own sled database.
+//! Serving the flight or the hotel service on a loopback port, with its own database: sled,
+//! PostgreSQL or MySQL ([`Db`]).
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
-use tcc_core::barrier::ExpiryTask;
-use tcc_core::{DurableDb, SledBarrier, SystemClock};
+use tcc_core::DurableDb;
 use tcc_http::participant::Participant;
+use tcc_http::participant::sql::Sql;
+use tcc_http::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use tcc_http::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tcc_http::sqlx::{self, MySql, Postgres};
 
-use crate::api::{Flights, Hotels};
+use crate::api::{Flights, FlightsOnMySql, FlightsOnPostgres, Hotels, HotelsOnMySql, HotelsOnPostgres};
+use crate::inventory::sql::{InventoryDb, SqlInventory};
 use crate::inventory::{BOOKINGS, Inventory, STOCK, Stock};
 
 /// How long after a booking's deadline a service waits for the coordinator's confirm or cancel
 /// before releasing the hold itself.
 pub const GRACE: Duration = Duration::from_secs(30);
+
+/// How many connections a service on a SQL database keeps.
+const POOL_SIZE: u32 = 16;
+
+/// Where a service keeps its inventory and its barrier: `sled:DIR`, `postgres://…` or `mysql://…`
+/// (as `--db` takes it).
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// A sled directory (created if missing).
+    Sled(PathBuf),
+    /// A PostgreSQL database.
+    Postgres(PgConnectOptions),
+    /// A MySQL or MariaDB database.
+    MySql(MySqlConnectOptions),
+}
+
+impl FromStr for Db {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Db, String> {
+        if let Some(dir) = url.strip_prefix("sled:") {
+            return Ok(Db::Sled(dir.into()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return url.parse().map(Db::Postgres).map_err(|e| format!("{url}: {e}"));
+        }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            return url.parse().map(Db::MySql).map_err(|e| format!("{url}: {e}"));
+        }
+        Err(format!("{url}: expected sled:DIR, postgres://… or mysql://…"))
+    }
+}
+
+impl Db {
+    /// What the narration calls it.
+    pub fn describe(&self) -> String {
+        match self {
+            Db::Sled(_) => "its own sled database".into(),
+            Db::Postgres(o) => {
+                let schema = o.get_options().and_then(|s| s.split("search_path=").nth(1)).unwrap_or("public");
+                format!("PostgreSQL, database {}, schema {schema}", o.get_database().unwrap_or("?"))
+            }
+            Db::MySql(o) => format!("MySQL, database {}", o.get_database().unwrap_or("?")),
+        }
+    }
+
+    /// A fresh, empty place in the same database server for one run, created now: a PostgreSQL
+    /// schema or a MySQL database named `name` (sled: the directory `name` next to this one).
+    pub async fn scratch(&self, name: &str) -> Result<Db, StartError> {
+        let create = match self {
+            Db::Sled(_) => None,
+            Db::Postgres(_) => Some(format!("CREATE SCHEMA {name}")),
+            Db::MySql(_) => Some(format!("CREATE DATABASE {name}")),
+        };
+        if let Some(create) = create {
+            self.admin(create).await?;
+        }
+        Ok(self.at(name))
+    }
+
+    /// The place `name` in the same database server, as [`scratch`](Db::scratch) made it (not
+    /// created here): a PostgreSQL schema, a MySQL database, a sled directory inside this one.
+    pub fn at(&self, name: &str) -> Db {
+        match self {
+            Db::Sled(dir) => Db::Sled(dir.join(name)),
+            Db::Postgres(o) => Db::Postgres(o.clone().options([("search_path", name)])),
+            Db::MySql(o) => Db::MySql(o.clone().database(name)),
+        }
+    }
+
+    /// Runs one statement on a connection of its own.
+    async fn admin(&self, statement: String) -> Result<(), StartError> {
+        match self {
+            Db::Sled(_) => {}
+            Db::Postgres(o) => {
+                let mut conn = sqlx::ConnectOptions::connect(o).await?;
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await?;
+            }
+            Db::MySql(o) => {
+                let mut conn = sqlx::ConnectOptions::connect(o).await?;
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what [`scratch`](Db::scratch) created for `name` (the tables in it included).
+    pub async fn drop_scratch(&self, name: &str) -> Result<(), StartError> {
+        match self {
+            Db::Sled(dir) => Ok(std::fs::remove_dir_all(dir.join(name))?),
+            Db::Postgres(_) => self.admin(format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await,
+            Db::MySql(_) => self.admin(format!("DROP DATABASE IF EXISTS {name}")).await,
+        }
+    }
+}
 
 /// Which service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,19 +143,112 @@ impl Kind {
     }
 }
 
-/// Opens the service's database in `dir` (created if missing) and its participant, without serving
-/// it: what [`Service::start`] serves, and how a checker reads a stopped service's books and barrier
-/// records.
-pub fn open(kind: Kind, dir: &Path) -> Result<(DurableDb, Participant), StartError> {
-    let db = DurableDb::open(dir)?;
-    let trees = vec![db.open_tree(STOCK)?, db.open_tree(BOOKINGS)?];
-    let barrier = SledBarrier::open(&db, trees, Arc::new(SystemClock), GRACE)?;
-    let participant = Participant::new(barrier)?;
-    let participant = match kind {
-        Kind::Flights => Flights::into_participant(Inventory, participant),
-        Kind::Hotels => Hotels::into_participant(Inventory, participant),
-    };
-    Ok((db, participant))
+/// A service's participant over its database.
+#[derive(Debug)]
+pub enum Backend {
+    /// On sled: the participant and its database.
+    Sled(Participant, DurableDb),
+    /// On PostgreSQL.
+    Postgres(Participant<Sql<Postgres>>),
+    /// On MySQL.
+    MySql(Participant<Sql<MySql>>),
+}
+
+impl Backend {
+    /// The participant's routes.
+    pub fn router(&self) -> axum::Router {
+        match self {
+            Backend::Sled(p, _) => p.router(),
+            Backend::Postgres(p) => p.router(),
+            Backend::MySql(p) => p.router(),
+        }
+    }
+
+    /// The service's books, read now.
+    pub async fn books(&self) -> Result<crate::ledger::Books, String> {
+        match self {
+            Backend::Sled(p, db) => crate::ledger::read(p, db),
+            Backend::Postgres(p) => Postgres::read_books(p.pool()).await.map_err(|e| e.to_string()),
+            Backend::MySql(p) => MySql::read_books(p.pool()).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The barrier state of branch `branch` of transaction `gid` (`None`: no record).
+    pub async fn barrier_state(
+        &self,
+        gid: &tcc_core::Gid,
+        branch: &tcc_core::BranchId,
+    ) -> Result<Option<tcc_core::barrier::BarrierState>, String> {
+        let record = match self {
+            Backend::Sled(p, _) => p.barrier().get(gid, branch).map_err(|e| e.to_string())?,
+            Backend::Postgres(p) => p.sql_barrier().get(gid, branch).await.map_err(|e| e.to_string())?,
+            Backend::MySql(p) => p.sql_barrier().get(gid, branch).await.map_err(|e| e.to_string())?,
+        };
+        Ok(record.map(|r| r.state))
+    }
+
+    /// Stocks every item of `stock` not stocked yet.
+    async fn stock(&self, stock: &[(&str, u32)]) -> Result<(), StartError> {
+        for (item, units) in stock {
+            match self {
+                Backend::Sled(p, _) => {
+                    if p.read::<Stock>(STOCK, item.as_bytes())?.is_none() {
+                        p.seed(STOCK, item.as_bytes(), &Stock { free: *units, ..Stock::default() })?;
+                    }
+                }
+                Backend::Postgres(p) => Postgres::stock_if_missing(p.pool(), item, *units).await?,
+                Backend::MySql(p) => MySql::stock_if_missing(p.pool(), item, *units).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the service's database (creating the barrier table and the inventory's tables if
+/// missing) and its participant with this `grace`, without serving it: what [`Service::start`]
+/// serves, and how a checker reads a stopped service's books and barrier records.
+pub async fn open(kind: Kind, db: &Db, grace: Duration) -> Result<Backend, StartError> {
+    let builder = Participant::builder().grace(grace);
+    Ok(match db {
+        Db::Sled(dir) => {
+            let db = DurableDb::open(dir)?;
+            let participant = builder.sled(&db, &[STOCK, BOOKINGS])?;
+            let participant = match kind {
+                Kind::Flights => Flights::into_participant(Inventory, participant),
+                Kind::Hotels => Hotels::into_participant(Inventory, participant),
+            };
+            Backend::Sled(participant, db)
+        }
+        Db::Postgres(options) => {
+            let pool = PgPoolOptions::new().max_connections(POOL_SIZE).connect_with(options.clone()).await?;
+            let participant = on_sql(builder, pool).await?;
+            Backend::Postgres(match kind {
+                Kind::Flights => FlightsOnPostgres::into_participant(SqlInventory, participant),
+                Kind::Hotels => HotelsOnPostgres::into_participant(SqlInventory, participant),
+            })
+        }
+        Db::MySql(options) => {
+            let pool =
+                MySqlPoolOptions::new().max_connections(POOL_SIZE).connect_with(options.clone()).await?;
+            let participant = on_sql(builder, pool).await?;
+            Backend::MySql(match kind {
+                Kind::Flights => FlightsOnMySql::into_participant(SqlInventory, participant),
+                Kind::Hotels => HotelsOnMySql::into_participant(SqlInventory, participant),
+            })
+        }
+    })
+}
+
+/// A participant on `pool`'s database, the inventory's tables and the barrier table created if
+/// missing.
+async fn on_sql<DB: InventoryDb>(
+    builder: tcc_http::ParticipantBuilder,
+    pool: sqlx::Pool<DB>,
+) -> Result<Participant<Sql<DB>>, StartError> {
+    crate::inventory::sql::create_tables(&pool).await?;
+    let participant = builder.sql(pool);
+    participant.migrate().await?;
+    Ok(participant)
 }
 
 /// A running service. Dropping it stops serving.
@@ -63,40 +256,35 @@ pub fn open(kind: Kind, dir: &Path) -> Result<(DurableDb, Participant), StartErr
 pub struct Service {
     kind: Kind,
     addr: SocketAddr,
-    participant: Participant,
-    db: DurableDb,
+    backend: Backend,
     serving: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
-    _expiry: ExpiryTask,
 }
 
 /// Why a service could not start.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Service {
-    /// Opens the service's database in `dir` (stocking every item of `stock` not stocked yet),
-    /// starts its expiry sweep and serves it on `listen` (`127.0.0.1:0` picks a free port).
+    /// Opens the service's database `db` (stocking every item of `stock` not stocked yet) with this
+    /// `grace` and serves it on `listen` (`127.0.0.1:0` picks a free port); the participant's own
+    /// expiry sweep runs from then on.
     pub async fn start(
         kind: Kind,
-        dir: &Path,
+        db: &Db,
         listen: &str,
         stock: &[(&str, u32)],
+        grace: Duration,
     ) -> Result<Service, StartError> {
-        let (db, participant) = open(kind, dir)?;
-        for (item, units) in stock {
-            if participant.read::<Stock>(STOCK, item.as_bytes())?.is_none() {
-                participant.seed(STOCK, item.as_bytes(), &Stock { free: *units, ..Stock::default() })?;
-            }
-        }
-        let expiry = participant.spawn_expiry(Duration::from_secs(1));
+        let backend = open(kind, db, grace).await?;
+        backend.stock(stock).await?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let mut service = Service { kind, addr, participant, db, serving: None, _expiry: expiry };
+        let mut service = Service { kind, addr, backend, serving: None };
         service.serve(listener);
         Ok(service)
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let app = axum::Router::new().nest(self.kind.prefix(), self.participant.router());
+        let app = axum::Router::new().nest(self.kind.prefix(), self.backend.router());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async move {
@@ -123,8 +311,8 @@ impl Service {
     }
 
     /// The service's books, read now.
-    pub fn books(&self) -> Result<crate::ledger::Books, String> {
-        crate::ledger::read(&self.participant, &self.db)
+    pub async fn books(&self) -> Result<crate::ledger::Books, String> {
+        self.backend.books().await
     }
 
     /// Stops answering (the port is closed; the database stays as it is): the service is down.
@@ -144,9 +332,13 @@ impl Service {
         Ok(())
     }
 
-    /// Waits until every change is on disk (before reading the ledger from another handle).
+    /// Waits until every change is on disk (before reading the ledger from another handle; a SQL
+    /// database's commit is on disk already).
     pub fn flush(&self) -> std::io::Result<()> {
-        self.db.flush()
+        match &self.backend {
+            Backend::Sled(_, db) => db.flush(),
+            Backend::Postgres(_) | Backend::MySql(_) => Ok(()),
+        }
     }
 }
 
@@ -165,9 +357,13 @@ struct ServiceArgs {
     /// Address to listen on.
     #[arg(long)]
     listen: Option<String>,
-    /// The service's sled directory (created and stocked if missing).
-    #[arg(long)]
+    /// The service's sled directory (created and stocked if missing); short for `--db sled:DIR`.
+    #[arg(long, conflicts_with = "db")]
     data_dir: Option<std::path::PathBuf>,
+    /// The service's database: `sled:DIR` (the default, `./flights-data` or `./hotels-data`),
+    /// `postgres://…` or `mysql://…` (tables created and stocked if missing).
+    #[arg(long)]
+    db: Option<Db>,
 }
 
 /// Runs a service as its own process until SIGINT: the `flights` and `hotels` binaries.
@@ -179,7 +375,11 @@ pub fn run_standalone(kind: Kind) -> std::process::ExitCode {
         Kind::Hotels => ("127.0.0.1:8082", &[("Ritz", 10), ("Tiny Inn", 0)]),
     };
     let listen = args.listen.unwrap_or_else(|| listen.to_owned());
-    let dir = args.data_dir.unwrap_or_else(|| format!("./{}-data", kind.name()).into());
+    let db = match (args.db, args.data_dir) {
+        (Some(db), _) => db,
+        (None, Some(dir)) => Db::Sled(dir),
+        (None, None) => Db::Sled(format!("./{}-data", kind.name()).into()),
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -188,9 +388,9 @@ pub fn run_standalone(kind: Kind) -> std::process::ExitCode {
         }
     };
     rt.block_on(async {
-        match Service::start(kind, &dir, &listen, stock).await {
+        match Service::start(kind, &db, &listen, stock, GRACE).await {
             Ok(service) => {
-                println!("{} serving at {} (data in {})", kind.name(), service.url(), dir.display());
+                println!("{} serving at {} ({})", kind.name(), service.url(), db.describe());
                 let _ = tokio::signal::ctrl_c().await;
                 std::process::ExitCode::SUCCESS
             }
@@ -200,4 +400,32 @@ pub fn run_standalone(kind: Kind) -> std::process::ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn db_urls_name_sled_postgres_or_mysql_and_nothing_else() {
+        assert!(matches!("sled:./f".parse::<Db>().unwrap(), Db::Sled(d) if d == Path::new("./f")));
+        assert!(matches!("postgres://u@127.0.0.1:5432/shop".parse::<Db>().unwrap(), Db::Postgres(_)));
+        assert!(matches!("mysql://u:p@127.0.0.1:3306/shop".parse::<Db>().unwrap(), Db::MySql(_)));
+        for bad in ["./f", "redis://127.0.0.1", "postgres://u@127.0.0.1:notaport/x"] {
+            assert!(bad.parse::<Db>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_place_is_a_schema_a_database_or_a_directory_of_the_given_one() {
+        let pg: Db = "postgres://u@127.0.0.1/shop".parse().unwrap();
+        assert!(pg.at("run_1").describe().ends_with("schema run_1"), "{}", pg.at("run_1").describe());
+        let my: Db = "mysql://u@127.0.0.1/shop".parse().unwrap();
+        assert_eq!(my.at("run_1").describe(), "MySQL, database run_1");
+        assert!(matches!(Db::Sled("d".into()).at("f"), Db::Sled(p) if p == Path::new("d/f")));
+    }
 }

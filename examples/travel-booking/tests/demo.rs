@@ -3,9 +3,9 @@
 
 use std::process::Command;
 
-#[test]
-fn the_demo_runs_every_scenario_and_the_ledger_balances() {
-    let out = Command::new(env!("CARGO_BIN_EXE_travel-booking")).output().unwrap();
+/// Runs the demo with `args` and checks that every scenario ran and every expectation was met.
+fn run_demo(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_travel-booking")).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for line in [
@@ -14,12 +14,32 @@ fn the_demo_runs_every_scenario_and_the_ledger_balances() {
         "3. The hotel goes down during confirm",
         "4. The coordinator is killed (SIGKILL)",
         "5. A rush: 200 customers",
+        "6. The coordinator is gone for good after both tries",
+        "both holds released by the services themselves",
         "Ledger check across both services",
         "all as expected",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
     }
     assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[test]
+fn the_demo_runs_every_scenario_and_the_ledger_balances() {
+    run_demo(&[]);
+}
+
+/// The heterogeneous case: the flights in PostgreSQL, the hotels in MySQL, each service's inventory
+/// and barrier in its own database's tables; then the other way round. Needs `TCC_TEST_POSTGRES_URL`
+/// and `TCC_TEST_MYSQL_URL` (skipped without, failing with `TCC_REQUIRE_POSTGRES=1` /
+/// `TCC_REQUIRE_MYSQL=1`).
+#[test]
+fn the_demo_runs_every_scenario_on_postgres_and_mysql_and_the_ledger_balances() {
+    use tcc_core::barrier::sql::testing::{test_mysql_url, test_postgres_url};
+    let (Some(pg), Some(my)) = (test_postgres_url(), test_mysql_url()) else { return };
+    run_demo(&["--flights-db", &pg, "--hotels-db", &my]);
+    // Each run works in fresh tables of its own: a second run on the same databases starts over.
+    run_demo(&["--flights-db", &my, "--hotels-db", &pg]);
 }
 
 /// A child process killed when dropped.

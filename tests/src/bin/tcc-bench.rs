@@ -13,6 +13,14 @@
 //! - `coordinator_only`: standalone, the initiator making no tries (begin with two branches, then
 //!   confirm and wait: the coordinator's own cost plus its phase-two calls).
 //!
+//! With `--participant-db URL` (PostgreSQL or MySQL), two more modes (see `tcc_tests::bench_db`):
+//! - `raw_db`: two participants' business statements run directly on that database, no tcc: per
+//!   transaction a `BEGIN; UPDATE; COMMIT` try on each, then both confirms the same way;
+//! - `participant_db`: the same statements in two SQL participants (`Participant<Sql<DB>>`, the
+//!   barrier row in each step's transaction) served over HTTP, driven by an embedded coordinator.
+//!
+//! `participant_db_ratio` is `participant_db` over `raw_db` (the median of the per-round ratios).
+//!
 //! The tcc modes register both branches with the begin (`BeginOptions::branches`), in one write,
 //! then send each try (`GlobalTx::try_planned`).
 //!
@@ -68,6 +76,7 @@ use tcc_http::protocol::{
 use tcc_http::server::native::{ListView, StateView};
 use tcc_http::target::AllowList;
 use tcc_http::transport::{Batching, ClientConfig, build_client};
+use tcc_tests::bench_db::DbBench;
 use tcc_tests::free_port;
 
 /// With the `mimalloc` feature (on by default), the same allocator as the `tcc-coordinator` binary's
@@ -144,6 +153,11 @@ struct Args {
     /// (initiators spread over them).
     #[arg(long, env = "TCC_BENCH_POSTGRES_URL")]
     postgres: Option<String>,
+    /// Also run `raw_db` and `participant_db`: two participants whose business state is in the
+    /// PostgreSQL or MySQL database at this URL (a scratch schema or database per run, dropped at
+    /// the end), the statements run directly and through tcc.
+    #[arg(long, value_name = "URL")]
+    participant_db: Option<String>,
     /// Also measure the resident memory of a `tcc-coordinator` process holding N unfinished
     /// transactions (confirm decided, participants failing, the next retry an hour away).
     #[arg(long, value_name = "N")]
@@ -435,6 +449,7 @@ enum Driver {
         targets: Vec<String>,
         tries: bool,
     },
+    RawDb(Arc<DbBench>),
 }
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -446,6 +461,7 @@ impl Driver {
 
     async fn one(&self) -> Result<(), String> {
         match self {
+            Driver::RawDb(db) => db.raw_one().await,
             Driver::Raw { http, targets } => {
                 let gid = tcc_core::Gid::generate();
                 let deadline = (tcc_core::Clock::now(&tcc_core::SystemClock).0 + 30_000).to_string();
@@ -744,6 +760,8 @@ struct Bench {
     args: Args,
     participants: Participants,
     http: reqwest::Client,
+    /// The database modes' participants (`--participant-db`).
+    db: Option<Arc<DbBench>>,
 }
 
 impl Bench {
@@ -794,7 +812,17 @@ impl Bench {
                 let d = Driver::Raw { http: self.http.clone(), targets };
                 Ok(self.drive(mode, branches, d, concurrency, half).await)
             }
-            "embedded" => {
+            "raw_db" => {
+                let db = self.db.clone().ok_or("--participant-db URL is needed for raw_db")?;
+                Ok(self.drive(mode, branches, Driver::RawDb(db), concurrency, half).await)
+            }
+            "embedded" | "participant_db" => {
+                let targets = match mode {
+                    "participant_db" => {
+                        self.db.as_ref().ok_or("--participant-db URL is needed for participant_db")?.targets()
+                    }
+                    _ => targets,
+                };
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                 let allow = AllowList::new(&[]).map_err(|e| e.to_string())?;
                 let client =
@@ -1338,7 +1366,11 @@ fn spread(v: &[f64]) -> (f64, f64, f64) {
 async fn bench(args: Args) -> Result<bool, String> {
     let participants = Participants::start().await.map_err(|e| e.to_string())?;
     let http = build_client(&ClientConfig::default()).map_err(|e| e.to_string())?;
-    let bench = Bench { args, participants, http };
+    let db = match &args.participant_db {
+        Some(url) => Some(DbBench::start(url).await?),
+        None => None,
+    };
+    let bench = Bench { args, participants, http, db };
     let c = bench.args.concurrency;
     println!(
         "{:<21} {:>3} {:>5} {:>10} {:>7} {:>8} {:>8} {:>8} {:>6}",
@@ -1349,6 +1381,13 @@ async fn bench(args: Args) -> Result<bool, String> {
     let mut modes = bench.args.modes.clone();
     if bench.args.postgres.is_some() {
         modes.extend(["postgres_1".to_owned(), "postgres_3".to_owned()]);
+    }
+    if bench.db.is_some() {
+        for m in ["raw_db", "participant_db"] {
+            if !modes.iter().any(|x| x == m) {
+                modes.push(m.to_owned());
+            }
+        }
     }
     // Per mode: its rate in each round, and its ratio to that round's raw.
     let mut rounds: Vec<(String, Vec<f64>, Vec<f64>)> =
@@ -1390,6 +1429,20 @@ async fn bench(args: Args) -> Result<bool, String> {
             };
             println!("{mode:<21} {r:>10.0} ({lo:.0}, {hi:.0}){ratio}");
         }
+    }
+    // participant_db over raw_db, round by round (each ran right after the other).
+    let rates_of = |m: &str| rounds.iter().find(|(mode, _, _)| mode == m).map(|(_, r, _)| r.clone());
+    let db_ratios: Vec<f64> = match (rates_of("raw_db"), rates_of("participant_db")) {
+        (Some(raw), Some(tcc)) => {
+            raw.iter().zip(&tcc).filter(|(r, _)| **r > 0.0).map(|(r, t)| t / r).collect()
+        }
+        _ => Vec::new(),
+    };
+    if let Some(db) = &bench.db
+        && !db_ratios.is_empty()
+    {
+        let (q, lo, hi) = spread(&db_ratios);
+        println!("participant_db over raw_db on {}: {q:.2}x ({lo:.2}x, {hi:.2}x)", db.describe());
     }
     let mut extra = Vec::new();
     if bench.args.sweep_branches {
@@ -1470,9 +1523,11 @@ async fn bench(args: Args) -> Result<bool, String> {
     if let Some(path) = &bench.args.json {
         let num = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.3}"));
         let mut out = String::from("{\n");
-        for m in ["raw", "embedded", "standalone", "coordinator_only"] {
+        for m in ["raw", "embedded", "standalone", "coordinator_only", "raw_db", "participant_db"] {
             let _ = writeln!(out, "  \"{m}_tx_per_s\": {},", num(rate(m)));
         }
+        let db_ratio = (!db_ratios.is_empty()).then(|| spread(&db_ratios).0);
+        let _ = writeln!(out, "  \"participant_db_ratio\": {},", num(db_ratio));
         let _ = writeln!(out, "  \"embedded_ratio\": {},", num(ratio("embedded")));
         let _ = writeln!(out, "  \"standalone_ratio\": {},", num(ratio("standalone")));
         let _ = writeln!(out, "  \"rounds\": {},", bench.args.rounds);
@@ -1530,8 +1585,11 @@ async fn bench(args: Args) -> Result<bool, String> {
     }
     let history_runs = hist.iter().flat_map(|h| &h.runs);
     let complete = main.iter().chain(&half).chain(&extra).chain(history_runs).all(|f| f.transactions > 0);
+    if let Some(db) = &bench.db {
+        db.finish().await?;
+    }
     let confirmed = bench.participants.confirms.load(Ordering::Relaxed);
-    if confirmed == 0 && !main.is_empty() {
+    if confirmed == 0 && main.iter().any(|f| !f.mode.ends_with("_db")) {
         return Err("no participant was ever confirmed".into());
     }
     Ok(complete)

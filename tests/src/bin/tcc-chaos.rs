@@ -7,20 +7,25 @@
 //!
 //! It starts a `tcc-coordinator` (the binary next to this one, or this binary serving one) and the
 //! flight and hotel services as separate processes on loopback, each service keeping its stock in
-//! its own sled database. Every call to a service, the initiators' tries and the coordinator's
+//! its own sled database, or with `--flights-db postgres://… --hotels-db mysql://…` in PostgreSQL
+//! and MySQL (any mix; a scratch schema or database per run, dropped at the end unless a violation
+//! was found). Every call to a service, the initiators' tries and the coordinator's
 //! confirms and cancels alike, goes through a fault-injecting proxy (`tcc_tests::fault_proxy`:
 //! 503s, dropped connections before and after the service acted, requests held past the caller's
 //! timeout, slow answers, requests delivered after their caller gave up). Several initiators run
 //! the transactions, half registering both branches with the begin, half as their typed clients
 //! try: most book a seat and a room and confirm; some ask for an item that is sold out or not sold
 //! there (refused at try, so cancelled), some cancel after holding, some walk away without deciding
-//! (the coordinator cancels them at their deadline). Meanwhile the coordinator and the services are SIGKILLed and restarted at random
-//! moments.
+//! (the coordinator cancels them at their deadline), and a few are orphans: tries sent straight to
+//! both services under a gid the coordinator never saw, with a short deadline, never decided (a
+//! coordinator gone for good), which each service must release by itself at deadline + grace.
+//! Meanwhile the coordinator and the services are SIGKILLed and restarted at random moments.
 //!
 //! Then faults stop, flagged transactions get an operator retry, and once the coordinator has
 //! nothing unfinished, every process is SIGKILLed once more and the stores are opened and checked
 //! (`tcc_tests::chaos_check`): every transaction final, all branches confirmed or all cancelled,
-//! nothing left held, stock conserved, every acknowledged decision carried out. The last line is
+//! nothing left held, stock conserved, every acknowledged decision carried out, every orphan released
+//! by the services themselves and no hold a service released itself confirmed anywhere. The last line is
 //! `chaos: N transactions, K coordinator kills, P participant kills, V violations`; the exit status
 //! is non-zero when V > 0 (the stores are then kept and their directory printed).
 
@@ -39,12 +44,13 @@ use tcc_core::barrier::BarrierState;
 use tcc_core::store::ListQuery;
 use tcc_core::{Gid, Store, TxState};
 use tcc_http::client::{BeginOptions, ClientError, PlannedBranch, TccClient};
+use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use tcc_http::server::native::{DecisionView, ListView, StateView};
-use tcc_tests::chaos_check::{Seen, Side, check};
+use tcc_tests::chaos_check::{Seen, Side, check, self_released};
 use tcc_tests::fault_proxy::{Fault, FaultProxy};
 use tcc_tests::free_port;
 use travel_booking::api::{FlightsClient, HoldRequest, HotelsClient};
-use travel_booking::service::Kind;
+use travel_booking::service::{Db, Kind};
 
 /// Kill and restart the travel-booking system's processes while it books, then check nothing was lost.
 #[derive(Debug, Parser)]
@@ -79,12 +85,24 @@ struct Args {
     /// serves the coordinator in its child process).
     #[arg(long, env = "TCC_COORDINATOR_BIN")]
     coordinator_bin: Option<PathBuf>,
+    /// The flight service's database: `sled:DIR` (default: a directory of the run), `postgres://…`
+    /// or `mysql://…` (a scratch schema or database of its own is made there for the run).
+    #[arg(long, value_name = "URL")]
+    flights_db: Option<String>,
+    /// The hotel service's database, as `--flights-db`.
+    #[arg(long, value_name = "URL")]
+    hotels_db: Option<String>,
+    /// The services' grace period after a deadline before they release a hold themselves, in
+    /// milliseconds. It must cover phase two's delivery after a deadline (retries, restarts), or a
+    /// confirm decided in time may find its hold released.
+    #[arg(long, default_value_t = 10_000)]
+    grace_ms: u64,
     /// Internal: serve a coordinator on ADDR with its sled store in DIR.
     #[arg(long, hide = true, num_args = 2, value_names = ["ADDR", "DIR"])]
     serve_coordinator: Option<Vec<String>>,
-    /// Internal: serve the flights or hotels service on ADDR with its store in DIR, stocking UNITS
-    /// of each of its items.
-    #[arg(long, hide = true, num_args = 4, value_names = ["KIND", "ADDR", "DIR", "UNITS"])]
+    /// Internal: serve the flights or hotels service on ADDR with its store at NAME in the database
+    /// DB (`sled:DIR` or a URL), stocking UNITS of each of its items, with GRACE_MS of grace.
+    #[arg(long, hide = true, num_args = 6, value_names = ["KIND", "ADDR", "DB", "NAME", "UNITS", "GRACE_MS"])]
     serve_participant: Option<Vec<String>>,
 }
 
@@ -103,6 +121,8 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const QUIESCE_LIMIT: Duration = Duration::from_secs(180);
 
 const KINDS: [Kind; 2] = [Kind::Flights, Kind::Hotels];
+/// An orphan's deadline, from its tries.
+const ORPHAN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Items per service: one with plenty of stock, one that sells out during the run, one not sold.
 fn items(kind: Kind) -> [&'static str; 3] {
@@ -211,6 +231,8 @@ enum Intent {
     ChangeMind,
     /// Hold what it can and walk away without deciding.
     WalkAway,
+    /// Try both services directly under a gid the coordinator never saw ([`Seen::Orphan`]).
+    Orphan,
 }
 
 /// Counters of what the initiators did and were told.
@@ -225,6 +247,8 @@ struct Tally {
     cancel_acked: AtomicU64,
     decision_failed: AtomicU64,
     walked_away: AtomicU64,
+    orphans: AtomicU64,
+    orphan_holds: AtomicU64,
 }
 
 impl Tally {
@@ -247,6 +271,10 @@ struct Run {
     coordinator_kills: AtomicUsize,
     participant_kills: AtomicUsize,
     restart_ms: Mutex<Vec<u128>>,
+    /// Where each service's store is: the database and the name of its place there.
+    stores: [(Db, String); 2],
+    /// The latest deadline of an orphan's tries (ms since the epoch).
+    last_orphan_deadline: AtomicU64,
 }
 
 impl Run {
@@ -303,14 +331,23 @@ fn coordinator_proc(args: &Args, dir: &Path, addr: SocketAddr) -> Result<Proc, S
     })
 }
 
-fn service_proc(dir: &Path, kind: Kind, addr: SocketAddr, units: [u32; 2]) -> Result<Proc, String> {
+fn service_proc(
+    dir: &Path,
+    kind: Kind,
+    addr: SocketAddr,
+    (db, name): (&str, &str),
+    units: [u32; 2],
+    grace_ms: u64,
+) -> Result<Proc, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let command = vec![
         "--serve-participant".into(),
         kind.name().into(),
         addr.to_string(),
-        dir.join(kind.name()).display().to_string(),
+        db.into(),
+        name.into(),
         format!("{},{}", units[0], units[1]),
+        grace_ms.to_string(),
     ];
     Ok(Proc {
         name: kind.name(),
@@ -370,15 +407,21 @@ async fn monkey(run: Arc<Run>, done: Arc<AtomicBool>, mut rng: StdRng) -> Result
 /// One initiator: begins transactions until `n` are begun, each with an intent drawn at random.
 async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
     let tcc = TccClient::remote(&run.coordinator_url, None).map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HANG + Duration::from_secs(1))
+        .build()
+        .map_err(|e| e.to_string())?;
     let flights = FlightsClient::new(run.service_url(Kind::Flights));
     let hotels = HotelsClient::new(run.service_url(Kind::Hotels));
     let timeout = Duration::from_millis(run.args.timeout_ms);
     // Each pass takes a slot first, so exactly `transactions` are begun whatever the races.
     while run.tally.slots.fetch_add(1, Ordering::Relaxed) < run.args.transactions {
         let intent = match rng.random_range(0..100) {
-            0..80 => Intent::Book,
-            80..92 => Intent::ChangeMind,
-            _ => Intent::WalkAway,
+            0..78 => Intent::Book,
+            78..90 => Intent::ChangeMind,
+            90..97 => Intent::WalkAway,
+            _ => Intent::Orphan,
         };
         // Mostly the item with plenty of stock, sometimes the scarce one, rarely one not sold.
         let pick = |rng: &mut StdRng, kind: Kind| {
@@ -398,6 +441,10 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         let planned = rng.random_bool(0.5);
         let seat_req = HoldRequest { item: flight, customer: customer.clone() };
         let room_req = HoldRequest { item: hotel, customer };
+        if intent == Intent::Orphan {
+            orphan(&run, &http, [&seat_req, &room_req]).await?;
+            continue;
+        }
         let options = if planned {
             let branch =
                 |name: &str, kind: Kind, op: &str, req: &HoldRequest| -> Result<PlannedBranch, String> {
@@ -484,6 +531,48 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
     Ok(())
 }
 
+/// Sends both tries of an orphan straight to the services (through their fault proxies), under a
+/// fresh gid the coordinator never saw, with a deadline [`ORPHAN_DEADLINE`] away; nobody ever
+/// decides it.
+async fn orphan(run: &Run, http: &reqwest::Client, reqs: [&HoldRequest; 2]) -> Result<(), String> {
+    let gid = Gid::generate();
+    run.record(&gid, Seen::Orphan);
+    Tally::add(&run.tally.orphans);
+    let deadline = tcc_core::Clock::now(&tcc_core::SystemClock).0 + ORPHAN_DEADLINE.as_millis() as u64;
+    run.last_orphan_deadline.fetch_max(deadline, Ordering::Relaxed);
+    for (kind, req) in KINDS.into_iter().zip(reqs) {
+        let op = match kind {
+            Kind::Flights => "hold_seat",
+            Kind::Hotels => "hold_room",
+        };
+        let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let answer = http
+            .post(format!("{}/{op}/try", run.service_url(kind)))
+            .header(GID_HEADER, gid.as_str())
+            .header(BRANCH_HEADER, branch_of(kind))
+            .header(DEADLINE_HEADER, deadline.to_string())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        if answer.is_ok_and(|a| a.status().is_success()) {
+            Tally::add(&run.tally.orphan_holds);
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every orphan's deadline + grace has passed, and a few expiry sweeps more.
+async fn wait_orphans_released(run: &Run) {
+    let last = run.last_orphan_deadline.load(Ordering::Relaxed);
+    if last == 0 {
+        return;
+    }
+    let release = last + run.args.grace_ms + 3_000;
+    let now = tcc_core::Clock::now(&tcc_core::SystemClock).0;
+    tokio::time::sleep(Duration::from_millis(release.saturating_sub(now))).await;
+}
+
 /// Waits until the coordinator has nothing unfinished, giving each flagged transaction an operator
 /// retry. Returns the operator retries made, or what is still unfinished at the limit.
 async fn quiesce(run: &Run) -> Result<usize, String> {
@@ -545,18 +634,22 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
         }
     }
     drop(store);
+    let seen = run.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let orphans = seen.iter().filter(|(_, s)| **s == Seen::Orphan).map(|(g, _)| g);
+    let gids: Vec<&Gid> = txs.iter().map(|t| &t.gid).chain(orphans).collect();
     let mut books = Vec::new();
     let mut barriers = Vec::new();
-    for kind in KINDS {
-        let (db, participant) =
-            travel_booking::service::open(kind, &run.dir.join(kind.name())).map_err(|e| e.to_string())?;
-        books.push(travel_booking::ledger::read(&participant, &db)?);
+    for (kind, (db, name)) in KINDS.into_iter().zip(&run.stores) {
+        let grace = Duration::from_millis(run.args.grace_ms);
+        let backend =
+            travel_booking::service::open(kind, &db.at(name), grace).await.map_err(|e| e.to_string())?;
+        books.push(backend.books().await?);
         let branch: tcc_core::BranchId =
             branch_of(kind).parse().map_err(|e: tcc_core::Error| e.to_string())?;
         let mut states: HashMap<Gid, BarrierState> = HashMap::new();
-        for tx in &txs {
-            if let Some(rec) = participant.barrier().get(&tx.gid, &branch).map_err(|e| e.to_string())? {
-                states.insert(tx.gid.clone(), rec.state);
+        for gid in &gids {
+            if let Some(state) = backend.barrier_state(gid, &branch).await? {
+                states.insert((*gid).clone(), state);
             }
         }
         barriers.push(states);
@@ -580,24 +673,36 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
         let [plenty, scarce, _] = items(kind);
         stocked.extend([(plenty, units[0]), (scarce, units[1])]);
     }
-    let seen = run.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let violations = check(&txs, &sides, &stocked, &seen);
+    let mut violations = check(&txs, &sides, &stocked, &seen);
+    let released_by_services = self_released(&sides);
+    let orphan_holds = run.tally.orphan_holds.load(Ordering::Relaxed);
+    if orphan_holds > 0 && released_by_services == 0 {
+        violations
+            .push(format!("{orphan_holds} orphan holds were made but no service released any by itself"));
+    }
 
     let count = |s: TxState| txs.iter().filter(|t| t.state == s).count();
     let mut summary = format!(
-        "coordinator store: {} transactions, {} confirmed, {} cancelled\n",
+        "coordinator store: {} transactions, {} confirmed, {} cancelled\n\
+         released by the services themselves at deadline + grace: {released_by_services} holds \
+         ({orphan_holds} orphan holds made)\n",
         txs.len(),
         count(TxState::Confirmed),
         count(TxState::Cancelled)
     );
-    for (side, kind) in sides.iter().zip(KINDS) {
+    for ((side, kind), (db, name)) in sides.iter().zip(KINDS).zip(&run.stores) {
         let stock: Vec<String> = side
             .books
             .stock
             .iter()
             .map(|(item, s)| format!("{item}: {} free, {} held, {} sold", s.free, s.held, s.sold))
             .collect();
-        summary.push_str(&format!("{} store: {}\n", kind.name(), stock.join("; ")));
+        summary.push_str(&format!(
+            "{} store ({}): {}\n",
+            kind.name(),
+            db.at(name).describe(),
+            stock.join("; ")
+        ));
     }
     Ok((violations, summary))
 }
@@ -647,6 +752,22 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         None => temp.path().to_owned(),
     };
     let units = stock_for(args.transactions);
+    // Each service's database, and its place there for this run.
+    let run_tag = format!("chaos_{seed}");
+    let mut stores = Vec::new();
+    for (kind, url) in KINDS.into_iter().zip([&args.flights_db, &args.hotels_db]) {
+        let url = url.clone().unwrap_or_else(|| format!("sled:{}", dir.display()));
+        let db: Db = url.parse()?;
+        let name = match db {
+            Db::Sled(_) => kind.name().to_owned(),
+            _ => {
+                let name = format!("{run_tag}_{}", kind.name());
+                db.scratch(&name).await.map_err(|e| format!("creating {name}: {e}"))?;
+                name
+            }
+        };
+        stores.push((url, db, name));
+    }
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let coordinator_addr = loopback(free_port().map_err(|e| e.to_string())?);
     let mut coordinator = coordinator_proc(&args, &dir, coordinator_addr)?;
@@ -654,7 +775,8 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
     let mut proxies = Vec::new();
     for (i, kind) in KINDS.into_iter().enumerate() {
         let addr = loopback(free_port().map_err(|e| e.to_string())?);
-        let mut proc = service_proc(&dir, kind, addr, units)?;
+        let (url, _, name) = &stores[i];
+        let mut proc = service_proc(&dir, kind, addr, (url, name), units, args.grace_ms)?;
         proc.spawn()?;
         proc.wait_up().await?;
         services.push(tokio::sync::Mutex::new(proc));
@@ -692,6 +814,13 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         coordinator_kills: AtomicUsize::new(0),
         participant_kills: AtomicUsize::new(0),
         restart_ms: Mutex::default(),
+        stores: stores
+            .into_iter()
+            .map(|(_, db, name)| (db, name))
+            .collect::<Vec<_>>()
+            .try_into()
+            .map_err(|_| "two stores".to_owned())?,
+        last_orphan_deadline: AtomicU64::new(0),
         args,
     });
 
@@ -729,6 +858,7 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         p.set_rate(0.0);
     }
     let quiet = Instant::now();
+    wait_orphans_released(&run).await;
     let (retried, mut violations) = match quiesce(&run).await {
         Ok(retried) => (retried, Vec::new()),
         Err(e) => (0, vec![e]),
@@ -775,7 +905,7 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
     println!(
         "initiators: {} begun in {:.1} s ({:.0}/s); confirm acknowledged {}, cancel acknowledged {}, \
          decision not acknowledged {}, walked away {}; tries refused by a service {}, tries failed {}; \
-         begin retried {} times",
+         begin retried {} times; orphans {} ({} holds made)",
         t.begun.load(Ordering::Relaxed),
         ran.as_secs_f64(),
         t.begun.load(Ordering::Relaxed) as f64 / ran.as_secs_f64().max(1e-3),
@@ -786,6 +916,8 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         get(&t.refused),
         get(&t.try_failed),
         get(&t.begin_retries),
+        get(&t.orphans),
+        get(&t.orphan_holds),
     );
     let mut faults: HashMap<Fault, u64> = HashMap::new();
     for p in &run.proxies {
@@ -814,8 +946,20 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         let kept = temp.keep();
         println!("stores and logs kept in {}", kept.display());
     }
+    for (db, name) in &run.stores {
+        match db {
+            Db::Sled(_) => {}
+            _ if !violations.is_empty() => println!("kept for inspection: {}", db.at(name).describe()),
+            _ => {
+                if let Err(e) = db.drop_scratch(name).await {
+                    println!("could not drop {name}: {e}");
+                }
+            }
+        }
+    }
     Ok((
-        run.tally.begun.load(Ordering::Relaxed),
+        // Orphans count among the transactions: those of a coordinator gone for good.
+        run.tally.begun.load(Ordering::Relaxed) + run.tally.orphans.load(Ordering::Relaxed) as usize,
         run.coordinator_kills.load(Ordering::Relaxed),
         run.participant_kills.load(Ordering::Relaxed),
         violations,
@@ -864,16 +1008,18 @@ async fn serve_coordinator(serve: &[String]) -> Result<(), String> {
 
 /// A service's child process.
 async fn serve_participant(serve: &[String]) -> Result<(), String> {
-    let [kind, listen, dir, units] = serve else {
-        return Err("--serve-participant KIND ADDR DIR UNITS".into());
+    let [kind, listen, db, name, units, grace_ms] = serve else {
+        return Err("--serve-participant KIND ADDR DB NAME UNITS GRACE_MS".into());
     };
+    let db = db.parse::<Db>()?.at(name);
+    let grace = Duration::from_millis(grace_ms.parse().map_err(|e| format!("GRACE_MS: {e}"))?);
     let kind = KINDS.into_iter().find(|k| k.name() == kind).ok_or_else(|| format!("no service {kind}"))?;
     let units: Vec<u32> =
         units.split(',').map(str::parse).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
     let [plenty, scarce] = units[..] else { return Err("UNITS is PLENTY,SCARCE".into()) };
     let [a, b, _] = items(kind);
     let service =
-        travel_booking::service::Service::start(kind, Path::new(dir), listen, &[(a, plenty), (b, scarce)])
+        travel_booking::service::Service::start(kind, &db, listen, &[(a, plenty), (b, scarce)], grace)
             .await
             .map_err(|e| e.to_string())?;
     parent_gone().await;
