@@ -48,7 +48,7 @@ pub enum Store {
     /// `ctx: TccContext`: staged writes over sled.
     Sled,
     /// `ctx: &mut SqlContext<DB>`: statements in a transaction of database `DB`.
-    Sql(Type),
+    Sql(Box<Type>),
 }
 
 impl Store {
@@ -234,7 +234,7 @@ fn method(f: &TraitItemFn, errors: &mut Errors) -> Option<Method> {
         }
         Some(FnArg::Typed(t)) => match &*t.ty {
             Type::Reference(r) if r.mutability.is_some() => match sql_context(&r.elem) {
-                Some(Some(db)) => store = (Store::Sql(db), t.ty.span()),
+                Some(Some(db)) => store = (Store::Sql(Box::new(db)), t.ty.span()),
                 Some(None) => {
                     errors.at(
                         &r.elem,
