@@ -805,7 +805,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::Gid;
+    use crate::model::{Gid, HistoryEntry};
 
     const NOW: Timestamp = Timestamp(10_000);
     const DEADLINE: Timestamp = Timestamp(20_000);
@@ -1321,6 +1321,196 @@ mod tests {
         // A back-check answering after a submit changes nothing.
         let late = answer(LocalOutcome::RolledBack, None);
         assert_eq!(apply(&submitted, &late, &ctx(later)).unwrap(), Transition::Unchanged);
+    }
+
+    #[test]
+    fn registrations_rounds_and_back_checks_of_another_kind_are_illegal() {
+        // A message is prepared (Trying), but its actions are fixed: no registration.
+        let msg = new_message();
+        assert!(matches!(apply(&msg, &register("z"), &ctx(NOW)), Err(Error::IllegalTransition { .. })));
+        // A message still prepared takes no round of steps.
+        let round = steps_round(Decision::Confirm, &["a"], None);
+        assert!(matches!(apply(&msg, &round, &ctx(NOW)), Err(Error::IllegalTransition { .. })));
+        // A TCC transaction has no steps to run, and takes neither rounds of steps nor back-check
+        // answers, in any state.
+        for state in [TxState::Trying, TxState::Confirming] {
+            let tcc = tx_in(state);
+            assert!(runnable_steps(&tcc).is_empty(), "{state:?}");
+            for ev in [
+                steps_round(Decision::Confirm, &["a"], None),
+                Event::BackChecked { outcome: LocalOutcome::Committed, retry_at: None },
+            ] {
+                assert!(
+                    matches!(apply(&tcc, &ev, &ctx(NOW)), Err(Error::IllegalTransition { .. })),
+                    "{state:?} {ev:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_step_counts_as_a_failure_in_the_history() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        let (turned, _) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &[], Some("a")), &ctx(NOW)).unwrap());
+        let Some(HistoryEntry { what: Happening::Round { done, failed, error }, .. }) = turned.history.last()
+        else {
+            panic!("a round entry: {:?}", turned.history);
+        };
+        assert_eq!((*done, *failed), (0, 1));
+        assert!(error.as_deref().is_some_and(|e| e.contains("refused")), "{error:?}");
+        let failing = Event::StepsFinished {
+            decision: Decision::Cancel,
+            done: vec![],
+            failed: vec![(bid("a"), "503".into())],
+            refused: None,
+            retry_at: Some(NOW + Duration::from_secs(1)),
+        };
+        let (again, _) = changed(apply(&turned, &failing, &ctx(NOW)).unwrap());
+        let Some(HistoryEntry { what: Happening::Round { failed, .. }, .. }) = again.history.last() else {
+            panic!("a round entry: {:?}", again.history);
+        };
+        assert_eq!(*failed, 1);
+    }
+
+    #[test]
+    fn a_forced_compensation_covers_the_steps_that_ran_or_may_have_run_only() {
+        let tx = new_saga(&["a", "b", "c"], false, &[]);
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(NOW)).unwrap()).0;
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &[], Some("b")), &ctx(NOW)).unwrap()).0;
+        let spent = Event::StepsFinished {
+            decision: Decision::Cancel,
+            done: vec![],
+            failed: vec![(bid("b"), "boom".into())],
+            refused: None,
+            retry_at: None,
+        };
+        let flagged = changed(apply(&tx, &spent, &ctx(NOW)).unwrap()).0;
+        assert_eq!((flagged.state, flagged.decision), (TxState::Flagged, Some(Decision::Cancel)));
+        let (forced, _) =
+            changed(apply(&flagged, &Event::OperatorForce(Decision::Cancel), &ctx(NOW)).unwrap());
+        let states: Vec<BranchState> = forced.branches.iter().map(|b| b.state).collect();
+        assert_eq!(
+            states,
+            [BranchState::Cancelled, BranchState::Cancelled, BranchState::Registered],
+            "a (done) and b (may have run) compensated; c never ran"
+        );
+    }
+
+    #[test]
+    fn a_valid_concurrent_order_is_accepted_and_runs_what_is_ready() {
+        // b after a; c after nothing.
+        let tx = new_saga(&["a", "b", "c"], true, &[&[], &[0], &[]]);
+        assert_eq!((tx.state, tx.decision), (TxState::Confirming, Some(Decision::Confirm)));
+        assert_eq!(runnable_steps(&tx), vec![0, 2], "every step without a predecessor at once");
+        let tx =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &["a", "c"], None), &ctx(NOW)).unwrap()).0;
+        assert_eq!(runnable_steps(&tx), vec![1]);
+    }
+
+    #[test]
+    fn a_step_after_itself_or_after_a_missing_step_is_named_as_such() {
+        for after in [&[&[0u32][..]][..], &[&[7][..]]] {
+            let steps = after
+                .iter()
+                .map(|a| crate::model::SagaStep { after: a.to_vec(), ..Default::default() })
+                .chain(std::iter::repeat_with(Default::default))
+                .take(2)
+                .collect();
+            let r = saga(
+                Gid::generate(),
+                DEADLINE,
+                vec![step_branch("a"), step_branch("b")],
+                Saga { concurrent: true, steps },
+                &ctx(NOW),
+            );
+            match r {
+                Err(Error::InvalidInput(m)) => assert!(m.contains("cannot come after"), "{after:?}: {m}"),
+                other => panic!("{after:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn steps_are_checked_like_branches_at_creation() {
+        let make = |branches: Vec<Branch>| {
+            let steps = branches.iter().map(|_| crate::model::SagaStep::default()).collect();
+            let s = saga(
+                Gid::generate(),
+                DEADLINE,
+                branches.clone(),
+                Saga { concurrent: false, steps },
+                &ctx(NOW),
+            );
+            let m = message(
+                Gid::generate(),
+                DEADLINE,
+                branches,
+                Msg { query_prepared: "mem://q".into() },
+                &ctx(NOW),
+            );
+            (s.is_ok(), m.is_ok())
+        };
+        // ctx allows 3 branches and 100 payload bytes.
+        let three: Vec<Branch> = ["a", "b", "c"].iter().map(|id| step_branch(id)).collect();
+        assert_eq!(make(three.clone()), (true, true), "exactly the cap");
+        let mut four = three.clone();
+        four.push(step_branch("d"));
+        assert_eq!(make(four), (false, false), "one over the cap");
+        assert_eq!(make(vec![step_branch("a"), step_branch("a")]), (false, false), "an id twice");
+        let mut heavy = step_branch("a");
+        heavy.payload = vec![0; 100];
+        assert_eq!(make(vec![heavy.clone()]), (true, true), "payload at the cap");
+        heavy.payload.push(0);
+        assert_eq!(make(vec![heavy]), (false, false), "payload over the cap");
+        let mut done = step_branch("a");
+        done.state = BranchState::Confirmed;
+        assert_eq!(make(vec![done]), (false, false), "a step that does not start registered");
+    }
+
+    #[test]
+    fn a_saga_runs_forward_to_confirmed_and_progress_resets_the_retry_budget() {
+        let tx = new_saga(&["a", "b"], false, &[]);
+        let failing = Event::StepsFinished {
+            decision: Decision::Confirm,
+            done: vec![],
+            failed: vec![(bid("a"), "503".into())],
+            refused: None,
+            retry_at: Some(NOW + Duration::from_secs(1)),
+        };
+        let (tx, _) = changed(apply(&tx, &failing, &ctx(NOW)).unwrap());
+        assert_eq!(tx.attempts, 1);
+        let errors: Vec<Option<&str>> = tx.branches.iter().map(|b| b.last_error.as_deref()).collect();
+        assert_eq!(errors, [Some("503"), None], "the error is the failed step's only");
+        let (tx, _) = changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(NOW)).unwrap());
+        assert_eq!((tx.state, tx.attempts), (TxState::Confirming, 0), "progress renews the budget");
+        let (tx, eff) =
+            changed(apply(&tx, &steps_round(Decision::Confirm, &["b"], None), &ctx(NOW)).unwrap());
+        assert_eq!((tx.state, eff), (TxState::Confirmed, vec![Effect::Finished(TxState::Confirmed)]));
+    }
+
+    #[test]
+    fn a_submitted_message_never_turns_back_even_past_its_deadline() {
+        let (sent, _) = changed(apply(&new_message(), &Event::Confirm, &ctx(NOW)).unwrap());
+        let late = DEADLINE + Duration::from_secs(1);
+        let (tx, _) =
+            changed(apply(&sent, &steps_round(Decision::Confirm, &["a"], None), &ctx(late)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Confirming, Some(Decision::Confirm)));
+        assert_eq!(runnable_steps(&tx), vec![1]);
+        let (tx, _) = changed(apply(&tx, &steps_round(Decision::Confirm, &["b"], None), &ctx(late)).unwrap());
+        assert_eq!(tx.state, TxState::Confirmed);
+    }
+
+    #[test]
+    fn a_compensation_round_past_the_deadline_keeps_compensating() {
+        let tx = new_saga(&["a", "b", "c"], false, &[]);
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &["a"], None), &ctx(NOW)).unwrap()).0;
+        let tx = changed(apply(&tx, &steps_round(Decision::Confirm, &[], Some("b")), &ctx(NOW)).unwrap()).0;
+        let (tx, _) =
+            changed(apply(&tx, &steps_round(Decision::Cancel, &["b"], None), &ctx(DEADLINE)).unwrap());
+        assert_eq!((tx.state, tx.decision), (TxState::Cancelling, Some(Decision::Cancel)));
+        assert!(tx.last_error.as_deref().is_some_and(|e| e.contains("refused")), "{:?}", tx.last_error);
+        assert_eq!(runnable_steps(&tx), vec![0]);
     }
 
     #[test]
