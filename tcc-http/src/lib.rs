@@ -113,6 +113,11 @@ pub struct ConsoleGuideDoctests;
 #[cfg(all(doctest, feature = "client", feature = "participant"))]
 pub struct SagasAndMessagesGuideDoctests;
 
+/// The SQL participants guide's example, compiled as a doctest.
+#[doc = include_str!("../../docs/sql-participants.md")]
+#[cfg(all(doctest, feature = "participant", feature = "sqlx-postgres"))]
+pub struct SqlParticipantsGuideDoctests;
+
 /// The architecture guide's examples, compiled and run as doctests.
 #[doc = include_str!("../../docs/architecture.md")]
 #[cfg(all(doctest, feature = "client", feature = "participant"))]
