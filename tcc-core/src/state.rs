@@ -651,14 +651,7 @@ fn finish_steps(
     ctx: &Context<'_>,
 ) -> Transition {
     let mut next = tx.clone();
-    for b in next.branches.iter_mut() {
-        if done.contains(&b.id) {
-            b.state = decision.branch_state();
-            b.last_error = None;
-        } else if let Some((_, err)) = failed.iter().chain(refused).find(|(id, _)| id == &b.id) {
-            b.last_error = Some(err.clone());
-        }
-    }
+    record_calls(&mut next, decision, done, failed, refused);
     next.updated_at = ctx.now;
     next.lease_owner = None;
     if !done.is_empty() {
@@ -695,7 +688,31 @@ fn finish_steps(
         take_lease(&mut next, ctx);
         return Transition::Changed(next, vec![Effect::DrivePhaseTwo]);
     };
-    let error = format!("branch {id}: {e}");
+    failed_round(next, format!("branch {id}: {e}"), retry_at)
+}
+
+/// Marks what one round's calls did: the branches (or steps) in `done` reached `decision`'s
+/// state, those in `failed` (and a saga's `refused` action) keep their error.
+fn record_calls(
+    next: &mut Transaction,
+    decision: Decision,
+    done: &[BranchId],
+    failed: &[(BranchId, String)],
+    refused: Option<&(BranchId, String)>,
+) {
+    for b in next.branches.iter_mut() {
+        if done.contains(&b.id) {
+            b.state = decision.branch_state();
+            b.last_error = None;
+        } else if let Some((_, err)) = failed.iter().chain(refused).find(|(id, _)| id == &b.id) {
+            b.last_error = Some(err.clone());
+        }
+    }
+}
+
+/// The end of a round in which a call failed: the error kept, one more attempt counted, then due
+/// at `retry_at`, or flagged for an operator when the retry policy is spent (`None`).
+fn failed_round(mut next: Transaction, error: String, retry_at: Option<Timestamp>) -> Transition {
     next.last_error = Some(error.clone());
     next.attempts = next.attempts.saturating_add(1);
     match retry_at {
@@ -766,14 +783,7 @@ fn finish_round(
     ctx: &Context<'_>,
 ) -> Transition {
     let mut next = tx.clone();
-    for b in next.branches.iter_mut() {
-        if done.contains(&b.id) {
-            b.state = decision.branch_state();
-            b.last_error = None;
-        } else if let Some((_, err)) = failed.iter().find(|(id, _)| id == &b.id) {
-            b.last_error = Some(err.clone());
-        }
-    }
+    record_calls(&mut next, decision, done, failed, None);
     next.updated_at = ctx.now;
     next.lease_owner = None;
     if next.pending_branches().next().is_none() {
@@ -785,19 +795,7 @@ fn finish_round(
         .first()
         .map(|(id, e)| format!("branch {id}: {e}"))
         .unwrap_or_else(|| "phase two did not reach every branch".to_owned());
-    next.last_error = Some(error.clone());
-    next.attempts = next.attempts.saturating_add(1);
-    match retry_at {
-        Some(at) => {
-            next.due_at = Some(at);
-            Transition::Changed(next, Vec::new())
-        }
-        None => {
-            next.state = TxState::Flagged;
-            next.due_at = None;
-            Transition::Changed(next, vec![Effect::Flagged(error)])
-        }
-    }
+    failed_round(next, error, retry_at)
 }
 
 #[cfg(test)]
