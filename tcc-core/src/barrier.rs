@@ -23,6 +23,24 @@
 //! | cancel    | record `CancelledEmpty`    | run            | refused: [`Refusal::AlreadyConfirmed`] | duplicate        | duplicate           |
 //! | expire    | nothing                    | run when due   | nothing             | nothing                   | nothing             |
 //!
+//! Sagas and two-phase messages use the same record with states of their own. A saga step's
+//! action holds nothing, so it never expires; its compensation undoes it, and a compensation that
+//! arrives first is remembered so that the late action is refused (the saga's version of the
+//! suspended try). A message's local transaction commits its record with the initiator's business
+//! writes; the back-check reads that record, and where there is none it writes one saying "rolled
+//! back", so that a local transaction still on its way can never commit after the answer.
+//!
+//! | call        | no record                      | Done             | Compensated, CompensatedEmpty | Committed | RolledBack |
+//! |-------------|--------------------------------|------------------|-------------------------------|-----------|------------|
+//! | action      | run                            | duplicate        | refused: [`Refusal::Compensated`] | | |
+//! | compensate  | record `CompensatedEmpty`      | run              | duplicate                     | | |
+//! | local       | run                            |                  |                               | duplicate | refused: [`Refusal::RolledBack`] |
+//! | back-check  | record `RolledBack`            |                  |                               | duplicate: committed | duplicate: rolled back |
+//!
+//! A call on a record of another kind (a TCC try on a saga step's record, an action on a message's
+//! local transaction, ...; the empty cells) is refused with [`Refusal::OtherKind`]; the expiry sweep
+//! only ever touches held TCC reservations.
+//!
 //! Two ways to use it:
 //! - [`SledBarrier`] when the participant's business state lives in sled: one sled transaction covers
 //!   the barrier trees and the business trees.
@@ -85,12 +103,66 @@ pub enum BarrierState {
     /// Nobody confirmed or cancelled by deadline + grace, so the participant ran the business cancel
     /// on its own. Final: a confirm arriving later is refused with [`Refusal::Expired`].
     Expired,
+    /// A saga step's action, or a message's action, ran. It holds nothing, so it never expires; a
+    /// saga's compensation may still come and undo it.
+    Done,
+    /// A saga step's compensation ran after its action. Final.
+    Compensated,
+    /// A saga step's compensation arrived before (or without) its action: nothing ran. Final: the
+    /// action arriving later is refused with [`Refusal::Compensated`].
+    CompensatedEmpty,
+    /// A message's local transaction committed (its business writes with this record). Final: the
+    /// back-check answers committed.
+    Committed,
+    /// A message's back-check found no local transaction and settled it as rolled back by writing
+    /// this record. Final: the local transaction arriving later is refused with
+    /// [`Refusal::RolledBack`], so the back-check's answer stays true.
+    RolledBack,
 }
 
 impl BarrierState {
-    /// Anything but [`Tried`](BarrierState::Tried): no business method will run for this branch again.
+    /// Anything but [`Tried`](BarrierState::Tried) and [`Done`](BarrierState::Done): no business
+    /// method will run for this branch again.
     pub fn is_final(self) -> bool {
-        self != BarrierState::Tried
+        !matches!(self, BarrierState::Tried | BarrierState::Done)
+    }
+
+    /// Every state, in encoding order (for stores that keep the state by name).
+    pub const ALL: [BarrierState; 10] = [
+        BarrierState::Tried,
+        BarrierState::Confirmed,
+        BarrierState::Cancelled,
+        BarrierState::CancelledEmpty,
+        BarrierState::Expired,
+        BarrierState::Done,
+        BarrierState::Compensated,
+        BarrierState::CompensatedEmpty,
+        BarrierState::Committed,
+        BarrierState::RolledBack,
+    ];
+
+    /// The state named `name` (as [`as_str`](BarrierState::as_str) writes it).
+    ///
+    /// ```
+    /// use tcc_core::barrier::BarrierState;
+    /// assert_eq!(BarrierState::from_name("compensated_empty"), Some(BarrierState::CompensatedEmpty));
+    /// assert_eq!(BarrierState::from_name("Tried"), None);
+    /// ```
+    pub fn from_name(name: &str) -> Option<BarrierState> {
+        BarrierState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the record was written by a TCC call (try, confirm, cancel, expiry), as opposed to a
+    /// saga or message call.
+    fn is_tcc(self) -> bool {
+        matches!(
+            self,
+            BarrierState::Tried
+                | BarrierState::Confirmed
+                | BarrierState::Cancelled
+                | BarrierState::CancelledEmpty
+                | BarrierState::Expired
+        )
     }
 
     /// The state's lower-case name, as used in APIs and logs.
@@ -101,6 +173,11 @@ impl BarrierState {
             BarrierState::Cancelled => "cancelled",
             BarrierState::CancelledEmpty => "cancelled_empty",
             BarrierState::Expired => "expired",
+            BarrierState::Done => "done",
+            BarrierState::Compensated => "compensated",
+            BarrierState::CompensatedEmpty => "compensated_empty",
+            BarrierState::Committed => "committed",
+            BarrierState::RolledBack => "rolled_back",
         }
     }
 }
@@ -210,6 +287,23 @@ pub enum Op<'a> {
         /// How long after the deadline the participant waits for the coordinator's word.
         grace: Duration,
     },
+    /// A saga step's action, or a message's action: do it, once.
+    Action {
+        /// The action's request bytes, stored in the record (the compensation gets them back).
+        request: &'a [u8],
+    },
+    /// A saga step's compensation: undo the action if it ran; if it did not, remember that, so the
+    /// action is refused should it arrive later.
+    Compensate,
+    /// A message's local transaction: the initiator's own business writes, committed with this
+    /// record so that a back-check can tell it committed.
+    Local {
+        /// Stored in the record, for inspection.
+        request: &'a [u8],
+    },
+    /// A message's back-check: did the local transaction commit? If it has not, it never will:
+    /// settle it as rolled back.
+    BackCheck,
 }
 
 impl Op<'_> {
@@ -220,6 +314,10 @@ impl Op<'_> {
             Op::Confirm => "confirm",
             Op::Cancel => "cancel",
             Op::Expire { .. } => "expire",
+            Op::Action { .. } => "action",
+            Op::Compensate => "compensate",
+            Op::Local { .. } => "local",
+            Op::BackCheck => "back_check",
         }
     }
 }
@@ -271,6 +369,22 @@ pub enum Refusal {
     /// an operator: the other branches may be confirmed.
     #[error("refused: the reservation expired and was released by the participant")]
     Expired,
+    /// A saga action for a step whose compensation already came (empty, or after an earlier run).
+    /// The saga is turning back: running the action now would leave an effect nobody undoes.
+    #[error("action refused: the step is already compensated")]
+    Compensated,
+    /// A message's local transaction after its back-check settled it as rolled back. The
+    /// coordinator has aborted the message (or is about to): committing now would be an effect
+    /// whose message never goes out.
+    #[error("local transaction refused: its back-check already settled it as rolled back")]
+    RolledBack,
+    /// The branch's record was written by a call of another kind (a TCC try and a saga action for
+    /// the same transaction and branch, say): one of the two callers is confused.
+    #[error("refused: the branch was used by another kind of call ({stored})")]
+    OtherKind {
+        /// The stored record's state.
+        stored: BarrierState,
+    },
 }
 
 impl Refusal {
@@ -288,6 +402,9 @@ impl Refusal {
             Refusal::AlreadyCancelled => "already_cancelled",
             Refusal::AlreadyConfirmed => "already_confirmed",
             Refusal::Expired => "expired",
+            Refusal::Compensated => "compensated",
+            Refusal::RolledBack => "rolled_back",
+            Refusal::OtherKind { .. } => "other_kind",
         }
     }
 }
@@ -348,14 +465,33 @@ impl Refusal {
 /// ```
 pub fn decide(op: Op<'_>, existing: Option<&BarrierRecord>, now: Timestamp) -> Step {
     use BarrierState::{Cancelled, CancelledEmpty, Confirmed, Expired, Tried};
+    // A record of one kind of call answers calls of another kind with a refusal, whatever they are.
+    let tcc_op = matches!(op, Op::Try { .. } | Op::Confirm | Op::Cancel | Op::Expire { .. });
+    if let Some(r) = existing {
+        let same_kind = match op {
+            _ if tcc_op => r.state.is_tcc(),
+            Op::Action { .. } | Op::Compensate => {
+                matches!(
+                    r.state,
+                    BarrierState::Done | BarrierState::Compensated | BarrierState::CompensatedEmpty
+                )
+            }
+            _ => matches!(r.state, BarrierState::Committed | BarrierState::RolledBack),
+        };
+        if !same_kind {
+            return match op {
+                // The sweep only ever releases held reservations: anything else is nothing to do.
+                Op::Expire { .. } => Step::Nothing,
+                _ => Step::Refuse(Refusal::OtherKind { stored: r.state }),
+            };
+        }
+    }
     match op {
-        Op::Try { deadline, request } => match existing {
+        Op::Try { deadline, request } => match existing.map(|r| (r, r.state)) {
             // A record, whatever the time, answers a repeated try the same way every time.
-            Some(r) => match r.state {
-                Tried | Confirmed => Step::Duplicate(r.clone()),
-                Cancelled | CancelledEmpty => Step::Refuse(Refusal::Suspended),
-                Expired => Step::Refuse(Refusal::Expired),
-            },
+            Some((r, Tried | Confirmed)) => Step::Duplicate(r.clone()),
+            Some((_, Expired)) => Step::Refuse(Refusal::Expired),
+            Some(_) => Step::Refuse(Refusal::Suspended),
             // The coordinator can only cancel past the deadline: reserving now would only be undone.
             None if now >= deadline => Step::Refuse(Refusal::DeadlinePassed { deadline }),
             None => Step::Run(BarrierRecord {
@@ -366,31 +502,21 @@ pub fn decide(op: Op<'_>, existing: Option<&BarrierRecord>, now: Timestamp) -> S
                 updated_at: now,
             }),
         },
-        Op::Confirm => match existing {
+        Op::Confirm => match existing.map(|r| (r, r.state)) {
             None => Step::Refuse(Refusal::NotTried),
-            Some(r) => match r.state {
-                // Past deadline + grace but not yet swept: confirming still matches the global
-                // decision, so the confirm wins over a release that has not happened.
-                Tried => Step::Run(r.advanced(Confirmed, now)),
-                Confirmed => Step::Duplicate(r.clone()),
-                Cancelled | CancelledEmpty => Step::Refuse(Refusal::AlreadyCancelled),
-                Expired => Step::Refuse(Refusal::Expired),
-            },
+            // Past deadline + grace but not yet swept: confirming still matches the global
+            // decision, so the confirm wins over a release that has not happened.
+            Some((r, Tried)) => Step::Run(r.advanced(Confirmed, now)),
+            Some((r, Confirmed)) => Step::Duplicate(r.clone()),
+            Some((_, Expired)) => Step::Refuse(Refusal::Expired),
+            Some(_) => Step::Refuse(Refusal::AlreadyCancelled),
         },
-        Op::Cancel => match existing {
-            None => Step::RecordOnly(BarrierRecord {
-                state: CancelledEmpty,
-                deadline: Timestamp(0),
-                request: Vec::new(),
-                result: Vec::new(),
-                updated_at: now,
-            }),
-            Some(r) => match r.state {
-                Tried => Step::Run(r.advanced(Cancelled, now)),
-                Confirmed => Step::Refuse(Refusal::AlreadyConfirmed),
-                // Expired already ran the business cancel: the cancel's effect is there.
-                Cancelled | CancelledEmpty | Expired => Step::Duplicate(r.clone()),
-            },
+        Op::Cancel => match existing.map(|r| (r, r.state)) {
+            None => Step::RecordOnly(bare(CancelledEmpty, now)),
+            Some((r, Tried)) => Step::Run(r.advanced(Cancelled, now)),
+            Some((_, Confirmed)) => Step::Refuse(Refusal::AlreadyConfirmed),
+            // Expired already ran the business cancel: the cancel's effect is there.
+            Some((r, _)) => Step::Duplicate(r.clone()),
         },
         Op::Expire { grace } => match existing {
             Some(r) if r.state == Tried && r.deadline.saturating_add(grace) <= now => {
@@ -398,7 +524,47 @@ pub fn decide(op: Op<'_>, existing: Option<&BarrierRecord>, now: Timestamp) -> S
             }
             _ => Step::Nothing,
         },
+        // An action holds nothing and has no deadline of its own: it is never refused for lateness
+        // (the saga's coordinator decides when to turn back, and says so with the compensation).
+        Op::Action { request } => match existing.map(|r| (r, r.state)) {
+            None => Step::Run(BarrierRecord {
+                state: BarrierState::Done,
+                deadline: Timestamp(0),
+                request: request.to_vec(),
+                result: Vec::new(),
+                updated_at: now,
+            }),
+            Some((r, BarrierState::Done)) => Step::Duplicate(r.clone()),
+            Some(_) => Step::Refuse(Refusal::Compensated),
+        },
+        Op::Compensate => match existing.map(|r| (r, r.state)) {
+            None => Step::RecordOnly(bare(BarrierState::CompensatedEmpty, now)),
+            Some((r, BarrierState::Done)) => Step::Run(r.advanced(BarrierState::Compensated, now)),
+            Some((r, _)) => Step::Duplicate(r.clone()),
+        },
+        Op::Local { request } => match existing.map(|r| (r, r.state)) {
+            None => Step::Run(BarrierRecord {
+                state: BarrierState::Committed,
+                deadline: Timestamp(0),
+                request: request.to_vec(),
+                result: Vec::new(),
+                updated_at: now,
+            }),
+            Some((r, BarrierState::Committed)) => Step::Duplicate(r.clone()),
+            Some(_) => Step::Refuse(Refusal::RolledBack),
+        },
+        // The answer is the record's state: committed, or rolled back (now recorded, or earlier).
+        Op::BackCheck => match existing {
+            None => Step::RecordOnly(bare(BarrierState::RolledBack, now)),
+            Some(r) => Step::Duplicate(r.clone()),
+        },
     }
+}
+
+/// The record of a call that ran nothing (an empty cancel or compensation, a back-check that
+/// settled a message as rolled back).
+fn bare(state: BarrierState, now: Timestamp) -> BarrierRecord {
+    BarrierRecord { state, deadline: Timestamp(0), request: Vec::new(), result: Vec::new(), updated_at: now }
 }
 
 /// Everything a [`SledBarrier`] operation can fail with. `E` is the business closures' error type.
@@ -565,6 +731,37 @@ pub enum CancelOutcome {
     Duplicate,
     /// The participant had already released the reservation at deadline + grace; nothing ran.
     AlreadyExpired,
+}
+
+/// What a saga action, a message action or a message's local transaction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionOutcome {
+    /// The business method ran now.
+    Ran,
+    /// It had already run for this branch; nothing ran now.
+    Duplicate,
+}
+
+/// What a saga compensation did. Every variant is a success to report to the coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompensateOutcome {
+    /// The business compensation ran now, undoing the action.
+    Compensated,
+    /// The action had not run (empty compensation): nothing ran, and the action will be refused
+    /// should it arrive later.
+    Empty,
+    /// The step was already compensated; nothing ran.
+    Duplicate,
+}
+
+/// What a message's back-check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackCheckOutcome {
+    /// The local transaction committed: the message must go out.
+    Committed,
+    /// The local transaction did not commit, and now never will (a late one is refused): the
+    /// message must be aborted.
+    RolledBack,
 }
 
 /// A function making committed changes durable, for [`Durability::Hook`].
@@ -821,6 +1018,91 @@ impl SledBarrier {
         }
     }
 
+    /// A saga step's action, or a message's action: runs `f` once per (gid, branch).
+    ///
+    /// `f` gets the business trees and `request`, which is stored for the compensation. Never
+    /// refused for lateness (an action holds nothing, so it never expires); refused with
+    /// [`Refusal::Compensated`] once the step was compensated, even by an empty compensation. If `f`
+    /// aborts, nothing is stored and the call may be made again.
+    pub fn action<F, E>(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+        request: &[u8],
+        f: F,
+    ) -> Result<ActionOutcome, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
+        let run = |tx: &BusinessTx<'_>| f(tx).map(|()| Vec::new());
+        let applied = self.apply(gid, branch, Op::Action { request }, None, &run)?;
+        self.make_durable()?;
+        ran_once(applied)
+    }
+
+    /// A saga step's compensation: runs `f` once per (gid, branch), and only if the action ran.
+    ///
+    /// `f` gets the business trees and the action's stored request. A compensation with no action
+    /// before it records the step as compensated without running `f` ([`CompensateOutcome::Empty`]),
+    /// so an action arriving later is refused.
+    pub fn compensate<F, E>(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+        f: F,
+    ) -> Result<CompensateOutcome, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
+        let run = |tx: &BusinessTx<'_>| f(tx).map(|()| Vec::new());
+        let applied = self.apply(gid, branch, Op::Compensate, None, &run)?;
+        self.make_durable()?;
+        match applied {
+            Applied::Ran(_) => Ok(CompensateOutcome::Compensated),
+            Applied::Recorded => Ok(CompensateOutcome::Empty),
+            Applied::Duplicate(_) => Ok(CompensateOutcome::Duplicate),
+            Applied::Refused(r) => Err(r.into()),
+            Applied::Nothing => unreachable!("decide never answers a compensation so"),
+        }
+    }
+
+    /// A message's local transaction: runs `f` (the initiator's business writes) and records that it
+    /// committed, in one transaction, once per (gid, branch).
+    ///
+    /// Refused with [`Refusal::RolledBack`] once a [`back_check`](SledBarrier::back_check) settled
+    /// the message as rolled back: what the back-check answered stays true.
+    pub fn local<F, E>(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+        request: &[u8],
+        f: F,
+    ) -> Result<ActionOutcome, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
+        let run = |tx: &BusinessTx<'_>| f(tx).map(|()| Vec::new());
+        let applied = self.apply(gid, branch, Op::Local { request }, None, &run)?;
+        self.make_durable()?;
+        ran_once(applied)
+    }
+
+    /// A message's back-check: whether its local transaction committed. If it has not, it is settled
+    /// as rolled back here (recorded, durably), so that it can never commit later.
+    pub fn back_check(&self, gid: &Gid, branch: &BranchId) -> Result<BackCheckOutcome, BarrierError> {
+        let nothing = |_: &BusinessTx<'_>| Ok::<_, ConflictableTransactionError<Infallible>>(Vec::new());
+        let applied = self.apply(gid, branch, Op::BackCheck, None, &nothing)?;
+        self.make_durable()?;
+        match applied {
+            Applied::Duplicate(rec) if rec.state == BarrierState::Committed => {
+                Ok(BackCheckOutcome::Committed)
+            }
+            Applied::Recorded | Applied::Duplicate(_) => Ok(BackCheckOutcome::RolledBack),
+            Applied::Refused(r) => Err(r.into()),
+            Applied::Ran(_) | Applied::Nothing => unreachable!("decide never answers a back-check so"),
+        }
+    }
+
     /// Releases every reservation still held at deadline + grace, running the business cancel
     /// `f_cancel` with each one's stored request; returns how many were released.
     ///
@@ -1072,6 +1354,16 @@ impl SledBarrier {
     }
 }
 
+/// The outcome of an action or a local transaction.
+fn ran_once<E>(applied: Applied) -> Result<ActionOutcome, BarrierError<E>> {
+    match applied {
+        Applied::Ran(_) => Ok(ActionOutcome::Ran),
+        Applied::Duplicate(_) => Ok(ActionOutcome::Duplicate),
+        Applied::Refused(r) => Err(r.into()),
+        Applied::Recorded | Applied::Nothing => unreachable!("decide never answers an action so"),
+    }
+}
+
 /// A held reservation due for release, as listed by [`SledBarrier::due`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DueReservation {
@@ -1215,6 +1507,106 @@ mod tests {
                 assert_eq!(got, want, "{} at {now} on {:?}", op.as_str(), existing.as_ref().map(|r| r.state));
             }
         }
+    }
+
+    #[test]
+    fn decide_covers_saga_and_message_calls_in_every_state() {
+        let action = Op::Action { request: b"points" };
+        let local = Op::Local { request: b"order" };
+        let any_time = [Timestamp(0), DEADLINE + GRACE + GRACE];
+        let tcc = ["refuse:other_kind"; 5];
+        // (op, [none, the five TCC states, Done, Compensated, CompensatedEmpty, Committed, RolledBack])
+        #[rustfmt::skip]
+        let table: [(Op<'_>, [&str; 11]); 8] = [
+            (action, ["run->done", tcc[0], tcc[0], tcc[0], tcc[0], tcc[0],
+                "duplicate", "refuse:compensated", "refuse:compensated", "refuse:other_kind", "refuse:other_kind"]),
+            (Op::Compensate, ["record->compensated_empty", tcc[0], tcc[0], tcc[0], tcc[0], tcc[0],
+                "run->compensated", "duplicate", "duplicate", "refuse:other_kind", "refuse:other_kind"]),
+            (local, ["run->committed", tcc[0], tcc[0], tcc[0], tcc[0], tcc[0],
+                "refuse:other_kind", "refuse:other_kind", "refuse:other_kind", "duplicate", "refuse:rolled_back"]),
+            (Op::BackCheck, ["record->rolled_back", tcc[0], tcc[0], tcc[0], tcc[0], tcc[0],
+                "refuse:other_kind", "refuse:other_kind", "refuse:other_kind", "duplicate", "duplicate"]),
+            // TCC calls on a saga's or a message's record: refused, never run.
+            (Op::Try { deadline: Timestamp(u64::MAX), request: b"r" }, ["run->tried", "duplicate", "duplicate",
+                "refuse:suspended", "refuse:suspended", "refuse:expired", tcc[0], tcc[1], tcc[2], tcc[3], tcc[4]]),
+            (Op::Confirm, ["refuse:not_tried", "run->confirmed", "duplicate", "refuse:already_cancelled",
+                "refuse:already_cancelled", "refuse:expired", tcc[0], tcc[1], tcc[2], tcc[3], tcc[4]]),
+            (Op::Cancel, ["record->cancelled_empty", "run->cancelled", "refuse:already_confirmed", "duplicate",
+                "duplicate", "duplicate", tcc[0], tcc[1], tcc[2], tcc[3], tcc[4]]),
+            (Op::Expire { grace: Duration::ZERO }, ["nothing", "run->expired", "nothing", "nothing", "nothing",
+                "nothing", "nothing", "nothing", "nothing", "nothing", "nothing"]),
+        ];
+        for (op, expected) in table {
+            let existing: Vec<Option<BarrierRecord>> =
+                std::iter::once(None).chain(BarrierState::ALL.iter().map(|&s| Some(record(s)))).collect();
+            for now in any_time {
+                // The expiry of a held reservation depends on the time (see the TCC table): test it
+                // past the deadline only.
+                if matches!(op, Op::Expire { .. }) && now < DEADLINE {
+                    continue;
+                }
+                for (existing, want) in existing.iter().zip(expected) {
+                    let got = kind(&decide(op, existing.as_ref(), now));
+                    let state = existing.as_ref().map(|r| r.state);
+                    assert_eq!(got, want, "{} at {now} on {state:?}", op.as_str());
+                    if let (Some(stored), Step::Refuse(Refusal::OtherKind { stored: named })) =
+                        (state, decide(op, existing.as_ref(), now))
+                    {
+                        assert_eq!(named, stored, "the refusal names the stored state");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn saga_and_message_records_carry_what_their_calls_need() {
+        let Step::Run(done) = decide(Op::Action { request: b"points" }, None, Timestamp(7)) else {
+            panic!("a first action runs");
+        };
+        assert_eq!(
+            (done.state, done.deadline, done.request.as_slice(), done.updated_at),
+            (BarrierState::Done, Timestamp(0), &b"points"[..], Timestamp(7)),
+            "an action has no deadline (it never expires) and keeps its request for the compensation"
+        );
+        let Step::Run(undone) = decide(Op::Compensate, Some(&done), Timestamp(9)) else {
+            panic!("a compensation after the action runs");
+        };
+        assert_eq!(
+            (undone.state, undone.request.as_slice(), undone.updated_at),
+            (BarrierState::Compensated, &b"points"[..], Timestamp(9))
+        );
+        let Step::RecordOnly(empty) = decide(Op::Compensate, None, Timestamp(11)) else { panic!() };
+        assert_eq!(
+            (empty.state, empty.updated_at, empty.request.len()),
+            (BarrierState::CompensatedEmpty, Timestamp(11), 0)
+        );
+        let Step::Run(committed) = decide(Op::Local { request: b"order" }, None, Timestamp(13)) else {
+            panic!()
+        };
+        assert_eq!(
+            (committed.state, committed.request.as_slice(), committed.updated_at),
+            (BarrierState::Committed, &b"order"[..], Timestamp(13))
+        );
+        let Step::RecordOnly(rolled_back) = decide(Op::BackCheck, None, Timestamp(15)) else { panic!() };
+        assert_eq!((rolled_back.state, rolled_back.updated_at), (BarrierState::RolledBack, Timestamp(15)));
+        assert_eq!(decide(Op::BackCheck, Some(&committed), Timestamp(16)), Step::Duplicate(committed));
+    }
+
+    #[test]
+    fn states_are_named_and_only_two_await_more_calls() {
+        for state in BarrierState::ALL {
+            assert_eq!(BarrierState::from_name(state.as_str()), Some(state));
+            assert_eq!(
+                state.is_final(),
+                !matches!(state, BarrierState::Tried | BarrierState::Done),
+                "{state}"
+            );
+            // Encoded by position: every state round-trips.
+            let rec = record(state);
+            assert_eq!(BarrierRecord::decode(&rec.encode().unwrap_or_default()).ok(), Some(rec));
+        }
+        assert_eq!(BarrierState::from_name("unknown"), None);
     }
 
     #[test]

@@ -708,10 +708,12 @@ impl<DB: SqlDatabase> SqlBarrier<DB> {
     ) -> Result<Begun<DB>, SqlBarrierError> {
         for _ in 0..MAX_INSERT_RACES {
             let mut tx = DB::begin_tx(&self.pool).await?;
-            // A try that would run on a missing row (the usual case: tries come first) inserts at
-            // once, a round trip fewer. Inserted means there was no row, which is what it decided on;
-            // otherwise (MySQL's insert touched the row) roll back and read the row as any call does.
-            if let (Op::Try { .. }, Step::Run(record)) = (op, decide(op, None, self.clock.now())) {
+            // A first call (try, action, local transaction) that would run on a missing row (the
+            // usual case: they come first) inserts at once, a round trip fewer. Inserted means there
+            // was no row, which is what it decided on; otherwise (MySQL's insert touched the row)
+            // roll back and read the row as any call does.
+            let first_call = matches!(op, Op::Try { .. } | Op::Action { .. } | Op::Local { .. });
+            if let (true, Step::Run(record)) = (first_call, decide(op, None, self.clock.now())) {
                 if self.insert(&mut tx, gid, branch, &record).await? {
                     let (gid, branch, sql) = (gid.clone(), branch.clone(), Arc::clone(&self.sql));
                     return Ok(Begun::Run(Pending {
@@ -721,7 +723,7 @@ impl<DB: SqlDatabase> SqlBarrier<DB> {
                         record,
                         sql,
                         inserted: true,
-                        is_try: true,
+                        is_try: matches!(op, Op::Try { .. }),
                     }));
                 }
                 tx.rollback().await?;
@@ -967,16 +969,8 @@ fn to_sql(t: Timestamp) -> i64 {
 
 /// A row as a record, or what is wrong with it.
 fn parse_row((state, deadline, request, result, updated_at): RawRow) -> Result<BarrierRecord, String> {
-    const STATES: [BarrierState; 5] = [
-        BarrierState::Tried,
-        BarrierState::Confirmed,
-        BarrierState::Cancelled,
-        BarrierState::CancelledEmpty,
-        BarrierState::Expired,
-    ];
     let state = state.ok_or("state is NULL")?;
-    let state =
-        STATES.into_iter().find(|s| s.as_str() == state).ok_or_else(|| format!("unknown state {state:?}"))?;
+    let state = BarrierState::from_name(&state).ok_or_else(|| format!("unknown state {state:?}"))?;
     let instant = |name: &str, v: Option<i64>| -> Result<Timestamp, String> {
         let v = v.ok_or_else(|| format!("{name} is NULL"))?;
         u64::try_from(v).map(Timestamp).map_err(|_| format!("{name} is negative ({v})"))
@@ -1021,7 +1015,9 @@ pub enum Answer {
     /// A cancel of a reservation the participant released itself is one too, its record's state
     /// [`BarrierState::Expired`] (what the sled barrier calls `CancelOutcome::AlreadyExpired`).
     Duplicate(BarrierRecord),
-    /// Empty cancel: recorded and committed; a later try is refused.
+    /// Nothing ran, and the call's record is committed: an empty cancel (a later try is refused),
+    /// an empty compensation (a later action is refused), or a back-check that found no local
+    /// transaction and settled the message as rolled back (a later one is refused).
     Empty,
     /// Refused; nothing stored.
     Refused(Refusal),
