@@ -63,6 +63,35 @@
 //! [`OUTCOME_HEADER`] saying what happened (`fresh`, `duplicate`, `confirmed`, `cancelled`, `empty`,
 //! `expired`), for logs and tests; the coordinator does not need it.
 //!
+//! # Sagas and messages
+//!
+//! A saga step ([`Participant::async_step`], [`sql::SqlStep`], or a `#[tcc(compensate = ...)]`
+//! method) is served at `POST …/{name}/action` and `…/{name}/compensate`; a message's action
+//! ([`Participant::async_action`], [`sql::SqlAction`], `#[tcc(action)]`) at `…/{name}/action`.
+//! The coordinator calls them with the same `tcc-gid` and `tcc-branch` headers (and DTM's query
+//! parameters, which are ignored), with the step's payload as the JSON body; DTM's own
+//! coordinator can call them as well. Through the same barrier, in its saga and message states:
+//!
+//! | situation | status | code / outcome |
+//! |---|---|---|
+//! | action ran, or is a duplicate | 200 | `done` / `duplicate` |
+//! | compensation ran, was empty (no action before it), or is a duplicate | 200 | `compensated` / `empty` / `duplicate` |
+//! | action after its compensation | 409 | `compensated` |
+//! | the business method refused (a saga then turns back) | 409 | `refused` |
+//! | the branch was used by a call of another kind (a TCC try, say) | 409 | `other_kind` |
+//! | `try`, `confirm`, `cancel`, `batch` or `tries` on a step, `compensate` on a message action | 404 | `unknown_phase` |
+//!
+//! The rest (malformed headers or request, transient errors, storage faults) answers as the table
+//! above says for an operation. An action holds nothing, so the expiry sweep never touches it.
+//!
+//! A two-phase message's initiator runs its local transaction through
+//! [`Participant::local_transaction`] (on SQL, [`Participant::local_transaction`] of
+//! `Participant<Sql<DB>>`): the business writes commit with the barrier record of branch
+//! [`LOCAL_BRANCH`]. The coordinator's back-check is `GET …/back-check?gid=…` on the participant's
+//! routes (the message's `query_prepared`): 200 `{"dtm_result":"SUCCESS"}` when the local
+//! transaction committed; 409 `rolled_back` (with `detail` `{"dtm_result":"FAILURE"}`) when it did
+//! not, after recording so, so that it never commits later; 400 `malformed` without a valid `gid`.
+//!
 //! # Durability
 //!
 //! No answer is sent before the change it reports is on disk. [`Participant::new`] switches the
@@ -126,8 +155,8 @@ use sled::transaction::{ConflictableTransactionError, ConflictableTransactionRes
 #[cfg(doc)]
 use tcc_core::barrier::decide;
 use tcc_core::barrier::{
-    BarrierError, BusinessTx, CancelOutcome, ConfirmOutcome, Durability, ExpiryTask, Refusal, SledBarrier,
-    TryOutcome,
+    ActionOutcome, BarrierError, BusinessTx, CancelOutcome, CompensateOutcome, ConfirmOutcome, Durability,
+    ExpiryTask, Refusal, SledBarrier, TryOutcome,
 };
 use tcc_core::store::group_commit::GroupCommit;
 use tcc_core::{BranchId, Gid, Timestamp};
@@ -136,18 +165,21 @@ use tracing::{debug, error};
 use crate::error::ApiError;
 use crate::ndjson;
 use crate::protocol::{
-    BATCH_PATH, BRANCH_HEADER, CANCEL_PATH, CONFIRM_PATH, DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY,
-    REFUSED, TRIES_PATH, TRY_PATH,
+    ACTION_PATH, BACK_CHECK_PATH, BATCH_PATH, BRANCH_HEADER, CANCEL_PATH, COMPENSATE_PATH, CONFIRM_PATH,
+    DEADLINE_HEADER, GID_HEADER, GONE, MAX_BODY, REFUSED, TRIES_PATH, TRY_PATH,
 };
 #[cfg(doc)]
 use crate::staged::TccContext;
 #[cfg(doc)]
 use crate::staged::TccError;
-use crate::staged::{AsyncOperation, StoreError, Trees, Versioned};
+use crate::staged::{AsyncAction, AsyncOperation, AsyncStep, StoreError, Trees, Versioned};
 
 mod async_calls;
+mod messages;
 mod phase_two_batches;
 mod try_batches;
+
+pub use messages::{LOCAL_BRANCH, LocalError};
 
 pub use async_calls::MAX_RUNS;
 
@@ -401,11 +433,13 @@ where
     }
 }
 
-/// A registered operation: synchronous or async.
+/// A registered operation: synchronous or async; or a saga step or message action (async), with
+/// whether it has a compensation.
 #[derive(Clone)]
 enum Registered {
     Sync(Arc<dyn ErasedOperation>),
     Async(async_calls::AsyncKind),
+    Step { kind: async_calls::AsyncKind, compensable: bool },
 }
 
 type Operations = HashMap<String, Registered>;
@@ -733,6 +767,29 @@ impl Participant {
         )
     }
 
+    /// Adds the saga step `step` under `name`: its action served at `POST /{name}/action`, its
+    /// compensation at `POST /{name}/compensate` (see [Sagas and messages](self#sagas-and-messages)).
+    /// `#[tcc]` traits register their `#[tcc(compensate = ...)]` methods with it.
+    ///
+    /// # Panics
+    /// As [`operation`](Participant::operation).
+    pub fn async_step(self, name: &str, step: impl AsyncStep) -> Participant {
+        let kind = async_calls::AsyncKind::Staged(Arc::new(async_calls::AsyncOp(async_calls::StepOp(step))));
+        self.register(name, Registered::Step { kind, compensable: true })
+    }
+
+    /// Adds the message action `action` under `name`, served at `POST /{name}/action` (see
+    /// [Sagas and messages](self#sagas-and-messages)). `#[tcc]` traits register their
+    /// `#[tcc(action)]` methods with it.
+    ///
+    /// # Panics
+    /// As [`operation`](Participant::operation).
+    pub fn async_action(self, name: &str, action: impl AsyncAction) -> Participant {
+        let kind =
+            async_calls::AsyncKind::Staged(Arc::new(async_calls::AsyncOp(async_calls::ActionOp(action))));
+        self.register(name, Registered::Step { kind, compensable: false })
+    }
+
     fn sled_parts(&self) -> &SledParts {
         match &self.rt.store {
             Store::Sled(s) => s,
@@ -816,6 +873,10 @@ impl<B> Participant<B> {
         self.rt.start_auto_expiry();
         Router::new()
             .route("/{operation}/{phase}", post(handle).fallback(method_not_allowed))
+            .route(
+                &format!("/{BACK_CHECK_PATH}"),
+                axum::routing::get(messages::back_check).fallback(messages::get_only),
+            )
             .layer(DefaultBodyLimit::max(MAX_BODY))
             // A Content-Length past the limit is refused before any of the body is waited for.
             .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
@@ -955,6 +1016,8 @@ pub(crate) enum Phase {
     Try,
     Confirm,
     Cancel,
+    Action,
+    Compensate,
 }
 
 /// The identity headers of a call.
@@ -1017,6 +1080,8 @@ pub(crate) enum Done {
     Try(TryOutcome),
     Confirm(ConfirmOutcome),
     Cancel(CancelOutcome),
+    Action(ActionOutcome),
+    Compensate(CompensateOutcome),
 }
 
 impl Done {
@@ -1025,7 +1090,12 @@ impl Done {
             Done::Try(TryOutcome::Fresh(_)) => "fresh",
             Done::Try(TryOutcome::Duplicate(_))
             | Done::Confirm(ConfirmOutcome::Duplicate)
-            | Done::Cancel(CancelOutcome::Duplicate) => "duplicate",
+            | Done::Cancel(CancelOutcome::Duplicate)
+            | Done::Action(ActionOutcome::Duplicate)
+            | Done::Compensate(CompensateOutcome::Duplicate) => "duplicate",
+            Done::Action(ActionOutcome::Ran) => "done",
+            Done::Compensate(CompensateOutcome::Compensated) => "compensated",
+            Done::Compensate(CompensateOutcome::Empty) => "empty",
             Done::Confirm(ConfirmOutcome::Confirmed) => "confirmed",
             Done::Cancel(CancelOutcome::Cancelled) => "cancelled",
             Done::Cancel(CancelOutcome::Empty) => "empty",
@@ -1037,7 +1107,7 @@ impl Done {
     fn into_result(self) -> Vec<u8> {
         match self {
             Done::Try(TryOutcome::Fresh(r) | TryOutcome::Duplicate(r)) => r,
-            Done::Confirm(_) | Done::Cancel(_) => Vec::new(),
+            Done::Confirm(_) | Done::Cancel(_) | Done::Action(_) | Done::Compensate(_) => Vec::new(),
         }
     }
 
@@ -1125,33 +1195,42 @@ async fn serve(
     let registered = participant.ops.get(&name).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_operation", format!("no operation {name:?} here"))
     })?;
-    let phase = match phase.as_str() {
-        TRY_PATH => Phase::Try,
-        CONFIRM_PATH => Phase::Confirm,
-        CANCEL_PATH => Phase::Cancel,
-        BATCH_PATH => {
+    let unknown_phase = |expected: &str| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_phase",
+            format!("no phase {phase:?}: expected {expected}"),
+        )
+    };
+    let phase = match (&registered, phase.as_str()) {
+        (Registered::Step { compensable, .. }, p) => match p {
+            ACTION_PATH => Phase::Action,
+            COMPENSATE_PATH if *compensable => Phase::Compensate,
+            _ if *compensable => return Err(unknown_phase(&format!("{ACTION_PATH} or {COMPENSATE_PATH}"))),
+            _ => return Err(unknown_phase(&format!("{ACTION_PATH} (a message action has no compensation)"))),
+        },
+        (_, TRY_PATH) => Phase::Try,
+        (_, CONFIRM_PATH) => Phase::Confirm,
+        (_, CANCEL_PATH) => Phase::Cancel,
+        (_, BATCH_PATH) => {
             let stream = ndjson::accepted(&headers);
             return phase_two_batches::serve(participant, name, registered, read_body(body)?, stream).await;
         }
-        TRIES_PATH => {
+        (_, TRIES_PATH) => {
             let stream = ndjson::accepted(&headers);
             return try_batches::serve(participant, name, registered, read_body(body)?, stream).await;
         }
         _ => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_phase",
-                format!(
-                    "no phase {phase:?}: expected {TRY_PATH}, {CONFIRM_PATH}, {CANCEL_PATH}, {BATCH_PATH} or {TRIES_PATH}"
-                ),
-            ));
+            return Err(unknown_phase(&format!(
+                "{TRY_PATH}, {CONFIRM_PATH}, {CANCEL_PATH}, {BATCH_PATH} or {TRIES_PATH}"
+            )));
         }
     };
     let ids = Ids::parse(&headers, phase)?;
     let body = read_body(body)?;
     let op = match registered {
         Registered::Sync(op) => op,
-        Registered::Async(op) => {
+        Registered::Async(op) | Registered::Step { kind: op, .. } => {
             return async_calls::serve(participant, name, op, phase, ids, body).await;
         }
     };
@@ -1163,6 +1242,8 @@ async fn serve(
         // Confirm and cancel run on the try's stored request: their body is not used.
         Phase::Confirm => Job::Confirm,
         Phase::Cancel => Job::Cancel,
+        // Only steps have these phases, and steps are async.
+        Phase::Action | Phase::Compensate => return Err(panicked()),
     };
 
     let barrier = participant.sled()?.barrier.clone();
@@ -1215,7 +1296,7 @@ fn phase_two(
         Phase::Cancel => {
             barrier.cancel(gid, branch, |tx| op.cancel(&Call::open_as(tx, name)?)).map(Done::Cancel)
         }
-        Phase::Confirm | Phase::Try => {
+        Phase::Confirm | Phase::Try | Phase::Action | Phase::Compensate => {
             barrier.confirm(gid, branch, |tx| op.confirm(&Call::open_as(tx, name)?)).map(Done::Confirm)
         }
     }

@@ -84,6 +84,14 @@ pub const CONFIRM_PATH: &str = "confirm";
 /// Path suffix of the cancel phase under a branch target.
 pub const CANCEL_PATH: &str = "cancel";
 
+/// Path suffix of a saga step's action, or a message's action, under a step's target.
+pub const ACTION_PATH: &str = "action";
+/// Path suffix of a saga step's compensation under a step's target.
+pub const COMPENSATE_PATH: &str = "compensate";
+/// Path, under a participant's routes, of the back-check of the messages whose local transactions
+/// it runs (`GET {base}/back-check?gid=...`).
+pub const BACK_CHECK_PATH: &str = "back-check";
+
 /// Path suffix of a phase-two batch under a branch target.
 pub const BATCH_PATH: &str = "batch";
 /// Path suffix of a batch of tries under a branch target.

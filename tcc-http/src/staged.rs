@@ -227,6 +227,13 @@ pub enum Phase {
     /// The participant's own release of a reservation nobody finished by deadline + grace; runs the
     /// operation's cancel.
     Expire,
+    /// A saga step's action, or a message's action ([`AsyncStep`], [`AsyncAction`]).
+    Action,
+    /// A saga step's compensation ([`AsyncStep`]).
+    Compensate,
+    /// A message's local transaction
+    /// ([`Participant::local_transaction`](crate::participant::Participant::local_transaction)).
+    Local,
 }
 
 impl Phase {
@@ -237,6 +244,9 @@ impl Phase {
             Phase::Confirm => "confirm",
             Phase::Cancel => "cancel",
             Phase::Expire => "expire",
+            Phase::Action => "action",
+            Phase::Compensate => "compensate",
+            Phase::Local => "local",
         }
     }
 }
@@ -346,6 +356,52 @@ pub trait AsyncOperation: Send + Sync + 'static {
         let _ = error;
         None
     }
+}
+
+/// A message's action, or the action half of a saga step, as an async method over a [`TccContext`]:
+/// what `#[tcc]` generates for a method marked `#[tcc(action)]`; implement it by hand to serve an
+/// action without the macro ([`Participant::async_action`](crate::participant::Participant::async_action)).
+///
+/// The barrier runs it at most once per (transaction, branch) to effect: a duplicate call answers
+/// success and runs nothing. An action holds nothing, so nothing ever expires it; it may run again
+/// (for another run of the same call) only as an [`AsyncOperation`] method may, after a version
+/// conflict, with only the last run's staged writes committed.
+pub trait AsyncAction: Send + Sync + 'static {
+    /// The request (the JSON body of the call; the compensation gets the stored one back).
+    type Request: DeserializeOwned + Send + 'static;
+    /// The business error. A refusal ([`Disposition::Refuse`]) of a saga's action turns the saga
+    /// back; any other error is retried by the coordinator. A message's action is retried whatever
+    /// it answers, so it should not refuse.
+    type Error: TccError;
+
+    /// Does the step's work.
+    fn action(
+        &self,
+        ctx: TccContext,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The error as JSON for the answer's `detail`, as [`AsyncOperation::error_detail`].
+    fn error_detail(error: &Self::Error) -> Option<serde_json::Value> {
+        let _ = error;
+        None
+    }
+}
+
+/// A saga step: an [`AsyncAction`] and the compensation that undoes it, what `#[tcc]` generates for
+/// a method marked `#[tcc(compensate = ...)]` ([`Participant::async_step`](crate::participant::Participant::async_step)).
+///
+/// The barrier runs the compensation only after the action ran, at most once to effect; a
+/// compensation arriving first (the action is late, or never came) runs nothing, is recorded, and
+/// the late action is then refused, so nothing is left done that nobody undoes.
+pub trait AsyncStep: AsyncAction {
+    /// Undoes the action, with the action's stored request. Should not refuse: the coordinator
+    /// retries it, then flags the saga for an operator.
+    fn compensate(
+        &self,
+        ctx: TccContext,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// The participant's business trees by name, and the database they live in.

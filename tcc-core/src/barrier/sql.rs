@@ -71,7 +71,9 @@ use std::time::Duration;
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use tracing::{error, info};
 
-use crate::barrier::{BarrierRecord, BarrierState, DueReservation, Op, Refusal, Step, decide};
+use crate::barrier::{
+    BackCheckOutcome, BarrierRecord, BarrierState, DueReservation, Op, Refusal, Step, decide,
+};
 use crate::clock::Clock;
 use crate::model::{BranchId, Gid, Timestamp};
 
@@ -779,6 +781,43 @@ impl<DB: SqlDatabase> SqlBarrier<DB> {
         ))))
     }
 
+    /// A message's back-check: whether its local transaction (run through [`begin`](Self::begin)
+    /// with [`Op::Local`] on (`gid`, `branch`)) committed. If no row is there, one saying "rolled
+    /// back" is committed now, so that a local transaction still on its way fails on the primary key
+    /// or is refused: the answer stays true. A local transaction still running holds the row's key,
+    /// and this waits for it.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlx-postgres")]
+    /// # async fn example(barrier: tcc_core::barrier::sql::SqlBarrier<sqlx::Postgres>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tcc_core::barrier::BackCheckOutcome;
+    /// match barrier.back_check(&"order-7".parse()?, &"00".parse()?).await? {
+    ///     BackCheckOutcome::Committed => println!("send the message"),
+    ///     BackCheckOutcome::RolledBack => println!("abort it"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn back_check(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+    ) -> Result<BackCheckOutcome, SqlBarrierError> {
+        match self.begin(gid, branch, Op::BackCheck).await? {
+            Begun::Answered(Answer::Empty) => Ok(BackCheckOutcome::RolledBack),
+            Begun::Answered(Answer::Duplicate(rec)) if rec.state == BarrierState::Committed => {
+                Ok(BackCheckOutcome::Committed)
+            }
+            Begun::Answered(Answer::Duplicate(_)) => Ok(BackCheckOutcome::RolledBack),
+            Begun::Answered(Answer::Refused(r)) => Err(SqlBarrierError::Refused(r)),
+            Begun::Run(pending) => {
+                pending.rollback().await?;
+                Err(SqlBarrierError::Database(sqlx::Error::Protocol(
+                    "a back-check never runs anything".into(),
+                )))
+            }
+        }
+    }
+
     /// Starts the release of one due reservation: `BEGIN`, lock its row `FOR UPDATE SKIP LOCKED`,
     /// decide [`Op::Expire`]. `None` (rolled back) when another replica holds the row or the branch
     /// is not held and due any more.
@@ -1197,6 +1236,10 @@ pub enum SqlBarrierError {
     /// The database failed.
     #[error("barrier database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The barrier refused the call (for [`SqlBarrier::back_check`]: the row was written by a call
+    /// of another kind). Nothing was stored.
+    #[error(transparent)]
+    Refused(Refusal),
 }
 
 impl SqlBarrierError {
@@ -1209,11 +1252,11 @@ impl SqlBarrierError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SqlBarrierError::Database(e) => is_retryable(e),
-            SqlBarrierError::Corrupt { .. } => false,
+            SqlBarrierError::Corrupt { .. } | SqlBarrierError::Refused(_) => false,
         }
     }
 
-    /// `corrupt` or `storage`.
+    /// `corrupt`, `storage`, or the refusal's own code.
     ///
     /// ```
     /// use tcc_core::barrier::sql::SqlBarrierError;
@@ -1225,6 +1268,7 @@ impl SqlBarrierError {
         match self {
             SqlBarrierError::Corrupt { .. } => "corrupt",
             SqlBarrierError::Database(_) => "storage",
+            SqlBarrierError::Refused(r) => r.code(),
         }
     }
 }

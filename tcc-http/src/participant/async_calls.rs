@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use sled::transaction::ConflictableTransactionError;
 use tcc_core::barrier::{
-    BarrierError, BarrierRecord, BusinessTx, DueReservation, Op, Step, TryOutcome, decide,
+    ActionOutcome, BarrierError, BarrierRecord, BusinessTx, DueReservation, Op, Step, TryOutcome, decide,
 };
 use tcc_core::{BranchId, Gid, Timestamp};
 use tracing::{debug, error, warn};
@@ -24,7 +24,8 @@ use super::{
 use crate::error::ApiError;
 use crate::protocol::{DEADLINE_HEADER, REFUSED};
 use crate::staged::{
-    AsyncOperation, CommitAbort, Disposition, Phase as CtxPhase, Stage, StoreError, TccContext, TccError,
+    AsyncAction, AsyncOperation, AsyncStep, CommitAbort, Disposition, Phase as CtxPhase, Stage, StoreError,
+    TccContext, TccError,
 };
 
 /// How many times one call runs its business method when its staged writes keep conflicting with
@@ -100,7 +101,9 @@ impl<O: AsyncOperation> ErasedAsync for AsyncOp<O> {
             let request: O::Request =
                 serde_json::from_slice(&request).map_err(|e| RunError::Request(e.to_string()))?;
             match phase {
-                CtxPhase::Try => {
+                // A step is held as an operation whose try is its action and whose cancel is its
+                // compensation (see `StepOp`).
+                CtxPhase::Try | CtxPhase::Action => {
                     let response = self
                         .0
                         .try_(ctx, request)
@@ -114,7 +117,10 @@ impl<O: AsyncOperation> ErasedAsync for AsyncOp<O> {
                     .await
                     .map(|()| Vec::new())
                     .map_err(|e| business_error(&e, O::error_detail(&e))),
-                CtxPhase::Cancel | CtxPhase::Expire => self
+                CtxPhase::Local => {
+                    Err(RunError::Response("a local transaction is not an operation's".into()))
+                }
+                CtxPhase::Cancel | CtxPhase::Expire | CtxPhase::Compensate => self
                     .0
                     .cancel(ctx, request)
                     .await
@@ -122,6 +128,70 @@ impl<O: AsyncOperation> ErasedAsync for AsyncOp<O> {
                     .map_err(|e| business_error(&e, O::error_detail(&e))),
             }
         })
+    }
+}
+
+/// A saga step held as an operation: its try is the action, its cancel the compensation. Its
+/// confirm is never called: a step's routes are `action` and `compensate` only.
+pub(super) struct StepOp<S>(pub(super) S);
+
+/// A message action held as an operation: its try is the action. Its confirm and cancel are never
+/// called: a message action's route is `action` only.
+pub(super) struct ActionOp<A>(pub(super) A);
+
+impl<S: AsyncStep> AsyncOperation for StepOp<S> {
+    type Request = S::Request;
+    type Response = ();
+    type Error = S::Error;
+
+    fn try_(
+        &self,
+        ctx: TccContext,
+        request: S::Request,
+    ) -> impl Future<Output = Result<(), S::Error>> + Send {
+        self.0.action(ctx, request)
+    }
+
+    async fn confirm(&self, _ctx: TccContext, _request: S::Request) -> Result<(), S::Error> {
+        unreachable!("a saga step has no confirm route")
+    }
+
+    fn cancel(
+        &self,
+        ctx: TccContext,
+        request: S::Request,
+    ) -> impl Future<Output = Result<(), S::Error>> + Send {
+        self.0.compensate(ctx, request)
+    }
+
+    fn error_detail(error: &S::Error) -> Option<serde_json::Value> {
+        S::error_detail(error)
+    }
+}
+
+impl<A: AsyncAction> AsyncOperation for ActionOp<A> {
+    type Request = A::Request;
+    type Response = ();
+    type Error = A::Error;
+
+    fn try_(
+        &self,
+        ctx: TccContext,
+        request: A::Request,
+    ) -> impl Future<Output = Result<(), A::Error>> + Send {
+        self.0.action(ctx, request)
+    }
+
+    async fn confirm(&self, _ctx: TccContext, _request: A::Request) -> Result<(), A::Error> {
+        unreachable!("a message action has no confirm route")
+    }
+
+    async fn cancel(&self, _ctx: TccContext, _request: A::Request) -> Result<(), A::Error> {
+        unreachable!("a message action has no compensate route")
+    }
+
+    fn error_detail(error: &A::Error) -> Option<serde_json::Value> {
+        A::error_detail(error)
     }
 }
 
@@ -180,8 +250,13 @@ pub(super) async fn serve(
 ) -> Result<Response, ApiError> {
     let try_deadline = match phase {
         Phase::Try => Some(try_deadline(&ids, op.check(&body))?),
-        // Confirm and cancel run on the try's stored request: their body is not used.
-        Phase::Confirm | Phase::Cancel => None,
+        // An action has no deadline of its own (it holds nothing); its request is checked as a try's.
+        Phase::Action => {
+            op.check(&body).map_err(|m| ApiError::malformed(format!("invalid request: {m}")))?;
+            Some(Timestamp(0))
+        }
+        // Confirm, cancel and compensate run on the stored request: their body is not used.
+        Phase::Confirm | Phase::Cancel | Phase::Compensate => None,
     };
     let done = {
         let _branch = participant.locks.lock(&ids.gid, &ids.branch).await;
@@ -221,7 +296,9 @@ fn fault(e: &StoreError) -> ApiError {
 /// The answer to a run that produced nothing to commit.
 pub(super) fn run_error(e: RunError, phase: Phase) -> ApiError {
     match e {
-        RunError::Request(m) if phase == Phase::Try => ApiError::malformed(format!("invalid request: {m}")),
+        RunError::Request(m) if matches!(phase, Phase::Try | Phase::Action) => {
+            ApiError::malformed(format!("invalid request: {m}"))
+        }
         RunError::Request(m) => internal(format!("the stored request of this branch does not decode: {m}")),
         RunError::Business { disposition: Disposition::Refuse, message, detail } => {
             let e = ApiError::new(REFUSED, "refused", message);
@@ -330,8 +407,17 @@ async fn through_barrier(
         (Phase::Try, None) => {
             Err(BarrierError::Business(CommitAbort::Failed("a try without its deadline".into())))
         }
+        (Phase::Action, Some((_, stored))) => {
+            b.action(&gid, &branch, &stored, |tx| commit(tx).map(drop)).map(Done::Action)
+        }
+        (Phase::Action, None) => {
+            Err(BarrierError::Business(CommitAbort::Failed("an action without its request".into())))
+        }
         (Phase::Confirm, _) => b.confirm(&gid, &branch, |tx| commit(tx).map(drop)).map(Done::Confirm),
         (Phase::Cancel, _) => b.cancel(&gid, &branch, |tx| commit(tx).map(drop)).map(Done::Cancel),
+        (Phase::Compensate, _) => {
+            b.compensate(&gid, &branch, |tx| commit(tx).map(drop)).map(Done::Compensate)
+        }
     })
     .await?;
     Ok(committed(r))
@@ -377,16 +463,21 @@ async fn staged_call(
             (Phase::Try, None) => {
                 return Err(ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")));
             }
+            (Phase::Action, Some((_, stored))) => Op::Action { request: stored },
+            (Phase::Action, None) => return Err(internal("an action without its request")),
             (Phase::Confirm, _) => Op::Confirm,
             (Phase::Cancel, _) => Op::Cancel,
+            (Phase::Compensate, _) => Op::Compensate,
         };
         let (commit, ran) = match decide(barrier_op, existing.as_ref(), barrier.clock().now()) {
             Step::Run(rec) => {
                 // 2. Run the business method on a fresh context.
                 let (request, ctx_phase) = match phase {
                     Phase::Try => (body.clone(), CtxPhase::Try),
+                    Phase::Action => (body.clone(), CtxPhase::Action),
                     Phase::Confirm => (stored_request(&rec, name)?, CtxPhase::Confirm),
                     Phase::Cancel => (stored_request(&rec, name)?, CtxPhase::Cancel),
+                    Phase::Compensate => (stored_request(&rec, name)?, CtxPhase::Compensate),
                 };
                 let ids_ref = (&ids.gid, &ids.branch);
                 let (stage, result) =
@@ -400,7 +491,7 @@ async fn staged_call(
                 // must be the one checked (a try's request never changes once stored).
                 let tried = rec.request;
                 let commit: Commit = Box::new(move |tx| {
-                    if phase != Phase::Try && tx.request() != tried.as_slice() {
+                    if tx.request() != tried.as_slice() {
                         return Err(ConflictableTransactionError::Abort(CommitAbort::Retry));
                     }
                     stage.commit(tx.trees())?;
@@ -416,6 +507,10 @@ async fn staged_call(
             Some(Ok(Done::Try(TryOutcome::Duplicate(result)))) => {
                 super::same_operation(barrier, ids, name).map_err(barrier_error)?;
                 return Ok(Done::Try(TryOutcome::Duplicate(result)));
+            }
+            Some(Ok(Done::Action(ActionOutcome::Duplicate))) => {
+                super::same_operation(barrier, ids, name).map_err(barrier_error)?;
+                return Ok(Done::Action(ActionOutcome::Duplicate));
             }
             Some(r) => return r,
             None if ran => {
@@ -494,7 +589,7 @@ pub(super) async fn expire_one(
                 })
                 .await;
             }
-            None => {
+            Some(Registered::Step { .. }) | None => {
                 warn!(gid = %due.gid, branch = %due.branch, operation = %name,
                     "no operation of this name is registered to release the reservation; retrying next sweep");
                 return Ok(false);

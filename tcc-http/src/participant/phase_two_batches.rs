@@ -150,7 +150,7 @@ pub(super) async fn run<C: Batched>(
                 }
             });
         }
-        Registered::Async(op) => {
+        Registered::Async(op) | Registered::Step { kind: op, .. } => {
             for group in by_branch(calls) {
                 let (participant, name, op, done) =
                     (Arc::clone(&participant), name.clone(), op.clone(), done.clone());

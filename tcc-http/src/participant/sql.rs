@@ -104,15 +104,16 @@ use tcc_core::barrier::sql::{
     Answer, BarrierTable, Begun, Pending, SqlBarrier, SqlBarrierError, SqlDatabase,
 };
 use tcc_core::barrier::{
-    BarrierRecord, BarrierState, CancelOutcome, ConfirmOutcome, DueReservation, Op, TryOutcome,
+    ActionOutcome, BackCheckOutcome, BarrierRecord, BarrierState, CancelOutcome, CompensateOutcome,
+    ConfirmOutcome, DueReservation, Op, Refusal, TryOutcome,
 };
 use tcc_core::{BranchId, Clock, Gid, Timestamp};
 use tracing::{debug, error, warn};
 
 use super::async_calls::{AsyncKind, MAX_RUNS, RunError, business_error, run_error};
 use super::{
-    Done, Ids, Participant, ParticipantBuilder, ParticipantError, Phase, Registered, Runtime, Store,
-    barrier_error_of_refusal, decode_stored_request, encode_stored_request,
+    Done, Ids, LocalError, Participant, ParticipantBuilder, ParticipantError, Phase, Registered, Runtime,
+    Store, barrier_error_of_refusal, decode_stored_request, encode_stored_request,
 };
 use crate::error::ApiError;
 use crate::protocol::{DEADLINE_HEADER, REFUSED};
@@ -170,6 +171,75 @@ impl<DB: SqlDatabase> Participant<Sql<DB>> {
         self.sql_barrier().migrate().await
     }
 
+    /// Runs the local transaction of the two-phase message `gid`: `f`'s statements, on the
+    /// [`SqlContext`]'s transaction, commit with the barrier row that the message's back-check reads
+    /// (see [`Participant::local_transaction`](crate::participant::Participant::local_transaction),
+    /// the same on sled). A serialization failure or deadlock (an error whose disposition is
+    /// [`Disposition::Retry`]) rolls back and runs `f` again; any other error commits nothing.
+    ///
+    /// ```no_run
+    /// use tcc_http::participant::sql::{SqlContext, SqlError};
+    /// use tcc_http::sqlx::{self, Postgres};
+    /// use tcc_http::{Gid, Participant};
+    ///
+    /// # async fn place(orders: Participant<tcc_http::participant::sql::Sql<Postgres>>, gid: Gid) -> Result<(), Box<dyn std::error::Error>> {
+    /// orders
+    ///     .local_transaction(&gid, |ctx: &mut SqlContext<Postgres>| Box::pin(async move {
+    ///         sqlx::query("INSERT INTO orders (id, state) VALUES ($1, 'placed')")
+    ///             .bind(ctx.gid().as_str()).execute(ctx.conn()).await.map_err(SqlError::from)?;
+    ///         Ok::<_, SqlError>(())
+    ///     }))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn local_transaction<T, E, F>(&self, gid: &Gid, f: F) -> Result<T, LocalError<E>>
+    where
+        F: for<'c> Fn(&'c mut SqlContext<DB>) -> BoxFuture<'c, Result<T, E>>,
+        E: TccError,
+    {
+        let barrier = self.sql_barrier();
+        let branch = super::messages::local_branch();
+        for attempt in 0..MAX_RUNS {
+            let pending = match barrier.begin(gid, &branch, Op::Local { request: &[] }).await {
+                Ok(Begun::Run(pending)) => pending,
+                Ok(Begun::Answered(Answer::Duplicate(_))) => return Err(LocalError::AlreadyCommitted),
+                Ok(Begun::Answered(Answer::Refused(Refusal::RolledBack))) => {
+                    return Err(LocalError::RolledBack);
+                }
+                Ok(Begun::Answered(other)) => return Err(LocalError::Failed(format!("{other:?}"))),
+                Err(e) if e.is_retryable() => {
+                    back_off(attempt).await;
+                    continue;
+                }
+                Err(e) => return Err(LocalError::Failed(e.to_string())),
+            };
+            let mut ctx = SqlContext {
+                pending,
+                deadline: Timestamp(0),
+                phase: CtxPhase::Local,
+                operation: Arc::from("local"),
+            };
+            match f(&mut ctx).await {
+                Ok(value) => match ctx.pending.commit(Vec::new()).await {
+                    Ok(_) => return Ok(value),
+                    Err(e) if e.is_retryable() => back_off(attempt).await,
+                    // A failed COMMIT may have committed or not: the back-check tells.
+                    Err(e) => return Err(LocalError::Unknown(e.to_string())),
+                },
+                Err(e) => {
+                    if let Err(rollback) = ctx.pending.rollback().await {
+                        warn!(error = %rollback, "rolling back a failed local transaction failed");
+                    }
+                    if e.disposition() != Disposition::Retry {
+                        return Err(LocalError::Business(e));
+                    }
+                    back_off(attempt).await;
+                }
+            }
+        }
+        Err(LocalError::Contended)
+    }
+
     /// Adds the SQL operation `op` under `name`, served at `POST /{name}/try`, `/{name}/confirm` and
     /// `/{name}/cancel`. `#[tcc]` traits whose methods take a [`SqlContext`] register theirs with it.
     ///
@@ -178,6 +248,30 @@ impl<DB: SqlDatabase> Participant<Sql<DB>> {
     pub fn sql_operation(self, name: &str, op: impl SqlOperation<Db = DB>) -> Self {
         let barrier = SqlBarrier::clone(self.sql_barrier());
         self.register(name, Registered::Async(AsyncKind::Sql(Arc::new(SqlOp { op, barrier }))))
+    }
+
+    /// Adds the saga step `step` under `name`: its action at `POST /{name}/action` and its
+    /// compensation at `POST /{name}/compensate`, each in one transaction with the barrier row (see
+    /// [Sagas and messages](super#sagas-and-messages)). `#[tcc]` traits register their
+    /// `#[tcc(compensate = ...)]` methods with it.
+    ///
+    /// # Panics
+    /// As [`Participant::operation`].
+    pub fn sql_step(self, name: &str, step: impl SqlStep<Db = DB>) -> Self {
+        let barrier = SqlBarrier::clone(self.sql_barrier());
+        let kind = AsyncKind::Sql(Arc::new(SqlOp { op: SqlStepOp(step), barrier }));
+        self.register(name, Registered::Step { kind, compensable: true })
+    }
+
+    /// Adds the message action `action` under `name`, at `POST /{name}/action`, in one transaction
+    /// with the barrier row. `#[tcc]` traits register their `#[tcc(action)]` methods with it.
+    ///
+    /// # Panics
+    /// As [`Participant::operation`].
+    pub fn sql_action(self, name: &str, action: impl SqlAction<Db = DB>) -> Self {
+        let barrier = SqlBarrier::clone(self.sql_barrier());
+        let kind = AsyncKind::Sql(Arc::new(SqlOp { op: SqlActionOp(action), barrier }));
+        self.register(name, Registered::Step { kind, compensable: false })
     }
 
     /// Adds an operation made of three async closures over the call's [`SqlContext`] and the raw
@@ -330,6 +424,107 @@ pub trait SqlOperation: Send + Sync + 'static {
     fn error_detail(error: &Self::Error) -> Option<serde_json::Value> {
         let _ = error;
         None
+    }
+}
+
+/// A message's action, or the action half of a saga step, over a SQL database: what `#[tcc]`
+/// generates for a method marked `#[tcc(action)]` whose context is a [`SqlContext`] (see
+/// [`AsyncAction`](crate::staged::AsyncAction) for the rules, the same on every store).
+pub trait SqlAction: Send + Sync + 'static {
+    /// The database ([`sqlx::Postgres`] or [`sqlx::MySql`]).
+    type Db: SqlDatabase;
+    /// The request (the JSON body of the call; the compensation gets the stored one back).
+    type Request: DeserializeOwned + Send + 'static;
+    /// The business error.
+    type Error: TccError;
+
+    /// Does the step's work, in the call's transaction.
+    fn action(
+        &self,
+        ctx: &mut SqlContext<Self::Db>,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The error as JSON for the answer's `detail` (`None`: no detail).
+    fn error_detail(error: &Self::Error) -> Option<serde_json::Value> {
+        let _ = error;
+        None
+    }
+}
+
+/// A saga step over a SQL database: a [`SqlAction`] and the compensation that undoes it (see
+/// [`AsyncStep`](crate::staged::AsyncStep) for the rules, the same on every store).
+pub trait SqlStep: SqlAction {
+    /// Undoes the action, with the action's stored request, in the call's transaction.
+    fn compensate(
+        &self,
+        ctx: &mut SqlContext<Self::Db>,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// A saga step held as an operation: its try is the action, its cancel the compensation; its
+/// confirm is never called (a step's routes are `action` and `compensate`).
+struct SqlStepOp<S>(S);
+
+/// A message action held as an operation: its try is the action; nothing else is ever called.
+struct SqlActionOp<A>(A);
+
+impl<S: SqlStep> SqlOperation for SqlStepOp<S> {
+    type Db = S::Db;
+    type Request = S::Request;
+    type Response = ();
+    type Error = S::Error;
+
+    fn try_(
+        &self,
+        ctx: &mut SqlContext<S::Db>,
+        request: S::Request,
+    ) -> impl Future<Output = Result<(), S::Error>> + Send {
+        self.0.action(ctx, request)
+    }
+
+    async fn confirm(&self, _ctx: &mut SqlContext<S::Db>, _request: S::Request) -> Result<(), S::Error> {
+        unreachable!("a saga step has no confirm route")
+    }
+
+    fn cancel(
+        &self,
+        ctx: &mut SqlContext<S::Db>,
+        request: S::Request,
+    ) -> impl Future<Output = Result<(), S::Error>> + Send {
+        self.0.compensate(ctx, request)
+    }
+
+    fn error_detail(error: &S::Error) -> Option<serde_json::Value> {
+        S::error_detail(error)
+    }
+}
+
+impl<A: SqlAction> SqlOperation for SqlActionOp<A> {
+    type Db = A::Db;
+    type Request = A::Request;
+    type Response = ();
+    type Error = A::Error;
+
+    fn try_(
+        &self,
+        ctx: &mut SqlContext<A::Db>,
+        request: A::Request,
+    ) -> impl Future<Output = Result<(), A::Error>> + Send {
+        self.0.action(ctx, request)
+    }
+
+    async fn confirm(&self, _ctx: &mut SqlContext<A::Db>, _request: A::Request) -> Result<(), A::Error> {
+        unreachable!("a message action has no confirm route")
+    }
+
+    async fn cancel(&self, _ctx: &mut SqlContext<A::Db>, _request: A::Request) -> Result<(), A::Error> {
+        unreachable!("a message action has no compensate route")
+    }
+
+    fn error_detail(error: &A::Error) -> Option<serde_json::Value> {
+        A::error_detail(error)
     }
 }
 
@@ -488,6 +683,11 @@ pub(crate) trait ErasedBarrier: Send + Sync + 'static {
         gid: &'a Gid,
         branch: &'a BranchId,
     ) -> BoxFuture<'a, Result<Option<BarrierRecord>, SqlBarrierError>>;
+    fn back_check<'a>(
+        &'a self,
+        gid: &'a Gid,
+        branch: &'a BranchId,
+    ) -> BoxFuture<'a, Result<BackCheckOutcome, SqlBarrierError>>;
 }
 
 impl<DB: SqlDatabase> ErasedBarrier for SqlBarrier<DB> {
@@ -510,11 +710,19 @@ impl<DB: SqlDatabase> ErasedBarrier for SqlBarrier<DB> {
     ) -> BoxFuture<'a, Result<Option<BarrierRecord>, SqlBarrierError>> {
         Box::pin(SqlBarrier::get(self, gid, branch))
     }
+    fn back_check<'a>(
+        &'a self,
+        gid: &'a Gid,
+        branch: &'a BranchId,
+    ) -> BoxFuture<'a, Result<BackCheckOutcome, SqlBarrierError>> {
+        Box::pin(SqlBarrier::back_check(self, gid, branch))
+    }
 }
 
 /// A SQL barrier failure as an answer.
-fn sql_error(e: SqlBarrierError) -> ApiError {
+pub(super) fn sql_error(e: SqlBarrierError) -> ApiError {
     match e {
+        SqlBarrierError::Refused(r) => barrier_error_of_refusal(r),
         e @ SqlBarrierError::Corrupt { .. } => {
             error!(error = %e, "participant call on a damaged barrier row");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", e.to_string())
@@ -613,7 +821,9 @@ impl<O: SqlOperation> SqlOp<O> {
                         match phase {
                             CtxPhase::Try => Phase::Try,
                             CtxPhase::Confirm => Phase::Confirm,
-                            CtxPhase::Cancel | CtxPhase::Expire => Phase::Cancel,
+                            CtxPhase::Cancel | CtxPhase::Expire | CtxPhase::Local => Phase::Cancel,
+                            CtxPhase::Action => Phase::Action,
+                            CtxPhase::Compensate => Phase::Compensate,
                         },
                     )),
                 }
@@ -630,16 +840,19 @@ impl<O: SqlOperation> SqlOp<O> {
         let request = decode_request::<O>(request).map_err(RunError::Request)?;
         let detail = |e: &O::Error| O::error_detail(e);
         match phase {
-            CtxPhase::Try => {
+            // A step is held as an operation whose try is its action and whose cancel is its
+            // compensation (see `SqlStepOp`).
+            CtxPhase::Try | CtxPhase::Action => {
                 let response =
                     self.op.try_(ctx, request).await.map_err(|e| business_error(&e, detail(&e)))?;
                 encode_response::<O>(response).map_err(RunError::Response)
             }
+            CtxPhase::Local => Err(RunError::Response("a local transaction is not an operation's".into())),
             CtxPhase::Confirm => {
                 self.op.confirm(ctx, request).await.map_err(|e| business_error(&e, detail(&e)))?;
                 Ok(Vec::new())
             }
-            CtxPhase::Cancel | CtxPhase::Expire => {
+            CtxPhase::Cancel | CtxPhase::Expire | CtxPhase::Compensate => {
                 self.op.cancel(ctx, request).await.map_err(|e| business_error(&e, detail(&e)))?;
                 Ok(Vec::new())
             }
@@ -659,8 +872,17 @@ impl<O: SqlOperation> SqlOp<O> {
             (Phase::Try, None) => {
                 return Err(ApiError::malformed(format!("header {DEADLINE_HEADER} is missing")));
             }
+            (Phase::Action, Some((_, stored))) => Op::Action { request: stored },
+            (Phase::Action, None) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "an action without its request",
+                ));
+            }
             (Phase::Confirm, _) => Op::Confirm,
             (Phase::Cancel, _) => Op::Cancel,
+            (Phase::Compensate, _) => Op::Compensate,
         };
         let pending = match self.barrier.begin(&ids.gid, &ids.branch, op).await {
             Ok(Begun::Run(pending)) => pending,
@@ -670,7 +892,8 @@ impl<O: SqlOperation> SqlOp<O> {
         };
         let (ctx_phase, request) = match phase {
             Phase::Try => (CtxPhase::Try, body.to_vec()),
-            Phase::Confirm | Phase::Cancel => {
+            Phase::Action => (CtxPhase::Action, body.to_vec()),
+            Phase::Confirm | Phase::Cancel | Phase::Compensate => {
                 let request = match stored_request(pending.record(), name) {
                     Ok(r) => r.to_vec(),
                     Err(e) => {
@@ -678,7 +901,12 @@ impl<O: SqlOperation> SqlOp<O> {
                         return Err(e);
                     }
                 };
-                (if phase == Phase::Confirm { CtxPhase::Confirm } else { CtxPhase::Cancel }, request)
+                let ctx_phase = match phase {
+                    Phase::Confirm => CtxPhase::Confirm,
+                    Phase::Compensate => CtxPhase::Compensate,
+                    _ => CtxPhase::Cancel,
+                };
+                (ctx_phase, request)
             }
         };
         Ok(match self.run(pending, name, ctx_phase, request).await? {
@@ -687,6 +915,8 @@ impl<O: SqlOperation> SqlOp<O> {
                 Phase::Try => Done::Try(TryOutcome::Fresh(output)),
                 Phase::Confirm => Done::Confirm(ConfirmOutcome::Confirmed),
                 Phase::Cancel => Done::Cancel(CancelOutcome::Cancelled),
+                Phase::Action => Done::Action(ActionOutcome::Ran),
+                Phase::Compensate => Done::Compensate(CompensateOutcome::Compensated),
             }),
         })
     }
@@ -738,6 +968,12 @@ fn answered(answer: Answer, phase: Phase, name: &str) -> Result<Done, ApiError> 
             Ok(Done::Cancel(CancelOutcome::AlreadyExpired))
         }
         (Answer::Duplicate(_), Phase::Cancel) => Ok(Done::Cancel(CancelOutcome::Duplicate)),
+        (Answer::Duplicate(rec), Phase::Action) => {
+            stored_request(&rec, name)?;
+            Ok(Done::Action(ActionOutcome::Duplicate))
+        }
+        (Answer::Duplicate(_), Phase::Compensate) => Ok(Done::Compensate(CompensateOutcome::Duplicate)),
+        (Answer::Empty, Phase::Compensate) => Ok(Done::Compensate(CompensateOutcome::Empty)),
         (Answer::Empty, _) => Ok(Done::Cancel(CancelOutcome::Empty)),
         (Answer::Refused(r), _) => Err(barrier_error_of_refusal(r)),
     }
