@@ -1,7 +1,8 @@
 //! Sagas and two-phase messages across a `kill -9` of the real `tcc-coordinator` process and a
 //! restart on the same store: a saga killed while it retries a compensation compensates every step
-//! that ran or may have run, and only those; messages left prepared are resolved by their
-//! back-checks after the restart, and a submitted message whose action kept failing still runs it.
+//! that ran or may have run, and only those; so does one killed while an action's call is in
+//! flight, that step included. Messages left prepared are resolved by their back-checks after the
+//! restart, and a submitted message whose action kept failing still runs it.
 //!
 //! The participant is a loopback server that answers each step URL as the test says and keeps a
 //! barrier of its own per (gid, step): it counts calls (attempts) and effects separately, as a
@@ -14,7 +15,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,6 +110,7 @@ struct Call {
     branch: String,
     /// `svc/op`: `op` is `do` (an action), `undo` (its compensation) or `check` (a back-check).
     path: String,
+    /// What it answered; 0 for no answer.
     status: u16,
 }
 
@@ -128,6 +130,8 @@ struct Ledger {
     answers: HashMap<String, u16>,
     /// How many more calls of a path answer 503 before its answer applies.
     flaky: HashMap<String, u32>,
+    /// Paths whose next call makes its effect and then never answers: the answer is lost.
+    lose_answer: HashSet<String>,
     calls: Vec<Call>,
     rows: HashMap<(String, String), Row>,
     /// (gid, step, path) of each effect made: an action's business write or its undoing.
@@ -140,11 +144,13 @@ impl Ledger {
     fn apply(&mut self, gid: &str, branch: &str, path: &str) {
         let key = (gid.to_owned(), branch.to_owned());
         let row = self.rows.get(&key).copied();
+        // An empty compensation (nothing to undo) still leaves its row, so a late action does
+        // nothing; a duplicate, a late action or a back-check changes nothing.
         let (next, effect) = match (path.rsplit('/').next(), row) {
             (Some("do"), None) => (Row::Done, true),
             (Some("undo"), Some(Row::Done)) => (Row::Compensated, true),
-            (Some("undo"), None) => (Row::Compensated, false), // empty compensation: nothing to undo
-            _ => return,                                       // a duplicate, a late action, or a back-check
+            (Some("undo"), None) => (Row::Compensated, false),
+            _ => return,
         };
         self.rows.insert(key, next);
         if effect {
@@ -166,19 +172,30 @@ async fn serve(
 ) -> StatusCode {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let (gid, branch, path) = (h("tcc-gid"), h("tcc-branch"), format!("{svc}/{op}"));
-    let mut l = ledger.lock().unwrap();
-    let status = match l.flaky.get_mut(&path) {
-        Some(left) if *left > 0 => {
-            *left -= 1;
-            503
+    let status = {
+        let mut l = ledger.lock().unwrap();
+        let lost = l.lose_answer.remove(&path);
+        let status = match l.flaky.get_mut(&path) {
+            _ if lost => None,
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Some(503)
+            }
+            _ => Some(l.answers.get(&path).copied().unwrap_or(if op == "check" { 425 } else { 200 })),
+        };
+        if status.is_none_or(|s| (200..300).contains(&s)) {
+            l.apply(&gid, &branch, &path);
         }
-        _ => l.answers.get(&path).copied().unwrap_or(if op == "check" { 425 } else { 200 }),
+        l.calls.push(Call { gid, branch, path, status: status.unwrap_or(0) });
+        status
     };
-    if (200..300).contains(&status) {
-        l.apply(&gid, &branch, &path);
+    match status {
+        Some(status) => StatusCode::from_u16(status).unwrap(),
+        None => {
+            tokio::time::sleep(LONG * 2).await; // the caller is gone long before
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     }
-    l.calls.push(Call { gid, branch, path, status });
-    StatusCode::from_u16(status).unwrap()
 }
 
 impl Steps {
@@ -200,6 +217,11 @@ impl Steps {
     /// `path` answers `status` from now on.
     fn answer(&self, path: &str, status: u16) {
         self.ledger.lock().unwrap().answers.insert(path.to_owned(), status);
+    }
+
+    /// The next call of `path` makes its effect, and its answer is lost: it never comes.
+    fn lose_next_answer(&self, path: &str) {
+        self.ledger.lock().unwrap().lose_answer.insert(path.to_owned());
     }
 
     /// The next `n` calls of `path` answer 503.
@@ -300,6 +322,50 @@ async fn mid_compensation(store: &Store, logs: &std::path::Path) {
     assert!(!paths.iter().any(|p| p.starts_with("mail/")), "{paths:?}");
 }
 
+/// A saga killed while its second action is in flight: the participant made the effect, but the
+/// answer is lost with the coordinator. After the restart the action keeps failing until the
+/// saga's deadline passes, so it turns back, and the step whose answer was lost is compensated too
+/// (it may have run; here it did).
+async fn action_in_flight(store: &Store, logs: &std::path::Path) {
+    let port = free_port();
+    let p = Steps::start().await;
+    p.lose_next_answer("ship/do");
+    p.answer("ship/do", 503);
+    let tc = Coordinator::spawn(logs, port, store).await;
+    let client = TccClient::remote(&tc.url, None).unwrap();
+    let saga = client
+        .saga(Duration::from_secs(4))
+        .step(&p.at("pay/do"), &p.at("pay/undo"), r#"{"amount":120}"#)
+        .step(&p.at("ship/do"), &p.at("ship/undo"), r#"{"parcel":7}"#)
+        .step(&p.at("mail/do"), &p.at("mail/undo"), r#"{"to":"ada"}"#)
+        .submit()
+        .await
+        .unwrap();
+    let gid = saga.gid.clone();
+    eventually("step 2's action to be called", LONG, async || p.attempts(&gid, "ship/do") >= 1).await;
+    tc.kill9();
+
+    let tc = Coordinator::spawn(logs, port, store).await;
+    let done = client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
+    assert_eq!(done.state, StateView::Cancelled, "{done:?}\nlog:\n{}", tc.log());
+    let seen = get(&tc, &gid).await;
+    assert_eq!(
+        branch_states(&seen),
+        [
+            ("01".to_owned(), BranchStateView::Cancelled),
+            ("02".to_owned(), BranchStateView::Cancelled),
+            ("03".to_owned(), BranchStateView::Registered)
+        ]
+    );
+    // Both effects made are undone, once each, step 2's first.
+    assert_eq!((p.effects(&gid, "pay/do"), p.effects(&gid, "pay/undo")), (1, 1));
+    assert_eq!((p.effects(&gid, "ship/do"), p.effects(&gid, "ship/undo")), (1, 1));
+    let paths = p.paths(&gid);
+    let first = |path: &str| paths.iter().position(|p| p == path).unwrap();
+    assert!(first("ship/undo") < first("pay/undo"), "{paths:?}");
+    assert!(!paths.iter().any(|p| p.starts_with("mail/")), "{paths:?}");
+}
+
 /// Two messages left prepared and a submitted one whose action keeps failing, across a kill:
 /// after the restart the back-checks decide the prepared ones, and every submitted action runs.
 async fn prepared_messages(store: &Store, logs: &std::path::Path) {
@@ -380,6 +446,12 @@ async fn kill_9_mid_compensation_then_restart_compensates_every_started_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_saga_action_in_flight_then_the_deadline_compensates_it_too() {
+    let dir = tempfile::tempdir().unwrap();
+    action_in_flight(&Store::Sled(dir.path().join("data")), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_a_prepared_message_then_restart_resolves_it_by_back_check() {
     let dir = tempfile::tempdir().unwrap();
     prepared_messages(&Store::Sled(dir.path().join("data")), dir.path()).await;
@@ -406,4 +478,12 @@ async fn kill_9_with_a_prepared_message_then_restart_resolves_it_by_back_check_o
     let Some(store) = postgres().await else { return };
     let dir = tempfile::tempdir().unwrap();
     prepared_messages(&store, dir.path()).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_saga_action_in_flight_then_the_deadline_compensates_it_too_on_postgres() {
+    let Some(store) = postgres().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    action_in_flight(&store, dir.path()).await;
 }
