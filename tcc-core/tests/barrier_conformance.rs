@@ -1,6 +1,12 @@
-//! One barrier conformance suite (DESIGN.md guarantees 5 and 6), run on every backend: sled
+//! One barrier conformance suite (DESIGN.md guarantees 5, 6 and 9), run on every backend: sled
 //! ([`SledBarrier`]), PostgreSQL and MySQL ([`SqlBarrier`]). The cases are written once, against the
 //! small [`Rig`] adapter below; each backend module at the bottom runs all of them.
+//!
+//! It covers every kind of call the barrier keeps records for: TCC tries, confirms, cancels and the
+//! expiry sweep; saga actions and compensations (duplicates run once, an empty compensation refuses
+//! the late action, an action never expires); two-phase messages' local transactions and
+//! back-checks (the back-check's answer stays true: a local transaction after a "rolled back" is
+//! refused); and calls of one kind on another kind's record, refused.
 //!
 //! Business methods record their effects in the backend's own business store, inside the barrier's
 //! transaction (a sled tree; a table written with real SQL statements on [`Pending::conn`]), so an
@@ -22,6 +28,10 @@ use tcc_core::{BranchId, Clock, Gid, ManualClock, Timestamp};
 const START: Timestamp = Timestamp(1_700_000_000_000);
 const TTL: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(5);
+/// The request every saga action carries; its compensation must get it back.
+const ACTION_REQUEST: &[u8] = b"charge 40 EUR";
+/// The request every message's local transaction carries.
+const LOCAL_REQUEST: &[u8] = b"order 7";
 
 /// What a call came to, the same words for every backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +49,10 @@ enum Outcome {
     BusinessFailed,
     /// The stored record is damaged; nothing ran.
     Corrupt,
+    /// A back-check's answer: the local transaction committed.
+    Committed,
+    /// A back-check's answer: the local transaction did not commit, and now never will.
+    RolledBack,
 }
 
 /// The business method's effects on one branch, counted in the business store.
@@ -48,6 +62,9 @@ struct Effects {
     confirms: u64,
     cancels: u64,
     expiries: u64,
+    actions: u64,
+    compensations: u64,
+    locals: u64,
 }
 
 /// How a test damages a stored record. Sled stores one encoded value, so any damage there is
@@ -73,6 +90,17 @@ trait Rig {
     ) -> Outcome;
     async fn confirm(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome;
     async fn cancel(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome;
+    /// A saga action with [`ACTION_REQUEST`], whose business records an "action" effect, then
+    /// fails if `fail`.
+    async fn action(&self, replica: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome;
+    /// A saga compensation whose business records a "compensate" effect. It checks that it got the
+    /// action's request, and fails ([`Outcome::BusinessFailed`]) if not.
+    async fn compensate(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome;
+    /// A message's local transaction with [`LOCAL_REQUEST`], whose business records a "local"
+    /// effect, then fails if `fail`.
+    async fn local(&self, replica: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome;
+    /// A message's back-check: [`Outcome::Committed`] or [`Outcome::RolledBack`] (or a refusal).
+    async fn back_check(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome;
     /// One expiry sweep; how many reservations it released.
     async fn sweep(&self, replica: usize) -> usize;
     async fn effects(&self, gid: &Gid, branch: &BranchId) -> Effects;
@@ -96,6 +124,9 @@ fn once(kind: &str) -> Effects {
         "confirm" => e.confirms = 1,
         "cancel" => e.cancels = 1,
         "expire" => e.expiries = 1,
+        "action" => e.actions = 1,
+        "compensate" => e.compensations = 1,
+        "local" => e.locals = 1,
         _ => unreachable!(),
     }
     e
@@ -107,7 +138,78 @@ fn sum(a: Effects, b: Effects) -> Effects {
         confirms: a.confirms + b.confirms,
         cancels: a.cancels + b.cancels,
         expiries: a.expiries + b.expiries,
+        actions: a.actions + b.actions,
+        compensations: a.compensations + b.compensations,
+        locals: a.locals + b.locals,
     }
+}
+
+/// Every call the barrier takes, to write a case once for several of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Try,
+    Confirm,
+    Cancel,
+    Action,
+    Compensate,
+    Local,
+    BackCheck,
+}
+
+impl Call {
+    const ALL: [Call; 7] = [
+        Call::Try,
+        Call::Confirm,
+        Call::Cancel,
+        Call::Action,
+        Call::Compensate,
+        Call::Local,
+        Call::BackCheck,
+    ];
+
+    /// Calls of one kind share records: TCC, saga, message.
+    fn kind(self) -> &'static str {
+        match self {
+            Call::Try | Call::Confirm | Call::Cancel => "tcc",
+            Call::Action | Call::Compensate => "saga",
+            Call::Local | Call::BackCheck => "message",
+        }
+    }
+
+    /// Makes the call (successful business, deadline from now) through `replica`.
+    async fn on(self, rig: &impl Rig, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome {
+        match self {
+            Call::Try => rig.try_op(replica, gid, branch, deadline(rig), false).await,
+            Call::Confirm => rig.confirm(replica, gid, branch).await,
+            Call::Cancel => rig.cancel(replica, gid, branch).await,
+            Call::Action => rig.action(replica, gid, branch, false).await,
+            Call::Compensate => rig.compensate(replica, gid, branch).await,
+            Call::Local => rig.local(replica, gid, branch, false).await,
+            Call::BackCheck => rig.back_check(replica, gid, branch).await,
+        }
+    }
+}
+
+/// Makes calls `a` and `b` on many fresh branches at once, on different replicas, half of the
+/// branches starting `a` first and half `b` first, alternating which replica takes which; each
+/// branch with its two outcomes (of `a`, of `b`).
+async fn race(rig: &impl Rig, tag: &str, a: Call, b: Call) -> Vec<(Gid, BranchId, Outcome, Outcome)> {
+    let mut all = Vec::new();
+    for round in 0..6 {
+        let pairs: Vec<_> = (0..16).map(|i| ids(&format!("{tag}{round}x{i}"))).collect();
+        let outcomes = join_all(pairs.iter().enumerate().map(|(i, (gid, branch))| async move {
+            let (ra, rb) = (i % 2, 1 - i % 2);
+            if i % 4 < 2 {
+                tokio::join!(a.on(rig, ra, gid, branch), b.on(rig, rb, gid, branch))
+            } else {
+                let (ob, oa) = tokio::join!(b.on(rig, rb, gid, branch), a.on(rig, ra, gid, branch));
+                (oa, ob)
+            }
+        }))
+        .await;
+        all.extend(pairs.into_iter().zip(outcomes).map(|((g, br), (oa, ob))| (g, br, oa, ob)));
+    }
+    all
 }
 
 /// The cases, each generic over the backend.
@@ -327,6 +429,252 @@ mod cases {
         rig.clock().advance(TTL + GRACE + Duration::from_secs(3600));
         assert_eq!(rig.sweep(0).await, 0);
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Sagas
+
+    pub async fn duplicate_actions_and_compensations_run_the_business_once(rig: &impl Rig) {
+        let (gid, branch) = ids("saga-dup");
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Ran(Vec::new()));
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Done));
+        assert!(matches!(rig.action(1, &gid, &branch, false).await, Outcome::Duplicate(_)));
+        assert!(matches!(rig.action(0, &gid, &branch, false).await, Outcome::Duplicate(_)));
+        assert_eq!(rig.effects(&gid, &branch).await, once("action"));
+
+        assert_eq!(rig.compensate(1, &gid, &branch).await, Outcome::Ran(Vec::new()));
+        assert!(matches!(rig.compensate(0, &gid, &branch).await, Outcome::Duplicate(_)));
+        assert!(matches!(rig.compensate(1, &gid, &branch).await, Outcome::Duplicate(_)));
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Compensated));
+        // The saga turned back: the action, delivered once more, must not run again.
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Refused(Refusal::Compensated));
+        assert_eq!(rig.effects(&gid, &branch).await, sum(once("action"), once("compensate")));
+        assert_eq!(rig.held().await, 0, "an action holds nothing");
+    }
+
+    /// The same first action (and then the same compensation) delivered to two replicas at once
+    /// runs once: the second of two first inserts finds the first's row.
+    pub async fn duplicate_actions_on_two_replicas_at_once_run_once(rig: &impl Rig) {
+        let branches: Vec<_> = (0..24).map(|i| ids(&format!("saga-dc{i}"))).collect();
+        let actions = join_all(branches.iter().map(|(gid, branch)| async move {
+            tokio::join!(rig.action(0, gid, branch, false), rig.action(1, gid, branch, false))
+        }))
+        .await;
+        let compensations = join_all(branches.iter().map(|(gid, branch)| async move {
+            tokio::join!(rig.compensate(1, gid, branch), rig.compensate(0, gid, branch))
+        }))
+        .await;
+        for (((gid, branch), (a, b)), (c, d)) in branches.iter().zip(actions).zip(compensations) {
+            for pair in [[&a, &b], [&c, &d]] {
+                let ran = pair.iter().filter(|o| matches!(o, Outcome::Ran(_))).count();
+                let dup = pair.iter().filter(|o| matches!(o, Outcome::Duplicate(_))).count();
+                assert_eq!((ran, dup), (1, 1), "{gid}: {pair:?}");
+            }
+            assert_eq!(rig.effects(gid, branch).await, sum(once("action"), once("compensate")));
+            assert_eq!(rig.state(gid, branch).await, Some(BarrierState::Compensated));
+        }
+    }
+
+    pub async fn empty_compensation_is_recorded_and_refuses_the_late_action(rig: &impl Rig) {
+        let (gid, branch) = ids("saga-empty");
+        assert_eq!(rig.compensate(0, &gid, &branch).await, Outcome::Empty);
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::CompensatedEmpty));
+        assert_eq!(rig.action(1, &gid, &branch, false).await, Outcome::Refused(Refusal::Compensated));
+        assert!(matches!(rig.compensate(1, &gid, &branch).await, Outcome::Duplicate(_)));
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Refused(Refusal::Compensated));
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default(), "no business method ran");
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::CompensatedEmpty));
+    }
+
+    pub async fn a_failed_action_stores_nothing_and_its_compensation_is_empty(rig: &impl Rig) {
+        let (gid, branch) = ids("saga-fails");
+        assert_eq!(rig.action(0, &gid, &branch, true).await, Outcome::BusinessFailed);
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default(), "the action's write rolled back");
+        assert_eq!(rig.state(&gid, &branch).await, None, "no barrier record");
+        assert_eq!(rig.compensate(1, &gid, &branch).await, Outcome::Empty, "nothing to undo");
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Refused(Refusal::Compensated));
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default());
+
+        // Nothing stored means the action may be retried: it runs then, once, and is undone.
+        let (gid, branch) = ids("saga-retried");
+        assert_eq!(rig.action(1, &gid, &branch, true).await, Outcome::BusinessFailed);
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Ran(Vec::new()));
+        assert_eq!(rig.compensate(1, &gid, &branch).await, Outcome::Ran(Vec::new()));
+        assert_eq!(rig.effects(&gid, &branch).await, sum(once("action"), once("compensate")));
+    }
+
+    /// An action holds nothing, so nothing releases it: however far the clock goes, sweeps leave
+    /// it done, it is not counted as held, and its compensation still runs when it comes.
+    pub async fn actions_never_expire(rig: &impl Rig) {
+        let (gid, branch) = ids("saga-old");
+        assert_eq!(rig.action(0, &gid, &branch, false).await, Outcome::Ran(Vec::new()));
+        // A reservation beside it, so that the sweeps below are seen to release what is due.
+        let (held, hb) = ids("tcc-beside");
+        assert!(matches!(rig.try_op(1, &held, &hb, deadline(rig), false).await, Outcome::Ran(_)));
+        assert_eq!(rig.held().await, 1, "the reservation, not the action");
+
+        rig.clock().advance(TTL + GRACE);
+        assert_eq!(rig.sweep(0).await + rig.sweep(1).await, 1, "the reservation only");
+        for _ in 0..3 {
+            rig.clock().advance(Duration::from_secs(365 * 24 * 3600));
+            assert_eq!(rig.sweep(1).await + rig.sweep(0).await, 0);
+        }
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Done));
+        assert_eq!(rig.effects(&gid, &branch).await, once("action"));
+        assert_eq!(rig.held().await, 0);
+
+        assert!(matches!(rig.action(1, &gid, &branch, false).await, Outcome::Duplicate(_)));
+        assert_eq!(rig.compensate(1, &gid, &branch).await, Outcome::Ran(Vec::new()));
+        assert_eq!(rig.effects(&gid, &branch).await, sum(once("action"), once("compensate")));
+    }
+
+    /// An action racing its compensation on two replicas ends "action ran, compensation undid it"
+    /// or "compensation empty, action refused": never an action left standing by a compensation
+    /// that did not see it.
+    pub async fn an_action_racing_its_compensation_ends_compensated_or_refused(rig: &impl Rig) {
+        let mut seen = (0, 0);
+        for (gid, branch, a, c) in race(rig, "saga-race", Call::Action, Call::Compensate).await {
+            let effects = rig.effects(&gid, &branch).await;
+            let state = rig.state(&gid, &branch).await;
+            match (&a, &c) {
+                (Outcome::Ran(_), Outcome::Ran(_)) => {
+                    assert_eq!(effects, sum(once("action"), once("compensate")));
+                    assert_eq!(state, Some(BarrierState::Compensated));
+                    seen.0 += 1;
+                }
+                (Outcome::Refused(Refusal::Compensated), Outcome::Empty) => {
+                    assert_eq!(effects, Effects::default());
+                    assert_eq!(state, Some(BarrierState::CompensatedEmpty));
+                    seen.1 += 1;
+                }
+                _ => panic!("{gid}: action {a:?}, compensation {c:?}: effects {effects:?}, state {state:?}"),
+            }
+        }
+        println!("action first: {}, compensation first: {}", seen.0, seen.1);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Two-phase messages
+
+    pub async fn a_committed_local_transaction_is_answered_committed(rig: &impl Rig) {
+        let (gid, branch) = ids("msg-committed");
+        assert_eq!(rig.local(0, &gid, &branch, false).await, Outcome::Ran(Vec::new()));
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Committed));
+        assert_eq!(rig.back_check(1, &gid, &branch).await, Outcome::Committed);
+        assert_eq!(rig.back_check(0, &gid, &branch).await, Outcome::Committed, "and again");
+        assert!(matches!(rig.local(1, &gid, &branch, false).await, Outcome::Duplicate(_)));
+        assert_eq!(rig.back_check(1, &gid, &branch).await, Outcome::Committed, "still");
+        assert_eq!(rig.effects(&gid, &branch).await, once("local"));
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::Committed));
+    }
+
+    /// A back-check that finds no local transaction answers "rolled back" and makes it so: the
+    /// late local transaction is refused, and the answer stays the same.
+    pub async fn a_back_check_before_the_local_transaction_rolls_it_back(rig: &impl Rig) {
+        let (gid, branch) = ids("msg-early-check");
+        assert_eq!(rig.back_check(0, &gid, &branch).await, Outcome::RolledBack);
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::RolledBack));
+        assert_eq!(rig.local(1, &gid, &branch, false).await, Outcome::Refused(Refusal::RolledBack));
+        assert_eq!(rig.local(0, &gid, &branch, false).await, Outcome::Refused(Refusal::RolledBack));
+        assert_eq!(rig.back_check(1, &gid, &branch).await, Outcome::RolledBack, "and again");
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default(), "the local transaction never ran");
+        assert_eq!(rig.state(&gid, &branch).await, Some(BarrierState::RolledBack));
+    }
+
+    pub async fn a_failed_local_transaction_stores_nothing_and_is_answered_rolled_back(rig: &impl Rig) {
+        let (gid, branch) = ids("msg-fails");
+        assert_eq!(rig.local(0, &gid, &branch, true).await, Outcome::BusinessFailed);
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default(), "its writes rolled back");
+        assert_eq!(rig.state(&gid, &branch).await, None, "no barrier record");
+        assert_eq!(rig.back_check(1, &gid, &branch).await, Outcome::RolledBack);
+        assert_eq!(rig.local(0, &gid, &branch, false).await, Outcome::Refused(Refusal::RolledBack));
+        assert_eq!(rig.effects(&gid, &branch).await, Effects::default());
+    }
+
+    /// A local transaction racing its back-check on two replicas ends "committed, answered
+    /// committed" or "answered rolled back, refused": whatever the back-check says is the truth.
+    pub async fn a_local_transaction_racing_its_back_check_ends_as_the_back_check_answers(rig: &impl Rig) {
+        let mut seen = (0, 0);
+        for (gid, branch, l, b) in race(rig, "msg-race", Call::Local, Call::BackCheck).await {
+            let effects = rig.effects(&gid, &branch).await;
+            let state = rig.state(&gid, &branch).await;
+            match (&l, &b) {
+                (Outcome::Ran(_), Outcome::Committed) => {
+                    assert_eq!(effects, once("local"));
+                    assert_eq!(state, Some(BarrierState::Committed));
+                    seen.0 += 1;
+                }
+                (Outcome::Refused(Refusal::RolledBack), Outcome::RolledBack) => {
+                    assert_eq!(effects, Effects::default());
+                    assert_eq!(state, Some(BarrierState::RolledBack));
+                    seen.1 += 1;
+                }
+                _ => panic!("{gid}: local {l:?}, back-check {b:?}: effects {effects:?}, state {state:?}"),
+            }
+            // Asked again, the back-check gives the same answer.
+            assert_eq!(rig.back_check(0, &gid, &branch).await, b, "{gid}");
+        }
+        println!("local first: {}, back-check first: {}", seen.0, seen.1);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Every kind
+
+    /// A record written by one kind of call (TCC, saga, message) refuses every call of another
+    /// kind with `OtherKind`: nothing runs, the record stays as it was.
+    pub async fn calls_of_another_kind_are_refused_and_run_nothing(rig: &impl Rig) {
+        let firsts = [
+            (Call::Try, BarrierState::Tried, once("try")),
+            (Call::Cancel, BarrierState::CancelledEmpty, Effects::default()),
+            (Call::Action, BarrierState::Done, once("action")),
+            (Call::Compensate, BarrierState::CompensatedEmpty, Effects::default()),
+            (Call::Local, BarrierState::Committed, once("local")),
+            (Call::BackCheck, BarrierState::RolledBack, Effects::default()),
+        ];
+        let mut records = Vec::new();
+        for (first, stored, effects) in firsts {
+            let (gid, branch) = ids(&format!("other-{}", stored.as_str().replace('_', "-")));
+            first.on(rig, 0, &gid, &branch).await;
+            assert_eq!(rig.state(&gid, &branch).await, Some(stored), "{first:?}");
+            for other in Call::ALL.into_iter().filter(|c| c.kind() != first.kind()) {
+                assert_eq!(
+                    other.on(rig, 1, &gid, &branch).await,
+                    Outcome::Refused(Refusal::OtherKind { stored }),
+                    "{other:?} on a record of {first:?}"
+                );
+            }
+            records.push((gid, branch, first, stored, effects));
+        }
+        // The sweep, once everything is due, releases the reservation only.
+        rig.clock().advance(TTL + GRACE);
+        assert_eq!(rig.sweep(0).await, 1);
+        assert_eq!(rig.held().await, 0);
+        for (gid, branch, first, stored, effects) in records {
+            let (stored, effects) = match first {
+                Call::Try => (BarrierState::Expired, sum(effects, once("expire"))),
+                _ => (stored, effects),
+            };
+            assert_eq!(rig.effects(&gid, &branch).await, effects, "{first:?}: only the first call ran");
+            assert_eq!(rig.state(&gid, &branch).await, Some(stored), "{first:?}");
+        }
+    }
+
+    /// A damaged saga or message record answers every call with `Corrupt`, and nothing runs.
+    pub async fn damaged_saga_and_message_records_are_corrupt_and_nothing_runs(rig: &impl Rig) {
+        for how in [Damage::UnknownState, Damage::NegativeDeadline, Damage::NullResult] {
+            for (first, calls, effects) in [
+                (Call::Action, [Call::Action, Call::Compensate], once("action")),
+                (Call::Local, [Call::Local, Call::BackCheck], once("local")),
+            ] {
+                let (gid, branch) = ids("damaged");
+                assert_eq!(first.on(rig, 0, &gid, &branch).await, Outcome::Ran(Vec::new()));
+                rig.damage(&gid, &branch, how).await;
+                for call in calls {
+                    assert_eq!(call.on(rig, 1, &gid, &branch).await, Outcome::Corrupt, "{how:?}: {call:?}");
+                }
+                assert_eq!(rig.effects(&gid, &branch).await, effects, "{how:?}: nothing ran");
+            }
+        }
+    }
 }
 
 macro_rules! conformance {
@@ -391,6 +739,66 @@ macro_rules! conformance {
             let Some(rig) = $make else { return };
             cases::damaged_records_are_corrupt_and_nothing_runs(&rig).await;
         }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn duplicate_actions_and_compensations_run_the_business_once() {
+            let Some(rig) = $make else { return };
+            cases::duplicate_actions_and_compensations_run_the_business_once(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn duplicate_actions_on_two_replicas_at_once_run_once() {
+            let Some(rig) = $make else { return };
+            cases::duplicate_actions_on_two_replicas_at_once_run_once(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn empty_compensation_is_recorded_and_refuses_the_late_action() {
+            let Some(rig) = $make else { return };
+            cases::empty_compensation_is_recorded_and_refuses_the_late_action(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failed_action_stores_nothing_and_its_compensation_is_empty() {
+            let Some(rig) = $make else { return };
+            cases::a_failed_action_stores_nothing_and_its_compensation_is_empty(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn actions_never_expire() {
+            let Some(rig) = $make else { return };
+            cases::actions_never_expire(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_action_racing_its_compensation_ends_compensated_or_refused() {
+            let Some(rig) = $make else { return };
+            cases::an_action_racing_its_compensation_ends_compensated_or_refused(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_committed_local_transaction_is_answered_committed() {
+            let Some(rig) = $make else { return };
+            cases::a_committed_local_transaction_is_answered_committed(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_back_check_before_the_local_transaction_rolls_it_back() {
+            let Some(rig) = $make else { return };
+            cases::a_back_check_before_the_local_transaction_rolls_it_back(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failed_local_transaction_stores_nothing_and_is_answered_rolled_back() {
+            let Some(rig) = $make else { return };
+            cases::a_failed_local_transaction_stores_nothing_and_is_answered_rolled_back(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_local_transaction_racing_its_back_check_ends_as_the_back_check_answers() {
+            let Some(rig) = $make else { return };
+            cases::a_local_transaction_racing_its_back_check_ends_as_the_back_check_answers(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn calls_of_another_kind_are_refused_and_run_nothing() {
+            let Some(rig) = $make else { return };
+            cases::calls_of_another_kind_are_refused_and_run_nothing(&rig).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn damaged_saga_and_message_records_are_corrupt_and_nothing_runs() {
+            let Some(rig) = $make else { return };
+            cases::damaged_saga_and_message_records_are_corrupt_and_nothing_runs(&rig).await;
+        }
     };
 }
 
@@ -403,8 +811,8 @@ mod sled_rig {
     use sled::transaction::{ConflictableTransactionResult, abort};
     use tcc_core::DurableDb;
     use tcc_core::barrier::{
-        BARRIER_TREE, BarrierError, BusinessTx, CancelOutcome, ConfirmOutcome, FORMAT_VERSION, SledBarrier,
-        TryOutcome,
+        ActionOutcome, BARRIER_TREE, BackCheckOutcome, BarrierError, BusinessTx, CancelOutcome,
+        CompensateOutcome, ConfirmOutcome, FORMAT_VERSION, SledBarrier, TryOutcome,
     };
 
     use super::*;
@@ -451,6 +859,13 @@ mod sled_rig {
             Err(BarrierError::Business(_)) => Outcome::BusinessFailed,
             Err(BarrierError::Corrupt { .. }) => Outcome::Corrupt,
             Err(e) => panic!("sled barrier failed: {e}"),
+        }
+    }
+
+    fn ran_once(o: ActionOutcome) -> Outcome {
+        match o {
+            ActionOutcome::Ran => Outcome::Ran(Vec::new()),
+            ActionOutcome::Duplicate => Outcome::Duplicate(Vec::new()),
         }
     }
 
@@ -505,6 +920,66 @@ mod sled_rig {
             })
         }
 
+        async fn action(&self, _: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome {
+            let (gid, branch) = (gid.clone(), branch.clone());
+            let r = self
+                .blocking(move |b| {
+                    b.action(&gid, &branch, ACTION_REQUEST, |tx| {
+                        record(tx, "action")?;
+                        if fail {
+                            return abort("card declined".to_string());
+                        }
+                        Ok(())
+                    })
+                })
+                .await;
+            outcome(r, ran_once)
+        }
+
+        async fn compensate(&self, _: usize, gid: &Gid, branch: &BranchId) -> Outcome {
+            let (gid, branch) = (gid.clone(), branch.clone());
+            let r = self
+                .blocking(move |b| {
+                    b.compensate(&gid, &branch, |tx| {
+                        if tx.request() != ACTION_REQUEST {
+                            return abort(format!("compensation got request {:?}", tx.request()));
+                        }
+                        record(tx, "compensate")
+                    })
+                })
+                .await;
+            outcome(r, |o| match o {
+                CompensateOutcome::Compensated => Outcome::Ran(Vec::new()),
+                CompensateOutcome::Empty => Outcome::Empty,
+                CompensateOutcome::Duplicate => Outcome::Duplicate(Vec::new()),
+            })
+        }
+
+        async fn local(&self, _: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome {
+            let (gid, branch) = (gid.clone(), branch.clone());
+            let r = self
+                .blocking(move |b| {
+                    b.local(&gid, &branch, LOCAL_REQUEST, |tx| {
+                        record(tx, "local")?;
+                        if fail {
+                            return abort("out of stock".to_string());
+                        }
+                        Ok(())
+                    })
+                })
+                .await;
+            outcome(r, ran_once)
+        }
+
+        async fn back_check(&self, _: usize, gid: &Gid, branch: &BranchId) -> Outcome {
+            let (gid, branch) = (gid.clone(), branch.clone());
+            let r = self.blocking(move |b| b.back_check(&gid, &branch).map_err(BarrierError::widen)).await;
+            outcome(r, |o| match o {
+                BackCheckOutcome::Committed => Outcome::Committed,
+                BackCheckOutcome::RolledBack => Outcome::RolledBack,
+            })
+        }
+
         async fn sweep(&self, _: usize) -> usize {
             self.blocking(|b| b.expire_due(|tx| record(tx, "expire"))).await.unwrap()
         }
@@ -516,7 +991,15 @@ mod sled_rig {
                     .unwrap()
                     .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
             };
-            Effects { tries: n("try"), confirms: n("confirm"), cancels: n("cancel"), expiries: n("expire") }
+            Effects {
+                tries: n("try"),
+                confirms: n("confirm"),
+                cancels: n("cancel"),
+                expiries: n("expire"),
+                actions: n("action"),
+                compensations: n("compensate"),
+                locals: n("local"),
+            }
         }
 
         async fn state(&self, gid: &Gid, branch: &BranchId) -> Option<BarrierState> {
@@ -685,7 +1168,9 @@ mod sql_rig {
         }
 
         /// One call through `replica`'s barrier; the business inserts an effect row of `kind` with
-        /// real SQL in the barrier's transaction. Retryable failures run the call again.
+        /// real SQL in the barrier's transaction (a compensation first checks that it got the
+        /// action's request). A back-check's answer is read from the record as a participant
+        /// would. Retryable failures run the call again.
         async fn call(
             &self,
             replica: usize,
@@ -696,9 +1181,17 @@ mod sql_rig {
             fail: bool,
         ) -> Outcome {
             let barrier = &self.replicas[replica];
+            let back_check = op == Op::BackCheck;
             for _ in 0..RETRIES {
                 let result = async {
                     match barrier.begin(gid, branch, op).await? {
+                        Begun::Run(_) if back_check => panic!("a back-check runs nothing"),
+                        Begun::Run(pending)
+                            if op == Op::Compensate && pending.request() != ACTION_REQUEST =>
+                        {
+                            pending.rollback().await?;
+                            Ok(Outcome::BusinessFailed)
+                        }
                         Begun::Run(mut pending) => {
                             let insert = "INSERT INTO effects (gid, branch, kind) VALUES (?, ?, ?)";
                             DB::exec(pending.conn(), insert, &[gid.as_str(), branch.as_str(), kind]).await?;
@@ -714,6 +1207,12 @@ mod sql_rig {
                         {
                             Ok(Outcome::AlreadyExpired)
                         }
+                        Begun::Answered(Answer::Empty) if back_check => Ok(Outcome::RolledBack),
+                        Begun::Answered(Answer::Duplicate(rec)) if back_check => Ok(match rec.state {
+                            BarrierState::Committed => Outcome::Committed,
+                            BarrierState::RolledBack => Outcome::RolledBack,
+                            other => panic!("a back-check answered by a {other} record"),
+                        }),
                         Begun::Answered(Answer::Duplicate(rec)) => Ok(Outcome::Duplicate(rec.result)),
                         Begun::Answered(Answer::Empty) => Ok(Outcome::Empty),
                         Begun::Answered(Answer::Refused(r)) => Ok(Outcome::Refused(r)),
@@ -763,6 +1262,22 @@ mod sql_rig {
             self.call(replica, gid, branch, Op::Cancel, "cancel", false).await
         }
 
+        async fn action(&self, replica: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome {
+            self.call(replica, gid, branch, Op::Action { request: ACTION_REQUEST }, "action", fail).await
+        }
+
+        async fn compensate(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome {
+            self.call(replica, gid, branch, Op::Compensate, "compensate", false).await
+        }
+
+        async fn local(&self, replica: usize, gid: &Gid, branch: &BranchId, fail: bool) -> Outcome {
+            self.call(replica, gid, branch, Op::Local { request: LOCAL_REQUEST }, "local", fail).await
+        }
+
+        async fn back_check(&self, replica: usize, gid: &Gid, branch: &BranchId) -> Outcome {
+            self.call(replica, gid, branch, Op::BackCheck, "back_check", false).await
+        }
+
         async fn sweep(&self, replica: usize) -> usize {
             let mut released = 0;
             for due in self.replicas[replica].due(1000).await.unwrap() {
@@ -785,11 +1300,13 @@ mod sql_rig {
         async fn effects(&self, gid: &Gid, branch: &BranchId) -> Effects {
             let pool = self.replicas[0].pool();
             let sql = "SELECT COUNT(*) FROM effects WHERE gid = ? AND branch = ? AND kind = ?";
-            let mut n = [0u64; 4];
-            for (slot, kind) in n.iter_mut().zip(["try", "confirm", "cancel", "expire"]) {
+            let kinds = ["try", "confirm", "cancel", "expire", "action", "compensate", "local"];
+            let mut n = [0u64; 7];
+            for (slot, kind) in n.iter_mut().zip(kinds) {
                 *slot = DB::count(pool, sql, &[gid.as_str(), branch.as_str(), kind]).await as u64;
             }
-            Effects { tries: n[0], confirms: n[1], cancels: n[2], expiries: n[3] }
+            let [tries, confirms, cancels, expiries, actions, compensations, locals] = n;
+            Effects { tries, confirms, cancels, expiries, actions, compensations, locals }
         }
 
         async fn state(&self, gid: &Gid, branch: &BranchId) -> Option<BarrierState> {
