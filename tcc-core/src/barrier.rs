@@ -211,7 +211,8 @@ pub struct BarrierRecord {
     /// Where the branch stands.
     pub state: BarrierState,
     /// The transaction's deadline, as carried by the try. `Timestamp(0)` for
-    /// [`BarrierState::CancelledEmpty`], since a cancel does not carry it.
+    /// [`BarrierState::CancelledEmpty`], since a cancel does not carry it, and for every saga and
+    /// message state, which never expire.
     pub deadline: Timestamp,
     /// The try's request bytes, kept so confirm, cancel and expiry get the original request.
     pub request: Vec<u8>,
@@ -669,7 +670,8 @@ impl<'a> BusinessTx<'a> {
         self.branch
     }
 
-    /// The try's request bytes (for confirm, cancel and expiry: the stored ones).
+    /// The try's request bytes (for confirm, cancel and expiry: the stored ones); an action's or a
+    /// local transaction's (for a compensation: the action's stored ones).
     pub fn request(&self) -> &'a [u8] {
         self.request
     }
