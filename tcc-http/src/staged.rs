@@ -215,6 +215,18 @@ pub trait TccError: fmt::Display + Send + 'static {
     }
 }
 
+/// A method whose only errors are its context's can return [`StoreError`] itself: a version
+/// conflict runs the call again on fresh reads ([`Disposition::Retry`]), anything else is answered
+/// as a fault of the participant (503 or 500, retried by the coordinator), never as a refusal.
+impl TccError for StoreError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            StoreError::Conflict { .. } => Disposition::Retry,
+            _ => Disposition::Transient,
+        }
+    }
+}
+
 /// Which phase a [`TccContext`] serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Phase {
