@@ -68,9 +68,9 @@
 //! A saga step ([`Participant::async_step`], [`sql::SqlStep`], or a `#[tcc(compensate = ...)]`
 //! method) is served at `POST …/{name}/action` and `…/{name}/compensate`; a message's action
 //! ([`Participant::async_action`], [`sql::SqlAction`], `#[tcc(action)]`) at `…/{name}/action`.
-//! The coordinator calls them with the same `tcc-gid` and `tcc-branch` headers (and DTM's query
-//! parameters, which are ignored), with the step's payload as the JSON body; DTM's own
-//! coordinator can call them as well. Through the same barrier, in its saga and message states:
+//! The coordinator calls them with the same `tcc-gid` and `tcc-branch` headers (and, for a saga
+//! that came through the DTM API, DTM's query parameters, which are ignored), with the step's
+//! payload as the JSON body. Through the same barrier, in its saga and message states:
 //!
 //! | situation | status | code / outcome |
 //! |---|---|---|
