@@ -531,3 +531,50 @@ async fn through_a_coordinator_sagas_compensate_and_messages_go_out_only_when_co
     }
     tcc.client.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_and_a_message_sent_through_the_dtm_api_drive_the_runtime_steps() {
+    let tcc = Tcc::start_with(Where::Standalone, fast_core(), ServerConfig::default()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let dtm = format!("{}/api/dtmsvr", tcc.url());
+    for rig in rigs().await {
+        let n = rig.name;
+        let (action, compensate) =
+            (format!("{}/points/action", rig.url), format!("{}/points/compensate", rig.url));
+        let step = serde_json::json!({ "action": action, "compensate": compensate });
+        // As a DTM client sends it: the second step refuses, so the first is compensated.
+        let gid = new_gid("dtm-saga");
+        let saga = serde_json::json!({
+            "gid": gid, "trans_type": "saga", "wait_result": true,
+            "steps": [step, step],
+            "payloads": [r#"{"customer":"ada"}"#, r#"{"customer":"eve","refuse":true}"#],
+        });
+        let res = http.post(format!("{dtm}/submit")).json(&saga).send().await.unwrap();
+        assert!(res.status().is_success() || res.status().as_u16() == 409, "{n}: {}", res.status());
+        let failed = tcc.client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
+        assert_eq!(failed.state, StateView::Cancelled, "{n}");
+        let first = &failed.branches[0].branch;
+        assert_eq!(rig.effects(&gid, first, "action").await, 1, "{n}");
+        assert_eq!(rig.effects(&gid, first, "compensate").await, 1, "{n}");
+        assert_eq!(
+            rig.state(&gid, &failed.branches[1].branch).await,
+            Some(BarrierState::CompensatedEmpty),
+            "{n}"
+        );
+
+        // A DTM message whose local transaction committed: prepared, committed, submitted.
+        let gid = new_gid("dtm-msg");
+        let mail = format!("{}/mail/action", rig.url);
+        let msg = serde_json::json!({
+            "gid": gid, "trans_type": "msg", "query_prepared": format!("{}/back-check", rig.url),
+            "steps": [{ "action": mail }], "payloads": [r#"{"customer":"ada"}"#],
+        });
+        assert!(http.post(format!("{dtm}/prepare")).json(&msg).send().await.unwrap().status().is_success());
+        rig.local(&gid.parse().unwrap(), false).await.unwrap();
+        assert!(http.post(format!("{dtm}/submit")).json(&msg).send().await.unwrap().status().is_success());
+        let sent = tcc.client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
+        assert_eq!(sent.state, StateView::Confirmed, "{n}");
+        assert_eq!(rig.effects(&gid, &sent.branches[0].branch, "mail").await, 1, "{n}");
+    }
+    tcc.client.shutdown().await;
+}
