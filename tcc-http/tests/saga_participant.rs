@@ -453,6 +453,9 @@ async fn a_local_transaction_and_its_back_check_agree_on_every_store() {
             let body: serde_json::Value = res.json().await.unwrap();
             assert_eq!(body["code"], "malformed", "{n} {query}");
         }
+        let res =
+            http.get(format!("{}/back-check?gid=x", rig.url)).header("tcc-gid", "y").send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 400, "{n}: a query gid and a header gid that differ");
         let res = http.post(format!("{}/back-check?gid=x", rig.url)).send().await.unwrap();
         assert_eq!(res.status().as_u16(), 405, "{n}");
         assert_eq!(rig.state("x", LOCAL_BRANCH).await, None, "{n}: bad calls record nothing");
