@@ -1036,10 +1036,7 @@ impl SledBarrier {
     where
         F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
     {
-        let run = |tx: &BusinessTx<'_>| f(tx).map(|()| Vec::new());
-        let applied = self.apply(gid, branch, Op::Action { request }, None, &run)?;
-        self.make_durable()?;
-        ran_once(applied)
+        self.once(gid, branch, Op::Action { request }, f)
     }
 
     /// A saga step's compensation: runs `f` once per (gid, branch), and only if the action ran.
@@ -1083,10 +1080,29 @@ impl SledBarrier {
     where
         F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
     {
+        self.once(gid, branch, Op::Local { request }, f)
+    }
+
+    /// An action or a local transaction: `f` runs at most once per (gid, branch).
+    fn once<F, E>(
+        &self,
+        gid: &Gid,
+        branch: &BranchId,
+        op: Op<'_>,
+        f: F,
+    ) -> Result<ActionOutcome, BarrierError<E>>
+    where
+        F: Fn(&BusinessTx<'_>) -> ConflictableTransactionResult<(), E>,
+    {
         let run = |tx: &BusinessTx<'_>| f(tx).map(|()| Vec::new());
-        let applied = self.apply(gid, branch, Op::Local { request }, None, &run)?;
+        let applied = self.apply(gid, branch, op, None, &run)?;
         self.make_durable()?;
-        ran_once(applied)
+        match applied {
+            Applied::Ran(_) => Ok(ActionOutcome::Ran),
+            Applied::Duplicate(_) => Ok(ActionOutcome::Duplicate),
+            Applied::Refused(r) => Err(r.into()),
+            Applied::Recorded | Applied::Nothing => unreachable!("decide never answers an action so"),
+        }
     }
 
     /// A message's back-check: whether its local transaction committed. If it has not, it is settled
@@ -1353,16 +1369,6 @@ impl SledBarrier {
             }
             Err(TransactionError::Storage(e)) => Err(BarrierError::Storage(e)),
         }
-    }
-}
-
-/// The outcome of an action or a local transaction.
-fn ran_once<E>(applied: Applied) -> Result<ActionOutcome, BarrierError<E>> {
-    match applied {
-        Applied::Ran(_) => Ok(ActionOutcome::Ran),
-        Applied::Duplicate(_) => Ok(ActionOutcome::Duplicate),
-        Applied::Refused(r) => Err(r.into()),
-        Applied::Recorded | Applied::Nothing => unreachable!("decide never answers an action so"),
     }
 }
 

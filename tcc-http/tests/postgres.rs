@@ -7,10 +7,12 @@
 //! schema of its own) and print "skipped: ..." without it, unless `TCC_REQUIRE_POSTGRES=1`.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/coordinator_process.rs"]
+mod coordinator_process;
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
+use coordinator_process::{CoordinatorProcess, free_port};
 use support::{Mode, Participant, eventually, fast_core};
 use tcc_http::client::TccClient;
 use tcc_http::protocol::{
@@ -35,72 +38,11 @@ async fn scratch_url() -> Option<String> {
     Some(tcc_core::store::postgres::create_scratch_schema(&url, "tcc_test").await.unwrap())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A `tcc-coordinator` process.
-struct Proc {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    async fn spawn(dir: &std::path::Path, env: &[(&str, &str)]) -> Proc {
-        let log = dir.join(format!("log-{}", tcc_core::Gid::generate()));
-        let file = std::fs::File::create(&log).unwrap();
-        let port = free_port();
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("TCC_LISTEN", format!("127.0.0.1:{port}"))
-            .env("TCC_RETRY_INITIAL", "50ms")
-            .env("TCC_RETRY_MAX_BACKOFF", "200ms")
-            .env("TCC_RETRY_MAX_ATTEMPTS", "1000")
-            .env("TCC_LEASE", "3s")
-            .env("TCC_CALL_TIMEOUT", "2s")
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
-        let mut p = Proc { child, url: format!("http://127.0.0.1:{port}"), log };
-        let http = reqwest::Client::new();
-        let ready = format!("{}/readyz", p.url);
-        eventually("the coordinator to be ready", LONG, async || {
-            if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("the coordinator exited with {status}:\n{}", p.log());
-            }
-            http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        p
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL on unix
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> String {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        self.child.wait().unwrap();
-        self.log()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `tcc-coordinator` process on a free port, its log under `dir`, `env` its settings (the store).
+async fn spawn(dir: &std::path::Path, env: &[(&str, &str)]) -> CoordinatorProcess {
+    let mut env = env.to_vec();
+    env.push(("TCC_RETRY_MAX_ATTEMPTS", "1000"));
+    CoordinatorProcess::spawn(BIN, dir, free_port(), &env).await
 }
 
 /// (gid, branch) -> phases called, in order.
@@ -186,7 +128,7 @@ async fn three_coordinators_finish_every_transaction_when_one_is_killed_mid_phas
     let base = participant.start().await;
     let mut nodes = Vec::new();
     for owner in ["node-a", "node-b", "node-c"] {
-        nodes.push(Proc::spawn(dir.path(), &[("TCC_STORE", &store), ("TCC_OWNER", owner)]).await);
+        nodes.push(spawn(dir.path(), &[("TCC_STORE", &store), ("TCC_OWNER", owner)]).await);
     }
     let clients: Vec<TccClient> = nodes.iter().map(|n| TccClient::remote(&n.url, None).unwrap()).collect();
 
@@ -234,7 +176,7 @@ async fn three_coordinators_finish_every_transaction_when_one_is_killed_mid_phas
         }
     }
     for node in nodes.drain(1..) {
-        let log = node.terminate();
+        let (_, log) = node.terminate();
         assert!(!log.contains("panicked"), "{log}");
     }
 }
@@ -298,11 +240,11 @@ async fn the_database_password_never_reaches_the_logs_or_the_help() {
     assert!(!user.contains(':'), "the test URL has a password already");
     let with_password = format!("{scheme}://{user}:{secret}@{host}");
     let dir = tempfile::tempdir().unwrap();
-    let node = Proc::spawn(dir.path(), &[("TCC_STORE", &with_password), ("RUST_LOG", "trace")]).await;
+    let node = spawn(dir.path(), &[("TCC_STORE", &with_password), ("RUST_LOG", "trace")]).await;
     let client = TccClient::remote(&node.url, None).unwrap();
     let tx = client.begin(LONG).await.unwrap();
     tx.cancel().await.unwrap();
-    let log = node.terminate();
+    let (_, log) = node.terminate();
     assert!(log.contains("tcc-coordinator listening"), "{log}");
     assert!(log.contains(&format!("postgres://{user}@")), "the store is named in the log:\n{log}");
     assert!(!log.contains(secret), "the password appears in the log");

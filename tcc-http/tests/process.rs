@@ -3,11 +3,14 @@
 //! logs.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/coordinator_process.rs"]
+mod coordinator_process;
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use coordinator_process::{CoordinatorProcess, free_port};
 use support::{Mode, Participant, eventually};
 use tcc_http::client::TccClient;
 use tcc_http::server::Token;
@@ -16,74 +19,13 @@ use tcc_http::server::native::StateView;
 const LONG: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_tcc-coordinator");
 
-struct Coordinator {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Coordinator {
-    async fn spawn(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Coordinator {
-        let log = dir.join(format!("log-{}", uuid_like()));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("TCC_LISTEN", format!("127.0.0.1:{port}"))
-            .env("TCC_DATA_DIR", dir.join("data"))
-            .env("TCC_RETRY_INITIAL", "50ms")
-            .env("TCC_RETRY_MAX_BACKOFF", "200ms")
-            .env("TCC_LEASE", "3s")
-            .env("TCC_CALL_TIMEOUT", "2s")
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
-        let mut c = Coordinator { child, url: format!("http://127.0.0.1:{port}"), log };
-        let http = reqwest::Client::new();
-        let health = format!("{}/healthz", c.url);
-        eventually("the coordinator to listen", LONG, async || {
-            if let Some(status) = c.child.try_wait().unwrap() {
-                panic!("the coordinator exited with {status}:\n{}", c.log());
-            }
-            http.get(&health).send().await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        c
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL on unix
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let status = self.child.wait().unwrap();
-        (status, std::fs::read_to_string(&self.log).unwrap())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn uuid_like() -> String {
-    tcc_core::Gid::generate().to_string()
+/// The binary on `port` with its sled store in `dir` (a restart on the same `dir` and `port` finds
+/// everything again), `extra` settings on top.
+async fn spawn(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> CoordinatorProcess {
+    let data = dir.join("data");
+    let mut env = vec![("TCC_DATA_DIR", data.to_str().unwrap())];
+    env.extend_from_slice(extra);
+    CoordinatorProcess::spawn(BIN, dir, port, &env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +34,7 @@ async fn kill_9_mid_phase_two_then_restart_finishes_the_transaction() {
     let port = free_port();
     let flight = Participant::start(Mode::Healthy).await;
     let hotel = Participant::start(Mode::Healthy).await;
-    let tc = Coordinator::spawn(dir.path(), port, &[]).await;
+    let mut tc = spawn(dir.path(), port, &[]).await;
     let client = TccClient::remote(&tc.url, None).unwrap();
 
     let tx = client.begin(LONG).await.unwrap();
@@ -107,7 +49,7 @@ async fn kill_9_mid_phase_two_then_restart_finishes_the_transaction() {
     tc.kill9();
 
     hotel.set_mode(Mode::Healthy);
-    let tc = Coordinator::spawn(dir.path(), port, &[]).await;
+    let tc = spawn(dir.path(), port, &[]).await;
     let done = client.wait(tx.gid(), LONG).await.unwrap();
     assert_eq!(done.state, StateView::Confirmed, "log:\n{}", tc.log());
     assert_eq!(flight.phases(&gid).first().map(String::as_str), Some("try"));
@@ -121,7 +63,7 @@ async fn sigterm_stops_cleanly_and_work_resumes_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hotel = Participant::start(Mode::Healthy).await;
-    let tc = Coordinator::spawn(dir.path(), port, &[]).await;
+    let tc = spawn(dir.path(), port, &[]).await;
     let client = TccClient::remote(&tc.url, None).unwrap();
     let tx = client.begin(LONG).await.unwrap();
     tx.try_branch("hotel", &hotel.target("room"), b"7".to_vec()).await.unwrap();
@@ -133,7 +75,7 @@ async fn sigterm_stops_cleanly_and_work_resumes_on_restart() {
     assert!(log.contains("stopped; unfinished transactions resume"), "{log}");
 
     hotel.set_mode(Mode::Healthy);
-    let _tc = Coordinator::spawn(dir.path(), port, &[]).await;
+    let _tc = spawn(dir.path(), port, &[]).await;
     let done = client.wait(tx.gid(), LONG).await.unwrap();
     assert_eq!(done.state, StateView::Cancelled);
 }
@@ -143,8 +85,7 @@ async fn the_token_never_reaches_the_logs() {
     let secret = "tok-3f9a1c77e0b24d5d";
     let wrong = "wrong-2c5e8b1a44f0";
     let dir = tempfile::tempdir().unwrap();
-    let tc =
-        Coordinator::spawn(dir.path(), free_port(), &[("TCC_TOKEN", secret), ("RUST_LOG", "trace")]).await;
+    let tc = spawn(dir.path(), free_port(), &[("TCC_TOKEN", secret), ("RUST_LOG", "trace")]).await;
     let http = reqwest::Client::new();
     let begin = format!("{}/v1/transactions", tc.url);
     assert_eq!(

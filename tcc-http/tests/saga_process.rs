@@ -13,10 +13,11 @@
 //! "skipped: ..." without it, unless `TCC_REQUIRE_POSTGRES=1`.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/coordinator_process.rs"]
+mod coordinator_process;
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::any;
+use coordinator_process::{CoordinatorProcess, free_port};
 use support::eventually;
-use tcc_core::Gid;
 use tcc_http::client::TccClient;
 use tcc_http::server::native::{BranchStateView, StateView, TransactionView};
 
@@ -39,68 +40,15 @@ enum Store {
     Postgres(String),
 }
 
-/// A `tcc-coordinator` process.
-struct Coordinator {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Coordinator {
-    /// Starts the binary on `port` and `store`, retrying quickly and never giving up within a
-    /// test (so a saga that cannot finish shows as still running, not flagged), and waits until
-    /// it is ready.
-    async fn spawn(logs: &std::path::Path, port: u16, store: &Store) -> Coordinator {
-        let log = logs.join(format!("log-{}", Gid::generate()));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("TCC_LISTEN", format!("127.0.0.1:{port}"))
-            .env("TCC_RETRY_INITIAL", "50ms")
-            .env("TCC_RETRY_MAX_BACKOFF", "200ms")
-            .env("TCC_RETRY_MAX_ATTEMPTS", "1000")
-            .env("TCC_LEASE", "3s")
-            .env("TCC_CALL_TIMEOUT", "2s")
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        match store {
-            Store::Sled(dir) => cmd.env("TCC_DATA_DIR", dir),
-            Store::Postgres(url) => cmd.env("TCC_STORE", url),
-        };
-        let child = cmd.spawn().unwrap();
-        let mut c = Coordinator { child, url: format!("http://127.0.0.1:{port}"), log };
-        let http = reqwest::Client::new();
-        let ready = format!("{}/readyz", c.url);
-        eventually("the coordinator to be ready", LONG, async || {
-            if let Some(status) = c.child.try_wait().unwrap() {
-                panic!("the coordinator exited with {status}:\n{}", c.log());
-            }
-            http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        c
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL on unix
-        self.child.wait().unwrap();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary on `port` and `store`, never giving up within a test (so a saga that cannot finish
+/// shows as still running, not flagged).
+async fn spawn(logs: &std::path::Path, port: u16, store: &Store) -> CoordinatorProcess {
+    let store = match store {
+        Store::Sled(dir) => ("TCC_DATA_DIR", dir.to_str().unwrap().to_owned()),
+        Store::Postgres(url) => ("TCC_STORE", url.clone()),
+    };
+    let env = [(store.0, store.1.as_str()), ("TCC_RETRY_MAX_ATTEMPTS", "1000")];
+    CoordinatorProcess::spawn(BIN, logs, port, &env).await
 }
 
 /// One call the participant received.
@@ -252,7 +200,7 @@ impl Steps {
 }
 
 /// The transaction as the coordinator's native `GET /v1/transactions/{gid}` shows it.
-async fn get(tc: &Coordinator, gid: &str) -> TransactionView {
+async fn get(tc: &CoordinatorProcess, gid: &str) -> TransactionView {
     let res = reqwest::get(format!("{}/v1/transactions/{gid}", tc.url)).await.unwrap();
     assert_eq!(res.status(), 200);
     res.json().await.unwrap()
@@ -269,7 +217,7 @@ async fn mid_compensation(store: &Store, logs: &std::path::Path) {
     let p = Steps::start().await;
     p.answer("ship/do", 409); // a refusal: the saga turns back
     p.answer("pay/undo", 503);
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let mut tc = spawn(logs, port, store).await;
     let client = TccClient::remote(&tc.url, None).unwrap();
     let saga = client
         .saga(Duration::from_secs(60))
@@ -285,7 +233,7 @@ async fn mid_compensation(store: &Store, logs: &std::path::Path) {
     tc.kill9();
 
     let before = p.attempts(&gid, "pay/undo");
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let tc = spawn(logs, port, store).await;
     eventually("the restarted coordinator to retry step 1's compensation", LONG, async || {
         p.attempts(&gid, "pay/undo") > before
     })
@@ -331,7 +279,7 @@ async fn action_in_flight(store: &Store, logs: &std::path::Path) {
     let p = Steps::start().await;
     p.lose_next_answer("ship/do");
     p.answer("ship/do", 503);
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let mut tc = spawn(logs, port, store).await;
     let client = TccClient::remote(&tc.url, None).unwrap();
     let saga = client
         .saga(Duration::from_secs(4))
@@ -345,7 +293,7 @@ async fn action_in_flight(store: &Store, logs: &std::path::Path) {
     eventually("step 2's action to be called", LONG, async || p.attempts(&gid, "ship/do") >= 1).await;
     tc.kill9();
 
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let tc = spawn(logs, port, store).await;
     let done = client.wait(&gid.parse().unwrap(), LONG).await.unwrap();
     assert_eq!(done.state, StateView::Cancelled, "{done:?}\nlog:\n{}", tc.log());
     let seen = get(&tc, &gid).await;
@@ -375,7 +323,7 @@ async fn prepared_messages(store: &Store, logs: &std::path::Path) {
     p.answer("rolledback/check", 409);
     p.answer("late/do", 503);
     p.fail_next("mail/do", 2); // the committed message's second action fails twice, then works
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let mut tc = spawn(logs, port, store).await;
     let client = TccClient::remote(&tc.url, None).unwrap();
 
     let sent = client.message(Duration::from_secs(60)).add(&p.at("late/do"), "{}").submit().await.unwrap();
@@ -402,7 +350,7 @@ async fn prepared_messages(store: &Store, logs: &std::path::Path) {
     tc.kill9();
 
     let before = p.attempts(&late, "late/do");
-    let tc = Coordinator::spawn(logs, port, store).await;
+    let tc = spawn(logs, port, store).await;
     eventually("the restarted coordinator to retry the submitted action", LONG, async || {
         p.attempts(&late, "late/do") > before
     })
