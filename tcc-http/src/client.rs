@@ -49,6 +49,8 @@ mod coordinator_batches;
 mod steps;
 mod try_batches;
 
+#[cfg(feature = "participant")]
+pub use steps::{FinishError, Finished};
 pub use steps::{MessageBuilder, PreparedMessage, SagaBuilder};
 
 /// Why a client call failed.

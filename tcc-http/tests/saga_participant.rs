@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use support::{Tcc, Where, eventually, fast_core};
 use tcc_core::barrier::BarrierState;
 use tcc_core::barrier::sql::testing;
+use tcc_http::client::{FinishError, Finished};
 use tcc_http::participant::sql::{Sql, SqlAction, SqlStep};
 use tcc_http::participant::{LOCAL_BRANCH, LocalError};
 use tcc_http::server::ServerConfig;
@@ -273,39 +274,42 @@ impl Rig {
     /// The message's local transaction, writing effect `local`, then failing if `fail`; the error's
     /// name.
     async fn local(&self, gid: &Gid, fail: bool) -> Result<(), String> {
-        let name = |e: LocalError<LoyaltyError>| match e {
+        self.local_transaction(gid, fail).await.map_err(|e| match e {
             LocalError::Business(_) => "business".to_owned(),
             LocalError::RolledBack => "rolled_back".to_owned(),
             LocalError::AlreadyCommitted => "already_committed".to_owned(),
             other => format!("{other}"),
-        };
+        })
+    }
+
+    async fn local_transaction(&self, gid: &Gid, fail: bool) -> Result<(), LocalError<LoyaltyError>> {
         let refuse = |fail: bool| if fail { Err(LoyaltyError::Refused("local".into())) } else { Ok(()) };
         match &self.service {
-            Service::Sled(p) => p
-                .local_transaction(gid, |ctx| async move {
+            Service::Sled(p) => {
+                p.local_transaction(gid, |ctx| async move {
                     count(&ctx, "local")?;
                     refuse(fail)
                 })
                 .await
-                .map_err(name),
-            Service::Postgres(p) => p
-                .local_transaction(gid, |ctx| {
+            }
+            Service::Postgres(p) => {
+                p.local_transaction(gid, |ctx| {
                     Box::pin(async move {
                         pg::record(ctx, "local").await?;
                         refuse(fail)
                     })
                 })
                 .await
-                .map_err(name),
-            Service::MySql(p) => p
-                .local_transaction(gid, |ctx| {
+            }
+            Service::MySql(p) => {
+                p.local_transaction(gid, |ctx| {
                     Box::pin(async move {
                         my::record(ctx, "local").await?;
                         refuse(fail)
                     })
                 })
                 .await
-                .map_err(name),
+            }
         }
     }
 }
@@ -512,6 +516,30 @@ async fn through_a_coordinator_sagas_compensate_and_messages_go_out_only_when_co
         let sent = tcc.client.wait(msg.gid(), LONG).await.unwrap();
         assert_eq!(sent.state, StateView::Confirmed, "{n}");
         assert_eq!(rig.effects(&sent.gid, &sent.branches[0].branch, "mail").await, 1, "{n}");
+
+        // `finish` ends a message as its local transaction says.
+        let prepare = || tcc.client.message(Duration::from_secs(30)).add(&mail, ok).prepare(&back_check);
+        let msg = prepare().await.unwrap();
+        let again = msg.gid().clone();
+        assert_eq!(
+            msg.finish(rig.local_transaction(msg.gid(), false).await).await.unwrap(),
+            Finished::Sent(()),
+            "{n}"
+        );
+        assert_eq!(tcc.client.wait(msg.gid(), LONG).await.unwrap().state, StateView::Confirmed, "{n}");
+        let failed = prepare().await.unwrap();
+        let outcome = failed.finish(rig.local_transaction(failed.gid(), true).await).await;
+        assert!(matches!(outcome, Err(FinishError::Local(_))), "{n}: {outcome:?}");
+        let aborted = tcc.client.wait(failed.gid(), LONG).await.unwrap();
+        assert_eq!(
+            aborted.state,
+            StateView::Cancelled,
+            "{n}: a local transaction that failed aborts the message"
+        );
+        assert_eq!(rig.effects(&aborted.gid, &aborted.branches[0].branch, "mail").await, 0, "{n}");
+        let twice = tcc.client.message(Duration::from_secs(30)).gid(&again);
+        let twice = twice.add(&mail, ok).prepare(&back_check).await;
+        assert!(twice.is_err(), "{n}: a message id is used once");
 
         // Left prepared: the coordinator asks the back-check at the timeout. Committed goes out;
         // never committed is aborted, and its action never runs.

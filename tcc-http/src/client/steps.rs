@@ -266,6 +266,85 @@ impl PreparedMessage {
     }
 }
 
+/// What [`PreparedMessage::finish`] did with a message whose local transaction committed.
+#[cfg(feature = "participant")]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finished<T> {
+    /// The local transaction committed now, with this value, and the message is submitted.
+    Sent(T),
+    /// A local transaction of this message had committed before (this one ran nothing); the message
+    /// is submitted.
+    SentEarlier,
+}
+
+/// Why [`PreparedMessage::finish`] did not submit the message.
+#[cfg(feature = "participant")]
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError<E> {
+    /// The local transaction did not commit, and the message is aborted (or, if the abort could not
+    /// be sent, its back-check aborts it at the deadline); or its outcome is unknown
+    /// ([`LocalError::Unknown`](crate::participant::LocalError::Unknown)), and the back-check
+    /// settles it.
+    #[error(transparent)]
+    Local(crate::participant::LocalError<E>),
+    /// The local transaction committed, but the submit failed: the coordinator submits the message
+    /// when it asks the back-check at the message's deadline.
+    #[error("the local transaction committed, but submitting the message failed (its back-check will): {0}")]
+    Submit(ClientError),
+}
+
+#[cfg(feature = "participant")]
+impl PreparedMessage {
+    /// Ends the message as its local transaction's outcome says (what
+    /// [`Participant::local_transaction`](crate::participant::Participant::local_transaction)
+    /// returned, on any store): submitted when it committed, aborted when it certainly did not,
+    /// left to the back-check when nobody knows. DTM's `DoAndSubmit` in two lines:
+    ///
+    /// ```no_run
+    /// # async fn demo(tcc: tcc_http::TccClient, orders: tcc_http::Participant) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tcc_http::{StoreError, TccContext};
+    ///
+    /// let msg = tcc
+    ///     .message(Duration::from_secs(30))
+    ///     .add("http://127.0.0.1:8085/loyalty/award/action", r#"{"customer":"ada","points":120}"#)
+    ///     .prepare("http://127.0.0.1:8086/orders/back-check")
+    ///     .await?;
+    /// let placed = orders
+    ///     .local_transaction(msg.gid(), |ctx: TccContext| async move {
+    ///         ctx.insert_new("orders", "order-7", &"placed")?;
+    ///         Ok::<_, StoreError>(())
+    ///     })
+    ///     .await;
+    /// msg.finish(placed).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn finish<T, E>(
+        &self,
+        local: Result<T, crate::participant::LocalError<E>>,
+    ) -> Result<Finished<T>, FinishError<E>> {
+        use crate::participant::LocalError;
+        match local {
+            Ok(value) => {
+                self.submit().await.map_err(FinishError::Submit)?;
+                Ok(Finished::Sent(value))
+            }
+            Err(LocalError::AlreadyCommitted) => {
+                self.submit().await.map_err(FinishError::Submit)?;
+                Ok(Finished::SentEarlier)
+            }
+            Err(e) if e.not_committed() => {
+                if let Err(abort) = self.abort().await {
+                    tracing::warn!(gid = %self.gid, error = %abort,
+                        "aborting a message whose local transaction did not commit failed; its back-check will");
+                }
+                Err(FinishError::Local(e))
+            }
+            Err(e) => Err(FinishError::Local(e)),
+        }
+    }
+}
+
 /// A step URL as the engine stores it, checked against the embedded client's allow-list.
 fn step_target(allow: &crate::target::AllowList, url: &str) -> Result<String, ClientError> {
     let url = allow.check(url).map_err(|e| ClientError::Coordinator {
