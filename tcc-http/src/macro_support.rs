@@ -11,12 +11,12 @@ pub use serde;
 pub use serde_json;
 
 #[cfg(feature = "client")]
-pub use crate::client::GlobalTx;
+pub use crate::client::{ClientError, GlobalTx, MessageBuilder, SagaBuilder};
 #[cfg(feature = "participant")]
 pub use crate::participant::Participant;
 #[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
-pub use crate::participant::sql::{Sql, SqlContext, SqlOperation};
-pub use crate::staged::{AsyncOperation, TccContext, TccError};
+pub use crate::participant::sql::{Sql, SqlAction, SqlContext, SqlOperation, SqlStep};
+pub use crate::staged::{AsyncAction, AsyncOperation, AsyncStep, TccContext, TccError};
 
 /// The JSON `detail` of a business error: its `Serialize` form when it has one, else none. The
 /// generated code calls `(&ErrorDetail(e)).detail()` on the concrete type, where method resolution

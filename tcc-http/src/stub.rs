@@ -17,6 +17,13 @@
 //!
 //! Trying again is safe: registering the same branch again is idempotent, and the participant's
 //! barrier answers a try that already ran with its stored result.
+//!
+//! # Saga steps and message actions
+//!
+//! [`ServiceStub::saga_step`] and [`ServiceStub::message_action`] add a step of the participant to a
+//! [`SagaBuilder`] or a [`MessageBuilder`]: nothing is sent until the saga or message is submitted,
+//! and the coordinator then calls the participant (`{base_url}/{step}/action`, and
+//! `{base_url}/{step}/compensate` to undo a saga step) with the request as the JSON body.
 
 use std::fmt;
 use std::time::Duration;
@@ -25,7 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tcc_core::{Clock, SystemClock};
 
-use crate::client::{ClientError, GlobalTx};
+use crate::client::{ClientError, GlobalTx, MessageBuilder, SagaBuilder};
 use crate::staged::TccError;
 
 /// How many times a try is sent by default when it fails with an unknown outcome.
@@ -207,4 +214,42 @@ impl ServiceStub {
             }
         }
     }
+
+    /// Adds saga step `step` of this participant to `saga`: action `{base_url}/{step}/action`,
+    /// compensation `{base_url}/{step}/compensate`, `request` as JSON the body of both. An
+    /// [`ClientError::Invalid`] if the request does not encode.
+    pub fn saga_step<Req>(
+        &self,
+        saga: SagaBuilder,
+        step: &str,
+        request: &Req,
+    ) -> Result<SagaBuilder, ClientError>
+    where
+        Req: Serialize + ?Sized,
+    {
+        let payload = encode_payload(step, request)?;
+        let target = self.target(step);
+        Ok(saga.step(&format!("{target}/action"), &format!("{target}/compensate"), payload))
+    }
+
+    /// Adds message action `action` of this participant to `message`: `{base_url}/{action}/action`,
+    /// with `request` as JSON its body. An [`ClientError::Invalid`] if the request does not encode.
+    pub fn message_action<Req>(
+        &self,
+        message: MessageBuilder,
+        action: &str,
+        request: &Req,
+    ) -> Result<MessageBuilder, ClientError>
+    where
+        Req: Serialize + ?Sized,
+    {
+        let payload = encode_payload(action, request)?;
+        Ok(message.add(&format!("{}/action", self.target(action)), payload))
+    }
+}
+
+/// The JSON payload of step `name`.
+fn encode_payload<Req: Serialize + ?Sized>(name: &str, request: &Req) -> Result<String, ClientError> {
+    serde_json::to_string(request)
+        .map_err(|e| ClientError::Invalid(format!("the request of step {name} does not encode: {e}")))
 }

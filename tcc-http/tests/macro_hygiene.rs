@@ -37,6 +37,13 @@ mod api {
         async fn ping(&self, ctx: TccContext) -> Result<(), SeatError>;
         async fn pong(&self, ctx: TccContext) -> Result<(), SeatError>;
         async fn unping(&self, ctx: TccContext) -> Result<(), SeatError>;
+
+        /// A saga step with two parameters, and a message action with none.
+        #[tcc(compensate = unmeal)]
+        async fn meal(&self, ctx: TccContext, seat: Seat, row: u32) -> Result<(), SeatError>;
+        async fn unmeal(&self, ctx: TccContext, seat: Seat, row: u32) -> Result<(), SeatError>;
+        #[tcc(action)]
+        async fn notify(&self, ctx: TccContext) -> Result<(), SeatError>;
     }
 
     pub struct Airline;
@@ -56,6 +63,15 @@ mod api {
         }
         async fn unping(&self, _ctx: TccContext) -> Result<(), SeatError> {
             Result::Err(SeatError)
+        }
+        async fn meal(&self, _ctx: TccContext, _seat: Seat, _row: u32) -> Result<(), SeatError> {
+            Result::Ok(())
+        }
+        async fn unmeal(&self, _ctx: TccContext, _seat: Seat, _row: u32) -> Result<(), SeatError> {
+            Result::Ok(())
+        }
+        async fn notify(&self, _ctx: TccContext) -> Result<(), SeatError> {
+            Result::Ok(())
         }
     }
 }
@@ -77,8 +93,17 @@ fn generated_code_needs_no_prelude() {
     let participant = api::Airline.into_participant(participant);
     let mut ops: ::std::vec::Vec<&str> = participant.operations().collect();
     ops.sort_unstable();
-    ::std::assert_eq!(ops, ["hold", "ping"]);
+    ::std::assert_eq!(ops, ["hold", "meal", "notify", "ping"]);
 
     let client = api::FlightsClient::new("http://127.0.0.1:1/flights/").with_branch("seat-2");
     ::std::assert_eq!(client.base_url(), "http://127.0.0.1:1/flights");
+
+    // The step and action stubs only describe: nothing is sent before submit.
+    let tcc = ::tcc_http::client::TccClient::remote("http://127.0.0.1:1", ::core::option::Option::None);
+    let tcc = tcc.ok().unwrap_or_else(|| ::std::process::abort());
+    let saga = tcc.saga(::core::time::Duration::from_secs(5));
+    let saga = client.meal(saga, api::Seat(::std::string::String::new()), 3);
+    ::std::assert!(saga.is_ok());
+    let message = client.notify(tcc.message(::core::time::Duration::from_secs(5)));
+    ::std::assert!(message.is_ok());
 }

@@ -246,6 +246,77 @@ mod tests {
         }
     }
 
+    fn loyalty(ctx: TokenStream) -> TokenStream {
+        quote! {
+            trait Loyalty {
+                #[tcc(compensate = debit)]
+                async fn credit(&self, ctx: #ctx, customer: String, points: u32) -> Result<(), E>;
+                async fn debit(&self, ctx: #ctx, customer: String, points: u32) -> Result<(), E>;
+                #[tcc(action)]
+                async fn welcome(&self, ctx: #ctx, customer: String) -> Result<(), E>;
+            }
+        }
+    }
+
+    #[test]
+    fn saga_steps_and_message_actions_are_registered_and_get_client_methods() {
+        let file = expand_ok(quote!(), loyalty(quote!(TccContext)));
+        let out = text(&file);
+        assert!(out.contains(". async_step (\"credit\" , __TccStep0"), "{out}");
+        assert!(out.contains(". async_action (\"welcome\" , __TccAction0"), "{out}");
+        assert!(out.contains(":: tcc_http :: __private :: AsyncStep for __TccStep0"), "{out}");
+        assert!(out.contains(":: tcc_http :: __private :: AsyncAction for __TccAction0"), "{out}");
+        // The compensation gets the action's parameters back from the one request.
+        assert!(out.contains("type Request = (String , u32 ,) ;"), "{out}");
+        assert!(out.contains("fn compensate"), "{out}");
+        // The client adds the step and the action to builders; it sends nothing itself.
+        assert!(out.contains("pub fn credit (& self , saga : :: tcc_http :: __private :: SagaBuilder , customer : String , points : u32)"), "{out}");
+        assert!(
+            out.contains("saga_step :: < (String , u32 ,) > (saga , \"credit\" , & (customer , points ,))"),
+            "{out}"
+        );
+        assert!(out.contains("pub fn welcome (& self , message : :: tcc_http :: __private :: MessageBuilder , customer : String)"), "{out}");
+        assert!(out.contains("message_action :: < String > (message , \"welcome\" , & customer)"), "{out}");
+
+        let sql = text(&expand_ok(quote!(), loyalty(quote!(&mut SqlContext<Postgres>))));
+        assert!(sql.contains(". sql_step (\"credit\""), "{sql}");
+        assert!(sql.contains(". sql_action (\"welcome\""), "{sql}");
+        assert!(sql.contains("SqlStep for __TccStep0") && sql.contains("type Db = Postgres ;"), "{sql}");
+    }
+
+    #[test]
+    fn step_wiring_mistakes_are_errors() {
+        let item = quote! {
+            trait Loyalty {
+                #[tcc(confirm = redeem, cancel = release)]
+                async fn hold(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+                async fn redeem(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+                async fn release(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+                #[tcc(compensate = release)]
+                async fn credit(&self, ctx: TccContext, p: Points) -> Result<u32, E>;
+                #[tcc(compensate = undo)]
+                async fn bonus(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+                async fn undo(&self, ctx: TccContext, p: u32) -> Result<(), F>;
+                #[tcc(action, compensate = undo)]
+                async fn welcome(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+                #[tcc(compensate = undo, cancel = release)]
+                async fn gift(&self, ctx: TccContext, p: Points) -> Result<(), E>;
+            }
+        };
+        let errors = messages(quote!(), item).join("\n");
+        for want in [
+            "`credit` must return `Result<(), E>`: a saga step's action has no result",
+            "`release` is already the cancel of `hold`: one method cannot be both a cancel and a compensation",
+            "`undo` must take the same parameters as the action it compensates, `bonus`",
+            "`undo` must return `Result<(), E>`: the compensation of `bonus`",
+            "`action` makes this method a message action, which has no `compensate`",
+            "`compensate` makes this method a saga step's action, which has no `cancel`",
+            "`undo` is already the compensation of `bonus`: each saga step has its own compensation method",
+        ] {
+            assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
+        }
+    }
+
     #[test]
     fn only_traits_take_the_attribute() {
         let errors = messages(

@@ -1,5 +1,6 @@
-//! From syntax to a validated model: the service (trait), its methods and its TCC operations. Every
-//! rule of the attribute is checked here, all errors collected before giving up.
+//! From syntax to a validated model: the service (trait), its methods, its TCC operations, its saga
+//! steps and its message actions. Every rule of the attribute is checked here, all errors collected
+//! before giving up.
 
 use std::collections::HashMap;
 
@@ -11,10 +12,10 @@ use syn::{
     Signature, TraitItem, TraitItemFn, Type,
 };
 
-use crate::attrs::{OperationArgs, TraitArgs};
+use crate::attrs::{Kind, OperationArgs, TraitArgs};
 use crate::errors::Errors;
 
-/// Names the generated client stub defines itself, which a try method may not take.
+/// Names the generated client stub defines itself, which a try, step or action may not take.
 pub const CLIENT_METHODS: &[&str] = &["new", "base_url", "with_branch", "with_try_attempts"];
 
 /// The provided method the attribute adds to the trait.
@@ -38,6 +39,10 @@ pub struct Service {
     pub methods: Vec<Method>,
     /// Every operation, in the order of their try methods.
     pub ops: Vec<Operation>,
+    /// Every saga step, in the order of their action methods.
+    pub steps: Vec<SagaStep>,
+    /// Every message action (indexes into `methods`), in order.
+    pub actions: Vec<usize>,
     /// Where the participant keeps its state: what every method's context says.
     pub store: Store,
 }
@@ -113,6 +118,12 @@ pub struct Operation {
     pub cancel: usize,
     /// The client stub's default branch id.
     pub branch: String,
+}
+
+/// A saga step: its action and its compensation (indexes into [`Service::methods`]).
+pub struct SagaStep {
+    pub action: usize,
+    pub compensate: usize,
 }
 
 fn is_tcc(attr: &Attribute) -> bool {
@@ -379,28 +390,37 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
     let index: HashMap<String, usize> =
         names.iter().enumerate().map(|(i, n)| (n.unraw().to_string(), i)).collect();
 
-    // Operations: resolve confirm and cancel, each used once, with the try's parameters.
+    // Operations and steps: resolve confirm, cancel and compensation, each method used once, with
+    // the parameters of the method it serves.
     let mut ops = Vec::new();
-    // What each method is used as: (operation's try index, "confirm" or "cancel").
+    let mut steps = Vec::new();
+    let mut actions = Vec::new();
+    // What each method is used as: (the index of the method it serves, its role's noun).
     let mut used: HashMap<usize, (usize, &'static str)> = HashMap::new();
     // The trait's branch ids, each with the operation and the literal that gave it.
     let mut branches: HashMap<String, (usize, Option<&syn::LitStr>)> = HashMap::new();
-    // Some operation's confirm or cancel could not be resolved: an unused method may be the one
-    // meant, so it is not reported on its own.
+    // Some operation's confirm or cancel, or a step's compensation, could not be resolved: an
+    // unused method may be the one meant, so it is not reported on its own.
     let mut broken = false;
     for (t, args) in op_args.iter().enumerate() {
         let Some(args) = args else { continue };
         let try_name = names[t].unraw().to_string();
-        let mut resolve = |role: &'static str, id: &Option<Ident>, errors: &mut Errors| -> Option<usize> {
+        // `role` is (verb, noun): "confirm", "cancel", or ("compensate", "compensation").
+        let mut resolve = |role: (&'static str, &'static str),
+                           id: &Option<Ident>,
+                           errors: &mut Errors|
+         -> Option<usize> {
+            let (verb, noun) = role;
             let Some(id) = id else {
                 if !args.unreadable {
-                    errors.at(&args.span_of, format!("`{try_name}` needs `{role} = method`: every TCC operation has a confirm and a cancel"));
+                    errors.at(&args.span_of, format!("`{try_name}` needs `{verb} = method`: every TCC operation has a confirm and a cancel"));
                 }
                 return None;
             };
             let wanted = id.unraw().to_string();
             let Some(&m) = index.get(&wanted) else {
-                // The closest name of a method that is not a try, when it is close enough to be a typo.
+                // The closest name of a method without its own attribute, when it is close enough
+                // to be a typo.
                 let guess = names
                     .iter()
                     .enumerate()
@@ -411,49 +431,84 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
                 let hint = guess.map_or_else(String::new, |(_, n)| format!(": did you mean `{n}`?"));
                 errors.at(
                     id,
-                    format!("no method `{wanted}` in trait `{trait_name}` to {role} `{try_name}`{hint}"),
+                    format!("no method `{wanted}` in trait `{trait_name}` to {verb} `{try_name}`{hint}"),
                 );
                 return None;
             };
-            if op_args[m].is_some() {
-                errors.at(id, format!("`{}` is a TCC operation's try (it has its own #[tcc(...)]); a {role} method has no attribute", id.unraw()));
+            if let Some(other) = &op_args[m] {
+                let what = match other.kind {
+                    Kind::Try => "a TCC operation's try",
+                    Kind::Step => "a saga step's action",
+                    Kind::Action => "a message action",
+                };
+                errors.at(
+                    id,
+                    format!(
+                        "`{}` is {what} (it has its own #[tcc(...)]); a {noun} method has no attribute",
+                        id.unraw()
+                    ),
+                );
                 return None;
             }
             if let Some(&(other, role_there)) = used.get(&m) {
                 let other = names[other].unraw();
                 let what = if other == try_name { "this operation".to_owned() } else { format!("`{other}`") };
-                errors.at(id, format!("`{}` is already the {role_there} of {what}: each operation has its own {role} method", id.unraw()));
+                let rule = if noun == "compensation" && role_there == noun {
+                    "each saga step has its own compensation method".to_owned()
+                } else if noun == "compensation" || role_there == "compensation" {
+                    format!("one method cannot be both a {role_there} and a {noun}")
+                } else {
+                    format!("each operation has its own {noun} method")
+                };
+                errors.at(id, format!("`{}` is already the {role_there} of {what}: {rule}", id.unraw()));
                 return None;
             }
-            used.insert(m, (t, role));
+            used.insert(m, (t, noun));
             Some(m)
         };
-        let confirm = resolve("confirm", &args.confirm, errors);
-        let cancel = resolve("cancel", &args.cancel, errors);
+
+        match args.kind {
+            Kind::Try => {}
+            Kind::Step => {
+                let compensate = resolve(("compensate", "compensation"), &args.compensate, errors);
+                broken |= compensate.is_none() || args.unreadable;
+                if let Some(action) = &methods[t] {
+                    unit_result(
+                        action,
+                        "a saga step's action has no result to pass on: the coordinator only hears that it was done or refused",
+                        errors,
+                    );
+                    if let Some(Some(c)) = compensate.map(|c| methods[c].as_ref()) {
+                        fits(c, action, ("action", "compensates"), errors);
+                    }
+                }
+                if let Some(compensate) = compensate {
+                    steps.push(SagaStep { action: t, compensate });
+                }
+                continue;
+            }
+            Kind::Action => {
+                broken |= args.unreadable;
+                if let Some(action) = &methods[t] {
+                    unit_result(
+                        action,
+                        "a message action has no result to pass on: nobody waits for it",
+                        errors,
+                    );
+                }
+                actions.push(t);
+                continue;
+            }
+        }
+        let confirm = resolve(("confirm", "confirm"), &args.confirm, errors);
+        let cancel = resolve(("cancel", "cancel"), &args.cancel, errors);
         broken |= confirm.is_none() || cancel.is_none();
 
         // Parameters and results must fit the try's.
         if let Some(try_m) = &methods[t] {
-            for (role, m) in [("confirm", confirm), ("cancel", cancel)] {
+            for (role, m) in [("confirms", confirm), ("cancels", cancel)] {
                 let Some(Some(m)) = m.map(|m| methods[m].as_ref()) else { continue };
-                let same_params = m.params.len() == try_m.params.len()
-                    && m.params.iter().zip(&try_m.params).all(|(a, b)| same_type(&a.ty, &b.ty));
-                if !same_params {
-                    let want: Vec<String> = try_m.params.iter().map(|p| type_text(&p.ty)).collect();
-                    let at: &dyn ToTokens = &m.sig.inputs;
-                    errors.at(at, format!(
-                        "`{}` must take the same parameters as the try it {role}s, `{try_name}`: (&self, ctx: TccContext{}{})",
-                        m.name(), if want.is_empty() { "" } else { ", " }, want.join(", ")
-                    ));
-                }
-                let unit = matches!(&m.ok, Type::Tuple(t) if t.elems.is_empty());
-                if !unit || !same_type(&m.err, &try_m.err) {
-                    let ReturnType::Type(_, ty) = &m.sig.output else { continue };
-                    errors.at(ty, format!(
-                        "`{}` must return `Result<(), {}>`: the {role} of `{try_name}` has nothing to return and fails with the try's error type",
-                        m.name(), type_text(&try_m.err)
-                    ));
-                }
+                fits(m, try_m, ("try", role), errors);
             }
         }
 
@@ -500,7 +555,7 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
         let text = name.unraw().to_string();
         if op_args[i].is_none() && !used.contains_key(&i) && !broken {
             errors.at(name, format!(
-                "`{text}` is not part of a TCC operation: mark a try with `#[tcc(confirm = ..., cancel = ...)]`, or name this method as one's confirm or cancel"
+                "`{text}` is not part of a TCC operation, saga step or message action: mark a try with `#[tcc(confirm = ..., cancel = ...)]`, a step's action with `#[tcc(compensate = ...)]` or a message action with `#[tcc(action)]`, or name this method as some method's confirm, cancel or compensation"
             ));
         }
         if text == INTO_PARTICIPANT {
@@ -515,7 +570,7 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
     }
     if op_args.iter().all(Option::is_none) {
         errors.at(&item.ident, format!(
-            "`{trait_name}` declares no TCC operation: mark a try method with `#[tcc(confirm = ..., cancel = ...)]`"
+            "`{trait_name}` declares no TCC operation, saga step or message action: mark a try method with `#[tcc(confirm = ..., cancel = ...)]`, a step's action with `#[tcc(compensate = ...)]` or a message action with `#[tcc(action)]`"
         ));
     }
 
@@ -544,7 +599,60 @@ pub fn service(args: TraitArgs, mut item: ItemTrait, errors: &mut Errors) -> Opt
             }
         }
     }
-    (methods.len() == names.len()).then_some(Service { item, krate, client, methods, ops, store })
+    (methods.len() == names.len()).then_some(Service {
+        item,
+        krate,
+        client,
+        methods,
+        ops,
+        steps,
+        actions,
+        store,
+    })
+}
+
+fn is_unit(ty: &Type) -> bool {
+    matches!(ty, Type::Tuple(t) if t.elems.is_empty())
+}
+
+/// `m` (a step's or a message's action) returns `Result<(), E>`; `why` says why, at its `T`.
+fn unit_result(m: &Method, why: &str, errors: &mut Errors) {
+    if !is_unit(&m.ok) {
+        errors.at(&m.ok, format!("`{}` must return `Result<(), {}>`: {why}", m.name(), type_text(&m.err)));
+    }
+}
+
+/// `m` (a confirm, cancel or compensation) takes the parameters of `of` (the try or action it
+/// serves) and returns `Result<(), E>` with `of`'s `E`. `role` is (what `of` is, what `m` does to
+/// it): ("try", "confirms"), ("action", "compensates").
+fn fits(m: &Method, of: &Method, role: (&str, &str), errors: &mut Errors) {
+    let (of_role, verb) = role;
+    let of_name = of.name();
+    let same_params = m.params.len() == of.params.len()
+        && m.params.iter().zip(&of.params).all(|(a, b)| same_type(&a.ty, &b.ty));
+    if !same_params {
+        let want: Vec<String> = of.params.iter().map(|p| type_text(&p.ty)).collect();
+        let ctx = match &of.store.0 {
+            Store::Sled => "TccContext".to_owned(),
+            Store::Sql(db) => format!("&mut SqlContext<{}>", type_text(db)),
+        };
+        errors.at(&m.sig.inputs, format!(
+            "`{}` must take the same parameters as the {of_role} it {verb}, `{of_name}`: (&self, ctx: {ctx}{}{})",
+            m.name(), if want.is_empty() { "" } else { ", " }, want.join(", ")
+        ));
+    }
+    if !is_unit(&m.ok) || !same_type(&m.err, &of.err) {
+        let ReturnType::Type(_, ty) = &m.sig.output else { return };
+        let noun = match verb {
+            "confirms" => "confirm",
+            "cancels" => "cancel",
+            _ => "compensation",
+        };
+        errors.at(ty, format!(
+            "`{}` must return `Result<(), {}>`: the {noun} of `{of_name}` has nothing to return and fails with the {of_role}'s error type",
+            m.name(), type_text(&of.err)
+        ));
+    }
 }
 
 /// The trait with `#[tcc]` helper attributes removed, for output next to errors (so that uses of the

@@ -1,12 +1,13 @@
 //! The participant side: the trait itself (async methods as `Send` futures) with the provided
-//! method `into_participant`, which registers an implementation's operations on a participant.
+//! method `into_participant`, which registers an implementation's operations, saga steps and message
+//! actions on a participant.
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, ReturnType, Type};
 
-use crate::model::{INTO_PARTICIPANT, Method, Operation, Service, Store};
+use crate::model::{INTO_PARTICIPANT, Method, Operation, SagaStep, Service, Store};
 
 /// The request type of an operation: its one parameter's type, a tuple of several, or `()`.
 pub fn request_type(m: &Method) -> TokenStream {
@@ -113,16 +114,84 @@ fn adapter(s: &Service, op: &Operation, n: usize) -> (Ident, TokenStream) {
     (name, tokens)
 }
 
+/// The adapter of a saga step (`compensate: Some`) or a message action: an `AsyncAction` (and
+/// `AsyncStep`), or their SQL twins, calling the implementation's methods.
+fn step_adapter(s: &Service, action: usize, compensate: Option<usize>, name: &Ident) -> TokenStream {
+    let krate = &s.krate;
+    let service = &s.item.ident;
+    let action_m = &s.methods[action];
+    let request = request_type(action_m);
+    let (pat, args) = request_pattern(action_m);
+    let err = &action_m.err;
+    let action_fn = &action_m.sig.ident;
+    let (action_trait, step_trait, ctx_ty, db) = match &s.store {
+        Store::Sled => {
+            (quote!(AsyncAction), quote!(AsyncStep), quote!(#krate::__private::TccContext), quote!())
+        }
+        Store::Sql(db) => (
+            quote!(SqlAction),
+            quote!(SqlStep),
+            quote!(&mut #krate::__private::SqlContext<#db>),
+            quote!(type Db = #db;),
+        ),
+    };
+    let step_impl = compensate.map(|c| {
+        let compensate_fn = &s.methods[c].sig.ident;
+        quote! {
+            impl<__TccImpl: #service> #krate::__private::#step_trait for #name<__TccImpl> {
+                fn compensate(
+                    &self,
+                    ctx: #ctx_ty,
+                    request: Self::Request,
+                ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
+                    let #pat = request;
+                    <__TccImpl as #service>::#compensate_fn(&*self.0, ctx, #(#args),*)
+                }
+            }
+        }
+    });
+    quote! {
+        struct #name<__TccImpl>(::std::sync::Arc<__TccImpl>);
+
+        impl<__TccImpl: #service> #krate::__private::#action_trait for #name<__TccImpl> {
+            #db
+            type Request = #request;
+            type Error = #err;
+
+            fn action(
+                &self,
+                ctx: #ctx_ty,
+                request: Self::Request,
+            ) -> impl ::core::future::Future<Output = ::core::result::Result<(), Self::Error>> + ::core::marker::Send {
+                let #pat = request;
+                <__TccImpl as #service>::#action_fn(&*self.0, ctx, #(#args),*)
+            }
+
+            fn error_detail(error: &Self::Error) -> ::core::option::Option<#krate::__private::serde_json::Value> {
+                #[allow(unused_imports)]
+                use #krate::__private::{DetailBySerialize as _, NoDetail as _};
+                (&#krate::__private::ErrorDetail(error)).detail()
+            }
+        }
+
+        #step_impl
+    }
+}
+
 fn operations_table(s: &Service) -> Vec<String> {
     let mut lines = vec![
         String::new(),
         "# TCC operations".to_owned(),
         String::new(),
-        "`#[tcc]` made this trait the definition of a TCC service:".to_owned(),
-        String::new(),
-        "| operation (try) | confirm | cancel | client's default branch |".to_owned(),
-        "|---|---|---|---|".to_owned(),
+        "`#[tcc]` made this trait the definition of a TCC service.".to_owned(),
     ];
+    if !s.ops.is_empty() {
+        lines.extend([
+            String::new(),
+            "| operation (try) | confirm | cancel | client's default branch |".to_owned(),
+            "|---|---|---|---|".to_owned(),
+        ]);
+    }
     for op in &s.ops {
         lines.push(format!(
             "| `{}` | `{}` | `{}` | `{}` |",
@@ -131,6 +200,24 @@ fn operations_table(s: &Service) -> Vec<String> {
             s.methods[op.cancel].name(),
             op.branch
         ));
+    }
+    if !s.steps.is_empty() {
+        lines.extend([
+            String::new(),
+            "| saga step (action) | compensation |".to_owned(),
+            "|---|---|".to_owned(),
+        ]);
+    }
+    for step in &s.steps {
+        lines.push(format!(
+            "| `{}` | `{}` |",
+            s.methods[step.action].name(),
+            s.methods[step.compensate].name()
+        ));
+    }
+    if !s.actions.is_empty() {
+        let names: Vec<String> = s.actions.iter().map(|&a| format!("`{}`", s.methods[a].name())).collect();
+        lines.extend([String::new(), format!("Message actions: {}.", names.join(", "))]);
     }
     let client = &s.client;
     let service = &s.item.ident;
@@ -164,12 +251,48 @@ pub fn render(s: &Service) -> TokenStream {
             Store::Sql(_) => quote!(.sql_operation(#op_name, #name(::core::clone::Clone::clone(&this)))),
         }
     });
-    let op_names: Vec<String> = s.ops.iter().map(|op| format!("`{}`", s.methods[op.try_].name())).collect();
+    let step_adapters: Vec<(Ident, TokenStream)> = s
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(n, SagaStep { action, compensate })| {
+            let name = format_ident!("__TccStep{}", n);
+            let tokens = step_adapter(s, *action, Some(*compensate), &name);
+            (name, tokens)
+        })
+        .collect();
+    let action_adapters: Vec<(Ident, TokenStream)> = s
+        .actions
+        .iter()
+        .enumerate()
+        .map(|(n, &action)| {
+            let name = format_ident!("__TccAction{}", n);
+            let tokens = step_adapter(s, action, None, &name);
+            (name, tokens)
+        })
+        .collect();
+    let step_items = step_adapters.iter().chain(&action_adapters).map(|(_, tokens)| tokens);
+    let (step_fn, action_fn) = match &s.store {
+        Store::Sled => (quote!(async_step), quote!(async_action)),
+        Store::Sql(_) => (quote!(sql_step), quote!(sql_action)),
+    };
+    let step_registrations = s.steps.iter().zip(&step_adapters).map(|(step, (name, _))| {
+        let step_name = s.methods[step.action].name();
+        quote!(.#step_fn(#step_name, #name(::core::clone::Clone::clone(&this))))
+    });
+    let action_registrations = s.actions.iter().zip(&action_adapters).map(|(&action, (name, _))| {
+        let action_name = s.methods[action].name();
+        quote!(.#action_fn(#action_name, #name(::core::clone::Clone::clone(&this))))
+    });
+    let listed = |names: Vec<String>| if names.is_empty() { "none".to_owned() } else { names.join(", ") };
+    let op_names = listed(s.ops.iter().map(|op| format!("`{}`", s.methods[op.try_].name())).collect());
+    let step_names = listed(s.steps.iter().map(|st| format!("`{}`", s.methods[st.action].name())).collect());
+    let action_names = listed(s.actions.iter().map(|&a| format!("`{}`", s.methods[a].name())).collect());
     let into_doc = format!(
-        "Adds this implementation's TCC operations ({}) to `participant`, each served at `/{{operation}}/try`, \
-         `/confirm` and `/cancel` under wherever the participant's router is nested, through its barrier. \
-         Generated by `#[tcc]`.",
-        op_names.join(", ")
+        "Adds this implementation to `participant`, under wherever the participant's router is nested, \
+         through its barrier: each TCC operation ({op_names}) served at `/{{operation}}/try`, `/confirm` and \
+         `/cancel`; each saga step ({step_names}) at `/{{step}}/action` and `/compensate`; each message \
+         action ({action_names}) at `/{{action}}/action`. Generated by `#[tcc]`."
     );
     let into = format_ident!("{}", INTO_PARTICIPANT);
     let participant = match &s.store {
@@ -193,8 +316,9 @@ pub fn render(s: &Service) -> TokenStream {
                     Self: ::core::marker::Sized,
                 {
                     #(#adapter_items)*
+                    #(#step_items)*
                     let this = ::std::sync::Arc::new(self);
-                    participant #(#registrations)*
+                    participant #(#registrations)* #(#step_registrations)* #(#action_registrations)*
                 }
             }
         }

@@ -1,0 +1,22 @@
+use serde::{Deserialize, Serialize};
+use tcc_http::{tcc, TccContext, TccError};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Points(pub u32);
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("barred")]
+pub struct Barred;
+
+impl TccError for Barred {}
+
+#[tcc]
+pub trait Loyalty {
+    #[tcc(compensate = debit)]
+    async fn credit(&self, ctx: TccContext, points: Points) -> Result<u32, Barred>;
+    async fn debit(&self, ctx: TccContext, points: Points) -> Result<(), Barred>;
+    #[tcc(action)]
+    async fn welcome(&self, ctx: TccContext, customer: String) -> Result<String, Barred>;
+}
+
+fn main() {}
