@@ -205,8 +205,8 @@ pub enum Disposition {
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a TCC business error",
-    label = "the error type of a TCC operation must implement `tcc_http::TccError`",
-    note = "add `impl tcc_http::TccError for {Self} {{}}` (every error then refuses the try and cancels the transaction)"
+    label = "the error type of a TCC operation, saga step or message action must implement `tcc_http::TccError`",
+    note = "add `impl tcc_http::TccError for {Self} {{}}` (every error then refuses: a try cancels its transaction, a saga action turns its saga back)"
 )]
 pub trait TccError: fmt::Display + Send + 'static {
     /// How the runtime answers this error; [`Disposition::Refuse`] unless overridden.
