@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use tcc_core::Gid;
-use tcc_http::client::PreparedMessage;
 use tcc_http::client::{ClientError, TccClient};
+use tcc_http::client::{PreparedMessage, SagaBuilder};
 use tcc_http::stub::TccCallError;
 use tcc_http::{StateView, TransactionView};
 
@@ -127,9 +127,30 @@ impl Agency {
         }
     }
 
-    /// Awards `customer` `miles` at the flight service and `points` at the hotel in one saga and
-    /// waits up to `wait` for it to end: both stand (`Confirmed`), or the hotel refused (a blocked
-    /// account) and the miles were taken back (`Cancelled`).
+    /// The loyalty saga awarding `customer` `miles` at the flight service and `points` at the
+    /// hotel, ready to submit: both stand in the end, or the hotel refused (a blocked account) and
+    /// the miles were taken back.
+    pub fn loyalty_saga(
+        &self,
+        customer: &str,
+        miles: u32,
+        points: u32,
+        timeout: Duration,
+    ) -> Result<SagaBuilder, AgencyError> {
+        let [flights, hotels] = &self.urls;
+        let step =
+            |base: &str, name: &str| (format!("{base}/{name}/action"), format!("{base}/{name}/compensate"));
+        let (miles_action, miles_back) = step(flights, MILES_STEP);
+        let (points_action, points_back) = step(hotels, POINTS_STEP);
+        let body = |amount| serde_json::to_string(&AwardRequest { customer: customer.to_owned(), amount });
+        Ok(self.tcc.saga(timeout).step(&miles_action, &miles_back, body(miles)?).step(
+            &points_action,
+            &points_back,
+            body(points)?,
+        ))
+    }
+
+    /// Submits the [loyalty saga](Self::loyalty_saga) and waits up to `wait` for it to end.
     pub async fn award_loyalty(
         &self,
         customer: &str,
@@ -138,19 +159,7 @@ impl Agency {
         timeout: Duration,
         wait: Duration,
     ) -> Result<TransactionView, AgencyError> {
-        let [flights, hotels] = &self.urls;
-        let step =
-            |base: &str, name: &str| (format!("{base}/{name}/action"), format!("{base}/{name}/compensate"));
-        let (miles_action, miles_back) = step(flights, MILES_STEP);
-        let (points_action, points_back) = step(hotels, POINTS_STEP);
-        let body = |amount| serde_json::to_string(&AwardRequest { customer: customer.to_owned(), amount });
-        Ok(self
-            .tcc
-            .saga(timeout)
-            .step(&miles_action, &miles_back, body(miles)?)
-            .step(&points_action, &points_back, body(points)?)
-            .submit_and_wait(wait)
-            .await?)
+        Ok(self.loyalty_saga(customer, miles, points, timeout)?.submit_and_wait(wait).await?)
     }
 
     /// Prepares the confirmation message of trip `booking`: an e-mail from each service's outbox,
