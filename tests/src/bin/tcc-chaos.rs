@@ -265,6 +265,8 @@ struct Tally {
     orphan_holds: AtomicU64,
     sagas: AtomicU64,
     sagas_refusing: AtomicU64,
+    sagas_racing: AtomicU64,
+    messages_racing: AtomicU64,
     saga_submit_failed: AtomicU64,
     messages: AtomicU64,
     prepare_failed: AtomicU64,
@@ -567,11 +569,24 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
 /// The customer whose loyalty account the hotel blocked (see `Kind::blocked`).
 const BLOCKED_CUSTOMER: &str = "mallory";
 
+/// The timeout of a saga or message: the run's, or for a fifth of them a few hundred milliseconds
+/// at most, so that the deadline races the steps (a saga turned back while an action is in
+/// flight, its compensation possibly overtaking it) or the local transaction (the back-check asked
+/// while the ticket is being issued).
+fn deadline_race(run: &Run, rng: &mut StdRng, racing: &AtomicU64) -> Duration {
+    if rng.random_bool(0.2) {
+        Tally::add(racing);
+        Duration::from_millis(rng.random_range(1..300))
+    } else {
+        Duration::from_millis(run.args.timeout_ms)
+    }
+}
+
 /// Submits a loyalty saga for `customer` (miles at the flight service, points at the hotel), or
 /// for a quarter of them for the customer whose account the hotel blocked, without waiting for it:
 /// the checker finds how it ended.
 async fn loyalty(run: &Run, agency: &Agency, customer: &str, rng: &mut StdRng) {
-    let timeout = Duration::from_millis(run.args.timeout_ms);
+    let timeout = deadline_race(run, rng, &run.tally.sagas_racing);
     let customer = if rng.random_bool(0.25) { BLOCKED_CUSTOMER } else { customer };
     let gid = Gid::generate();
     let (miles, points) = (rng.random_range(100..2_000), rng.random_range(10..500));
@@ -598,7 +613,7 @@ async fn loyalty(run: &Run, agency: &Agency, customer: &str, rng: &mut StdRng) {
 /// for a trip that does not exist (refused), sometimes walks away before or after the ticket,
 /// leaving the message to the coordinator's back-check.
 async fn confirmation(run: &Run, agency: &Agency, booking: &str, customer: &str, rng: &mut StdRng) {
-    let timeout = Duration::from_millis(run.args.timeout_ms);
+    let timeout = deadline_race(run, rng, &run.tally.messages_racing);
     let msg = match agency.prepare_confirmation(booking, customer, timeout).await {
         Ok(msg) => msg,
         Err(_) => return Tally::add(&run.tally.prepare_failed),
@@ -1072,13 +1087,16 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
         }
     }
     println!(
-        "sagas and messages: {} loyalty sagas submitted ({} for the blocked account), submit failed {}; \
-         {} messages prepared, prepare failed {}; tickets issued {}, refused {}, unknown {}; \
+        "sagas and messages: {} loyalty sagas submitted ({} for the blocked account, {} racing a short \
+         deadline), submit failed {}; {} messages prepared ({} racing a short deadline), prepare failed {}; \
+         tickets issued {}, refused {}, unknown {}; \
          submit acknowledged {}, abort acknowledged {}, decision not acknowledged {}, left to the back-check {}",
         get(&t.sagas),
         get(&t.sagas_refusing),
+        get(&t.sagas_racing),
         get(&t.saga_submit_failed),
         get(&t.messages),
+        get(&t.messages_racing),
         get(&t.prepare_failed),
         get(&t.tickets_issued),
         get(&t.tickets_refused),
