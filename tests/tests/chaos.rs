@@ -1,7 +1,8 @@
 //! `tcc-chaos` at CI size: 200 transactions while the coordinator is SIGKILLed 5 times and the
-//! services 3 times, with faults injected into a tenth of the calls to the services. Passes only
-//! if the harness finds no violation in the stores (see `tcc_tests::chaos_check`, whose own tests
-//! show it catches each kind of violation). No duration is asserted.
+//! services 3 times, with faults injected into a tenth of the calls to the services; loyalty sagas
+//! and confirmation messages ride along after the bookings. Passes only if the harness finds no
+//! violation in the stores (see `tcc_tests::chaos_check`, whose own tests show it catches each kind
+//! of violation). No duration is asserted.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -60,4 +61,18 @@ fn short_run(db: &[&str]) {
         .unwrap();
     let released: u64 = released.split(' ').next().unwrap().parse().unwrap();
     assert!(released > 0, "{stdout}");
+    // Sagas ran both ways (all done, and turned back by the blocked account's refusal), and
+    // messages both ways (sent, and aborted), all judged by the checker above.
+    let number_before = |line: &str, what: &str| -> u64 {
+        let (head, _) = line.split_once(what).unwrap();
+        head.rsplit(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()).unwrap().parse().unwrap()
+    };
+    let sagas = stdout.lines().find_map(|l| l.strip_prefix("sagas: ")).unwrap();
+    assert!(
+        number_before(sagas, " all done") > 0 && number_before(sagas, " all compensated") > 0,
+        "{stdout}"
+    );
+    let messages = stdout.lines().find_map(|l| l.strip_prefix("messages: ")).unwrap();
+    assert!(number_before(messages, " sent") > 0 && number_before(messages, " aborted") > 0, "{stdout}");
+    assert!(number_before(messages, " e-mails in the outboxes") > 0, "{stdout}");
 }

@@ -37,6 +37,16 @@ pub enum BookingError {
     /// The confirm or cancel found no hold for this transaction (it never tried here).
     #[error("no hold for this booking")]
     NoHold,
+    /// The customer's loyalty account here is blocked: no miles or points are awarded (a saga's
+    /// step refusing, so the steps before it are compensated).
+    #[error("the loyalty account of {0} is blocked")]
+    Blocked(String),
+    /// A compensation found no award to take back (the barrier runs it only after its action).
+    #[error("no award for this saga")]
+    NoAward,
+    /// A ticket was asked for a trip with no seat booked here (refused, or released).
+    #[error("no seat is booked for trip {0}")]
+    NotBooked(String),
     /// Too many concurrent buyers changed the stock while this one was deciding; it gave up.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -9,12 +9,18 @@
 //! - [`inventory`]: the one set of business rules both services use, run on sled (stock with a
 //!   version column) and on SQL ([`inventory::sql`]: rows locked in the call's transaction);
 //! - [`service`]: serving a service on a loopback port over the database its `--db` names;
-//! - [`agency`]: booking a trip;
+//! - [`agency`]: booking a trip, then the loyalty saga and the confirmation message;
+//! - [`loyalty`]: miles and points awarded as saga steps (action and compensation), on every
+//!   backend;
+//! - [`confirmation`]: the ticket issued in a local transaction and the confirmation e-mail sent
+//!   as a two-phase message, on every backend;
 //! - [`ledger`]: reading both services' books and checking that they agree.
 #![warn(missing_docs)]
 
 pub mod agency;
 pub mod api;
+pub mod confirmation;
 pub mod inventory;
 pub mod ledger;
+pub mod loyalty;
 pub mod service;

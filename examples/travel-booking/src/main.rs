@@ -2,8 +2,9 @@
 //!
 //! Starts a coordinator (a separate process: this binary in its coordinator role, the same server
 //! as `tcc-coordinator`) and the flight and hotel services on free loopback ports, then narrates
-//! six bookings that show what TCC and tcc are for, and ends with a ledger check across both
-//! services. Exits non-zero if any expectation or invariant fails.
+//! eight scenarios that show what TCC, sagas, two-phase messages and tcc are for (bookings as TCC
+//! transactions, loyalty awards as a saga, the confirmation e-mail as a message), and ends with a
+//! ledger check across both services. Exits non-zero if any expectation or invariant fails.
 //!
 //! Each service keeps its inventory in its own sled database unless told otherwise:
 //! `--flights-db postgres://… --hotels-db mysql://…` runs the same scenarios with the flights in
@@ -18,9 +19,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use tcc_http::StateView;
 use tcc_http::client::TccClient;
-use travel_booking::agency::{Agency, Outcome, Trip};
+use travel_booking::agency::{Agency, Confirmation, Outcome, TicketAnswer, Trip};
 use travel_booking::inventory::Booking;
 use travel_booking::ledger;
+use travel_booking::ledger::Books;
+use travel_booking::loyalty::Award;
 use travel_booking::service::{Db, Kind, Service};
 
 const FLIGHTS: &[(&str, u32)] = &[("TC42", 10), ("TC43", 10), ("RUSH-FLIGHT", 50)];
@@ -32,7 +35,9 @@ const DEMO_GRACE: Duration = Duration::from_secs(2);
 
 /// The demo's command line.
 #[derive(Debug, Parser)]
-#[command(about = "The tcc travel-booking demo: six bookings across a flight and a hotel service")]
+#[command(
+    about = "The tcc travel-booking demo: bookings, loyalty sagas and confirmation messages across a flight and a hotel service"
+)]
 struct DemoArgs {
     /// The flight service's database: `sled:DIR`, `postgres://…` or `mysql://…` (default: a sled
     /// database in a temporary directory). The demo works in a fresh schema or database of its own.
@@ -197,8 +202,10 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     let mut n = Narrator::default();
 
     n.step("1. A booking that succeeds");
+    let mut ada_trip = String::new();
     match agency.book(&trip("ada", "TC42", "Ritz"), WAIT).await.map_err(|e| e.to_string())? {
         Outcome::Booked { seat, room, done } => {
+            ada_trip = done.gid.clone();
             n.ok(format!(
                 "seat held on {} ({} left), room held at {} ({} left)",
                 seat.item, seat.left, room.item, room.left
@@ -213,9 +220,11 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     n.ok(format!("TC42: {}; Ritz: {}", stock(&flights, "TC42").await, stock(&hotels, "Ritz").await));
 
     n.step("2. The hotel is sold out: the seat already held is released");
+    let mut bob_trip = String::new();
     match agency.book(&trip("bob", "TC42", "Tiny Inn"), WAIT).await.map_err(|e| e.to_string())? {
         Outcome::Refused { reason, gid } => {
             n.ok(format!("refused: {reason}"));
+            bob_trip = gid.clone();
             let done = tcc
                 .wait(&gid.parse().map_err(|e: tcc_core::Error| e.to_string())?, WAIT)
                 .await
@@ -236,6 +245,7 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         travel_booking::api::HotelsClient::new(hotels.url()),
     );
     let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "cleo".into() };
+    let cleo_trip = tx.gid().to_string();
     fc.hold_seat(&tx, req("TC43")).await.map_err(|e| e.to_string())?;
     hc.hold_room(&tx, req("Ritz")).await.map_err(|e| e.to_string())?;
     hotels.go_down().await;
@@ -260,6 +270,7 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     n.step("4. The coordinator is killed (SIGKILL) in the middle of phase two, then restarted");
     let tx = tcc.begin(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
     let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "dan".into() };
+    let dan_trip = tx.gid().to_string();
     fc.hold_seat(&tx, req("TC43")).await.map_err(|e| e.to_string())?;
     hc.hold_room(&tx, req("Ritz")).await.map_err(|e| e.to_string())?;
     hotels.go_down().await;
@@ -325,7 +336,100 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         stock(&hotels, "RUSH-HOTEL").await
     ));
 
-    n.step("6. The coordinator is gone for good after both tries: each service releases its hold itself");
+    n.step("6. Loyalty as a saga: miles at the flight service and points at the hotel, both or neither");
+    let ada = agency
+        .award_loyalty("ada", 1_200, 300, Duration::from_secs(30), WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        ada.state == StateView::Confirmed,
+        format!("ada: {:?}; miles {}, points {}", ada.state, award(&fb, &ada.gid), award(&hb, &ada.gid)),
+    );
+    n.expect(
+        fb.awards.get(&ada.gid).is_some_and(Award::stands)
+            && hb.awards.get(&ada.gid).is_some_and(Award::stands),
+        "both of ada's awards stand",
+    );
+    let mallory = agency
+        .award_loyalty("mallory", 800, 200, Duration::from_secs(30), WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        mallory.state == StateView::Cancelled,
+        format!(
+            "mallory (her points account at the hotel is blocked): {:?}; miles {}, points {}",
+            mallory.state,
+            award(&fb, &mallory.gid),
+            award(&hb, &mallory.gid)
+        ),
+    );
+    n.expect(
+        matches!(fb.awards.get(&mallory.gid), Some(Award::TakenBack { .. }))
+            && !hb.awards.contains_key(&mallory.gid),
+        "the hotel refused the points, so the miles already awarded were taken back (compensated once)",
+    );
+
+    n.step("7. The confirmation e-mail as a two-phase message: sent if, and only if, the ticket was issued");
+    let sent = agency
+        .send_confirmation(&ada_trip, "ada", Duration::from_secs(30), WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = settled(sent);
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        sent.as_ref().is_some_and(|m| m.state == StateView::Confirmed && mailed(&[&fb, &hb], &m.gid) == [1, 1]),
+        "ada's trip: the ticket issued in the flight service's local transaction, the message submitted, one e-mail in each service's outbox",
+    );
+    let bob = agency
+        .send_confirmation(&bob_trip, "bob", Duration::from_secs(30), WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reason = match &bob {
+        Confirmation::NotSent { reason, .. } => reason.clone(),
+        other => format!("{other:?}"),
+    };
+    let bob = settled(bob);
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        bob.as_ref()
+            .is_some_and(|m| m.state == StateView::Cancelled && mailed(&[&fb, &hb], &m.gid) == [0, 0]),
+        format!(
+            "bob's refused trip: the local transaction failed ({reason}), the message was aborted, no e-mail"
+        ),
+    );
+    // The agency prepares, the ticket is issued, and the agency stops before it submits: the
+    // coordinator asks the flight service's back-check at the message's deadline.
+    let short = Duration::from_secs(1);
+    let cleo = agency.prepare_confirmation(&cleo_trip, "cleo", short).await.map_err(|e| e.to_string())?;
+    let issued = agency.issue_ticket(cleo.gid(), &cleo_trip, "cleo").await;
+    n.expect(
+        matches!(issued, TicketAnswer::Issued(_)),
+        format!("cleo's ticket issued: {issued:?}; then the agency stops before submitting"),
+    );
+    let done = tcc.wait(cleo.gid(), WAIT).await.map_err(|e| e.to_string())?;
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        done.state == StateView::Confirmed && mailed(&[&fb, &hb], &done.gid) == [1, 1],
+        format!("left prepared, it was submitted by the coordinator after the back-check said committed: {:?}, e-mails {:?}", done.state, mailed(&[&fb, &hb], &done.gid)),
+    );
+    // Another message, for dan's trip: the agency prepares it and stops before even asking for
+    // the ticket.
+    let dan = agency.prepare_confirmation(&dan_trip, "dan", short).await.map_err(|e| e.to_string())?;
+    let done = tcc.wait(dan.gid(), WAIT).await.map_err(|e| e.to_string())?;
+    let late = agency.issue_ticket(dan.gid(), &dan_trip, "dan").await;
+    let (fb, hb) = (flights.books().await?, hotels.books().await?);
+    n.expect(
+        done.state == StateView::Cancelled && mailed(&[&fb, &hb], &done.gid) == [0, 0] && !fb.tickets.contains_key(&done.gid),
+        format!("left prepared with no ticket: the back-check said rolled back, the message was aborted, no e-mail: {:?}", done.state),
+    );
+    n.expect(
+        matches!(late, TicketAnswer::Refused(_)),
+        format!("and a late ticket under that message is refused: {late:?}"),
+    );
+
+    n.step("8. The coordinator is gone for good after both tries: each service releases its hold itself");
     let tx = tcc.begin(Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
     let req = |item: &str| travel_booking::api::HoldRequest { item: item.into(), customer: "eve".into() };
     fc.hold_seat(&tx, req("TC42")).await.map_err(|e| e.to_string())?;
@@ -362,6 +466,17 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         violations.is_empty(),
         format!("{sold_seats} seats and {sold_rooms} rooms sold, every seat with its room, nothing held, stock conserved"),
     );
+    let standing = fb.awards.values().filter(|a| a.stands()).count();
+    let taken_back = fb.awards.values().filter(|a| !a.stands()).count();
+    n.expect(
+        ledger::check_loyalty(&fb, &hb).is_empty()
+            && ledger::check_confirmations(&[("flights", &fb), ("hotels", &hb)]).is_empty(),
+        format!(
+            "{standing} loyalty sagas with miles and points both standing, {taken_back} with the miles taken back and no points; \
+             {} tickets issued, each with one e-mail at each service, no other e-mail",
+            fb.tickets.len()
+        ),
+    );
     println!("\nfinished in {:.1} s", started.elapsed().as_secs_f64());
     drop(coordinator);
     drop((flights, hotels));
@@ -375,6 +490,33 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         }
     }
     Ok(n.failures)
+}
+
+/// How the award of saga `gid` stands in `books`.
+fn award(books: &Books, gid: &str) -> &'static str {
+    match books.awards.get(gid) {
+        None => "none",
+        Some(Award::Awarded { .. }) => "awarded",
+        Some(Award::TakenBack { .. }) => "taken back",
+    }
+}
+
+/// Copies of message `gid`'s e-mail in each service's outbox.
+fn mailed(books: &[&Books; 2], gid: &str) -> [u32; 2] {
+    books.map(|b| b.outbox.get(gid).map_or(0, |m| m.copies))
+}
+
+/// The message of a confirmation once it ended, or `None` when it was left to its back-check.
+fn settled(sent: Confirmation) -> Option<tcc_http::TransactionView> {
+    match sent {
+        Confirmation::Sent(tx) | Confirmation::NotSent { message: tx, .. } => Some(tx),
+        Confirmation::Pending { gid, reason } => {
+            println!(
+                "   the ticket's outcome is unknown ({reason}); message {gid} is left to its back-check"
+            );
+            None
+        }
+    }
 }
 
 /// Waits (bounded) until every service in `services` shows the booking `gid` released.

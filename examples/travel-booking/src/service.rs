@@ -13,9 +13,23 @@ use tcc_http::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use tcc_http::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tcc_http::sqlx::{self, MySql, Postgres};
 
-use crate::api::{Flights, FlightsOnMySql, FlightsOnPostgres, Hotels, HotelsOnMySql, HotelsOnPostgres};
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tcc_core::Gid;
+use tcc_http::ApiError;
+use tcc_http::participant::LocalError;
+
+use crate::api::{
+    BookingError, Flights, FlightsOnMySql, FlightsOnPostgres, Hotels, HotelsOnMySql, HotelsOnPostgres,
+};
+use crate::confirmation::sql::{ConfirmationDb, SqlOutbox};
+use crate::confirmation::{MAIL_ACTION, OUTBOX, Outbox, TICKETS, TICKETS_PATH, Ticket, TicketRequest};
 use crate::inventory::sql::{InventoryDb, SqlInventory};
 use crate::inventory::{BOOKINGS, Inventory, STOCK, Stock};
+use crate::loyalty::sql::{LoyaltyDb, SqlLoyalty};
+use crate::loyalty::{AWARDS, BLOCKED, Loyalty, MILES_STEP, POINTS_STEP};
 
 /// How long after a booking's deadline a service waits for the coordinator's confirm or cancel
 /// before releasing the hold itself.
@@ -141,10 +155,28 @@ impl Kind {
             Kind::Hotels => "hotels",
         }
     }
+
+    /// The name of its loyalty saga step: miles at the flight service, points at the hotel.
+    pub fn loyalty_step(self) -> &'static str {
+        match self {
+            Kind::Flights => MILES_STEP,
+            Kind::Hotels => POINTS_STEP,
+        }
+    }
+
+    /// The customers whose loyalty account the service has blocked (seeded at start): the hotel
+    /// chain blocked mallory's, so a loyalty saga for mallory is refused at the hotel and the miles
+    /// already awarded are taken back.
+    pub fn blocked(self) -> &'static [&'static str] {
+        match self {
+            Kind::Flights => &[],
+            Kind::Hotels => &["mallory"],
+        }
+    }
 }
 
 /// A service's participant over its database.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Backend {
     /// On sled: the participant and its database.
     Sled(Participant, DurableDb),
@@ -155,12 +187,38 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The participant's routes.
+    /// The participant's routes (its TCC operations, saga step and message action, the
+    /// back-check), and the ticket's local transaction at [`TICKETS_PATH`].
     pub fn router(&self) -> axum::Router {
-        match self {
+        let participant = match self {
             Backend::Sled(p, _) => p.router(),
             Backend::Postgres(p) => p.router(),
             Backend::MySql(p) => p.router(),
+        };
+        let tickets =
+            axum::Router::new().route(TICKETS_PATH, axum::routing::post(tickets)).with_state(self.clone());
+        participant.merge(tickets)
+    }
+
+    /// Issues the ticket of `req` as the local transaction of message `gid`: committed with the
+    /// message's barrier record, so the back-check at `{base}/back-check` tells whether it did.
+    pub async fn issue_ticket(
+        &self,
+        gid: &Gid,
+        req: &TicketRequest,
+    ) -> Result<Ticket, LocalError<BookingError>> {
+        match self {
+            Backend::Sled(p, _) => {
+                p.local_transaction(gid, |ctx| crate::confirmation::issue_on_sled(ctx, req.clone())).await
+            }
+            Backend::Postgres(p) => {
+                p.local_transaction(gid, |ctx| Box::pin(crate::confirmation::sql::issue(ctx, req.clone())))
+                    .await
+            }
+            Backend::MySql(p) => {
+                p.local_transaction(gid, |ctx| Box::pin(crate::confirmation::sql::issue(ctx, req.clone())))
+                    .await
+            }
         }
     }
 
@@ -168,9 +226,24 @@ impl Backend {
     pub async fn books(&self) -> Result<crate::ledger::Books, String> {
         match self {
             Backend::Sled(p, db) => crate::ledger::read(p, db),
-            Backend::Postgres(p) => Postgres::read_books(p.pool()).await.map_err(|e| e.to_string()),
-            Backend::MySql(p) => MySql::read_books(p.pool()).await.map_err(|e| e.to_string()),
+            Backend::Postgres(p) => sql_books(p.pool()).await.map_err(|e| e.to_string()),
+            Backend::MySql(p) => sql_books(p.pool()).await.map_err(|e| e.to_string()),
         }
+    }
+
+    /// The barrier state of every branch of `gid` in `branches` that has a record.
+    pub async fn barrier_states(
+        &self,
+        gid: &Gid,
+        branches: &[tcc_core::BranchId],
+    ) -> Result<Vec<(tcc_core::BranchId, tcc_core::barrier::BarrierState)>, String> {
+        let mut states = Vec::new();
+        for b in branches {
+            if let Some(s) = self.barrier_state(gid, b).await? {
+                states.push((b.clone(), s));
+            }
+        }
+        Ok(states)
     }
 
     /// The barrier state of branch `branch` of transaction `gid` (`None`: no record).
@@ -202,6 +275,76 @@ impl Backend {
         }
         Ok(())
     }
+
+    /// Blocks the loyalty account of every customer in `customers` not blocked yet.
+    async fn block(&self, customers: &[&str]) -> Result<(), StartError> {
+        for customer in customers {
+            match self {
+                Backend::Sled(p, _) => {
+                    if p.read::<bool>(BLOCKED, customer.as_bytes())?.is_none() {
+                        p.seed(BLOCKED, customer.as_bytes(), &true)?;
+                    }
+                }
+                Backend::Postgres(p) => Postgres::block(p.pool(), customer).await?,
+                Backend::MySql(p) => MySql::block(p.pool(), customer).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The books of a service on SQL: the inventory's, the loyalty awards and the confirmations.
+async fn sql_books<DB: LoyaltyDb + ConfirmationDb>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<crate::ledger::Books, tcc_http::SqlError> {
+    let mut books = DB::read_books(pool).await?;
+    (books.awards, books.blocked) = DB::read_awards(pool).await?;
+    (books.tickets, books.outbox) = DB::read_confirmations(pool).await?;
+    Ok(books)
+}
+
+/// The ticket route's query: the message whose local transaction this is.
+#[derive(Debug, serde::Deserialize)]
+struct TicketQuery {
+    gid: String,
+}
+
+/// `POST {base}/tickets?gid=MSG` with a [`TicketRequest`]: issues the ticket as the local
+/// transaction of message `MSG`. 200 with the [`Ticket`] (also when it was issued before); 409
+/// `refused` (no seat booked for the trip) or `rolled_back` (the back-check came first): not
+/// issued, abort the message; 503 `unknown` (may have committed: leave the message to its
+/// back-check) or `unavailable`; 400 `malformed` for a bad gid or body, changing nothing.
+async fn tickets(
+    State(backend): State<Backend>,
+    query: Result<Query<TicketQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let Ok(Query(query)) = query else { return ApiError::malformed("the query needs a gid").into_response() };
+    let gid: Gid = match query.gid.parse() {
+        Ok(g) => g,
+        Err(e) => return ApiError::malformed(format!("gid: {e}")).into_response(),
+    };
+    let req: TicketRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return ApiError::malformed(format!("a ticket request: {e}")).into_response(),
+    };
+    let answer = |ticket: Ticket| (StatusCode::OK, axum::Json(ticket)).into_response();
+    match backend.issue_ticket(&gid, &req).await {
+        Ok(ticket) => answer(ticket),
+        Err(LocalError::AlreadyCommitted) => answer(Ticket { booking: req.booking, customer: req.customer }),
+        Err(LocalError::Business(e)) => {
+            ApiError::new(StatusCode::CONFLICT, "refused", e.to_string()).into_response()
+        }
+        Err(e @ LocalError::RolledBack) => {
+            ApiError::new(StatusCode::CONFLICT, "rolled_back", e.to_string()).into_response()
+        }
+        Err(e @ LocalError::Unknown(_)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unknown", e.to_string()).into_response()
+        }
+        Err(e) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response()
+        }
+    }
 }
 
 /// Opens the service's database (creating the barrier table and the inventory's tables if
@@ -212,40 +355,54 @@ pub async fn open(kind: Kind, db: &Db, grace: Duration) -> Result<Backend, Start
     Ok(match db {
         Db::Sled(dir) => {
             let db = DurableDb::open(dir)?;
-            let participant = builder.sled(&db, &[STOCK, BOOKINGS])?;
+            let participant = builder.sled(&db, &[STOCK, BOOKINGS, AWARDS, BLOCKED, TICKETS, OUTBOX])?;
             let participant = match kind {
                 Kind::Flights => Flights::into_participant(Inventory, participant),
                 Kind::Hotels => Hotels::into_participant(Inventory, participant),
             };
+            let participant =
+                participant.async_step(kind.loyalty_step(), Loyalty).async_action(MAIL_ACTION, Outbox);
             Backend::Sled(participant, db)
         }
         Db::Postgres(options) => {
             let pool = PgPoolOptions::new().max_connections(POOL_SIZE).connect_with(options.clone()).await?;
             let participant = on_sql(builder, pool).await?;
-            Backend::Postgres(match kind {
+            let participant = match kind {
                 Kind::Flights => FlightsOnPostgres::into_participant(SqlInventory, participant),
                 Kind::Hotels => HotelsOnPostgres::into_participant(SqlInventory, participant),
-            })
+            };
+            Backend::Postgres(
+                participant
+                    .sql_step(kind.loyalty_step(), SqlLoyalty::default())
+                    .sql_action(MAIL_ACTION, SqlOutbox::default()),
+            )
         }
         Db::MySql(options) => {
             let pool =
                 MySqlPoolOptions::new().max_connections(POOL_SIZE).connect_with(options.clone()).await?;
             let participant = on_sql(builder, pool).await?;
-            Backend::MySql(match kind {
+            let participant = match kind {
                 Kind::Flights => FlightsOnMySql::into_participant(SqlInventory, participant),
                 Kind::Hotels => HotelsOnMySql::into_participant(SqlInventory, participant),
-            })
+            };
+            Backend::MySql(
+                participant
+                    .sql_step(kind.loyalty_step(), SqlLoyalty::default())
+                    .sql_action(MAIL_ACTION, SqlOutbox::default()),
+            )
         }
     })
 }
 
 /// A participant on `pool`'s database, the inventory's tables and the barrier table created if
 /// missing.
-async fn on_sql<DB: InventoryDb>(
+async fn on_sql<DB: LoyaltyDb + ConfirmationDb>(
     builder: tcc_http::ParticipantBuilder,
     pool: sqlx::Pool<DB>,
 ) -> Result<Participant<Sql<DB>>, StartError> {
     crate::inventory::sql::create_tables(&pool).await?;
+    crate::loyalty::sql::create_tables(&pool).await?;
+    crate::confirmation::sql::create_tables(&pool).await?;
     let participant = builder.sql(pool);
     participant.migrate().await?;
     Ok(participant)
@@ -276,6 +433,7 @@ impl Service {
     ) -> Result<Service, StartError> {
         let backend = open(kind, db, grace).await?;
         backend.stock(stock).await?;
+        backend.block(kind.blocked()).await?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let mut service = Service { kind, addr, backend, serving: None };
@@ -313,6 +471,11 @@ impl Service {
     /// The service's books, read now.
     pub async fn books(&self) -> Result<crate::ledger::Books, String> {
         self.backend.books().await
+    }
+
+    /// The service's participant over its database.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Stops answering (the port is closed; the database stays as it is): the service is down.

@@ -14,9 +14,16 @@ fn run_demo(args: &[&str]) {
         "3. The hotel goes down during confirm",
         "4. The coordinator is killed (SIGKILL)",
         "5. A rush: 200 customers",
-        "6. The coordinator is gone for good after both tries",
+        "6. Loyalty as a saga",
+        "miles taken back, points none",
+        "7. The confirmation e-mail as a two-phase message",
+        "submitted by the coordinator after the back-check said committed",
+        "the back-check said rolled back, the message was aborted, no e-mail",
+        "8. The coordinator is gone for good after both tries",
         "both holds released by the services themselves",
         "Ledger check across both services",
+        "1 loyalty sagas with miles and points both standing, 1 with the miles taken back",
+        "2 tickets issued, each with one e-mail at each service",
         "all as expected",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");

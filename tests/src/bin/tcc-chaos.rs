@@ -19,13 +19,24 @@
 //! (the coordinator cancels them at their deadline), and a few are orphans: tries sent straight to
 //! both services under a gid the coordinator never saw, with a short deadline, never decided (a
 //! coordinator gone for good), which each service must release by itself at deadline + grace.
+//! After a booking whose confirm was acknowledged, an initiator often goes on, as the agency does
+//! (`travel_booking::agency`): a loyalty saga (miles at the flight service, points at the hotel;
+//! for a customer whose account the hotel blocked, the points step refuses and the miles are
+//! compensated), or a confirmation message (prepared with the flight service's back-check, the
+//! ticket issued in a local transaction at the flight service, then submitted, aborted when the
+//! ticket is refused, or left prepared for the back-check when its outcome is unknown or the
+//! initiator walks away; some ask a ticket for a trip that does not exist). Saga steps, message
+//! actions, the tickets and the back-checks go through the fault proxies too.
 //! Meanwhile the coordinator and the services are SIGKILLed and restarted at random moments.
 //!
 //! Then faults stop, flagged transactions get an operator retry, and once the coordinator has
 //! nothing unfinished, every process is SIGKILLed once more and the stores are opened and checked
 //! (`tcc_tests::chaos_check`): every transaction final, all branches confirmed or all cancelled,
 //! nothing left held, stock conserved, every acknowledged decision carried out, every orphan released
-//! by the services themselves and no hold a service released itself confirmed anywhere. The last line is
+//! by the services themselves and no hold a service released itself confirmed anywhere; every saga
+//! all done or all compensated at the services (never an action after its compensation), every
+//! submitted message's actions done once with its local transaction committed, no aborted
+//! message's action run or ticket issued. The last line is
 //! `chaos: N transactions, K coordinator kills, P participant kills, V violations`; the exit status
 //! is non-zero when V > 0 (the stores are then kept and their directory printed).
 
@@ -42,13 +53,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tcc_core::barrier::BarrierState;
 use tcc_core::store::ListQuery;
+use tcc_core::{BranchId, TxKind};
 use tcc_core::{Gid, Store, TxState};
 use tcc_http::client::{BeginOptions, ClientError, PlannedBranch, TccClient};
 use tcc_http::protocol::{BRANCH_HEADER, DEADLINE_HEADER, GID_HEADER};
 use tcc_http::server::native::{DecisionView, ListView, StateView};
+use tcc_tests::chaos_check::counts;
 use tcc_tests::chaos_check::{Seen, Side, check, self_released};
 use tcc_tests::fault_proxy::{Fault, FaultProxy};
 use tcc_tests::free_port;
+use travel_booking::agency::{Agency, TicketAnswer};
 use travel_booking::api::{FlightsClient, HoldRequest, HotelsClient};
 use travel_booking::service::{Db, Kind};
 
@@ -249,6 +263,20 @@ struct Tally {
     walked_away: AtomicU64,
     orphans: AtomicU64,
     orphan_holds: AtomicU64,
+    sagas: AtomicU64,
+    sagas_refusing: AtomicU64,
+    sagas_racing: AtomicU64,
+    messages_racing: AtomicU64,
+    saga_submit_failed: AtomicU64,
+    messages: AtomicU64,
+    prepare_failed: AtomicU64,
+    tickets_issued: AtomicU64,
+    tickets_refused: AtomicU64,
+    tickets_unknown: AtomicU64,
+    message_submit_acked: AtomicU64,
+    message_abort_acked: AtomicU64,
+    message_decision_failed: AtomicU64,
+    messages_left: AtomicU64,
 }
 
 impl Tally {
@@ -414,6 +442,7 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let flights = FlightsClient::new(run.service_url(Kind::Flights));
     let hotels = HotelsClient::new(run.service_url(Kind::Hotels));
+    let agency = Agency::new(tcc.clone(), &run.service_url(Kind::Flights), &run.service_url(Kind::Hotels));
     let timeout = Duration::from_millis(run.args.timeout_ms);
     // Each pass takes a slot first, so exactly `transactions` are begun whatever the races.
     while run.tally.slots.fetch_add(1, Ordering::Relaxed) < run.args.transactions {
@@ -440,7 +469,7 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         // (`try_planned`); the others register each branch as its typed client tries it.
         let planned = rng.random_bool(0.5);
         let seat_req = HoldRequest { item: flight, customer: customer.clone() };
-        let room_req = HoldRequest { item: hotel, customer };
+        let room_req = HoldRequest { item: hotel, customer: customer.clone() };
         if intent == Intent::Orphan {
             orphan(&run, &http, [&seat_req, &room_req]).await?;
             continue;
@@ -515,6 +544,12 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
                 Ok(view) if view.decision == Some(DecisionView::Confirm) => {
                     run.record(tx.gid(), Seen::ConfirmAcked);
                     Tally::add(&run.tally.confirm_acked);
+                    // After the booking, as the agency does: a loyalty saga, a confirmation message.
+                    match rng.random_range(0..100) {
+                        0..35 => loyalty(&run, &agency, &customer, &mut rng).await,
+                        35..70 => confirmation(&run, &agency, tx.gid().as_str(), &customer, &mut rng).await,
+                        _ => {}
+                    }
                 }
                 Ok(_) | Err(_) => Tally::add(&run.tally.decision_failed),
             }
@@ -529,6 +564,95 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The customer whose loyalty account the hotel blocked (see `Kind::blocked`).
+const BLOCKED_CUSTOMER: &str = "mallory";
+
+/// The timeout of a saga or message: the run's, or for a fifth of them a few hundred milliseconds
+/// at most, so that the deadline races the steps (a saga turned back while an action is in
+/// flight, its compensation possibly overtaking it) or the local transaction (the back-check asked
+/// while the ticket is being issued).
+fn deadline_race(run: &Run, rng: &mut StdRng, racing: &AtomicU64) -> Duration {
+    if rng.random_bool(0.2) {
+        Tally::add(racing);
+        Duration::from_millis(rng.random_range(1..300))
+    } else {
+        Duration::from_millis(run.args.timeout_ms)
+    }
+}
+
+/// Submits a loyalty saga for `customer` (miles at the flight service, points at the hotel), or
+/// for a quarter of them for the customer whose account the hotel blocked, without waiting for it:
+/// the checker finds how it ended.
+async fn loyalty(run: &Run, agency: &Agency, customer: &str, rng: &mut StdRng) {
+    let timeout = deadline_race(run, rng, &run.tally.sagas_racing);
+    let customer = if rng.random_bool(0.25) { BLOCKED_CUSTOMER } else { customer };
+    let gid = Gid::generate();
+    let (miles, points) = (rng.random_range(100..2_000), rng.random_range(10..500));
+    let saga = match agency.loyalty_saga(customer, miles, points, timeout) {
+        Ok(saga) => saga.gid(&gid),
+        Err(_) => return Tally::add(&run.tally.saga_submit_failed),
+    };
+    match saga.submit().await {
+        Ok(_) => {
+            let refusing = customer == BLOCKED_CUSTOMER;
+            run.record(&gid, if refusing { Seen::Refusing } else { Seen::Begun });
+            Tally::add(&run.tally.sagas);
+            if refusing {
+                Tally::add(&run.tally.sagas_refusing);
+            }
+        }
+        // Maybe stored, maybe not: the checker judges whatever the coordinator has.
+        Err(_) => Tally::add(&run.tally.saga_submit_failed),
+    }
+}
+
+/// Sends the confirmation message of trip `booking`: prepares it, asks the flight service for the
+/// ticket (its local transaction), then submits or aborts by the answer; sometimes asks a ticket
+/// for a trip that does not exist (refused), sometimes walks away before or after the ticket,
+/// leaving the message to the coordinator's back-check.
+async fn confirmation(run: &Run, agency: &Agency, booking: &str, customer: &str, rng: &mut StdRng) {
+    let timeout = deadline_race(run, rng, &run.tally.messages_racing);
+    let msg = match agency.prepare_confirmation(booking, customer, timeout).await {
+        Ok(msg) => msg,
+        Err(_) => return Tally::add(&run.tally.prepare_failed),
+    };
+    run.record(msg.gid(), Seen::Begun);
+    Tally::add(&run.tally.messages);
+    let draw = rng.random_range(0..100);
+    if draw < 12 {
+        // Walks away before the local transaction: the back-check will say rolled back.
+        return Tally::add(&run.tally.messages_left);
+    }
+    let trip = if draw < 24 { Gid::generate().to_string() } else { booking.to_owned() };
+    let answer = agency.issue_ticket(msg.gid(), &trip, customer).await;
+    match &answer {
+        TicketAnswer::Issued(_) => Tally::add(&run.tally.tickets_issued),
+        TicketAnswer::Refused(_) => Tally::add(&run.tally.tickets_refused),
+        TicketAnswer::Unknown(_) => Tally::add(&run.tally.tickets_unknown),
+    }
+    if (24..36).contains(&draw) {
+        // Walks away after the local transaction: the back-check will say committed.
+        return Tally::add(&run.tally.messages_left);
+    }
+    match answer {
+        TicketAnswer::Issued(_) => match msg.submit().await {
+            Ok(_) => {
+                run.record(msg.gid(), Seen::ConfirmAcked);
+                Tally::add(&run.tally.message_submit_acked);
+            }
+            Err(_) => Tally::add(&run.tally.message_decision_failed),
+        },
+        TicketAnswer::Refused(_) => match msg.abort().await {
+            Ok(_) => {
+                run.record(msg.gid(), Seen::CancelAcked);
+                Tally::add(&run.tally.message_abort_acked);
+            }
+            Err(_) => Tally::add(&run.tally.message_decision_failed),
+        },
+        TicketAnswer::Unknown(_) => Tally::add(&run.tally.messages_left),
+    }
 }
 
 /// Sends both tries of an orphan straight to the services (through their fault proxies), under a
@@ -637,8 +761,11 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
     let seen = run.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let orphans = seen.iter().filter(|(_, s)| **s == Seen::Orphan).map(|(g, _)| g);
     let gids: Vec<&Gid> = txs.iter().map(|t| &t.gid).chain(orphans).collect();
+    let local: BranchId =
+        tcc_http::participant::LOCAL_BRANCH.parse().map_err(|e: tcc_core::Error| e.to_string())?;
     let mut books = Vec::new();
     let mut barriers = Vec::new();
+    let mut steps = Vec::new();
     for (kind, (db, name)) in KINDS.into_iter().zip(&run.stores) {
         let grace = Duration::from_millis(run.args.grace_ms);
         let backend =
@@ -653,6 +780,16 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
             }
         }
         barriers.push(states);
+        // Every branch of every saga and message, and their local transaction's.
+        let mut step_states: HashMap<(Gid, BranchId), BarrierState> = HashMap::new();
+        for tx in txs.iter().filter(|t| !matches!(t.kind, TxKind::Tcc)) {
+            let branches: Vec<BranchId> =
+                tx.branches.iter().map(|b| b.id.clone()).chain(std::iter::once(local.clone())).collect();
+            for (b, state) in backend.barrier_states(&tx.gid, &branches).await? {
+                step_states.insert((tx.gid.clone(), b), state);
+            }
+        }
+        steps.push(step_states);
     }
     let sides = [
         Side {
@@ -660,12 +797,16 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
             branch: branch_of(Kind::Flights).parse().map_err(|e: tcc_core::Error| e.to_string())?,
             books: &books[0],
             barrier: &barriers[0],
+            prefix: "/tcc/flights/",
+            steps: &steps[0],
         },
         Side {
             name: "hotels",
             branch: branch_of(Kind::Hotels).parse().map_err(|e: tcc_core::Error| e.to_string())?,
             books: &books[1],
             barrier: &barriers[1],
+            prefix: "/tcc/hotels/",
+            steps: &steps[1],
         },
     ];
     let mut stocked = Vec::new();
@@ -681,14 +822,34 @@ async fn check_stores(run: &Run, units: [u32; 2]) -> Result<(Vec<String>, String
             .push(format!("{orphan_holds} orphan holds were made but no service released any by itself"));
     }
 
-    let count = |s: TxState| txs.iter().filter(|t| t.state == s).count();
+    let tcc_txs: Vec<&tcc_core::Transaction> = txs.iter().filter(|t| matches!(t.kind, TxKind::Tcc)).collect();
+    let count = |s: TxState| tcc_txs.iter().filter(|t| t.state == s).count();
+    let c = counts(&txs, &sides);
+    // Messages the initiators neither submitted nor aborted, settled by the coordinator through the
+    // back-check (or submitted by an initiator whose acknowledgement was lost).
+    let by_back_check = txs
+        .iter()
+        .filter(|t| matches!(t.kind, TxKind::Msg(_)) && seen.get(&t.gid) == Some(&Seen::Begun))
+        .count();
     let mut summary = format!(
         "coordinator store: {} transactions, {} confirmed, {} cancelled\n\
          released by the services themselves at deadline + grace: {released_by_services} holds \
-         ({orphan_holds} orphan holds made)\n",
-        txs.len(),
+         ({orphan_holds} orphan holds made)\n\
+         sagas: {} all done, {} all compensated ({} steps compensated after their action, {} \
+         compensations empty)\n\
+         messages: {} sent, {} aborted ({by_back_check} neither submitted nor aborted by the initiator; \
+         {} local transactions settled as rolled back by a back-check); {} e-mails in the outboxes\n",
+        tcc_txs.len(),
         count(TxState::Confirmed),
-        count(TxState::Cancelled)
+        count(TxState::Cancelled),
+        c.sagas_done,
+        c.sagas_compensated,
+        c.steps_compensated,
+        c.steps_empty,
+        c.messages_sent,
+        c.messages_aborted,
+        c.rolled_back_by_back_check,
+        c.emails,
     );
     for ((side, kind), (db, name)) in sides.iter().zip(KINDS).zip(&run.stores) {
         let stock: Vec<String> = side
@@ -925,6 +1086,26 @@ async fn chaos(args: Args) -> Result<(usize, usize, usize, Vec<String>), String>
             *faults.entry(f).or_default() += n;
         }
     }
+    println!(
+        "sagas and messages: {} loyalty sagas submitted ({} for the blocked account, {} racing a short \
+         deadline), submit failed {}; {} messages prepared ({} racing a short deadline), prepare failed {}; \
+         tickets issued {}, refused {}, unknown {}; \
+         submit acknowledged {}, abort acknowledged {}, decision not acknowledged {}, left to the back-check {}",
+        get(&t.sagas),
+        get(&t.sagas_refusing),
+        get(&t.sagas_racing),
+        get(&t.saga_submit_failed),
+        get(&t.messages),
+        get(&t.messages_racing),
+        get(&t.prepare_failed),
+        get(&t.tickets_issued),
+        get(&t.tickets_refused),
+        get(&t.tickets_unknown),
+        get(&t.message_submit_acked),
+        get(&t.message_abort_acked),
+        get(&t.message_decision_failed),
+        get(&t.messages_left),
+    );
     let faults: Vec<String> = Fault::ALL.iter().map(|f| format!("{} {}", f.name(), faults[f])).collect();
     println!(
         "faults injected: {}; forwarded {}, answered 502 while a service was down {}",
