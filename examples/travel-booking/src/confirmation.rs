@@ -1,8 +1,9 @@
 //! The confirmation e-mail of a trip as a two-phase message: the flight service issues the ticket
-//! in a local transaction ([`issue_ticket`], run through the participant runtime so that its
-//! barrier record commits with the ticket), and the message's actions then write the confirmation
-//! to each service's outbox ([`Outbox`], `{base}/mail/action`). A message, not a saga, because an
-//! e-mail cannot be taken back: it must go out if, and only if, the ticket was issued. The agency
+//! in a local transaction ([`Backend::issue_ticket`](crate::service::Backend::issue_ticket), run
+//! through the participant runtime so that its barrier record commits with the ticket), and the
+//! message's actions then write the confirmation to each service's outbox ([`Outbox`],
+//! `{base}/mail/action`). A message, not a saga, because an e-mail cannot be taken back: it must go
+//! out if, and only if, the ticket was issued. The agency
 //! prepares the message first (its back-check `{flights}/back-check`), asks for the ticket
 //! (`POST {flights}/tickets?gid=…`), then submits the message if the ticket was issued or aborts it
 //! if it was refused; had it stopped in between, the coordinator asks the back-check at the
