@@ -135,6 +135,13 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const QUIESCE_LIMIT: Duration = Duration::from_secs(180);
 
 const KINDS: [Kind; 2] = [Kind::Flights, Kind::Hotels];
+/// Every this many loyalty sagas (confirmation messages), one turns back for sure, besides those
+/// drawn: even a short run sees both outcomes of each kind.
+const TURN_BACK_EVERY: u64 = 8;
+
+/// Every this many slots, one is an orphan for sure (besides the 3% drawn).
+const ORPHAN_EVERY: usize = 50;
+
 /// An orphan's deadline, from its tries.
 const ORPHAN_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -254,6 +261,10 @@ enum Intent {
 struct Tally {
     slots: AtomicUsize,
     begun: AtomicUsize,
+    /// Loyalty sagas and confirmation messages started, to make every [`TURN_BACK_EVERY`]th one
+    /// turn back (a saga for the blocked account, a message asking a ticket for no trip).
+    sagas_started: AtomicU64,
+    messages_started: AtomicU64,
     begin_retries: AtomicU64,
     refused: AtomicU64,
     try_failed: AtomicU64,
@@ -445,8 +456,15 @@ async fn initiator(run: Arc<Run>, mut rng: StdRng) -> Result<(), String> {
     let agency = Agency::new(tcc.clone(), &run.service_url(Kind::Flights), &run.service_url(Kind::Hotels));
     let timeout = Duration::from_millis(run.args.timeout_ms);
     // Each pass takes a slot first, so exactly `transactions` are begun whatever the races.
-    while run.tally.slots.fetch_add(1, Ordering::Relaxed) < run.args.transactions {
+    loop {
+        let slot = run.tally.slots.fetch_add(1, Ordering::Relaxed);
+        if slot >= run.args.transactions {
+            break;
+        }
         let intent = match rng.random_range(0..100) {
+            // Every fiftieth slot is an orphan whatever the draw, so that even a short run makes
+            // some (the 3% drawn could be none: a run of 200 once was).
+            _ if slot % ORPHAN_EVERY == ORPHAN_EVERY / 2 => Intent::Orphan,
             0..78 => Intent::Book,
             78..90 => Intent::ChangeMind,
             90..97 => Intent::WalkAway,
@@ -587,7 +605,9 @@ fn deadline_race(run: &Run, rng: &mut StdRng, racing: &AtomicU64) -> Duration {
 /// the checker finds how it ended.
 async fn loyalty(run: &Run, agency: &Agency, customer: &str, rng: &mut StdRng) {
     let timeout = deadline_race(run, rng, &run.tally.sagas_racing);
-    let customer = if rng.random_bool(0.25) { BLOCKED_CUSTOMER } else { customer };
+    let nth = run.tally.sagas_started.fetch_add(1, Ordering::Relaxed);
+    let blocked = rng.random_bool(0.25) || nth % TURN_BACK_EVERY == TURN_BACK_EVERY / 2;
+    let customer = if blocked { BLOCKED_CUSTOMER } else { customer };
     let gid = Gid::generate();
     let (miles, points) = (rng.random_range(100..2_000), rng.random_range(10..500));
     let saga = match agency.loyalty_saga(customer, miles, points, timeout) {
@@ -620,7 +640,12 @@ async fn confirmation(run: &Run, agency: &Agency, booking: &str, customer: &str,
     };
     run.record(msg.gid(), Seen::Begun);
     Tally::add(&run.tally.messages);
-    let draw = rng.random_range(0..100);
+    let nth = run.tally.messages_started.fetch_add(1, Ordering::Relaxed);
+    let draw = match rng.random_range(0..100) {
+        // A ticket for a trip that does not exist: refused, so the message is aborted.
+        _ if nth % TURN_BACK_EVERY == TURN_BACK_EVERY / 2 => 12,
+        draw => draw,
+    };
     if draw < 12 {
         // Walks away before the local transaction: the back-check will say rolled back.
         return Tally::add(&run.tally.messages_left);
