@@ -472,7 +472,7 @@ async fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         ledger::check_loyalty(&fb, &hb).is_empty()
             && ledger::check_confirmations(&[("flights", &fb), ("hotels", &hb)]).is_empty(),
         format!(
-            "{standing} loyalty sagas with miles and points both standing, {taken_back} with the miles taken back and no points; \
+            "loyalty sagas: {standing} with miles and points both standing, {taken_back} with the miles taken back and no points; \
              {} tickets issued, each with one e-mail at each service, no other e-mail",
             fb.tickets.len()
         ),

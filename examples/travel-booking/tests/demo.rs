@@ -22,7 +22,7 @@ fn run_demo(args: &[&str]) {
         "8. The coordinator is gone for good after both tries",
         "both holds released by the services themselves",
         "Ledger check across both services",
-        "1 loyalty sagas with miles and points both standing, 1 with the miles taken back",
+        "loyalty sagas: 1 with miles and points both standing, 1 with the miles taken back",
         "2 tickets issued, each with one e-mail at each service",
         "all as expected",
     ] {
