@@ -126,9 +126,30 @@ async fn a_concurrent_saga_waits_for_each_steps_predecessors() {
             .await
             .unwrap();
         assert_eq!(done.state, StateView::Confirmed, "{mode:?}");
-        let seen = calls(&seen, &done.gid);
-        assert_eq!(seen.len(), 3);
-        assert_eq!(seen[2], call("c", "go"), "{mode:?}: {seen:?}");
+        let order = calls(&seen, &done.gid);
+        assert_eq!(order.len(), 3);
+        assert_eq!(order[2], call("c", "go"), "{mode:?}: {order:?}");
+
+        // `next_after` (what a `#[tcc]` stub's step is given) makes the next step concurrent: the
+        // first two steps wait for nothing, so the second starts with the first, even though the
+        // first refuses (a sequential saga would never call it), and is then compensated.
+        let both = tcc
+            .client
+            .saga(Duration::from_secs(30))
+            .next_after(&[])
+            .step(&format!("{p}/x/charge"), &format!("{p}/x/refund"), r#"{"refuse":true}"#)
+            .next_after(&[])
+            .step(&format!("{p}/y/go"), &format!("{p}/y/undo"), "{}")
+            .next_after(&[0, 1])
+            .step(&format!("{p}/z/go"), &format!("{p}/z/undo"), "{}")
+            .submit_and_wait(WAIT)
+            .await
+            .unwrap();
+        assert_eq!(both.state, StateView::Cancelled, "{mode:?}");
+        let order = calls(&seen, &both.gid);
+        assert!(order.contains(&call("y", "go")), "{mode:?}: {order:?}");
+        assert!(order.contains(&call("y", "undo")), "{mode:?}: {order:?}");
+        assert!(!order.contains(&call("z", "go")), "{mode:?}: {order:?}");
         tcc.client.shutdown().await;
     }
 }

@@ -204,7 +204,8 @@ use proc_macro::TokenStream;
 ///   - for each saga step a method taking a `tcc_http::client::SagaBuilder` and the action's
 ///     parameters, which adds the step (its action and compensation URLs, the parameters as the
 ///     payload) after the saga's other steps and returns the builder:
-///     `let saga = loyalty.credit(saga, customer, points)?;`;
+///     `let saga = loyalty.credit(saga, customer, points)?;` (for a concurrent saga, give the
+///     builder the step's predecessors first: `loyalty.credit(saga.next_after(&[0]), ...)`);
 ///   - for each message action a method taking a `tcc_http::client::MessageBuilder` and the
 ///     action's parameters, which adds the action and returns the builder.
 ///

@@ -45,6 +45,8 @@ pub struct SagaBuilder {
     client: TccClient,
     timeout: Duration,
     req: SagaRequest,
+    /// What the next step added waits for ([`next_after`](SagaBuilder::next_after)).
+    next_after: Option<Vec<u32>>,
 }
 
 impl SagaBuilder {
@@ -63,8 +65,36 @@ impl SagaBuilder {
 
     /// Adds a step: `action` runs after every earlier step's action is done; `compensate` undoes it
     /// if the saga fails. `payload` is the body of both. The step's id is its position, from `01`.
+    /// After [`next_after`](Self::next_after), it waits for those steps only.
     pub fn step(mut self, action: &str, compensate: &str, payload: impl Into<String>) -> SagaBuilder {
-        self.push(action, compensate, payload.into(), Vec::new());
+        match self.next_after.take() {
+            Some(after) => self.step_after(&after, action, compensate, payload),
+            None => {
+                self.push(action, compensate, payload.into(), Vec::new());
+                self
+            }
+        }
+    }
+
+    /// Makes the next step added, by [`step`](Self::step) or a `#[tcc]` client stub, a step of a
+    /// concurrent saga that runs as soon as the steps at the indexes in `after` (from 0) are done
+    /// (see [`step_after`](Self::step_after)).
+    ///
+    /// ```no_run
+    /// # async fn demo(tcc: tcc_http::TccClient) -> Result<(), tcc_http::ClientError> {
+    /// use std::time::Duration;
+    /// let saga = tcc
+    ///     .saga(Duration::from_secs(30))
+    ///     .step("http://127.0.0.1:8081/miles/action", "http://127.0.0.1:8081/miles/compensate", "{}")
+    ///     .step("http://127.0.0.1:8082/points/action", "http://127.0.0.1:8082/points/compensate", "{}")
+    ///     // The e-mail waits for both awards; the two awards run at once.
+    ///     .next_after(&[0, 1])
+    ///     .step("http://127.0.0.1:8083/mail/action", "http://127.0.0.1:8083/mail/compensate", "{}");
+    /// saga.submit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn next_after(mut self, after: &[u32]) -> SagaBuilder {
+        self.next_after = Some(after.to_vec());
         self
     }
 
@@ -91,7 +121,7 @@ impl SagaBuilder {
 
     /// Begins the saga: once this returns it is on disk and its steps run in the background.
     pub async fn submit(self) -> Result<TransactionView, ClientError> {
-        let SagaBuilder { client, timeout, mut req } = self;
+        let SagaBuilder { client, timeout, mut req, next_after: _ } = self;
         req.timeout_ms = ms(timeout);
         match &client.inner.backend {
             Backend::Embedded { coordinator, allow } => {
@@ -359,7 +389,7 @@ impl TccClient {
     /// Starts describing a saga that must be done within `timeout` (past it, it is compensated);
     /// see [`SagaBuilder`].
     pub fn saga(&self, timeout: Duration) -> SagaBuilder {
-        SagaBuilder { client: self.clone(), timeout, req: SagaRequest::default() }
+        SagaBuilder { client: self.clone(), timeout, req: SagaRequest::default(), next_after: None }
     }
 
     /// Starts describing a two-phase message, back-checked if still prepared after `timeout`;
