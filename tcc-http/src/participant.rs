@@ -863,9 +863,11 @@ impl<B> Participant<B> {
         self.rt.ops.keys().map(String::as_str)
     }
 
-    /// The routes `POST /{operation}/try|confirm|cancel` of every registered operation, with the
-    /// [`MAX_BODY`] body limit. Nest it under a prefix (`Router::nest("/tcc/flights", ...)`): it
-    /// answers every two-segment path, with 404 for unknown operations.
+    /// The routes `POST /{operation}/try|confirm|cancel` of every registered operation (and
+    /// `/{step}/action|compensate` of every saga step and message action), and `GET /back-check`
+    /// for the messages whose local transactions this participant runs, with the [`MAX_BODY`] body
+    /// limit. Nest it under a prefix (`Router::nest("/tcc/flights", ...)`): it answers every
+    /// two-segment path, with 404 for unknown operations.
     ///
     /// A participant built by [`Participant::builder`] starts its own expiry loop here (once, inside
     /// a Tokio runtime); it stops when the last handle of the participant and its routers is gone.
