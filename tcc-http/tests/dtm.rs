@@ -936,7 +936,7 @@ async fn dtmcli_python_client_runs_sagas_and_messages_on_tcc() {
         Tc::start_with(Config { lease: Duration::from_secs(30), ..fast_core() }, ServerConfig::default())
             .await;
     let p = Participant::start().await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dtm/saga_msg.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/saga_msg.py");
     let out = support::run_bounded(
         tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
         Duration::from_secs(180),

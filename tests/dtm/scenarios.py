@@ -26,52 +26,14 @@ import base64
 import json
 import os
 import sys
-import time
 
-import requests
 from dtmcli import tcc, utils
-
-# Every wait is bounded.
-SETTLE_SECONDS = 30
-HTTP_TIMEOUT = 10
-
-
-def fail(message):
-    print("FAILED: " + message, file=sys.stderr)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
-
-
-def query(dtm, gid):
-    r = requests.get(dtm + "/query", params={"gid": gid}, timeout=HTTP_TIMEOUT)
-    check(r.status_code == 200, "query answered %d: %s" % (r.status_code, r.text))
-    return r.json()
-
-
-def settle(dtm, gid, want):
-    """Polls query until the transaction's status is `want` (bounded)."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while True:
-        q = query(dtm, gid)
-        status = (q.get("transaction") or {}).get("status")
-        if status == want:
-            return q
-        if time.monotonic() > deadline:
-            fail("transaction %s is %r after %d s, expected %r: %s" % (gid, status, SETTLE_SECONDS, want, q))
-        time.sleep(0.05)
+from harness import check, fail, query, report, settle
 
 
 def rows(q):
     """{(branch_id, op): status} of a query answer."""
     return {(b["branch_id"], b["op"]): b["status"] for b in q["branches"]}
-
-
-def report(scenario, gid):
-    print(json.dumps({"scenario": scenario, "gid": gid}), flush=True)
 
 
 def success(dtm, busi):

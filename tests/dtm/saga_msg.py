@@ -26,44 +26,10 @@ Scenarios (each prints one JSON line {"scenario": ..., "gid": ...}; a failed che
 
 import json
 import sys
-import time
 
 import requests
 from dtmcli import msg, saga, utils
-
-SETTLE_SECONDS = 30
-HTTP_TIMEOUT = 10
-
-
-def fail(message):
-    print("FAILED: " + message, file=sys.stderr)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
-
-
-def query(dtm, gid):
-    r = requests.get(dtm + "/query", params={"gid": gid}, timeout=HTTP_TIMEOUT)
-    check(r.status_code == 200, "query answered %d: %s" % (r.status_code, r.text))
-    return r.json()
-
-
-def settle(dtm, gid, want):
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while True:
-        q = query(dtm, gid)
-        status = (q.get("transaction") or {}).get("status")
-        if status == want:
-            return q
-        check(time.monotonic() < deadline, "%s never became %s: %s" % (gid, want, json.dumps(q)))
-        time.sleep(0.05)
-
-
-def report(scenario, gid):
-    print(json.dumps({"scenario": scenario, "gid": gid}), flush=True)
+from harness import HTTP_TIMEOUT, check, fail, query, report, settle
 
 
 def saga_success(dtm, busi):
