@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sled::transaction::ConflictableTransactionError;
 use tcc_core::barrier::{ActionOutcome, BackCheckOutcome, BarrierError, Op, Refusal, Step, decide};
 use tcc_core::{BranchId, Gid, Timestamp};
 use tracing::{debug, warn};
@@ -155,13 +154,8 @@ impl Participant {
             };
             let (barrier, g, b) = (sled.barrier.clone(), gid.clone(), branch.clone());
             let committed = tokio::task::spawn_blocking(move || {
-                barrier.local(&g, &b, &[], |tx| {
-                    // Only the record this run was decided on: a fresh local transaction.
-                    if !tx.request().is_empty() {
-                        return Err(ConflictableTransactionError::Abort(CommitAbort::Retry));
-                    }
-                    stage.commit(tx.trees())
-                })
+                // The barrier runs this only where no record exists yet: a fresh local transaction.
+                barrier.local(&g, &b, &[], |tx| stage.commit(tx.trees()))
             })
             .await
             .map_err(|e| LocalError::Failed(format!("the commit panicked: {e}")))?;
