@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::model::{
-    BranchId, Decision, Gid, Msg, Saga, SagaStep, Timestamp, Transaction, TxOptions, TxState,
+    Branch, BranchId, Decision, Gid, Msg, Saga, SagaStep, Timestamp, Transaction, TxOptions, TxState,
 };
 use crate::retry::RetryPolicy;
 use crate::state::{self, Context, Effect, Event, Transition};
@@ -578,11 +578,7 @@ impl Coordinator {
         self.check_branch(&query_prepared, &[])?;
         let ctx = self.inner.context();
         let generated = gid.is_none();
-        let mut branches = Vec::with_capacity(steps.len());
-        for NewBranch { id, target, payload } in steps {
-            self.check_branch(&target, &payload)?;
-            branches.push(new_branch(id, target, payload));
-        }
+        let branches = self.message_branches(steps)?;
         let gid = gid.unwrap_or_else(Gid::generate);
         let mut tx = state::message(gid, ctx.now + timeout, branches, Msg { query_prepared }, &ctx)?;
         tx.options = options;
@@ -603,11 +599,7 @@ impl Coordinator {
         self.check_begin(timeout, &options)?;
         let ctx = self.inner.context();
         let generated = gid.is_none();
-        let mut branches = Vec::with_capacity(steps.len());
-        for NewBranch { id, target, payload } in steps {
-            self.check_branch(&target, &payload)?;
-            branches.push(new_branch(id, target, payload));
-        }
+        let branches = self.message_branches(steps)?;
         let gid = gid.unwrap_or_else(Gid::generate);
         let mut tx = state::message(gid, ctx.now + timeout, branches, Msg::default(), &ctx)?;
         tx.options = options;
@@ -617,6 +609,16 @@ impl Coordinator {
         self.insert_new(&mut tx, generated).await?;
         self.inner.perform(&tx, effects);
         Ok(tx)
+    }
+
+    /// A message's actions as its branches, each checked as a registration is.
+    fn message_branches(&self, steps: Vec<NewBranch>) -> Result<Vec<Branch>> {
+        let mut branches = Vec::with_capacity(steps.len());
+        for NewBranch { id, target, payload } in steps {
+            self.check_branch(&target, &payload)?;
+            branches.push(new_branch(id, target, payload));
+        }
+        Ok(branches)
     }
 
     /// Stores a new transaction (version 1) durably and counts it.

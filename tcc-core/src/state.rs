@@ -621,22 +621,9 @@ fn back_checked(
         LocalOutcome::RolledBack => abort_message(tx, ctx),
         LocalOutcome::Unknown(error) => {
             let mut next = tx.clone();
-            let error = format!("back-check: {error}");
             next.updated_at = ctx.now;
             next.lease_owner = None;
-            next.attempts = next.attempts.saturating_add(1);
-            next.last_error = Some(error.clone());
-            match retry_at {
-                Some(at) => {
-                    next.due_at = Some(at);
-                    Transition::Changed(next, Vec::new())
-                }
-                None => {
-                    next.state = TxState::Flagged;
-                    next.due_at = None;
-                    Transition::Changed(next, vec![Effect::Flagged(error)])
-                }
-            }
+            failed_round(next, format!("back-check: {error}"), retry_at)
         }
     }
 }
