@@ -13,7 +13,7 @@ use rand::Rng;
 
 use crate::coordinator::Inner;
 use crate::join::join_all;
-use crate::model::{Branch, Decision, Transaction, TxKind, TxState};
+use crate::model::{Branch, BranchId, Decision, Transaction, TxKind, TxState};
 use crate::state::{self, Event, LocalOutcome};
 use crate::transport::{BackCheckCall, BranchCall, CallError};
 
@@ -68,21 +68,7 @@ impl Inner {
         }
         let policy = self.config.retry.for_transaction(&tx.options);
         let pending: Vec<Branch> = tx.pending_branches().cloned().collect();
-        let me = &self;
-        let calls = pending.iter().map(|branch| {
-            let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
-            let timeout = policy.call_timeout;
-            async move {
-                let result = tokio::select! {
-                    r = me.transport.call(call) => r,
-                    _ = me.clock.sleep(timeout) => {
-                        Err(CallError::Transient(format!("no answer within {} ms", timeout.as_millis())))
-                    }
-                };
-                (branch.id.clone(), result)
-            }
-        });
-        let results = join_all(calls).await;
+        let results = self.call_all(&tx, &pending, decision, policy.call_timeout).await;
 
         let mut done = Vec::new();
         let mut failed = Vec::new();
@@ -124,6 +110,30 @@ impl Inner {
 }
 
 impl Inner {
+    /// Calls `branches` of `tx` with `decision`, all at once, each bounded by `timeout` (no answer
+    /// in time is a transient failure); every branch's result, with its id.
+    async fn call_all(
+        &self,
+        tx: &Transaction,
+        branches: &[Branch],
+        decision: Decision,
+        timeout: std::time::Duration,
+    ) -> Vec<(BranchId, Result<(), CallError>)> {
+        let calls = branches.iter().map(|branch| {
+            let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
+            async move {
+                let result = tokio::select! {
+                    r = self.transport.call(call) => r,
+                    _ = self.clock.sleep(timeout) => {
+                        Err(CallError::Transient(format!("no answer within {} ms", timeout.as_millis())))
+                    }
+                };
+                (branch.id.clone(), result)
+            }
+        });
+        join_all(calls).await
+    }
+
     /// One round of a saga or message: calls the steps [`state::runnable_steps`] names (a saga's
     /// actions or compensations, a message's actions), then stores the results durably: the next
     /// round's choice of steps, and which steps a turned saga compensates, rest on them.
@@ -154,21 +164,7 @@ impl Inner {
                 b
             })
             .collect();
-        let me = self;
-        let calls = branches.iter().map(|branch| {
-            let call = BranchCall { gid: &tx.gid, branch, decision, deadline: tx.deadline };
-            let timeout = policy.call_timeout;
-            async move {
-                let result = tokio::select! {
-                    r = me.transport.call(call) => r,
-                    _ = me.clock.sleep(timeout) => {
-                        Err(CallError::Transient(format!("no answer within {} ms", timeout.as_millis())))
-                    }
-                };
-                (branch.id.clone(), result)
-            }
-        });
-        let results = join_all(calls).await;
+        let results = self.call_all(&tx, &branches, decision, policy.call_timeout).await;
         let (mut done, mut failed, mut refused, mut permanent) = (Vec::new(), Vec::new(), None, false);
         for (id, r) in results {
             self.counters.phase_two_calls.fetch_add(1, Ordering::Relaxed);
