@@ -486,12 +486,24 @@ async fn prepare(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRe
     if trans_type == MSG {
         return prepare_message(&state, &req, gid, timeout, options).await;
     }
-    match state.coordinator.begin_with(Some(gid.clone()), timeout, options).await {
+    let begun = state.coordinator.begin_with(Some(gid.clone()), timeout, options).await;
+    prepared(&state, begun, &gid, |_| true).await
+}
+
+/// The answer to a `prepare` that stored `begun`. Preparing again is a retried request, answered
+/// as before while the transaction is still prepared (and of a kind `same_kind` accepts); refused
+/// once anything was decided.
+async fn prepared<T>(
+    state: &AppState,
+    begun: Result<T, tcc_core::Error>,
+    gid: &Gid,
+    same_kind: impl Fn(&TxKind) -> bool,
+) -> Answer {
+    match begun {
         Ok(_) => Ok(success()),
         Err(tcc_core::Error::AlreadyExists(_)) => {
-            // Preparing again is a retried request, answered as before while nothing was decided.
-            let tx = state.coordinator.get(&gid).await?;
-            if tx.state == TxState::Trying {
+            let tx = state.coordinator.get(gid).await?;
+            if tx.state == TxState::Trying && same_kind(&tx.kind) {
                 Ok(success())
             } else {
                 Err(DtmError::refused(
@@ -527,22 +539,9 @@ async fn prepare_message(
         .into_iter()
         .map(|s| NewBranch { id: s.id, target: s.action.encode(), payload: s.payload })
         .collect();
-    match state.coordinator.prepare_message(Some(gid.clone()), timeout, options, steps, query.encode()).await
-    {
-        Ok(_) => Ok(success()),
-        Err(tcc_core::Error::AlreadyExists(_)) => {
-            let tx = state.coordinator.get(&gid).await?;
-            if tx.state == TxState::Trying && matches!(tx.kind, TxKind::Msg(_)) {
-                Ok(success())
-            } else {
-                Err(DtmError::refused(
-                    "illegal_transition",
-                    format!("current status '{}', cannot prepare", status(&tx)),
-                ))
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
+    let begun =
+        state.coordinator.prepare_message(Some(gid.clone()), timeout, options, steps, query.encode()).await;
+    prepared(state, begun, &gid, |kind| matches!(kind, TxKind::Msg(_))).await
 }
 
 async fn register_branch(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Answer {
