@@ -382,6 +382,33 @@ fn assert_dtm_call(call: &Call, gid: &str, branch_id: &str, op: &str) {
     assert_eq!(call.body, data(&call.svc), "the registered data is the body: {call:?}");
 }
 
+/// The gid each scenario reported (its `{"scenario", "gid"}` line).
+fn scenario_gids(stdout: &str) -> HashMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| (v["scenario"].as_str().unwrap().to_owned(), v["gid"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Runs `tests/dtm/{script}` with `args` under `python`, at most `limit_secs`; asserts it
+/// succeeded and returns its stdout and stderr.
+async fn run_script(python: &str, script: &str, args: &[&str], limit_secs: u64) -> (String, String) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm").join(script);
+    let out = support::run_bounded(
+        tokio::process::Command::new(python).arg(&path).args(args),
+        Duration::from_secs(limit_secs),
+    )
+    .await
+    .unwrap_or_else(|| panic!("{script} did not finish within {limit_secs} s"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
+    (stdout, stderr)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The protocol
 
@@ -873,22 +900,10 @@ async fn dtmcli_python_client_runs_its_tcc_transactions_on_tcc() {
     let p = Participant::start().await;
     // flaky's confirm answers 503 FAILURE twice: retried, as DTM's server retries it.
     p.set("flaky", Phase2::Unavailable(2));
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/scenarios.py");
-    let out = support::run_bounded(
-        tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
-        Duration::from_secs(180),
-    )
-    .await
-    .expect("the scenarios did not finish");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "scenarios.py failed ({}):\n{stdout}\n{stderr}", out.status);
+    let (stdout, stderr) = run_script(&python, "scenarios.py", &[&tc.dtm(), &p.url], 180).await;
     println!("scenarios.py:\n{stdout}{stderr}");
 
-    let gids: HashMap<String, String> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| (v["scenario"].as_str().unwrap().to_owned(), v["gid"].as_str().unwrap().to_owned()))
-        .collect();
+    let gids = scenario_gids(&stdout);
     let gid = |s: &str| gids.get(s).unwrap_or_else(|| panic!("no {s} scenario in:\n{stdout}")).clone();
 
     // success: dtmcli tried both, tcc confirmed both, with the data dtmcli registered.
@@ -936,20 +951,8 @@ async fn dtmcli_python_client_runs_sagas_and_messages_on_tcc() {
         Tc::start_with(Config { lease: Duration::from_secs(30), ..fast_core() }, ServerConfig::default())
             .await;
     let p = Participant::start().await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/saga_msg.py");
-    let out = support::run_bounded(
-        tokio::process::Command::new(&python).arg(&script).arg(tc.dtm()).arg(&p.url),
-        Duration::from_secs(180),
-    )
-    .await
-    .expect("the scenarios did not finish");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "saga_msg.py failed ({}):\n{stdout}\n{stderr}", out.status);
-    let gids: HashMap<String, String> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| (v["scenario"].as_str().unwrap().to_owned(), v["gid"].as_str().unwrap().to_owned()))
-        .collect();
+    let (stdout, _) = run_script(&python, "saga_msg.py", &[&tc.dtm(), &p.url], 180).await;
+    let gids = scenario_gids(&stdout);
     let gid = |s: &str| gids.get(s).unwrap_or_else(|| panic!("no {s} scenario in:\n{stdout}")).clone();
     // (service, op) in call order, and each call made the way DTM's server makes it.
     let seen = |g: &str, trans_type: &str| -> Vec<(String, String)> {
@@ -1152,15 +1155,7 @@ async fn dtmcli_confirm_failing_across_a_kill_9_is_retried_until_the_participant
     p.set("flaky", Phase2::Unavailable(u32::MAX));
     let tc = Process::spawn(port, &store).await;
     let dtm = format!("{}/api/dtmsvr", tc.url);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/dtm/scenarios.py");
-    let out = support::run_bounded(
-        tokio::process::Command::new(&python).arg(&script).arg(&dtm).arg(&p.url).arg("failing_confirm"),
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("the scenario did not finish");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "scenarios.py failed ({}):\n{stdout}\n{stderr}", out.status);
+    let (stdout, _) = run_script(&python, "scenarios.py", &[&dtm, &p.url, "failing_confirm"], 120).await;
     let line: Value = serde_json::from_str(stdout.lines().next().unwrap_or_default()).unwrap();
     let gid = line["gid"].as_str().unwrap().to_owned();
 
